@@ -1,0 +1,1 @@
+"""Alias model, loading and resolution (pure: no network, no database)."""

@@ -1,0 +1,85 @@
+"""The alias model: domains and aliases as frozen data.
+
+An `AliasTable` is what the sysadmin configured (optionally merged with Odoo's `mail.alias`), in the form the
+pure resolver and the SMTP RCPT check both read. Addresses and domain names are stored lower-case: Odoo fails
+to match a domain stored with capitals (spec §1.7); we never do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ContactPolicy = Literal["everyone", "partners", "followers", "employees"]
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A mail domain the gateway answers for."""
+
+    name: str
+    catchall: str | None = "catchall"
+    bounce: str | None = "bounce"
+    strict: bool = False
+    default_alias: str | None = None  # full address of an alias
+    tracking: bool = True
+
+    @property
+    def catchall_address(self) -> str | None:
+        return f"{self.catchall}@{self.name}".lower() if self.catchall else None
+
+    @property
+    def bounce_address(self) -> str | None:
+        return f"{self.bounce}@{self.name}".lower() if self.bounce else None
+
+
+@dataclass(frozen=True)
+class Alias:
+    """An address that creates (or, with force_thread_id, updates) records of one Odoo model."""
+
+    address: str
+    model: str
+    defaults: tuple[tuple[str, Any], ...] = ()
+    contact: ContactPolicy = "everyone"
+    force_thread_id: int | None = None
+    create_partner: bool = False
+    tracking: bool = True
+    bounced_content: str | None = None
+    source: Literal["config", "odoo"] = "config"
+
+    @property
+    def local(self) -> str:
+        return self.address.split("@", 1)[0]
+
+    @property
+    def domain(self) -> str:
+        return self.address.split("@", 1)[1]
+
+    def defaults_dict(self) -> dict[str, Any]:
+        return dict(self.defaults)
+
+
+@dataclass(frozen=True)
+class AliasTable:
+    """All domains and aliases, with lookup helpers. Build once per config (re)load; share freely."""
+
+    domains: tuple[Domain, ...] = ()
+    aliases: tuple[Alias, ...] = ()
+    _by_address: dict[str, Alias] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _by_domain: dict[str, Domain] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_address", {a.address.lower(): a for a in self.aliases})
+        object.__setattr__(self, "_by_domain", {d.name.lower(): d for d in self.domains})
+
+    def domain(self, name: str) -> Domain | None:
+        return self._by_domain.get(name.lower())
+
+    def alias(self, address: str) -> Alias | None:
+        return self._by_address.get(address.lower())
+
+    def bounce_addresses(self) -> frozenset[str]:
+        return frozenset(d.bounce_address for d in self.domains if d.bounce_address)
+
+    def catchall_addresses(self) -> frozenset[str]:
+        return frozenset(d.catchall_address for d in self.domains if d.catchall_address)

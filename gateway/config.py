@@ -1,0 +1,329 @@
+"""Configuration: TOML file → validated, frozen pydantic models.
+
+Why pydantic: every sysadmin mistake must come back as "file, key, what is wrong", and pydantic's error
+locations give us the key path for free. Secrets are never in the file: only the *name* of the environment
+variable that holds them (``*_env`` keys), so a config can be committed and shared.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from aliases.model import Alias, AliasTable, ContactPolicy, Domain
+
+
+class ConfigError(Exception):
+    """A configuration problem an operator can fix: carries the file and one line per problem."""
+
+    def __init__(self, path: str | os.PathLike[str] | None, problems: list[str]):
+        self.path = str(path) if path else "<config>"
+        self.problems = problems
+        super().__init__("\n".join(f"{self.path}: {p}" for p in problems))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenerConfig(_Model):
+    """One SMTP/LMTP/submission listener. Submission is Odoo's outgoing server (see gateway.relay)."""
+
+    name: str = ""
+    kind: Literal["smtp", "lmtp", "submission"] = "smtp"
+    host: str = "127.0.0.1"
+    port: int = Field(2525, ge=0, le=65535)
+    allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    max_message_size: int = Field(35 * 1024 * 1024, gt=0)
+    max_recipients: int = Field(100, gt=0)
+    max_line_length: int = Field(998, gt=0)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    require_tls: bool = False
+    # AUTH PLAIN/LOGIN for submission: login → name of the env var holding its password.
+    auth_users_env: dict[str, str] = Field(default_factory=dict)
+    idle_timeout: float = Field(300.0, gt=0)
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for net in value:
+            ipaddress.ip_network(net, strict=False)
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "ListenerConfig":
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]
+
+
+class StorageConfig(_Model):
+    """Where the spool lives. A relative sqlite path is relative to the config file's folder."""
+
+    url: str = "sqlite:///var/mailgate.db"
+    # Group commit: a batch is flushed when it holds this many messages or this many ms have passed.
+    group_commit_max: int = Field(64, gt=0)
+    group_commit_ms: float = Field(2.0, ge=0)
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+
+class OdooConfig(_Model):
+    url: str | None = None
+    db: str | None = None
+    login: str | None = None
+    password_env: str = "MAILGATE_ODOO_PASSWORD"
+    protocol: Literal["auto", "jsonrpc", "json2"] = "auto"
+    mode: Literal["passthrough", "explicit"] = "passthrough"
+    timeout: float = Field(30.0, gt=0)
+    max_request_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    pool_size: int = Field(4, gt=0)
+    sync_aliases: bool = False
+    sync_interval: float = Field(300.0, gt=0)
+    notify_force_send: bool = False
+
+
+class AliasConfig(_Model):
+    address: str
+    model: str
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    contact: ContactPolicy = "everyone"
+    force_thread_id: int | None = None
+    create_partner: bool = False
+    tracking: bool = True
+    bounced_content: str | None = None
+
+
+class DomainConfig(_Model):
+    name: str
+    catchall: str | None = "catchall"
+    bounce: str | None = "bounce"
+    strict: bool = False
+    default_alias: str | None = None
+    tracking: bool = True
+
+
+class ImapSourceConfig(_Model):
+    name: str
+    host: str = "127.0.0.1"
+    port: int = Field(993, ge=0, le=65535)
+    security: Literal["ssl", "starttls", "none"] = "ssl"
+    login: str
+    password_env: str
+    mailbox: str = "INBOX"
+    after: Literal["seen", "move", "delete"] = "seen"
+    move_to: str | None = None
+    rcpt_headers: tuple[str, ...] = ("Delivered-To", "X-Original-To", "To")
+    batch_size: int = Field(100, gt=0)
+    idle: bool = True
+    poll_interval: float = Field(30.0, gt=0)
+    idle_renew: float = Field(25 * 60.0, gt=0)
+    verify_tls: bool = True
+
+    @model_validator(mode="after")
+    def _move(self) -> "ImapSourceConfig":
+        if self.after == "move" and not self.move_to:
+            raise ValueError("after = 'move' needs move_to")
+        return self
+
+
+class OutboundConfig(_Model):
+    smarthost: str | None = None  # host:port; None → deliver by MX lookup
+    smarthost_tls: Literal["none", "starttls", "ssl"] = "none"
+    smarthost_login: str | None = None
+    smarthost_password_env: str | None = None
+    verp: bool = True
+    helo_name: str | None = None
+    max_attempts_hours: float = Field(120.0, gt=0)  # RFC 5321 §4.5.4.1: give up after 4-5 days
+    concurrency: int = Field(16, gt=0)
+    secret_env: str = "MAILGATE_SECRET"
+
+
+class TrackingConfig(_Model):
+    enabled: bool = True
+    base_url: str = "http://127.0.0.1:8026"
+    host: str = "127.0.0.1"
+    port: int = Field(8026, ge=0, le=65535)
+    secret_env: str = "MAILGATE_SECRET"
+    prefetch_seconds: float = Field(10.0, ge=0)
+
+
+class WebhookConfig(_Model):
+    name: str
+    url: str
+    secret_env: str
+    types: tuple[str, ...] = ()  # empty → every type
+    horizon_hours: float = Field(72.0, gt=0)
+    timeout: float = Field(10.0, gt=0)
+
+
+class EventsConfig(_Model):
+    webhooks: tuple[WebhookConfig, ...] = ()
+    api_token_env: str | None = "MAILGATE_EVENTS_TOKEN"
+
+
+class WorkerConfig(_Model):
+    concurrency: int = Field(4, gt=0)
+    processes: int = Field(0, ge=0)  # 0 → run routing/delivery tasks in the serve process's own pool
+    lease_seconds: float = Field(120.0, gt=0)
+    backoff_base: float = Field(5.0, gt=0)
+    backoff_max: float = Field(3600.0, gt=0)
+    retry_horizon_hours: float = Field(72.0, gt=0)
+    poll_interval: float = Field(0.5, gt=0)
+
+
+class AdminConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8025, ge=0, le=65535)
+    enabled: bool = True
+
+
+class RetentionConfig(_Model):
+    raw_days: int = Field(30, ge=1)
+
+
+class RoutingConfig(_Model):
+    auto_reply: Literal["drop", "note"] = "drop"
+    refusal_window_hours: float = Field(24.0, gt=0)
+    max_headers: int = Field(1000, gt=0)
+    max_mime_depth: int = Field(20, gt=0)
+    max_parts: int = Field(500, gt=0)
+
+
+class Config(_Model):
+    """The whole configuration, with paths already resolved against the config file's folder."""
+
+    listeners: tuple[ListenerConfig, ...] = ()
+    storage: StorageConfig = StorageConfig()
+    odoo: OdooConfig = OdooConfig()
+    domains: tuple[DomainConfig, ...] = ()
+    aliases: tuple[AliasConfig, ...] = ()
+    imap: tuple[ImapSourceConfig, ...] = ()
+    outbound: OutboundConfig = OutboundConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    events: EventsConfig = EventsConfig()
+    worker: WorkerConfig = WorkerConfig()
+    admin: AdminConfig = AdminConfig()
+    retention: RetentionConfig = RetentionConfig()
+    routing: RoutingConfig = RoutingConfig()
+    base_dir: str = "."
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Config":
+        names = [d.name.lower() for d in self.domains]
+        if len(names) != len(set(names)):
+            raise ValueError("domains: a domain is listed twice")
+        seen: set[str] = set()
+        for alias in self.aliases:
+            addr = alias.address.lower()
+            if "@" not in addr:
+                raise ValueError(f"aliases: {alias.address!r} is not a full address (local@domain)")
+            if addr.split("@", 1)[1] not in names:
+                raise ValueError(f"aliases: {alias.address!r} is not in a configured domain")
+            if addr in seen:
+                raise ValueError(f"aliases: {alias.address!r} is listed twice")
+            seen.add(addr)
+        for dom in self.domains:
+            if dom.default_alias and f"{dom.default_alias}@{dom.name}".lower() not in seen \
+                    and dom.default_alias.lower() not in seen:
+                raise ValueError(f"domains: {dom.name}: default_alias {dom.default_alias!r} is not an alias")
+        listener_ports = [(lst.host, lst.port) for lst in self.listeners if lst.port]
+        if len(listener_ports) != len(set(listener_ports)):
+            raise ValueError("listeners: two listeners share one host:port")
+        return self
+
+    def alias_table(self) -> AliasTable:
+        """The pure alias model that `aliases/` resolves against."""
+        domains = tuple(
+            Domain(name=d.name.lower(), catchall=d.catchall, bounce=d.bounce, strict=d.strict,
+                   default_alias=_full(d.default_alias, d.name) if d.default_alias else None,
+                   tracking=d.tracking)
+            for d in self.domains
+        )
+        aliases = tuple(
+            Alias(address=a.address.lower(), model=a.model, defaults=tuple(sorted(a.defaults.items())),
+                  contact=a.contact, force_thread_id=a.force_thread_id, create_partner=a.create_partner,
+                  tracking=a.tracking, bounced_content=a.bounced_content)
+            for a in self.aliases
+        )
+        return AliasTable(domains=domains, aliases=aliases)
+
+    def storage_url(self) -> str:
+        return resolve_storage_url(self.storage.url, self.base_dir)
+
+
+def _full(alias: str, domain: str) -> str:
+    return alias.lower() if "@" in alias else f"{alias}@{domain}".lower()
+
+
+def resolve_storage_url(url: str, base_dir: str) -> str:
+    """Make ``sqlite:///relative.db`` relative to the config folder (not the process's cwd)."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        rel = url[len(prefix):]
+        return prefix + str((Path(base_dir) / rel).resolve())
+    return url
+
+
+def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = err.get("loc", ())
+    parts: list[str] = []
+    node: Any = raw
+    for item in loc:
+        if isinstance(item, int) and isinstance(node, list) and item < len(node):
+            entry = node[item]
+            label = entry.get("name") or entry.get("address") if isinstance(entry, dict) else None
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{item}{' ' + repr(label) if label else ''}]"]
+            node = entry
+        else:
+            parts.append(str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    key = ".".join(parts) or "(top level)"
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")
+    return f"{key}: {msg}"
+
+
+def parse_config(data: dict[str, Any], *, path: str | os.PathLike[str] | None = None,
+                 base_dir: str | None = None) -> Config:
+    """Validate a config mapping; raise `ConfigError` with one line per problem."""
+    data = dict(data)
+    data["base_dir"] = str(base_dir or (Path(path).resolve().parent if path else Path.cwd()))
+    # TOML spells lists of tables as [[domains]], [[aliases]], [[imap]], [[listeners]].
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(path, [_format_error(e, data) for e in exc.errors()]) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML config file."""
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+    return parse_config(data, path=p)
+
+
+def secret(env_name: str | None, *, required: bool = False, what: str = "secret") -> str | None:
+    """Read a secret from the environment; a missing required one is a ConfigError naming the variable."""
+    if not env_name:
+        if required:
+            raise ConfigError(None, [f"{what}: no environment variable configured"])
+        return None
+    value = os.environ.get(env_name)
+    if required and not value:
+        raise ConfigError(None, [f"{what}: environment variable {env_name} is not set"])
+    return value

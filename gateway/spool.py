@@ -1,0 +1,423 @@
+"""The durable spool: raw bytes + envelope committed before anyone says 250.
+
+`SpoolWriter.store()` is what listeners and the IMAP puller await. Writes from concurrent sessions are
+batched into one transaction (group commit): one fsync is shared by every message in the batch, and no
+caller's future resolves before that commit returned. A failed commit fails every future in the batch, so
+each session answers 451 4.3.0 — never 250 for a message that is not on disk.
+
+A message then moves `received → routed → delivered | quarantined | dropped | dead`, with `retrying` in
+between; `gateway.worker` claims and moves it. This module only writes and reads rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
+
+from gateway.schema import message_bodies, message_log, messages
+from gateway.store import as_utc, utcnow
+
+log = logging.getLogger(__name__)
+
+STATES = ("received", "routed", "retrying", "delivered", "quarantined", "dropped", "dead")
+#: states a worker may claim
+CLAIMABLE = ("received", "routed", "retrying")
+
+
+class SpoolError(Exception):
+    """The store refused a write: the listener must answer 451 4.3.0 and keep nothing."""
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What the transport knew about a message when it accepted it."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    client_addr: str | None = None
+    helo: str | None = None
+    listener: str = ""
+    source: str = "smtp"  # smtp | lmtp | imap:<name> | cli
+    received_at: dt.datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True)
+class SpooledMessage:
+    """A spool row without its body (listing, `messages show`)."""
+
+    id: int
+    state: str
+    message_id: str | None
+    sha256: str
+    size: int
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    client_addr: str | None
+    helo: str | None
+    listener: str
+    source: str
+    received_at: dt.datetime
+    updated_at: dt.datetime
+    attempts: int
+    next_attempt_at: dt.datetime
+    decision: dict[str, Any] | None
+    action: str | None
+    last_error: str | None
+    thread_key: str | None
+    raw_purged: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "state": self.state, "message_id": self.message_id, "sha256": self.sha256,
+            "size": self.size, "mail_from": self.mail_from, "rcpt_tos": list(self.rcpt_tos),
+            "client_addr": self.client_addr, "helo": self.helo, "listener": self.listener,
+            "source": self.source, "received_at": self.received_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(), "attempts": self.attempts,
+            "next_attempt_at": self.next_attempt_at.isoformat(), "action": self.action,
+            "decision": self.decision, "last_error": self.last_error, "raw_purged": self.raw_purged,
+        }
+
+
+def _row_to_message(row: Any) -> SpooledMessage:
+    m = row._mapping
+    return SpooledMessage(
+        id=m["id"], state=m["state"], message_id=m["message_id"], sha256=m["sha256"], size=m["size"],
+        mail_from=m["mail_from"], rcpt_tos=tuple(json.loads(m["rcpt_tos"])), client_addr=m["client_addr"],
+        helo=m["helo"], listener=m["listener"], source=m["source"],
+        received_at=as_utc(m["received_at"]), updated_at=as_utc(m["updated_at"]),  # type: ignore[arg-type]
+        attempts=m["attempts"], next_attempt_at=as_utc(m["next_attempt_at"]),  # type: ignore[arg-type]
+        decision=json.loads(m["decision"]) if m["decision"] else None, action=m["action"],
+        last_error=m["last_error"], thread_key=m["thread_key"], raw_purged=bool(m["raw_purged"]),
+    )
+
+
+# ------------------------------------------------------------------------------------------ headers
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_MSGID_LINE = re.compile(rb"^message-id:[ \t]*((?:.*)(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+_ANGLE = re.compile(r"<([^<>\s]+)>")
+
+
+def header_block(raw: bytes, limit: int = 256 * 1024) -> bytes:
+    """The header section of a raw message (bounded: a headerless 50 MB line is not scanned whole)."""
+    head = raw[:limit]
+    m = _HEADER_END.search(head)
+    return head[: m.start()] if m else head
+
+
+def normalize_message_id(value: str | None) -> str | None:
+    """`<id@host>` stripped of folding and whitespace; bare ids get brackets. Odoo matches byte for byte."""
+    if not value:
+        return None
+    text = re.sub(r"\s+", "", value)
+    m = _ANGLE.search(text)
+    if m:
+        return f"<{m.group(1)}>"
+    text = text.strip("<>")
+    return f"<{text}>" if text else None
+
+
+def extract_message_id(raw: bytes) -> str | None:
+    """Message-ID from the header section only: the listener must not parse whole messages."""
+    m = _MSGID_LINE.search(header_block(raw))
+    if not m:
+        return None
+    return normalize_message_id(m.group(1).decode("utf-8", "replace"))
+
+
+def sha256_of(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+# -------------------------------------------------------------------------------------------- writer
+@dataclass
+class _Pending:
+    raw: bytes
+    envelope: Envelope
+    future: asyncio.Future[int]
+
+
+class SpoolWriter:
+    """Group-committing writer: `await store(raw, envelope)` returns the spool id once it is durable.
+
+    One dedicated thread does every write, so SQLite never sees two writers from this process, and the
+    event loop never blocks on fsync. While one batch commits, the next one fills.
+    """
+
+    def __init__(self, engine: Engine, *, max_batch: int = 64, max_wait_ms: float = 2.0,
+                 on_commit: Any = None):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-writer")
+        self._on_commit = on_commit  # callable(n) for metrics/worker wake-up
+        self.fail_writes: Exception | None = None  # fault injection for tests (disk full and such)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.create_task(self._run(), name="spool-writer")
+
+    async def close(self) -> None:
+        """Flush what is queued, then stop."""
+        if self._task is None or self._queue is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+        self._executor.shutdown(wait=True)
+
+    async def store(self, raw: bytes, envelope: Envelope) -> int:
+        """Durably spool one message; raises SpoolError when the store cannot commit."""
+        if self._queue is None:
+            await self.start()
+        assert self._queue is not None
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(raw, envelope, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            # Take what is already queued; wait a little for more only when the batch is still small.
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                ids = await loop.run_in_executor(self._executor, self._commit, batch)
+            except Exception as exc:  # every session in the batch answers 451
+                log.error("spool commit failed for %d message(s): %s", len(batch), exc)
+                err = SpoolError(str(exc))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(err)
+            else:
+                for p, ident in zip(batch, ids):
+                    if not p.future.done():
+                        p.future.set_result(ident)
+                if self._on_commit:
+                    self._on_commit(len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def _commit(self, batch: Sequence[_Pending]) -> list[int]:
+        if self.fail_writes is not None:
+            raise self.fail_writes
+        return spool_many(self.engine, [(p.raw, p.envelope) for p in batch])
+
+
+def spool_many(engine: Engine, items: Sequence[tuple[bytes, Envelope]]) -> list[int]:
+    """Insert messages in one transaction; returns their ids in order. Synchronous (thread or CLI)."""
+    now = utcnow()
+    ids: list[int] = []
+    with engine.begin() as conn:
+        for raw, env in items:
+            mid = extract_message_id(raw)
+            res = conn.execute(insert(messages).values(
+                state="received", message_id=mid, sha256=sha256_of(raw), size=len(raw),
+                mail_from=env.mail_from or "", rcpt_tos=json.dumps(list(env.rcpt_tos)),
+                client_addr=env.client_addr, helo=env.helo, listener=env.listener, source=env.source,
+                received_at=env.received_at, updated_at=now, attempts=0, next_attempt_at=now,
+                raw_purged=False,
+            ))
+            ident = int(res.inserted_primary_key[0])
+            conn.execute(insert(message_bodies).values(message=ident, raw=raw))
+            conn.execute(insert(message_log).values(message=ident, at=now, state="received",
+                                                    note=f"via {env.source} {env.listener}".strip()))
+            ids.append(ident)
+    return ids
+
+
+def spool_one(engine: Engine, raw: bytes, envelope: Envelope) -> int:
+    return spool_many(engine, [(raw, envelope)])[0]
+
+
+# ------------------------------------------------------------------------------------------- readers
+def get_message(engine: Engine, ident: int) -> SpooledMessage | None:
+    with engine.connect() as conn:
+        row = conn.execute(select(messages).where(messages.c.id == ident)).first()
+    return _row_to_message(row) if row else None
+
+
+def get_raw(engine: Engine, ident: int) -> bytes | None:
+    with engine.connect() as conn:
+        return conn.execute(select(message_bodies.c.raw).where(message_bodies.c.message == ident)).scalar()
+
+
+def list_messages(engine: Engine, *, states: Iterable[str] | None = None, limit: int = 100,
+                  after_id: int = 0, action: str | None = None) -> list[SpooledMessage]:
+    q = select(messages).where(messages.c.id > after_id).order_by(messages.c.id).limit(limit)
+    if states:
+        q = q.where(messages.c.state.in_(list(states)))
+    if action:
+        q = q.where(messages.c.action == action)
+    with engine.connect() as conn:
+        return [_row_to_message(r) for r in conn.execute(q)]
+
+
+def history(engine: Engine, ident: int) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(message_log).where(message_log.c.message == ident)
+                            .order_by(message_log.c.id)).all()
+    return [{"at": as_utc(r.at).isoformat(), "state": r.state, "note": r.note} for r in rows]  # type: ignore[union-attr]
+
+
+def counts_by_state(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        rows = conn.execute(select(messages.c.state, func.count()).group_by(messages.c.state)).all()
+    out = {s: 0 for s in STATES}
+    out.update({r[0]: int(r[1]) for r in rows})
+    return out
+
+
+# ------------------------------------------------------------------------------------ state changes
+@dataclass(frozen=True)
+class Claimed:
+    """A message a worker holds a lease on."""
+
+    message: SpooledMessage
+    raw: bytes | None
+
+
+def claim(engine: Engine, owner: str, *, limit: int = 1, lease_seconds: float = 120.0,
+          states: Sequence[str] = CLAIMABLE) -> list[Claimed]:
+    """Lease up to `limit` due messages. Expired leases (crashed workers) are taken over.
+
+    Messages of one thread (same `thread_key`) are delivered in order: a message is not claimed while an
+    older message of its thread is still pending.
+    """
+    now = utcnow()
+    until = now + dt.timedelta(seconds=lease_seconds)
+    with engine.begin() as conn:
+        older = messages.alias("older")
+        blocked = (
+            select(older.c.id)
+            .where(older.c.thread_key == messages.c.thread_key, older.c.id < messages.c.id,
+                   older.c.state.in_(list(CLAIMABLE)))
+            .exists()
+        )
+        q = (
+            select(messages.c.id)
+            .where(messages.c.state.in_(list(states)), messages.c.next_attempt_at <= now,
+                   or_(messages.c.lease_until.is_(None), messages.c.lease_until < now),
+                   or_(messages.c.thread_key.is_(None), ~blocked))
+            .order_by(messages.c.next_attempt_at, messages.c.id)
+            .limit(limit)
+        )
+        if engine.dialect.name == "postgresql":
+            q = q.with_for_update(skip_locked=True, of=messages)
+        ids = [r[0] for r in conn.execute(q)]
+        if not ids:
+            return []
+        # The lease condition is repeated so two SQLite processes cannot both take one row.
+        conn.execute(update(messages).where(
+            messages.c.id.in_(ids),
+            or_(messages.c.lease_until.is_(None), messages.c.lease_until < now),
+        ).values(lease_owner=owner, lease_until=until))
+        rows = conn.execute(select(messages).where(messages.c.id.in_(ids),
+                                                   messages.c.lease_owner == owner,
+                                                   messages.c.lease_until == until)).all()
+        bodies = dict(conn.execute(select(message_bodies.c.message, message_bodies.c.raw)
+                                   .where(message_bodies.c.message.in_([r.id for r in rows]))).all())
+    return [Claimed(_row_to_message(r), bodies.get(r.id)) for r in rows]
+
+
+def transition(engine: Engine, ident: int, state: str, *, owner: str | None = None, note: str | None = None,
+               decision: dict[str, Any] | None = None, error: str | None = None,
+               next_attempt_at: dt.datetime | None = None, attempts_inc: int = 0,
+               thread_key: str | None = None, keep_lease: bool = False) -> bool:
+    """Move a message to `state` (only if `owner` still holds its lease, when given). Logs the move."""
+    if state not in STATES:
+        raise ValueError(f"unknown state {state!r}")
+    now = utcnow()
+    values: dict[str, Any] = {"state": state, "updated_at": now}
+    if not keep_lease:
+        values.update(lease_owner=None, lease_until=None)
+    if decision is not None:
+        values["decision"] = json.dumps(decision)
+        values["action"] = decision.get("action")
+    if error is not None:
+        values["last_error"] = error
+    if next_attempt_at is not None:
+        values["next_attempt_at"] = next_attempt_at
+    if attempts_inc:
+        values["attempts"] = messages.c.attempts + attempts_inc
+    if thread_key is not None:
+        values["thread_key"] = thread_key
+    cond = [messages.c.id == ident]
+    if owner is not None:
+        cond.append(messages.c.lease_owner == owner)
+    with engine.begin() as conn:
+        res = conn.execute(update(messages).where(and_(*cond)).values(**values))
+        if res.rowcount != 1:
+            return False
+        conn.execute(insert(message_log).values(message=ident, at=now, state=state, note=note or error))
+    return True
+
+
+def release(engine: Engine, ident: int, *, note: str = "released by operator") -> bool:
+    """Put a quarantined/dead/dropped message back to `received` so it is routed again with today's config."""
+    now = utcnow()
+    with engine.begin() as conn:
+        res = conn.execute(update(messages).where(
+            messages.c.id == ident, messages.c.state.in_(["quarantined", "dead", "dropped", "delivered"]),
+            messages.c.raw_purged.is_(False),
+        ).values(state="received", next_attempt_at=now, updated_at=now, lease_owner=None, lease_until=None,
+                 attempts=0, last_error=None))
+        if res.rowcount != 1:
+            return False
+        conn.execute(insert(message_log).values(message=ident, at=now, state="received", note=note))
+    return True
+
+
+def delete_message(engine: Engine, ident: int) -> bool:
+    with engine.begin() as conn:
+        conn.execute(delete(message_bodies).where(message_bodies.c.message == ident))
+        conn.execute(delete(message_log).where(message_log.c.message == ident))
+        return conn.execute(delete(messages).where(messages.c.id == ident)).rowcount == 1
+
+
+def purge_raw(engine: Engine, older_than: dt.datetime) -> int:
+    """Retention: drop raw bodies of finished messages older than the cutoff; keep rows and decisions."""
+    done = ["delivered", "dropped", "dead", "quarantined"]
+    with engine.begin() as conn:
+        ids = [r[0] for r in conn.execute(select(messages.c.id).where(
+            messages.c.received_at < older_than, messages.c.state.in_(done),
+            messages.c.raw_purged.is_(False)))]
+        if not ids:
+            return 0
+        conn.execute(delete(message_bodies).where(message_bodies.c.message.in_(ids)))
+        conn.execute(update(messages).where(messages.c.id.in_(ids)).values(raw_purged=True))
+    return len(ids)
+
+

@@ -1,0 +1,82 @@
+"""Opening the store: one SQLAlchemy engine for SQLite (embedded default) or PostgreSQL (shared).
+
+SQLite runs in WAL mode with `synchronous=FULL`, so a commit is an fsync'd, durable write: the listener's
+250 depends on that. PostgreSQL gets a pool; `FOR UPDATE SKIP LOCKED` lets several nodes claim work.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.pool import NullPool
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """SQLite hands back naive datetimes; treat them as the UTC they were written as."""
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(url: str, *, synchronous: str = "FULL", pool_size: int = 8) -> Engine:
+    """Create an engine with the durability settings the spool relies on."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, poolclass=NullPool if path == ":memory:" else None,
+                               connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA synchronous={synchronous}")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        # pysqlite's own transaction handling defers BEGIN; take the write lock at BEGIN instead, so two
+        # writers queue on busy_timeout rather than failing with "database is locked" mid-transaction.
+        @event.listens_for(engine, "connect")
+        def _no_autobegin(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            dbapi_conn.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):  # type: ignore[no-untyped-def]
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
+                         pool_recycle=1800)
+
+
+def init_store(engine: Engine) -> None:
+    """Bring the schema to the newest revision (Alembic); idempotent and safe to run at every start."""
+    from gateway.migrate import upgrade
+
+    upgrade(engine)
+
+
+def open_store(url: str, *, synchronous: str = "FULL", pool_size: int = 8, migrate: bool = True) -> Engine:
+    engine = make_engine(url, synchronous=synchronous, pool_size=pool_size)
+    if migrate:
+        init_store(engine)
+    return engine
+
+
+def has_schema(engine: Engine) -> bool:
+    return inspect(engine).has_table("messages")

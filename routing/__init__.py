@@ -1,0 +1,1 @@
+"""Pure routing decisions: parse, classify, thread, decide. No network, no database."""
