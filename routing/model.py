@@ -233,3 +233,8 @@ class StaticThreads:
             if mid in self.hits:
                 return self.hits[mid]
         return None
+
+
+#: Header the gateway puts on every mail it generates itself (refusals, normalised DSNs): mail carrying it
+#: that comes back in is a loop, dropped and recorded.
+LOOP_HEADER = "X-Mailgate-Loop"

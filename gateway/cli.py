@@ -1,0 +1,81 @@
+"""The `mailgate` command line.
+
+Each group of subcommands lives in its own module (`gateway.cli_<group>`) with a
+`register(subparsers)` function that adds its parsers and sets `func` on each; this file only assembles
+them. Exit codes: 0 ok, 1 a problem the operator must fix (bad config, unknown id), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+#: Modules that contribute subcommands, in help order. A missing module is skipped (partial installs).
+COMMAND_MODULES = (
+    "gateway.cli_serve",      # serve, check-config
+    "gateway.cli_messages",   # messages list|show
+    "gateway.cli_routing",    # explain, quarantine list|show|release|delete
+    "gateway.cli_dead",       # dead list|retry
+    "gateway.cli_events",     # events tail|replay
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailgate", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from gateway.logs import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", required=True, help="path to mailgate.toml")
+
+
+def load_or_exit(path: str):  # type: ignore[no-untyped-def]
+    """Load the config or print its problems (file, key, what is wrong) and exit 1."""
+    from gateway.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def open_engine(config):  # type: ignore[no-untyped-def]
+    from gateway.store import open_store
+
+    return open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    logging.basicConfig()
+    sys.exit(main())

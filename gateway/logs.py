@@ -1,0 +1,44 @@
+"""Structured logs: every line about a message carries its spool id and Message-ID.
+
+Use `log.info("...", extra=mail_context(spool_id, message_id))`, or a `MailLogAdapter`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+
+class _MailFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        bits = []
+        spool_id = getattr(record, "spool_id", None)
+        message_id = getattr(record, "message_id", None)
+        if spool_id is not None:
+            bits.append(f"spool_id={spool_id}")
+        if message_id:
+            bits.append(f"message_id={message_id}")
+        return f"{base} {' '.join(bits)}" if bits else base
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_MailFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+
+
+def mail_context(spool_id: int | None, message_id: str | None) -> dict[str, Any]:
+    return {"spool_id": spool_id, "message_id": message_id}
+
+
+class MailLogAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A logger bound to one message."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs.setdefault("extra", {}).update(self.extra or {})
+        return msg, kwargs
