@@ -22,7 +22,7 @@ messages = Table(
     "messages", metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("state", String(16), nullable=False, index=True),  # received|routed|retrying|delivered|quarantined|dead|dropped
-    Column("message_id", String(998), index=True),            # normalised <id>, or None when the mail has none
+    Column("message_id", String(998)),                          # normalised <id>, or None when the mail has none
     Column("sha256", String(64), nullable=False, index=True),
     Column("size", Integer, nullable=False),
     Column("mail_from", Text, nullable=False, default=""),
@@ -44,6 +44,8 @@ messages = Table(
     Column("raw_purged", Boolean, nullable=False, default=False),
 )
 Index("ix_messages_claim", messages.c.state, messages.c.next_attempt_at)
+Index("ix_messages_thread", messages.c.thread_key)
+Index("ix_messages_dedupe", messages.c.message_id, messages.c.sha256)
 
 message_bodies = Table(
     "message_bodies", metadata,

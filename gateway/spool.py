@@ -17,12 +17,12 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 
 from gateway.schema import message_bodies, message_log, messages
 from gateway.store import as_utc, utcnow
@@ -126,12 +126,40 @@ def normalize_message_id(value: str | None) -> str | None:
     return f"<{text}>" if text else None
 
 
+def _header_value(head: bytes, pattern: re.Pattern[bytes]) -> str | None:
+    m = pattern.search(head)
+    return m.group(1).decode("utf-8", "replace") if m else None
+
+
+def _header_pattern(name: bytes) -> re.Pattern[bytes]:
+    return re.compile(rb"^" + name + rb":[ \t]*((?:.*)(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
+
+
+_REFERENCES_LINE = _header_pattern(rb"references")
+_IN_REPLY_TO_LINE = _header_pattern(rb"in-reply-to")
+
+
 def extract_message_id(raw: bytes) -> str | None:
     """Message-ID from the header section only: the listener must not parse whole messages."""
-    m = _MSGID_LINE.search(header_block(raw))
-    if not m:
-        return None
-    return normalize_message_id(m.group(1).decode("utf-8", "replace"))
+    return normalize_message_id(_header_value(header_block(raw), _MSGID_LINE))
+
+
+def header_facts(raw: bytes) -> tuple[str | None, str]:
+    """(Message-ID, thread key) from the header section.
+
+    The thread key is the root of the reference chain (first References id, else In-Reply-To, else the
+    message's own id): the worker delivers messages sharing a key in arrival order, so a reply never
+    overtakes the mail that creates its record.
+    """
+    head = header_block(raw)
+    mid = normalize_message_id(_header_value(head, _MSGID_LINE))
+    for pattern in (_REFERENCES_LINE, _IN_REPLY_TO_LINE):
+        value = _header_value(head, pattern)
+        if value:
+            root = _ANGLE.search(re.sub(r"\s+", "", value))
+            if root:
+                return mid, f"<{root.group(1)}>"[:998]
+    return mid, (mid or "")[:998]
 
 
 def sha256_of(raw: bytes) -> str:
@@ -242,13 +270,13 @@ def spool_many(engine: Engine, items: Sequence[tuple[bytes, Envelope]]) -> list[
     ids: list[int] = []
     with engine.begin() as conn:
         for raw, env in items:
-            mid = extract_message_id(raw)
+            mid, thread_key = header_facts(raw)
             res = conn.execute(insert(messages).values(
                 state="received", message_id=mid, sha256=sha256_of(raw), size=len(raw),
                 mail_from=env.mail_from or "", rcpt_tos=json.dumps(list(env.rcpt_tos)),
                 client_addr=env.client_addr, helo=env.helo, listener=env.listener, source=env.source,
                 received_at=env.received_at, updated_at=now, attempts=0, next_attempt_at=now,
-                raw_purged=False,
+                raw_purged=False, thread_key=thread_key or None,
             ))
             ident = int(res.inserted_primary_key[0])
             conn.execute(insert(message_bodies).values(message=ident, raw=raw))
@@ -355,8 +383,12 @@ def claim(engine: Engine, owner: str, *, limit: int = 1, lease_seconds: float = 
 def transition(engine: Engine, ident: int, state: str, *, owner: str | None = None, note: str | None = None,
                decision: dict[str, Any] | None = None, error: str | None = None,
                next_attempt_at: dt.datetime | None = None, attempts_inc: int = 0,
-               thread_key: str | None = None, keep_lease: bool = False) -> bool:
-    """Move a message to `state` (only if `owner` still holds its lease, when given). Logs the move."""
+               thread_key: str | None = None, keep_lease: bool = False,
+               also: Callable[[Connection], None] | None = None) -> bool:
+    """Move a message to `state` (only if `owner` still holds its lease, when given). Logs the move.
+
+    `also` runs in the same transaction (e.g. recording the events the move causes): both or neither.
+    """
     if state not in STATES:
         raise ValueError(f"unknown state {state!r}")
     now = utcnow()
@@ -382,6 +414,8 @@ def transition(engine: Engine, ident: int, state: str, *, owner: str | None = No
         if res.rowcount != 1:
             return False
         conn.execute(insert(message_log).values(message=ident, at=now, state=state, note=note or error))
+        if also is not None:
+            also(conn)
     return True
 
 

@@ -1,0 +1,65 @@
+"""Admin HTTP: `/healthz` (the store answers) and `/metrics` (Prometheus text format).
+
+Other parts may add routes (e.g. the events pull API) through `extra_routes`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from sqlalchemy import Engine, text
+
+from gateway.metrics import SpoolDepthCollector
+
+_collectors: dict[int, SpoolDepthCollector] = {}
+
+
+def _register_depth(engine: Engine) -> None:
+    key = id(engine)
+    if key not in _collectors:
+        collector = SpoolDepthCollector(engine)
+        try:
+            REGISTRY.register(collector)
+        except ValueError:  # already registered by an earlier app in this process (tests)
+            for old in list(_collectors.values()):
+                REGISTRY.unregister(old)
+            _collectors.clear()
+            REGISTRY.register(collector)
+        _collectors[key] = collector
+
+
+def make_admin_app(engine: Engine, *, extra_routes: Callable[[web.Application], None] | None = None) -> web.Application:
+    _register_depth(engine)
+
+    async def healthz(_request: web.Request) -> web.Response:
+        def probe() -> None:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, probe)
+        except Exception as exc:
+            return web.json_response({"status": "unhealthy", "store": str(exc.__class__.__name__)}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def metrics(_request: web.Request) -> web.Response:
+        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    if extra_routes:
+        extra_routes(app)
+    return app
+
+
+async def start_admin(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    return runner

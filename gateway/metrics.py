@@ -1,0 +1,43 @@
+"""Prometheus metrics shared by the listeners, the worker and the admin endpoint.
+
+Spool depth is not a counter kept in memory (several processes and nodes share one store): the admin
+endpoint reads it from the store at scrape time (`SpoolDepthCollector`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+ACCEPTED = Counter("mailgate_accepted_total", "Messages accepted (250) after a durable spool write", ["listener"])
+REFUSED = Counter("mailgate_refused_total", "SMTP/LMTP refusals by reply code", ["listener", "code"])
+PROCESSED = Counter("mailgate_processed_total", "Messages finished by workers, by final state and action",
+                    ["state", "action"])
+RETRIES = Counter("mailgate_retries_total", "Transient failures that scheduled a retry", ["kind"])
+PROCESSING_SECONDS = Histogram(
+    "mailgate_processing_seconds", "Time from spool to a final state, per message",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+ROUTE_SECONDS = Histogram("mailgate_route_seconds", "Parse + route time per message",
+                          buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1))
+
+
+class SpoolDepthCollector(Collector):
+    """`mailgate_spool_messages{state=...}` read from the store at scrape time."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from gateway.spool import counts_by_state
+
+        family = GaugeMetricFamily("mailgate_spool_messages", "Messages in the spool by state", labels=["state"])
+        try:
+            for state, n in counts_by_state(self.engine).items():
+                family.add_metric([state], n)
+        except Exception:  # a scrape must not fail because the store is briefly unavailable
+            pass
+        yield family
