@@ -127,6 +127,9 @@ class ImapSourceConfig(_Model):
     poll_interval: float = Field(30.0, gt=0)
     idle_renew: float = Field(25 * 60.0, gt=0)
     verify_tls: bool = True
+    tls_ca_file: str | None = None  # a private CA (self-signed server); None → the system's trust store
+    timeout: float = Field(30.0, gt=0)  # per IMAP command (a FETCH's timer restarts with every chunk read)
+    backoff_max: float = Field(300.0, gt=0)  # reconnect delay doubles from 1 s up to this
 
     @model_validator(mode="after")
     def _move(self) -> "ImapSourceConfig":

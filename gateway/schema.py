@@ -179,6 +179,7 @@ imap_seen = Table(
     Column("after_done", Boolean, nullable=False, default=False),
     UniqueConstraint("source", "uidvalidity", "uid", name="uq_imap_seen_uid"),
     Index("ix_imap_seen_hash", "source", "sha256"),
+    Index("ix_imap_seen_pending", "source", "after_done"),  # after-actions to redo after a crash
 )
 
 # --------------------------------------------------------------------------------------------- misc
