@@ -1,0 +1,275 @@
+"""SMTP/LMTP listener behaviour on the wire: durable 250, the right refusal codes, nothing half-stored."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from gateway.config import ListenerConfig
+from gateway.listener import ListenerPolicy, SpoolHandler, bound_port, start_listener
+from gateway.spool import SpoolWriter, get_raw, list_messages
+from gateway.store import open_store
+from tests.smtp_wire import WireClient, make_mail
+
+
+def simple_verdict(address: str) -> tuple[str, str]:
+    """A test-local RCPT policy: example.test is strict with two users; everything else is foreign."""
+    local, _, domain = address.lower().partition("@")
+    if domain != "example.test":
+        return "no_relay", "not a local domain"
+    if local.split("+", 1)[0] in {"sales", "support", "bounce", "catchall"}:
+        return "accept", "alias"
+    return "unknown_user", "no such alias"
+
+
+@dataclass
+class Gateway:
+    engine: object
+    writer: SpoolWriter
+    port: int
+    handler: SpoolHandler
+
+    async def client(self) -> WireClient:
+        c = await WireClient.connect("127.0.0.1", self.port)
+        code, _ = await c.reply()
+        assert code == 220
+        return c
+
+    def stored(self) -> list:
+        return list_messages(self.engine)
+
+
+async def _gateway(tmp_path, **overrides) -> tuple[Gateway, asyncio.base_events.Server]:
+    engine = open_store(f"sqlite:///{tmp_path}/spool.db")
+    writer = SpoolWriter(engine)
+    await writer.start()
+    params = dict(name="test", kind="smtp", host="127.0.0.1", port=0, max_message_size=200_000, max_recipients=3)
+    params.update(overrides)
+    accept_8bit = params.pop("accept_8bit", True)
+    cfg = ListenerConfig(**params)
+    handler = SpoolHandler(writer, ListenerPolicy(cfg, simple_verdict, accept_8bit_without_8bitmime=accept_8bit))
+    server = await start_listener(cfg, handler, hostname="mx.example.test")
+    return Gateway(engine, writer, bound_port(server), handler), server
+
+
+@pytest.fixture
+async def gw(tmp_path) -> AsyncIterator[Gateway]:
+    g, server = await _gateway(tmp_path)
+    yield g
+    server.close()
+    await g.writer.close()
+
+
+async def _envelope(c: WireClient, *rcpts: str, mail_from: str = "<alice@client.test>", ehlo: str = "EHLO client.test") -> None:
+    assert (await c.cmd(ehlo))[0] == 250
+    assert (await c.cmd(f"MAIL FROM:{mail_from}"))[0] == 250
+    for r in rcpts:
+        assert (await c.cmd(f"RCPT TO:<{r}>"))[0] == 250
+
+
+async def test_accepts_and_stores_byte_exact(gw: Gateway) -> None:
+    raw = make_mail(body="line one\r\n.a line starting with a dot\r\n..two dots\r\n\r\nend\r\n")
+    raw = raw.replace(b"Subject: hello", "Subject: caf\u00e9 8-bit".encode())
+    c = await gw.client()
+    await _envelope(c, "sales@example.test", "Support@Example.TEST", mail_from="<alice@client.test> BODY=8BITMIME")
+    code, text = await c.send_data(raw)
+    assert code == 250 and "queued as" in text
+    await c.close()
+    [msg] = gw.stored()
+    assert get_raw(gw.engine, msg.id) == raw
+    assert msg.rcpt_tos == ("sales@example.test", "Support@Example.TEST")
+    assert msg.mail_from == "alice@client.test"
+    assert msg.helo == "client.test" and msg.client_addr == "127.0.0.1"
+    assert msg.message_id == "<m1@client.test>" and msg.size == len(raw)
+    assert msg.state == "received"
+
+
+async def test_null_sender_and_empty_message(gw: Gateway) -> None:
+    c = await gw.client()
+    await _envelope(c, "bounce@example.test", mail_from="<>")
+    assert (await c.send_data(b""))[0] == 250
+    await c.close()
+    [msg] = gw.stored()
+    assert msg.mail_from == "" and get_raw(gw.engine, msg.id) == b""
+
+
+async def test_rcpt_verdicts(gw: Gateway) -> None:
+    c = await gw.client()
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<alice@client.test>"))[0] == 250
+    code, text = await c.cmd("RCPT TO:<someone@elsewhere.test>")
+    assert code == 550 and text.startswith("5.7.1")
+    code, text = await c.cmd("RCPT TO:<nobody@example.test>")
+    assert code == 550 and text.startswith("5.1.1")
+    assert (await c.cmd("RCPT TO:<sales+vip@example.test>"))[0] == 250
+    await c.close()
+
+
+async def test_too_many_recipients(gw: Gateway) -> None:
+    c = await gw.client()
+    await _envelope(c, "sales@example.test", "support@example.test", "catchall@example.test")
+    code, text = await c.cmd("RCPT TO:<bounce@example.test>")
+    assert code == 452 and text.startswith("4.5.3")
+    # the three accepted recipients are still delivered
+    assert (await c.send_data(make_mail()))[0] == 250
+    await c.close()
+    assert len(gw.stored()[0].rcpt_tos) == 3
+
+
+async def test_oversize_declared_and_actual(gw: Gateway) -> None:
+    c = await gw.client()
+    ehlo = await c.cmd("EHLO client.test")
+    assert "SIZE 200000" in ehlo[1] and "8BITMIME" in ehlo[1] and "SMTPUTF8" in ehlo[1]
+    code, _ = await c.cmd("MAIL FROM:<alice@client.test> SIZE=999999")
+    assert code == 552
+    assert (await c.cmd("MAIL FROM:<alice@client.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<sales@example.test>"))[0] == 250
+    code, text = await c.send_data(make_mail(size=400_000))
+    assert code == 552 and text.startswith("5.3.4")
+    # the session survives and the next message is accepted
+    assert (await c.cmd("MAIL FROM:<alice@client.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<sales@example.test>"))[0] == 250
+    assert (await c.send_data(make_mail(message_id="<m2@client.test>")))[0] == 250
+    await c.close()
+    assert [m.message_id for m in gw.stored()] == ["<m2@client.test>"]
+
+
+@pytest.mark.parametrize("body, expect", [
+    (b"x" * 1200 + b"\r\n", "longer than 998"),
+    (b"line one\nline two\r\n", "bare <LF>"),
+    (b"nul \x00 byte\r\n", "NUL"),
+])
+async def test_bad_content_refused_and_session_continues(gw: Gateway, body: bytes, expect: str) -> None:
+    c = await gw.client()
+    await _envelope(c, "sales@example.test")
+    code, text = await c.send_data(make_mail(body="") + body)
+    assert code == 554 and expect in text
+    assert (await c.cmd("MAIL FROM:<alice@client.test>"))[0] == 250
+    assert (await c.cmd("RCPT TO:<sales@example.test>"))[0] == 250
+    assert (await c.send_data(make_mail()))[0] == 250
+    await c.close()
+    assert len(gw.stored()) == 1
+
+
+async def test_8bit_without_8bitmime_policy(tmp_path) -> None:
+    g, server = await _gateway(tmp_path, accept_8bit=False)
+    try:
+        c = await g.client()
+        await _envelope(c, "sales@example.test")
+        code, text = await c.send_data(make_mail(body="") + "caf\u00e9\r\n".encode())
+        assert code == 554 and text.startswith("5.6.1")
+        await _envelope(c, "sales@example.test", mail_from="<alice@client.test> BODY=8BITMIME", ehlo="RSET")
+        assert (await c.send_data(make_mail(body="") + "caf\u00e9\r\n".encode()))[0] == 250
+        await c.close()
+    finally:
+        server.close()
+        await g.writer.close()
+
+
+async def test_commands_out_of_order(gw: Gateway) -> None:
+    c = await gw.client()
+    assert (await c.cmd("MAIL FROM:<alice@client.test>"))[0] == 503  # before EHLO
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    assert (await c.cmd("RCPT TO:<sales@example.test>"))[0] == 503   # before MAIL
+    assert (await c.cmd("DATA"))[0] == 503                            # before RCPT
+    assert (await c.cmd("MAIL FROM:<alice@client.test>"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<alice@client.test>"))[0] == 503  # nested
+    await c.close()
+    assert gw.stored() == []
+
+
+async def test_disconnect_mid_data_stores_nothing(gw: Gateway) -> None:
+    c = await gw.client()
+    await _envelope(c, "sales@example.test")
+    assert (await c.cmd("DATA"))[0] == 354
+    c.writer.write(make_mail()[:50])
+    await c.writer.drain()
+    c.writer.close()
+    await asyncio.sleep(0.3)
+    assert gw.stored() == []
+    # and the server still serves others
+    c2 = await gw.client()
+    await _envelope(c2, "sales@example.test")
+    assert (await c2.send_data(make_mail()))[0] == 250
+    await c2.close()
+
+
+async def test_store_failure_answers_451_never_250(gw: Gateway) -> None:
+    gw.writer.fail_writes = OSError(28, "No space left on device")
+    c = await gw.client()
+    await _envelope(c, "sales@example.test")
+    code, text = await c.send_data(make_mail())
+    assert code == 451 and text.startswith("4.3.0")
+    gw.writer.fail_writes = None
+    await _envelope(c, "sales@example.test", ehlo="RSET")
+    assert (await c.send_data(make_mail()))[0] == 250
+    await c.close()
+    assert len(gw.stored()) == 1
+
+
+async def test_pipelined_session(gw: Gateway) -> None:
+    c = await gw.client()
+    raw = make_mail()
+    c.writer.write(b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<sales@example.test>\r\nDATA\r\n")
+    await c.writer.drain()
+    assert (await c.reply())[0] == 250
+    assert (await c.reply())[0] == 250
+    assert (await c.reply())[0] == 250
+    assert (await c.reply())[0] == 354
+    c.writer.write(raw + b".\r\nQUIT\r\n")
+    await c.writer.drain()
+    assert (await c.reply())[0] == 250
+    assert (await c.reply())[0] == 221
+    assert get_raw(gw.engine, gw.stored()[0].id) == raw
+
+
+async def test_lmtp_answers_per_recipient(tmp_path) -> None:
+    g, server = await _gateway(tmp_path, kind="lmtp", name="lmtp")
+    try:
+        c = await WireClient.connect("127.0.0.1", g.port)
+        assert (await c.reply())[0] == 220
+        assert (await c.cmd("LHLO mta.test"))[0] == 250
+        assert (await c.cmd("MAIL FROM:<a@client.test>"))[0] == 250
+        assert (await c.cmd("RCPT TO:<sales@example.test>"))[0] == 250
+        assert (await c.cmd("RCPT TO:<nobody@example.test>"))[0] == 550
+        assert (await c.cmd("RCPT TO:<support@example.test>"))[0] == 250
+        assert (await c.cmd("DATA"))[0] == 354
+        c.writer.write(make_mail() + b".\r\n")
+        await c.writer.drain()
+        first = await c.reply()
+        second = await c.reply()
+        assert first[0] == second[0] == 250
+        await c.close()
+        [msg] = g.stored()
+        assert msg.rcpt_tos == ("sales@example.test", "support@example.test") and msg.source == "lmtp"
+    finally:
+        server.close()
+        await g.writer.close()
+
+
+async def test_client_outside_allowed_networks_refused_at_connect(tmp_path) -> None:
+    g, server = await _gateway(tmp_path, allowed_networks=("10.0.0.0/8",))
+    try:
+        c = await WireClient.connect("127.0.0.1", g.port)
+        code, text = await c.reply()
+        assert code == 554 and "not in allowed networks" in text
+        assert await c.reader.read() == b""  # closed
+    finally:
+        server.close()
+        await g.writer.close()
+
+
+async def test_concurrent_sessions_group_commit(gw: Gateway) -> None:
+    async def one(i: int) -> int:
+        c = await gw.client()
+        await _envelope(c, "sales@example.test")
+        code, _ = await c.send_data(make_mail(message_id=f"<c{i}@client.test>"))
+        await c.close()
+        return code
+
+    codes = await asyncio.gather(*[one(i) for i in range(40)])
+    assert codes == [250] * 40
+    assert sorted(m.message_id for m in gw.stored()) == sorted(f"<c{i}@client.test>" for i in range(40))
