@@ -1,0 +1,133 @@
+"""Which alias (or catchall, bounce address, VERP address) each recipient of a mail names. Pure.
+
+Order of sources: the envelope RCPT first (what the MTA actually delivered to us; a Bcc'd alias is only
+there), then Delivered-To, To, Cc, Resent-To, Resent-Cc — Odoo reads only the headers (spec §1.1, §5.5).
+Domains compare case-insensitively (Odoo fails on a domain stored with capitals, spec §1.7); `sales+vip@`
+resolves to `sales@` with tag "vip" unless an alias literally named `sales+vip@` exists (Odoo allows `+`
+in alias names and has no subaddressing at all).
+
+`rcpt_verdict` is the SMTP listener's RCPT-time check: refuse at the door what would only be quarantined
+in a strict domain (no backscatter, spec §5.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from aliases.model import Alias, AliasTable, Domain
+
+Source = Literal["rcpt", "delivered-to", "x-original-to", "to", "cc", "resent-to", "resent-cc"]
+Kind = Literal["alias", "catchall", "bounce", "verp", "unknown", "foreign"]
+Verdict = Literal["accept", "unknown_user", "no_relay"]
+
+#: Sources Odoo counts as "to" for bounce, catchall and forward detection (Delivered-To + To; never Cc).
+TO_LIKE: frozenset[str] = frozenset({"rcpt", "delivered-to", "to"})
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One recipient address and what it names in our alias table."""
+
+    address: str                 # lower-cased, as written
+    source: Source
+    kind: Kind
+    alias: Alias | None = None
+    tag: str | None = None       # the +tag when subaddressing matched a base alias/catchall/bounce
+    domain: Domain | None = None
+
+    def describe(self) -> str:
+        where = {"rcpt": "envelope RCPT", "delivered-to": "Delivered-To", "x-original-to": "X-Original-To",
+                 "to": "To", "cc": "Cc", "resent-to": "Resent-To", "resent-cc": "Resent-Cc"}[self.source]
+        if self.kind == "alias" and self.alias is not None:
+            what = f"alias {self.alias.address} → {self.alias.model}"
+            if self.alias.force_thread_id:
+                what += f" (forced thread {self.alias.force_thread_id})"
+        elif self.kind == "foreign":
+            what = "not one of our domains"
+        elif self.kind == "unknown":
+            what = f"no alias in our domain {self.domain.name if self.domain else '?'}"
+        else:
+            what = f"the {self.kind} address of {self.domain.name if self.domain else '?'}"
+        tag = f" (+tag {self.tag!r})" if self.tag else ""
+        return f"{where} {self.address}: {what}{tag}"
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """(local, domain) lower-cased; an address without '@' has an empty domain."""
+    addr = address.strip().strip("<>").strip().lower()
+    local, _, domain = addr.rpartition("@")
+    if not _:
+        return addr, ""
+    return local, domain.rstrip(".")
+
+
+def resolve_address(table: AliasTable, address: str, source: Source = "rcpt") -> Resolved:
+    """What one address names: alias (exact, then `+tag` base), bounce/VERP, catchall, unknown or foreign."""
+    local, domain_name = split_address(address)
+    addr = f"{local}@{domain_name}" if domain_name else local
+    domain = table.domain(domain_name) if domain_name else None
+    if domain is None:
+        return Resolved(addr, source, "foreign")
+    exact = table.alias(addr)
+    if exact is not None:
+        return Resolved(addr, source, "alias", alias=exact, domain=domain)
+    base, plus, tag = local.partition("+")
+    tag_or_none = tag if plus and tag else None
+    if domain.bounce and base == domain.bounce.lower():
+        # bounce+TOKEN@ is VERP (an outbound recipient row); a bare bounce@ is the bounce address itself.
+        return Resolved(addr, source, "verp" if tag_or_none else "bounce", tag=tag_or_none, domain=domain)
+    if plus:
+        based = table.alias(f"{base}@{domain_name}")
+        if based is not None:
+            return Resolved(addr, source, "alias", alias=based, tag=tag_or_none, domain=domain)
+    if domain.catchall and base == domain.catchall.lower():
+        return Resolved(addr, source, "catchall", tag=tag_or_none, domain=domain)
+    return Resolved(addr, source, "unknown", domain=domain)
+
+
+def resolve_recipients(table: AliasTable, *, rcpt: tuple[str, ...] = (), delivered_to: tuple[str, ...] = (),
+                       to: tuple[str, ...] = (), cc: tuple[str, ...] = (), resent_to: tuple[str, ...] = (),
+                       resent_cc: tuple[str, ...] = (),
+                       x_original_to: tuple[str, ...] = ()) -> tuple[Resolved, ...]:
+    """Every recipient once, in source order (RCPT, Delivered-To, X-Original-To, To, Cc, Resent-To/Cc).
+
+    An address seen in several places keeps its *first* (most authoritative) source, except that a header
+    mention in To/Delivered-To upgrades a Cc-only mention for the "To beats Cc" rules (first wins anyway,
+    since To is read before Cc).
+    """
+    seen: set[str] = set()
+    out: list[Resolved] = []
+    groups: tuple[tuple[Source, tuple[str, ...]], ...] = (
+        ("rcpt", rcpt), ("delivered-to", delivered_to), ("x-original-to", x_original_to), ("to", to),
+        ("cc", cc), ("resent-to", resent_to), ("resent-cc", resent_cc),
+    )
+    for source, addresses in groups:
+        for address in addresses:
+            res = resolve_address(table, address, source)
+            if res.address in seen or "@" not in res.address:
+                continue
+            seen.add(res.address)
+            out.append(res)
+    return tuple(out)
+
+
+def rcpt_verdict(table: AliasTable, address: str) -> tuple[Verdict, str]:
+    """RCPT-time verdict for the SMTP listener: accept, unknown_user (550 5.1.1) or no_relay (550 5.7.1).
+
+    Aliases (also with a +tag), the catchall, the bounce address and VERP addresses are accepted. An unknown
+    local part is refused only in a strict domain without a default alias: with a default alias the mail
+    is routable, so refusing it would lose mail the sysadmin asked to keep.
+    """
+    res = resolve_address(table, address, "rcpt")
+    if res.kind == "foreign":
+        return "no_relay", f"{res.address or address!r}: not a domain this gateway accepts mail for"
+    if res.kind in ("alias", "catchall", "bounce", "verp"):
+        return "accept", res.describe()
+    dom = res.domain
+    assert dom is not None
+    if dom.default_alias:
+        return "accept", f"{res.address}: no alias, routed to the default alias {dom.default_alias} of {dom.name}"
+    if dom.strict:
+        return "unknown_user", f"{res.address}: no such alias in strict domain {dom.name}"
+    return "accept", f"{res.address}: no alias, but {dom.name} is not strict (routed or quarantined later)"
