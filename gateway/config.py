@@ -291,6 +291,8 @@ def _format_error(err: dict[str, Any], raw: dict[str, Any]) -> str:
             node = node.get(item) if isinstance(node, dict) else None
     key = ".".join(parts) or "(top level)"
     msg = err.get("msg", "invalid").removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown key (misspelt, or in the wrong section?)"
     return f"{key}: {msg}"
 
 

@@ -1,0 +1,80 @@
+"""`mailgate messages list|show`: what is in the spool, where each message is, and why."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from gateway.cli import add_config_arg, load_or_exit, open_engine
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("messages", help="inspect spooled messages")
+    msub = p.add_subparsers(dest="messages_command", metavar="ACTION")
+    lp = msub.add_parser("list", help="list messages (newest last)")
+    add_config_arg(lp)
+    lp.add_argument("--state", action="append", help="filter by state (repeatable)")
+    lp.add_argument("--limit", type=int, default=100)
+    lp.add_argument("--after", type=int, default=0, help="only ids above this one")
+    lp.add_argument("--json", action="store_true", help="one JSON object per line")
+    lp.set_defaults(func=cmd_list)
+    sp = msub.add_parser("show", help="one message: envelope, state, decision, history")
+    add_config_arg(sp)
+    sp.add_argument("id", type=int)
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--raw", action="store_true", help="print the raw message bytes")
+    sp.set_defaults(func=cmd_show)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from gateway.spool import list_messages
+
+    engine = open_engine(load_or_exit(args.config))
+    for m in list_messages(engine, states=args.state, limit=args.limit, after_id=args.after):
+        if args.json:
+            d = m.to_json()
+            d.pop("decision", None)
+            print(json.dumps(d))
+        else:
+            print(f"{m.id:>8} {m.state:<11} {m.received_at:%Y-%m-%d %H:%M:%S} {m.size:>9} "
+                  f"{m.action or '-':<10} {m.message_id or '-'} from=<{m.mail_from}> to={','.join(m.rcpt_tos)}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from gateway.spool import get_message, get_raw, history
+
+    engine = open_engine(load_or_exit(args.config))
+    m = get_message(engine, args.id)
+    if m is None:
+        print(f"no message {args.id}", file=sys.stderr)
+        return 1
+    if args.raw:
+        raw = get_raw(engine, args.id)
+        if raw is None:
+            print(f"message {args.id}: raw body purged", file=sys.stderr)
+            return 1
+        sys.stdout.buffer.write(raw)
+        return 0
+    data = m.to_json()
+    data["history"] = history(engine, args.id)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for key in ("id", "state", "message_id", "mail_from", "rcpt_tos", "source", "listener", "client_addr", "helo",
+                "received_at", "size", "sha256", "attempts", "next_attempt_at", "last_error"):
+        print(f"{key:>16}: {data[key]}")
+    if m.decision:
+        print(f"{'action':>16}: {m.decision.get('action')}")
+        for line in m.decision.get("explanation", []):
+            print(f"{'':>16}  - {line}")
+        for t in m.decision.get("targets", []):
+            print(f"{'target':>16}: {json.dumps(t)}")
+        for b in m.decision.get("bounces", []):
+            print(f"{'bounce':>16}: {b['recipient']} {b['kind']} {b['reason']} {b.get('status') or ''}")
+    print(f"{'history':>16}:")
+    for h in data["history"]:
+        print(f"{'':>16}  {h['at']} {h['state']}: {h['note'] or ''}")
+    return 0

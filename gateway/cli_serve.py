@@ -1,0 +1,97 @@
+"""`mailgate serve`, `mailgate worker` and `mailgate check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from gateway.cli import add_config_arg, load_or_exit
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run listeners, IMAP pullers, workers, relay and admin HTTP")
+    add_config_arg(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run only routing/delivery workers (extra processes or other nodes)")
+    add_config_arg(p)
+    p.add_argument("--threads", type=int, default=None, help="worker threads (default: [worker] concurrency)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("check-config", help="validate the config; show domains, aliases and Odoo access")
+    add_config_arg(p)
+    p.add_argument("--json", action="store_true", help="print the effective alias table as JSON")
+    p.add_argument("--odoo", action="store_true", help="also log in to Odoo and check the user's rights")
+    p.set_defaults(func=cmd_check_config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.serve import run
+
+    config = load_or_exit(args.config)
+    return run(config, args.config)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from gateway.serve import build_worker_factory
+    from gateway.store import open_store
+    from gateway.worker import run_workers
+
+    config = load_or_exit(args.config)
+    engine = open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    threads = run_workers(build_worker_factory(config, engine), args.threads or config.worker.concurrency, stop,
+                          poll=config.worker.poll_interval)
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(0.5)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_or_exit(args.config)
+    table = config.alias_table()
+    problems: list[str] = []
+    odoo_report: dict[str, Any] | None = None
+    if args.odoo or config.odoo.url:
+        check = None
+        try:
+            from gateway.odoo.check import check_odoo_access as check  # type: ignore[no-redef]
+        except ImportError:
+            pass
+        if check is not None and config.odoo.url:
+            odoo_report = check(config)
+            problems.extend(odoo_report.get("problems", []))
+        elif args.odoo:
+            problems.append("odoo: no [odoo] url configured")
+    if args.json:
+        print(json.dumps({
+            "domains": [d.__dict__ for d in table.domains],
+            "aliases": [{**a.__dict__, "defaults": dict(a.defaults)} for a in table.aliases],
+            "odoo": odoo_report, "problems": problems,
+        }, indent=2, default=str))
+    else:
+        print(f"{args.config}: OK" if not problems else f"{args.config}: {len(problems)} problem(s)")
+        print(f"storage: {config.storage_url()}")
+        for lc in config.listeners:
+            print(f"listener {lc.name or lc.kind}: {lc.kind} on {lc.host}:{lc.port} "
+                  f"(max {lc.max_message_size} bytes, {lc.max_recipients} rcpts)")
+        for d in table.domains:
+            print(f"domain {d.name}: catchall={d.catchall_address} bounce={d.bounce_address} "
+                  f"strict={d.strict} default_alias={d.default_alias}")
+        for a in table.aliases:
+            extra = f" force_thread_id={a.force_thread_id}" if a.force_thread_id else ""
+            print(f"alias {a.address} -> {a.model} contact={a.contact} ({a.source}){extra}")
+        if odoo_report:
+            for line in odoo_report.get("lines", []):
+                print(f"odoo: {line}")
+        for p in problems:
+            print(f"{args.config}: {p}", file=sys.stderr)
+    return 1 if problems else 0
