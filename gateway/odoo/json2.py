@@ -1,0 +1,95 @@
+"""Odoo 19's JSON-2 transport: `POST /json/2/<model>/<method>`, bearer API key, named arguments.
+
+Why our own small client and not odoorpc: odoorpc only speaks `/jsonrpc`, deprecated in 19 and removed in 22.
+Answers are the bare result; errors are an HTTP status plus ``{name, message, arguments, context, debug}``,
+but some failures answer HTML (db-filter 404, 415, a crash in the error handler), so the body is parsed
+defensively (spec §7). Keep-alive `http.client` connections are pooled, one per worker at a time.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import queue
+import urllib.parse
+from typing import Any
+
+from gateway.errors import DeliveryError
+from gateway.odoo.client import OdooClient
+from gateway.odoo.errors import from_exception, from_http_status, from_odoo_error
+
+
+class Json2Client(OdooClient):
+    protocol = "json2"
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        parts = urllib.parse.urlsplit(self.url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if self._https else 80)
+        self._prefix = parts.path.rstrip("/")
+        self._idle: queue.LifoQueue[http.client.HTTPConnection] = queue.LifoQueue(maxsize=self.pool_size)
+
+    def _connection(self) -> http.client.HTTPConnection:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            return cls(self._host, self._port, timeout=self.timeout)
+
+    def _release(self, conn: http.client.HTTPConnection) -> None:
+        try:
+            self._idle.put_nowait(conn)
+        except queue.Full:
+            conn.close()
+
+    def _execute(self, model: str, method: str, ids: list[int] | None, params: dict[str, Any]) -> Any:
+        where = f"{model}.{method}"
+        body = dict(params)
+        if ids is not None:
+            body["ids"] = list(ids)
+        data = json.dumps(body).encode()
+        headers = {"Authorization": f"bearer {self._secret}", "X-Odoo-Database": self.db,
+                   "Content-Type": "application/json; charset=utf-8", "Content-Length": str(len(data))}
+        path = f"{self._prefix}/json/2/{model}/{method}"
+        conn = self._connection()
+        try:
+            try:
+                conn.request("POST", path, body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                # A kept-alive connection the server closed while idle: the request was not processed
+                # only if nothing was sent; we cannot know, so report transient (delivery re-checks Odoo).
+                conn.close()
+                raise from_exception(exc, where=where, url=self.url) from None
+        except DeliveryError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            conn.close()
+            raise from_exception(exc, where=where, url=self.url) from None
+        if resp.will_close:
+            conn.close()
+        else:
+            self._release(conn)
+        ctype = resp.getheader("Content-Type") or ""
+        payload: Any = None
+        if "json" in ctype:
+            try:
+                payload = json.loads(raw) if raw else None
+            except ValueError:
+                payload = None
+        if resp.status == 200 and "json" in ctype:
+            return payload
+        if isinstance(payload, dict) and payload.get("name"):
+            raise from_odoo_error(str(payload["name"]), str(payload.get("message") or ""), where=where,
+                                  status=resp.status)
+        raise from_http_status(resp.status, raw, where=where)
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                break

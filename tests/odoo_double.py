@@ -1,0 +1,1063 @@
+"""A wire-level Odoo *double* for tests and benchmarks: a real HTTP server on 127.0.0.1:<free port>.
+
+Odoo cannot be installed here, so the gateway's adapter is tested against this double. It speaks the
+endpoints odoorpc 0.10 calls (`/web/webclient/version_info`, `/jsonrpc` `common.login`/`common.version`,
+`object.execute` for `res.users.context_get`, `object.execute_kw`) and Odoo 19's JSON-2 API
+(`POST /json/2/<model>/<method>`, bearer API key, `X-Odoo-Database`), with the return shapes and error
+payloads the spec (odoo-gateway-spec.md §3, §6, §7) recorded from live Odoo 17 and 19:
+
+* JSON-RPC errors answer HTTP 200 with ``{"error": {"code": 200, "message": "Odoo Server Error",
+  "data": {name, message, arguments, context, debug}}}``; a method returning None answers with **no
+  ``result`` member**.
+* JSON-2 answers the bare result, errors as HTTP status + ``{name, message, arguments, context, debug}``
+  (401 bad key, 403 private/access, 404 unknown model/method, 422 validation/bad arguments, 500 other).
+* Version < 19: ``create``/``message_post`` return an int, ``message_new`` the repr ``"crm.lead(5,)"``;
+  version ≥ 19: every one of them returns a list of ids.
+
+`message_process` emulates Odoo's mail gateway (spec §1.2/§1.13 as corrected by §6): duplicate → False,
+loop header → None, bounce (bounce alias in Delivered-To/To, From mailer-daemon, multipart/report) →
+message_bounce += 1 and the notification marked → False, reply by References (else In-Reply-To), catchall
+only → False, alias by Delivered-To/To/Cc → create + post, fallback model, else "No possible route".
+
+Fault injection (all thread-safe): `go_down()` / `come_up()` (connection refused, same port), `slow(s)`,
+`fail_next(n, kind)`, `fail_nth(n, kind)`, `fail_one_in(n, kind)`; kinds: ``http500`` (HTML 500),
+``serialization`` (Odoo's retried-out SerializationFailure), ``drop`` (close the socket, nothing done),
+``lost_response`` (do the call, then close the socket: the client cannot know it happened).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import email
+import email.policy
+import email.utils
+import itertools
+import json
+import random
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from email.message import EmailMessage, Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+class OdooDoubleError(Exception):
+    """An exception as Odoo would raise it: `name` is the dotted class name Odoo reports."""
+
+    name = "odoo.exceptions.UserError"
+    status = 500  # JSON-2 HTTP status
+
+    def __init__(self, message: str, *, name: str | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        if name:
+            self.name = name
+        if status:
+            self.status = status
+
+
+class AccessError(OdooDoubleError):
+    name = "odoo.exceptions.AccessError"
+    status = 403
+
+
+class AccessDenied(OdooDoubleError):
+    name = "odoo.exceptions.AccessDenied"
+    status = 401
+
+
+class UserError(OdooDoubleError):
+    name = "odoo.exceptions.UserError"
+    status = 422
+
+
+class ValidationError(OdooDoubleError):
+    name = "odoo.exceptions.ValidationError"
+    status = 422
+
+
+class MissingError(OdooDoubleError):
+    name = "odoo.exceptions.MissingError"
+    status = 404
+
+
+class NotFound(OdooDoubleError):
+    name = "werkzeug.exceptions.NotFound"
+    status = 404
+
+
+# --------------------------------------------------------------------------------------- recordsets
+@dataclass(frozen=True)
+class Recordset:
+    """What an Odoo method returns when it returns records (serialised per transport and version)."""
+
+    model: str
+    ids: tuple[int, ...]
+
+    def __repr__(self) -> str:  # Odoo's repr, which JSON-RPC sends for un-decorated methods
+        return f"{self.model}({''.join(f'{i},' for i in self.ids)})"
+
+
+#: many2one fields per model → comodel (read answers [id, display_name])
+M2O: dict[str, dict[str, str]] = {
+    "res.users": {"partner_id": "res.partner"},
+    "crm.lead": {"partner_id": "res.partner"},
+    "helpdesk.ticket": {"partner_id": "res.partner"},
+    "mail.message": {"author_id": "res.partner", "parent_id": "mail.message",
+                     "subtype_id": "mail.message.subtype"},
+    "mail.followers": {"partner_id": "res.partner"},
+    "mail.notification": {"mail_message_id": "mail.message", "res_partner_id": "res.partner"},
+    "mail.alias": {"alias_domain_id": "mail.alias.domain", "alias_model_id": "ir.model"},
+}
+
+MODELS = ("res.partner", "res.users", "crm.lead", "helpdesk.ticket", "mail.message", "mail.followers",
+          "mail.notification", "ir.attachment", "mail.alias", "mail.alias.domain", "ir.model",
+          "mail.message.subtype", "mail.thread")
+#: models that are mail.thread (message_* methods) and mail.thread.blacklist (message_bounce)
+THREAD_MODELS = ("res.partner", "crm.lead", "helpdesk.ticket")
+BLACKLIST_MODELS = ("res.partner", "crm.lead")
+#: the field that holds the sender address on creation (Odoo's _primary_email)
+PRIMARY_EMAIL = {"res.partner": "email", "crm.lead": "email_from", "helpdesk.ticket": "partner_email"}
+CREATION_SUBTYPE = {"crm.lead": "crm.mt_lead_create", "helpdesk.ticket": "helpdesk.mt_ticket_new"}
+SUBTYPES = {"mail.mt_comment": (1, "Discussions", False), "mail.mt_note": (2, "Note", True),
+            "crm.mt_lead_create": (3, "Lead Created", False), "helpdesk.mt_ticket_new": (4, "Ticket Created", False)}
+
+_ANGLE_TOKEN = re.compile(r"<[^<>]+>")
+
+
+def normalize_email(value: str | None) -> str | None:
+    if not value:
+        return None
+    addr = email.utils.parseaddr(str(value))[1]
+    return addr.lower() or None
+
+
+def _addresses(values: list[str]) -> list[str]:
+    return [a.lower() for _n, a in email.utils.getaddresses([str(v) for v in values if v]) if a]
+
+
+# ---------------------------------------------------------------------------------------- the store
+class Store:
+    """In-memory models with Odoo's search domains (prefix notation) and read shapes."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in MODELS}
+        self._seq = itertools.count(1)
+
+    # -- writes
+    def create(self, model: str, vals: dict[str, Any]) -> int:
+        rid = next(self._seq)
+        rec = {"id": rid, "active": True, "create_date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        rec.update(vals)
+        self._compute(model, rec)
+        self.tables[model][rid] = rec
+        return rid
+
+    def write(self, model: str, ids: list[int], vals: dict[str, Any]) -> None:
+        for rid in ids:
+            rec = self.tables[model].get(rid)
+            if rec is None:
+                raise MissingError(f"Record does not exist or has been deleted.\n(Record: {model}({rid},), User: 2)")
+            rec.update(vals)
+            self._compute(model, rec)
+
+    def _compute(self, model: str, rec: dict[str, Any]) -> None:
+        email_field = {"res.partner": "email", "crm.lead": "email_from", "res.users": "email"}.get(model)
+        if email_field:
+            rec["email_normalized"] = normalize_email(rec.get(email_field)) or False
+        if model == "mail.alias":
+            dom = self.tables["mail.alias.domain"].get(rec.get("alias_domain_id") or 0)
+            rec["alias_full_name"] = f"{rec['alias_name']}@{dom['name']}" if dom else rec["alias_name"]
+        if model == "mail.alias.domain":
+            rec["bounce_email"] = f"{rec.get('bounce_alias', 'bounce')}@{rec['name']}"
+            rec["catchall_email"] = f"{rec.get('catchall_alias', 'catchall')}@{rec['name']}"
+        if model in BLACKLIST_MODELS:
+            rec.setdefault("message_bounce", 0)
+
+    # -- reads
+    def get(self, model: str, rid: int) -> dict[str, Any] | None:
+        return self.tables.get(model, {}).get(rid)
+
+    def search(self, model: str, domain: list[Any], *, order: str | None = None, limit: int | None = None,
+               offset: int = 0) -> list[int]:
+        recs = [r for r in self.tables[model].values() if self.match(model, r, domain)]
+        if order:
+            for part in reversed([p.strip() for p in order.split(",") if p.strip()]):
+                fname, *direction = part.split()
+                desc = bool(direction) and direction[0].lower() == "desc"
+                recs.sort(key=lambda r: (r.get(fname) is None, r.get(fname) or 0), reverse=desc)
+        else:
+            recs.sort(key=lambda r: r["id"])
+        recs = recs[offset:]
+        if limit:
+            recs = recs[:limit]
+        return [r["id"] for r in recs]
+
+    def match(self, model: str, rec: dict[str, Any], domain: list[Any]) -> bool:
+        if not any(isinstance(t, (list, tuple)) and len(t) == 3 and t[0] == "active" for t in domain):
+            if rec.get("active") is False:
+                return False
+        stack: list[bool] = []
+        for token in reversed(list(domain)):
+            if token == "!":
+                stack.append(not stack.pop())
+            elif token in ("&", "|"):
+                a, b = stack.pop(), stack.pop()
+                stack.append((a and b) if token == "&" else (a or b))
+            elif isinstance(token, (list, tuple)) and len(token) == 3:
+                stack.append(self._leaf(rec, token))
+            else:
+                raise ValueError(f"Invalid leaf {token!r}")
+        return all(stack)
+
+    @staticmethod
+    def _leaf(rec: dict[str, Any], leaf: Any) -> bool:
+        fname, op, value = leaf
+        if fname in (1, 0) and fname == value:  # TRUE_LEAF / FALSE_LEAF
+            return op == "=" and fname == 1
+        if isinstance(fname, str) and "." in fname:
+            fname = fname.split(".", 1)[0]
+        have = rec.get(fname, False)
+        if op == "=":
+            if isinstance(have, list):
+                return value in have or (value is False and not have)
+            return have == value or (value is False and have in (None, False, 0, ""))
+        if op == "!=":
+            return not Store._leaf(rec, (fname, "=", value))
+        if op in ("in", "not in"):
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            if isinstance(have, list):
+                hit = any(v in have for v in values)
+            else:
+                hit = have in values or (False in values and have in (None, False))
+            return hit if op == "in" else not hit
+        if op in ("ilike", "not ilike", "like", "=ilike", "=like"):
+            hv, vv = str(have or ""), str(value)
+            if op in ("ilike", "not ilike", "=ilike"):
+                hv, vv = hv.lower(), vv.lower()
+            hit = (hv == vv) if op.startswith("=") else (vv in hv)
+            return hit if op != "not ilike" else not hit
+        if op in (">", "<", ">=", "<="):
+            if have in (None, False):
+                return False
+            return {">": have > value, "<": have < value, ">=": have >= value, "<=": have <= value}[op]
+        raise ValueError(f"Invalid operator {op!r}")
+
+    def read(self, model: str, ids: list[int], fields: list[str] | None) -> list[dict[str, Any]]:
+        out = []
+        for rid in ids:
+            rec = self.tables[model].get(rid)
+            if rec is None:
+                raise MissingError(f"Record does not exist or has been deleted.\n(Record: {model}({rid},), User: 2)")
+            out.append(self._shape(model, rec, fields))
+        return out
+
+    def _shape(self, model: str, rec: dict[str, Any], fields: list[str] | None) -> dict[str, Any]:
+        names = fields or [k for k in rec if k != "datas_raw"]
+        row: dict[str, Any] = {"id": rec["id"]}
+        m2o = M2O.get(model, {})
+        for f in names:
+            value = rec.get(f, False)
+            if f in m2o:
+                target = self.tables[m2o[f]].get(value) if value else None
+                value = [value, self.display_name(m2o[f], target)] if target else False
+            row[f] = value
+        return row
+
+    @staticmethod
+    def display_name(model: str, rec: dict[str, Any] | None) -> str:
+        if not rec:
+            return ""
+        return str(rec.get("name") or rec.get("subject") or rec.get("model") or f"{model},{rec['id']}")
+
+
+# ------------------------------------------------------------------------------------------- faults
+@dataclass
+class Faults:
+    delay: float = 0.0
+    next_failures: list[tuple[str, str | None]] = field(default_factory=list)  # (kind, method or None)
+    nth: dict[int, str] = field(default_factory=dict)   # absolute call number → kind
+    one_in: int = 0
+    one_in_kind: str = "http500"
+
+
+FAULT_KINDS = ("http500", "serialization", "drop", "lost_response")
+
+
+# ------------------------------------------------------------------------------------------- double
+class OdooDouble:
+    """An Odoo double: in-memory models + Odoo's RPC endpoints + fault injection. Not Odoo."""
+
+    def __init__(self, *, version: str = "17.0", db: str = "mailgate", login: str = "admin",
+                 password: str = "admin", api_key: str = "double-api-key", domain: str = "example.test"):
+        self.version = version
+        self.major = int(version.split(".")[0].split("~")[-1].replace("saas", "") or 0)
+        self.db, self.login, self.password, self.api_key = db, login, password, api_key
+        self.store = Store()
+        self.lock = threading.RLock()
+        self.faults = Faults()
+        self.calls: list[tuple[str, str]] = []   # (model, method) of every object call, in order
+        self.call_count = 0
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+        self.down = False
+        self._seed(domain)
+
+    # -------------------------------------------------------------------------------- lifecycle
+    def start(self) -> "OdooDouble":
+        self._serve(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def __enter__(self) -> "OdooDouble":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _serve(self, port: int) -> None:
+        double = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.double = double
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        server.daemon_threads = True
+        self._server = server
+        self.port = server.server_address[1]
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name=f"odoo-double-{self.port}", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def go_down(self) -> None:
+        """Stop listening: clients now get 'connection refused' (like Odoo stopped); kept-alive connections
+        are cut at their next request."""
+        self.down = True
+        self.stop()
+
+    def come_up(self) -> None:
+        """Listen again on the same port (state kept, like Odoo restarted on the same database)."""
+        for _ in range(50):
+            try:
+                self._serve(self.port)
+                self.down = False
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"odoo double cannot rebind port {self.port}")
+
+    # ------------------------------------------------------------------------------------ faults
+    def slow(self, seconds: float) -> None:
+        self.faults.delay = seconds
+
+    def fail_next(self, count: int = 1, kind: str = "http500", method: str | None = None) -> None:
+        """The next `count` object calls (of `method`, when given) fail with `kind`."""
+        assert kind in FAULT_KINDS, kind
+        with self.lock:
+            self.faults.next_failures.extend([(kind, method)] * count)
+
+    def fail_nth(self, n: int, kind: str = "http500") -> None:
+        """The n-th object call from now fails (1 = the next one)."""
+        assert kind in FAULT_KINDS, kind
+        with self.lock:
+            self.faults.nth[self.call_count + n] = kind
+
+    def fail_one_in(self, n: int, kind: str = "http500") -> None:
+        """Every n-th object call fails (0 turns it off)."""
+        self.faults.one_in, self.faults.one_in_kind = n, kind
+
+    def clear_faults(self) -> None:
+        with self.lock:
+            self.faults = Faults()
+
+    def _fault_for(self, method: str) -> str | None:
+        with self.lock:
+            self.call_count += 1
+            n = self.call_count
+            kind = self.faults.nth.pop(n, None)
+            if kind:
+                return kind
+            for i, (k, m) in enumerate(self.faults.next_failures):
+                if m is None or m == method:
+                    del self.faults.next_failures[i]
+                    return k
+            if self.faults.one_in and n % self.faults.one_in == 0:
+                return self.faults.one_in_kind
+        return None
+
+    # -------------------------------------------------------------------------------------- seed
+    def _seed(self, domain: str) -> None:
+        s = self.store
+        for model in MODELS:
+            s.create("ir.model", {"model": model, "name": model})
+        for xmlid, (_sid, name, internal) in SUBTYPES.items():
+            s.tables["mail.message.subtype"][_sid] = {"id": _sid, "name": name, "internal": internal,
+                                                      "xmlid": xmlid, "active": True}
+        self.domain_id = s.create("mail.alias.domain", {"name": domain, "bounce_alias": "bounce",
+                                                        "catchall_alias": "catchall"})
+        self.admin_partner = s.create("res.partner", {"name": "Mitchell Admin", "email": f"admin@{domain}"})
+        self.uid = s.create("res.users", {"login": self.login, "name": "Mitchell Admin",
+                                          "partner_id": self.admin_partner, "email": f"admin@{domain}",
+                                          "share": False, "groups": ["base.group_system"]})
+        self.add_alias("sales", "crm.lead", defaults={"type": "lead"})
+        self.add_alias("support", "helpdesk.ticket")
+
+    def add_alias(self, name: str, model: str, *, defaults: dict[str, Any] | None = None,
+                  force_thread_id: int = 0, contact: str = "everyone") -> int:
+        model_id = self.store.search("ir.model", [("model", "=", model)])[0]
+        return self.store.create("mail.alias", {
+            "alias_name": name, "alias_domain_id": self.domain_id, "alias_model_id": model_id,
+            "alias_defaults": repr(defaults or {}), "alias_force_thread_id": force_thread_id,
+            "alias_contact": contact, "alias_incoming_local": False, "alias_status": "not_tested",
+        })
+
+    def add_partner(self, name: str, email_addr: str) -> int:
+        with self.lock:
+            return self.store.create("res.partner", {"name": name, "email": email_addr})
+
+    def add_user(self, name: str, email_addr: str, login: str | None = None) -> int:
+        with self.lock:
+            pid = self.store.create("res.partner", {"name": name, "email": email_addr})
+            return self.store.create("res.users", {"login": login or email_addr, "name": name,
+                                                   "partner_id": pid, "email": email_addr, "share": False})
+
+    # ----------------------------------------------------------------------------- inspection
+    def records(self, model: str, domain: list[Any] | None = None) -> list[dict[str, Any]]:
+        with self.lock:
+            ids = self.store.search(model, domain or [])
+            return [dict(self.store.tables[model][i]) for i in ids]
+
+    def messages_on(self, model: str, res_id: int) -> list[dict[str, Any]]:
+        return self.records("mail.message", [("model", "=", model), ("res_id", "=", res_id)])
+
+    # ----------------------------------------------------------------------------- dispatch
+    def authenticate(self, db: str, login: str, secret: str) -> int | bool:
+        if db != self.db:
+            return False
+        if login == self.login and secret in (self.password, self.api_key):
+            return self.uid
+        return False
+
+    def execute(self, model: str, method: str, ids: list[int] | None, params: dict[str, Any]) -> Any:
+        """Run one object method as the RPC user (the shared core of both transports)."""
+        if method.startswith("_") or method == "init" or (self.major >= 19 and method in ("browse", "exists")):
+            raise AccessError(f"Private methods (such as '{model}.{method}') cannot be called remotely.")
+        if model not in self.store.tables:
+            raise UserError(f"Object {model} doesn't exist", status=404)
+        fn: Callable[..., Any] | None = getattr(self, "m_" + method, None)
+        if fn is None or (method.startswith("message_") and method not in ("message_process",)
+                          and model not in THREAD_MODELS):
+            raise OdooDoubleError(f"The method '{method}' does not exist on the model '{model}'",
+                                  name="builtins.AttributeError", status=404)
+        context = params.pop("context", None) or {}
+        with self.lock:
+            try:
+                if ids is not None:
+                    return fn(model, list(ids), context=context, **params)
+                return fn(model, context=context, **params)
+            except TypeError as exc:
+                raise OdooDoubleError(str(exc), name="builtins.TypeError", status=422) from None
+
+    # ------------------------------------------------------------------------------ ORM methods
+    def m_search(self, model: str, domain: list[Any] | None = None, offset: int = 0, limit: int | None = None,
+                 order: str | None = None, *, context: dict[str, Any]) -> list[int]:
+        return self.store.search(model, domain or [], order=order, limit=limit, offset=offset)
+
+    def m_search_count(self, model: str, domain: list[Any] | None = None, limit: int | None = None, *,
+                       context: dict[str, Any]) -> int:
+        return len(self.store.search(model, domain or [], limit=limit))
+
+    def m_search_read(self, model: str, domain: list[Any] | None = None, fields: list[str] | None = None,
+                      offset: int = 0, limit: int | None = None, order: str | None = None, *,
+                      context: dict[str, Any]) -> list[dict[str, Any]]:
+        ids = self.store.search(model, domain or [], order=order, limit=limit, offset=offset)
+        return self.store.read(model, ids, fields)
+
+    def m_read(self, model: str, ids: list[int], fields: list[str] | None = None, *,
+               context: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.store.read(model, ids, fields)
+
+    def m_create(self, model: str, vals_list: Any = None, *, context: dict[str, Any]) -> Any:
+        if model == "mail.notification":
+            raise AccessError("You are not allowed to create 'Message Notifications' (mail.notification) records.")
+        many = isinstance(vals_list, list)
+        ids = [self._create_checked(model, dict(v)) for v in (vals_list if many else [vals_list])]
+        if many or self.major >= 19:
+            return ids
+        return ids[0]
+
+    def _create_checked(self, model: str, vals: dict[str, Any]) -> int:
+        if model == "ir.attachment":
+            if "datas" in vals:
+                try:
+                    vals["datas_raw"] = base64.b64decode(vals["datas"], validate=True)
+                except ValueError:
+                    raise ValidationError("Invalid base64 in ir.attachment datas") from None
+            vals.setdefault("mimetype", "application/octet-stream")
+        if model in ("res.partner", "crm.lead", "helpdesk.ticket") and not vals.get("name"):
+            raise ValidationError(f"Missing required value for the field 'name' on {model}")
+        return self.store.create(model, vals)
+
+    def m_write(self, model: str, ids: list[int], vals: dict[str, Any] | None = None, *,
+                context: dict[str, Any]) -> bool:
+        if model == "mail.notification":
+            # A record rule limits writes to the user's own rows: refused even to admin (spec §6).
+            raise AccessError("Due to security restrictions, you are not allowed to modify "
+                              "'Message Notifications' (mail.notification) records.")
+        self.store.write(model, ids, dict(vals or {}))
+        return True
+
+    def m_context_get(self, model: str, *, context: dict[str, Any]) -> dict[str, Any]:
+        return {"lang": "en_US", "tz": "Europe/Brussels", "uid": self.uid}
+
+    # ----------------------------------------------------------------------------- mail.thread
+    def _returns_record(self, model: str, rid: int, *, int_before_19: bool) -> Any:
+        if self.major >= 19:
+            return [rid]
+        return rid if int_before_19 else repr(Recordset(model, (rid,)))
+
+    def m_message_new(self, model: str, msg_dict: dict[str, Any] | None = None,
+                      custom_values: dict[str, Any] | None = None, *, context: dict[str, Any]) -> Any:
+        rid = self._message_new(model, dict(msg_dict or {}), dict(custom_values or {}), context)
+        return self._returns_record(model, rid, int_before_19=False)
+
+    def _message_new(self, model: str, msg: dict[str, Any], custom: dict[str, Any],
+                     context: dict[str, Any]) -> int:
+        vals = dict(custom)
+        vals.setdefault("name", msg.get("subject") or "(no subject)")
+        email_field = PRIMARY_EMAIL.get(model)
+        if email_field and email_field not in vals:
+            vals[email_field] = msg.get("email_from") or msg.get("from") or False
+        if model in ("crm.lead", "helpdesk.ticket") and msg.get("author_id"):
+            vals.setdefault("partner_id", msg["author_id"])
+        rid = self._create_checked(model, vals)
+        if not context.get("mail_create_nosubscribe"):
+            self._subscribe(model, rid, [self.admin_partner])
+        if not context.get("mail_create_nolog"):
+            self._post(model, rid, body="<p>Record created</p>", message_type="notification",
+                       subtype_xmlid=CREATION_SUBTYPE.get(model, "mail.mt_note"), author_id=self.admin_partner,
+                       message_id=self._new_message_id(model, rid), notify=False)
+        return rid
+
+    def m_message_update(self, model: str, ids: list[int], msg_dict: dict[str, Any] | None = None,
+                         update_vals: dict[str, Any] | None = None, *, context: dict[str, Any]) -> bool:
+        for rid in ids:
+            if not self.store.get(model, rid):
+                raise MissingError(f"Record does not exist or has been deleted. (Record: {model}({rid},))")
+        if update_vals:
+            self.store.write(model, ids, dict(update_vals))
+        return True
+
+    def m_message_subscribe(self, model: str, ids: list[int], partner_ids: list[int] | None = None,
+                            subtype_ids: list[int] | None = None, *, context: dict[str, Any]) -> bool:
+        for rid in ids:
+            self._subscribe(model, rid, list(partner_ids or []))
+        return True
+
+    def _subscribe(self, model: str, rid: int, partner_ids: list[int]) -> None:
+        for pid in partner_ids:
+            if not self.store.search("mail.followers", [("res_model", "=", model), ("res_id", "=", rid),
+                                                        ("partner_id", "=", pid)]):
+                self.store.create("mail.followers", {"res_model": model, "res_id": rid, "partner_id": pid})
+
+    def m_message_post(self, model: str, ids: list[int], *, context: dict[str, Any], body: str = "",
+                       subject: str | None = None, message_type: str = "notification",
+                       subtype_xmlid: str | None = None, subtype_id: int | None = None,
+                       email_from: str | None = None, author_id: int | None = None,
+                       message_id: str | None = None, date: str | None = None, parent_id: int | None = None,
+                       attachment_ids: list[int] | None = None, partner_ids: list[int] | None = None,
+                       attachments: list[Any] | None = None, body_is_html: bool = False,
+                       is_internal: bool | None = None, notify_author: bool = False, **_ignored: Any) -> Any:
+        if len(ids) != 1:
+            raise ValueError("Expected singleton")
+        rid = ids[0]
+        if not self.store.get(model, rid):
+            raise MissingError(f"Record does not exist or has been deleted. (Record: {model}({rid},))")
+        if not body_is_html:
+            body = body.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+        body = re.sub(r"(?is)<script.*?</script>", "", body)
+        if not context.get("mail_create_nosubscribe"):
+            self._subscribe(model, rid, [self.admin_partner])
+        att_ids = list(attachment_ids or [])
+        for item in attachments or []:  # the 3-element latin-1 tuple that survives JSON (spec §6)
+            name, content = item[0], item[1]
+            info = item[2] if len(item) > 2 else {}
+            raw = content.encode(info.get("encoding", "utf-8")) if isinstance(content, str) else bytes(content)
+            att_ids.append(self.store.create("ir.attachment", {
+                "name": name, "datas": base64.b64encode(raw).decode(), "datas_raw": raw,
+                "mimetype": "application/octet-stream", "res_model": model, "res_id": rid}))
+        mid = self._post(model, rid, body=body, subject=subject, message_type=message_type,
+                         subtype_xmlid=subtype_xmlid, subtype_id=subtype_id, email_from=email_from,
+                         author_id=author_id or self.admin_partner, message_id=message_id, date=date,
+                         parent_id=parent_id, attachment_ids=att_ids, partner_ids=partner_ids,
+                         is_internal=is_internal)
+        return self._returns_record("mail.message", mid, int_before_19=True)
+
+    def _new_message_id(self, model: str, rid: int) -> str:
+        return f"<{random.randint(10**14, 10**15 - 1)}.{time.time():.15f}-openerp-{rid}-{model}@double>"
+
+    def _post(self, model: str, rid: int, *, body: str, message_type: str, author_id: int | None,
+              message_id: str | None, subject: str | None = None, subtype_xmlid: str | None = None,
+              subtype_id: int | None = None, email_from: str | None = None, date: str | None = None,
+              parent_id: int | None = None, attachment_ids: list[int] | None = None,
+              partner_ids: list[int] | None = None, is_internal: bool | None = None,
+              notify: bool = True) -> int:
+        if subtype_id is None:
+            subtype_id = SUBTYPES.get(subtype_xmlid or "mail.mt_note", SUBTYPES["mail.mt_note"])[0]
+        internal = self.store.tables["mail.message.subtype"][subtype_id]["internal"]
+        for aid in attachment_ids or []:
+            att = self.store.get("ir.attachment", aid)
+            if att is None:
+                raise MissingError(f"Record does not exist or has been deleted. (Record: ir.attachment({aid},))")
+            att.update(res_model=model, res_id=rid)
+        mid = self.store.create("mail.message", {
+            "model": model, "res_id": rid, "body": body, "subject": subject or False,
+            "message_type": message_type, "subtype_id": subtype_id, "email_from": email_from or False,
+            "author_id": author_id or False, "message_id": message_id or self._new_message_id(model, rid),
+            "date": date or time.strftime("%Y-%m-%d %H:%M:%S"), "parent_id": parent_id or False,
+            "attachment_ids": list(attachment_ids or []), "partner_ids": list(partner_ids or []),
+            "is_internal": bool(is_internal) if is_internal is not None else internal,
+        })
+        if notify:
+            followers = self.store.search("mail.followers", [("res_model", "=", model), ("res_id", "=", rid)])
+            for fid in followers:
+                pid = self.store.tables["mail.followers"][fid]["partner_id"]
+                if pid == author_id:
+                    continue
+                self.store.create("mail.notification", {"mail_message_id": mid, "res_partner_id": pid,
+                                                        "notification_type": "email",
+                                                        "notification_status": "sent"})
+        return mid
+
+    # --------------------------------------------------------------------------- message_process
+    def m_message_process(self, model_name: str, *, context: dict[str, Any], model: Any = None,
+                          message: Any = None, custom_values: dict[str, Any] | None = None,
+                          save_original: bool = False, strip_attachments: bool = False,
+                          thread_id: int | None = None) -> Any:
+        if isinstance(message, dict) and "__binary__" in message:
+            raw = base64.b64decode(message["__binary__"])
+        elif isinstance(message, str):
+            raw = message.encode("utf-8")
+        elif isinstance(message, (bytes, bytearray)):
+            raw = bytes(message)
+        else:
+            raise OdooDoubleError("message_process() missing required argument: 'message'",
+                                  name="builtins.TypeError", status=422)
+        return self._message_process(model or False, raw, dict(custom_values or {}), thread_id)
+
+    def _message_process(self, fallback_model: str | bool, raw: bytes, custom_values: dict[str, Any],
+                         thread_id: int | None) -> int | bool | None:
+        msg = email.message_from_bytes(raw, policy=email.policy.SMTP)
+        message_id = (msg.get("Message-Id") or "").strip() or f"<{time.time()}@localhost>"
+        if self.store.search("mail.message", [("message_id", "=", message_id)]):
+            return False                                                       # 1. duplicate
+        refs_raw = str(msg.get("References") or "")
+        irt_raw = str(msg.get("In-Reply-To") or "")
+        if "-loop-detection-bounce-email@" in refs_raw + irt_raw:
+            return None                                                        # 2. loop
+        to = _addresses(msg.get_all("Delivered-To", []) + msg.get_all("To", []))
+        recipients = _addresses(msg.get_all("Delivered-To", []) + msg.get_all("To", []) + msg.get_all("Cc", [])
+                                + msg.get_all("Resent-To", []) + msg.get_all("Resent-Cc", []))
+        domains = list(self.store.tables["mail.alias.domain"].values())
+        from_addr = normalize_email(str(msg.get("From") or "")) or ""
+        ctype = str(msg.get("Content-Type") or "").lower()
+        if any(a in {d["bounce_email"] for d in domains} for a in to) \
+                or from_addr.split("@")[0] == "mailer-daemon" \
+                or msg.get_content_type() == "multipart/report" or "report-type=delivery-status" in ctype:
+            self._handle_bounce(msg)                                           # 3. bounce
+            return False
+        author_email = from_addr
+        email_from = str(msg.get("From") or "")
+        ids = [re.sub(r"\s+", "", t) for t in _ANGLE_TOKEN.findall(refs_raw.strip() or irt_raw)]
+        ids = [i for i in ids if "reply_to" not in i]
+        parent = None
+        if ids:
+            hit = self.store.search("mail.message", [("message_id", "in", ids)], order="id desc", limit=1)
+            parent = self.store.get("mail.message", hit[0]) if hit else None
+        if parent and parent.get("model") and parent.get("res_id"):             # 4. reply
+            model, rid = parent["model"], parent["res_id"]
+            if not self.store.get(model, rid):
+                rid = self._message_new(model, self._msg_dict(msg, message_id, author_email), {},
+                                        {"mail_create_nosubscribe": True, "mail_create_nolog": True})
+            self._gateway_post(model, rid, msg, message_id, email_from, author_email,
+                               parent_id=parent["id"], internal_parent=bool(parent.get("is_internal")))
+            return rid
+        if recipients and to and all(a in {d["catchall_email"] for d in domains} for a in to):
+            return False                                                       # 5. catchall refusal
+        aliases = [a for a in self.store.tables["mail.alias"].values() if a["alias_full_name"].lower() in recipients]
+        last: int | bool = False
+        if aliases:                                                            # 6. aliases
+            for alias in aliases:
+                model = self.store.tables["ir.model"][alias["alias_model_id"]]["model"]
+                author = self._find_author(model, None, author_email)
+                if alias["alias_contact"] == "partners" and not author:
+                    continue  # refused (Odoo sends a refusal mail; the double only records nothing)
+                rid = alias.get("alias_force_thread_id") or 0
+                if not rid:
+                    msg_dict = self._msg_dict(msg, message_id, author_email)
+                    msg_dict["author_id"] = author
+                    rid = self._message_new(model, msg_dict, ast.literal_eval(alias["alias_defaults"] or "{}"),
+                                            {"mail_create_nosubscribe": True, "mail_create_nolog": True})
+                    alias["alias_status"] = "valid"
+                self._gateway_post(model, rid, msg, message_id, email_from, author_email, creation=True)
+                last = rid
+            return last
+        if fallback_model:                                                     # 7. fallback model
+            model = str(fallback_model)
+            rid = thread_id or self._message_new(model, self._msg_dict(msg, message_id, author_email),
+                                                 custom_values, {"mail_create_nosubscribe": True,
+                                                                 "mail_create_nolog": True})
+            self._gateway_post(model, rid, msg, message_id, email_from, author_email, creation=not thread_id)
+            return rid
+        raise OdooDoubleError(                                                 # 8. no route
+            f"No possible route found for incoming message from {email_from} to {msg.get('To')} "
+            f"(Message-Id {message_id}:). Create an appropriate mail.alias or force the destination model.",
+            name="builtins.ValueError", status=500)
+
+    def _msg_dict(self, msg: Message, message_id: str, author_email: str) -> dict[str, Any]:
+        return {"subject": str(msg.get("Subject") or ""), "email_from": str(msg.get("From") or ""),
+                "message_id": message_id, "author_id": self._find_author(None, None, author_email)}
+
+    def _find_author(self, model: str | None, rid: int | None, email_addr: str) -> int | bool:
+        """followers of the record, then users, then partners; never an alias address (spec §3.4)."""
+        if not email_addr:
+            return False
+        if email_addr in {a["alias_full_name"].lower() for a in self.store.tables["mail.alias"].values()}:
+            return False
+        if model and rid:
+            for fid in self.store.search("mail.followers", [("res_model", "=", model), ("res_id", "=", rid)]):
+                pid = self.store.tables["mail.followers"][fid]["partner_id"]
+                if self.store.tables["res.partner"].get(pid, {}).get("email_normalized") == email_addr:
+                    return pid
+        users = self.store.search("res.users", [("email_normalized", "=", email_addr)], limit=1)
+        if users:
+            return self.store.tables["res.users"][users[0]]["partner_id"]
+        partners = self.store.search("res.partner", [("email_normalized", "=", email_addr)], limit=1)
+        return partners[0] if partners else False
+
+    def _gateway_post(self, model: str, rid: int, msg: Message, message_id: str, email_from: str,
+                      author_email: str, *, parent_id: int | None = None, internal_parent: bool = False,
+                      creation: bool = False) -> int:
+        author = self._find_author(model, rid, author_email)
+        body, parts = _extract_payload(msg)
+        att_ids = [self.store.create("ir.attachment", {
+            "name": name, "datas": base64.b64encode(data).decode(), "datas_raw": data, "mimetype": mimetype,
+            "res_model": model, "res_id": rid}) for name, data, mimetype in parts]
+        if creation:
+            subtype = CREATION_SUBTYPE.get(model, "mail.mt_comment")
+        else:
+            subtype = "mail.mt_note" if internal_parent else "mail.mt_comment"
+        mid = self._post(model, rid, body=body, subject=str(msg.get("Subject") or ""), message_type="email",
+                         subtype_xmlid=subtype, email_from=email_from, author_id=author or False,
+                         message_id=message_id, parent_id=parent_id, attachment_ids=att_ids)
+        if author:
+            self._subscribe(model, rid, [author])
+        return mid
+
+    def _handle_bounce(self, msg: Message) -> None:
+        bounced_email = None
+        original_ids: list[str] = []
+        for part in msg.walk():
+            ctype = part.get_content_type()
+            if ctype == "message/delivery-status" and bounced_email is None:
+                blocks = [p for p in part.get_payload()] if part.is_multipart() else []
+                if len(blocks) >= 2:
+                    bounced_email = normalize_email(str(blocks[1].get("Final-Recipient", "")).split(";")[-1])
+            elif ctype in ("text/rfc822-headers", "message/rfc822") and not original_ids:
+                if ctype == "message/rfc822" and part.is_multipart():
+                    inner = part.get_payload()[0]
+                else:
+                    inner = email.message_from_string(part.get_payload(decode=True).decode("utf-8", "replace")
+                                                      if not part.is_multipart() else "",
+                                                      policy=email.policy.SMTP)
+                for h in ("Message-Id", "X-Microsoft-Original-Message-ID"):
+                    original_ids += _ANGLE_TOKEN.findall(str(inner.get(h) or ""))
+        if not bounced_email:
+            return  # Odoo only logs (spec §1.3)
+        counted: set[tuple[str, int]] = set()
+        partners = self.store.search("res.partner", [("email_normalized", "=", bounced_email)])
+        for model in BLACKLIST_MODELS:
+            for rid in self.store.search(model, [("email_normalized", "=", bounced_email)]):
+                self.store.tables[model][rid]["message_bounce"] += 1
+                counted.add((model, rid))
+        hit = self.store.search("mail.message", [("message_id", "in", original_ids)], order="id desc", limit=1) \
+            if original_ids else []
+        if hit:
+            orig = self.store.tables["mail.message"][hit[0]]
+            key = (orig.get("model"), orig.get("res_id"))
+            if key[0] in BLACKLIST_MODELS and key not in counted and self.store.get(*key):
+                self.store.tables[key[0]][key[1]]["message_bounce"] += 1
+            for nid in self.store.search("mail.notification", [("mail_message_id", "=", hit[0]),
+                                                               ("res_partner_id", "in", partners)]):
+                self.store.tables["mail.notification"][nid].update(
+                    notification_status="bounce", failure_type="mail_bounce", failure_reason="bounced")
+
+    # -------------------------------------------------------------------------------- wire shapes
+    def jsonrpc_error(self, exc: OdooDoubleError) -> dict[str, Any]:
+        return {"code": 200, "message": "Odoo Server Error", "data": {
+            "name": exc.name, "debug": f"Traceback (most recent call last):\n  (odoo double)\n{exc.name}: {exc.message}",
+            "message": exc.message, "arguments": [exc.message], "context": {}}}
+
+
+def _extract_payload(msg: Message) -> tuple[str, list[tuple[str, bytes, str]]]:
+    """Body (HTML wins in alternatives, text wrapped in <pre>) and attachments, like message_parse."""
+    body = ""
+    attachments: list[tuple[str, bytes, str]] = []
+    parts = [msg] if not msg.is_multipart() else list(msg.walk())
+    for part in parts:
+        if part.is_multipart():
+            continue
+        ctype = part.get_content_type()
+        filename = part.get_filename()
+        payload = part.get_payload(decode=True) or b""
+        if filename or part.get_content_disposition() == "attachment" or not ctype.startswith("text/"):
+            attachments.append((filename or "attachment", payload, ctype))
+        elif ctype == "text/html":
+            body = payload.decode(part.get_content_charset() or "utf-8", "replace")
+        elif ctype == "text/plain" and not body:
+            text = payload.decode(part.get_content_charset() or "utf-8", "replace")
+            body = "<pre>" + text.replace("&", "&amp;").replace("<", "&lt;") + "</pre>"
+    return body, attachments
+
+
+# ------------------------------------------------------------------------------------- HTTP handler
+_JSON2 = re.compile(r"^/json/2/(?P<model>[\w.]+)/(?P<method>\w+)$")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    double: OdooDouble
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _send(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_json(self, status: int, payload: Any) -> None:
+        self._send(status, json.dumps(payload).encode())
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def do_GET(self) -> None:
+        if self.path == "/web/version":
+            d = self.double
+            self._send_json(200, {"version": d.version, "version_info": [d.major, 0, 0, "final", 0, ""]})
+        else:
+            self._send(404, b"<html><body>Not Found</body></html>", "text/html")
+
+    def do_POST(self) -> None:
+        d = self.double
+        body = self._read_body()
+        if d.down:
+            self._drop()
+            return
+        if d.faults.delay:
+            time.sleep(d.faults.delay)
+        if self.path == "/web/webclient/version_info":
+            req = json.loads(body or b"{}")
+            self._send_json(200, {"jsonrpc": "2.0", "id": req.get("id"), "result": {
+                "server_version": d.version, "server_version_info": [d.major, 0, 0, "final", 0, ""],
+                "server_serie": d.version, "protocol_version": 1}})
+        elif self.path == "/jsonrpc":
+            self._jsonrpc(body)
+        elif (m := _JSON2.match(self.path)) and d.major >= 19:
+            self._json2(m.group("model"), m.group("method"), body)
+        else:
+            self._send(404, b"<html><body>Not Found</body></html>", "text/html")
+
+    # ---- fault gate shared by both transports; returns True when the request was answered/dropped
+    def _fault(self, method: str, run: Callable[[], None]) -> bool:
+        kind = self.double._fault_for(method)
+        if kind is None:
+            return False
+        if kind == "http500":
+            self._send(500, b"<html><body><h1>500 Internal Server Error</h1></body></html>", "text/html")
+        elif kind == "drop":
+            self._drop()
+        elif kind == "lost_response":
+            try:
+                run()
+            except OdooDoubleError:
+                pass
+            self._drop()
+        elif kind == "serialization":
+            exc = OdooDoubleError("could not serialize access due to concurrent update",
+                                  name="psycopg2.errors.SerializationFailure", status=500)
+            return self._error(exc)  # type: ignore[func-returns-value]
+        return True
+
+    _transport = "jsonrpc"
+
+    def _error(self, exc: OdooDoubleError) -> bool:
+        if self._transport == "jsonrpc":
+            self._send_json(200, {"jsonrpc": "2.0", "id": self._req_id, "error": self.double.jsonrpc_error(exc)})
+        else:
+            self._send_json(exc.status, {"name": exc.name, "message": exc.message, "arguments": [exc.message],
+                                         "context": {}, "debug": f"Traceback (odoo double)\n{exc.name}: {exc.message}"})
+        return True
+
+    _req_id: Any = None
+
+    def _jsonrpc(self, body: bytes) -> None:
+        d = self.double
+        self._transport = "jsonrpc"
+        try:
+            req = json.loads(body)
+        except ValueError:
+            self._send(400, b"<html>Bad Request</html>", "text/html")
+            return
+        self._req_id = req.get("id")
+        params = req.get("params") or {}
+        service, method, args = params.get("service"), params.get("method"), list(params.get("args") or [])
+
+        def reply(result: Any) -> None:
+            out: dict[str, Any] = {"jsonrpc": "2.0", "id": self._req_id}
+            if result is not None:  # Odoo omits `result` entirely for None (spec §6)
+                out["result"] = result
+            self._send_json(200, out)
+
+        try:
+            if service == "common":
+                if method == "login":
+                    reply(d.authenticate(*args[:3]))
+                elif method == "authenticate":
+                    reply(d.authenticate(*args[:3]))
+                elif method == "version":
+                    reply({"server_version": d.version, "server_version_info": [d.major, 0, 0, "final", 0, ""],
+                           "server_serie": d.version, "protocol_version": 1})
+                else:
+                    raise OdooDoubleError(f"Method not found: {method}", name="builtins.KeyError")
+                return
+            if service != "object" or method not in ("execute", "execute_kw"):
+                raise OdooDoubleError(f"Method not found: {service}.{method}", name="builtins.KeyError")
+            db, uid, secret, model, meth = args[:5]
+            if db != d.db or d.authenticate(db, d.login, secret) != uid:
+                raise AccessDenied("Access Denied")
+            if method == "execute":
+                call_args, kwargs = list(args[5:]), {}
+            else:
+                call_args = list(args[5]) if len(args) > 5 else []
+                kwargs = dict(args[6]) if len(args) > 6 and args[6] else {}
+            ids, params_ = _bind(d, model, meth, call_args, kwargs)
+            result_box: list[Any] = []
+
+            def run() -> None:
+                result_box.append(d.execute(model, meth, ids, params_))
+
+            if self._fault(meth, run):
+                return
+            run()
+            reply(result_box[0])
+        except OdooDoubleError as exc:
+            self._error(exc)
+        except Exception as exc:  # what Odoo reports for any other exception
+            self._error(OdooDoubleError(str(exc), name=f"builtins.{type(exc).__name__}"))
+
+    def _json2(self, model: str, method: str, body: bytes) -> None:
+        d = self.double
+        self._transport = "json2"
+        try:
+            auth = self.headers.get("Authorization") or ""
+            if not auth.lower().startswith("bearer ") or auth[7:].strip() != d.api_key:
+                raise OdooDoubleError("Invalid apikey", name="werkzeug.exceptions.Unauthorized", status=401)
+            if (self.headers.get("X-Odoo-Database") or d.db) != d.db:
+                self._send(404, b"<html><body>Not Found</body></html>", "text/html")
+                return
+            if "json" not in (self.headers.get("Content-Type") or ""):
+                self._send(415, b"<html><body>Unsupported Media Type</body></html>", "text/html")
+                return
+            try:
+                params = json.loads(body or b"{}")
+            except ValueError:
+                raise OdooDoubleError("Invalid JSON body", name="werkzeug.exceptions.BadRequest", status=400) from None
+            if not isinstance(params, dict):
+                raise OdooDoubleError("The body must be a JSON object", name="werkzeug.exceptions.BadRequest",
+                                      status=400)
+            ids = params.pop("ids", None)
+            result_box: list[Any] = []
+
+            def run() -> None:
+                result_box.append(d.execute(model, method, ids, dict(params)))
+
+            if self._fault(method, run):
+                return
+            run()
+            self._send_json(200, result_box[0])
+        except OdooDoubleError as exc:
+            self._error(exc)
+        except Exception as exc:
+            self._error(OdooDoubleError(str(exc), name=f"builtins.{type(exc).__name__}", status=500))
+
+
+#: positional parameter names per method (after `ids` for record methods), as in Odoo's signatures
+_SIGNATURES: dict[str, tuple[bool, tuple[str, ...]]] = {
+    "search": (False, ("domain", "offset", "limit", "order")),
+    "search_count": (False, ("domain", "limit")),
+    "search_read": (False, ("domain", "fields", "offset", "limit", "order")),
+    "read": (True, ("fields",)),
+    "create": (False, ("vals_list",)),
+    "write": (True, ("vals",)),
+    "context_get": (False, ()),
+    "message_new": (False, ("msg_dict", "custom_values")),
+    "message_update": (True, ("msg_dict", "update_vals")),
+    "message_subscribe": (True, ("partner_ids", "subtype_ids")),
+    "message_post": (True, ()),
+    "message_process": (False, ("model", "message", "custom_values", "save_original", "strip_attachments",
+                                "thread_id")),
+}
+
+
+def _bind(d: OdooDouble, model: str, method: str, args: list[Any], kwargs: dict[str, Any]
+          ) -> tuple[list[int] | None, dict[str, Any]]:
+    """Turn execute_kw's (args, kwargs) into (ids, named params) the way Odoo's call_kw does."""
+    takes_ids, names = _SIGNATURES.get(method, (False, ()))
+    ids = None
+    if takes_ids:
+        if not args:
+            raise OdooDoubleError(f"{method}() missing 1 required positional argument: 'ids'",
+                                  name="builtins.TypeError")
+        ids = args[0] if isinstance(args[0], list) else [args[0]]
+        args = args[1:]
+    if len(args) > len(names):
+        raise OdooDoubleError(f"{method}() takes {len(names)} positional arguments but {len(args)} were given",
+                              name="builtins.TypeError")
+    params = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k in params:
+            raise OdooDoubleError(f"{method}() got multiple values for argument '{k}'", name="builtins.TypeError")
+        params[k] = v
+    return ids, params
