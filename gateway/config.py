@@ -148,6 +148,14 @@ class OutboundConfig(_Model):
     max_attempts_hours: float = Field(120.0, gt=0)  # RFC 5321 §4.5.4.1: give up after 4-5 days
     concurrency: int = Field(16, gt=0)
     secret_env: str = "MAILGATE_SECRET"
+    # Delivery details (gateway.outbound): MX port, per-destination cap, SMTP timeout, RFC 5321 §4.5.4.1
+    # retry intervals (doubling from min to max until max_attempts_hours), store poll interval.
+    mx_port: int = Field(25, ge=1, le=65535)
+    per_destination_concurrency: int = Field(8, gt=0)
+    timeout: float = Field(60.0, gt=0)
+    retry_min_seconds: float = Field(300.0, gt=0)
+    retry_max_seconds: float = Field(4000.0, gt=0)
+    poll_interval: float = Field(1.0, gt=0)
 
 
 class TrackingConfig(_Model):
@@ -166,11 +174,15 @@ class WebhookConfig(_Model):
     types: tuple[str, ...] = ()  # empty → every type
     horizon_hours: float = Field(72.0, gt=0)
     timeout: float = Field(10.0, gt=0)
+    # Retry backoff (gateway.events): doubling from retry_min_seconds, capped at retry_max_seconds.
+    retry_min_seconds: float = Field(10.0, gt=0)
+    retry_max_seconds: float = Field(1800.0, gt=0)
 
 
 class EventsConfig(_Model):
     webhooks: tuple[WebhookConfig, ...] = ()
     api_token_env: str | None = "MAILGATE_EVENTS_TOKEN"
+    poll_interval: float = Field(1.0, gt=0)  # how often the dispatcher looks for events from other processes
 
 
 class WorkerConfig(_Model):

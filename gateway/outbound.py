@@ -1,0 +1,462 @@
+"""The outbound delivery worker: relayed copies → smarthost or MX, SMTP result → delivered/deferred/bounced.
+
+Copies come from two places: straight from the submission listener in this process (fast path, already
+leased), and from the store (`outbound_queue` rows whose lease expired or whose retry is due), which is how
+a restart, another node, or a deferred retry picks them up. Each copy is one SMTP transaction to one
+recipient, because each carries its own VERP envelope sender and tracking tokens.
+
+Destinations: a configured smarthost, or the recipient domain's MX hosts (dnspython; by preference, the
+domain's A/AAAA as implicit MX when it has none, RFC 5321 §5.1; a null MX (RFC 7505) is a hard bounce).
+Connections are kept open and reused per destination, with a per-destination concurrency cap. Retries
+follow RFC 5321 §4.5.4.1: growing intervals (from `retry_min_seconds` up to `retry_max_seconds`) until the
+give-up horizon (`max_attempts_hours`), after which the copy bounces with reason `expired`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import re
+import ssl
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiosmtplib
+from sqlalchemy import Connection, Engine, and_, delete, or_, select, update
+
+from aliases.model import AliasTable
+from gateway.config import Config, secret as env_secret
+from gateway.outbox import EventDraft, record_events
+from gateway.relay import QueuedCopy, verp_domain
+from gateway.relay_batch import TransactionBatcher
+from gateway.schema import outbound_mails, outbound_queue, outbound_recipients
+from gateway.store import as_utc, utcnow
+from routing.tokens import verp_address
+
+log = logging.getLogger(__name__)
+
+DB_LEASE = dt.timedelta(minutes=15)
+
+
+# ------------------------------------------------------------------------------------------ pure decisions
+@dataclass(frozen=True)
+class SmtpResult:
+    """What one delivery attempt to one recipient came to."""
+
+    outcome: str                 # "delivered" | "deferred" | "bounced"
+    code: int | None = None
+    status: str | None = None    # enhanced status code, e.g. "5.1.1"
+    text: str = ""
+    remote_mta: str | None = None
+
+
+_ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+# Sisimai's vocabulary for what an SMTP answer says (first match wins).
+_REASON_BY_STATUS = (
+    ("5.1.1", "userunknown"), ("5.1.10", "userunknown"), ("5.1.2", "hostunknown"), ("5.1.6", "hasmoved"),
+    ("5.2.2", "mailboxfull"), ("4.2.2", "mailboxfull"), ("5.2.3", "mesgtoolarge"), ("5.3.4", "mesgtoolarge"),
+    ("5.2.1", "suspend"), ("5.7.1", "blocked"), ("5.7.26", "securityerror"), ("5.7.", "policyviolation"),
+    ("5.4.", "networkerror"), ("4.4.", "networkerror"), ("5.3.", "systemerror"), ("5.6.", "contenterror"),
+)
+_REASON_BY_TEXT = (
+    ("user unknown", "userunknown"), ("no such user", "userunknown"), ("does not exist", "userunknown"),
+    ("mailbox full", "mailboxfull"), ("quota", "mailboxfull"), ("too large", "mesgtoolarge"),
+    ("spam", "spamdetected"), ("blocked", "blocked"), ("relay", "norelaying"),
+)
+
+
+def classify_reply(code: int, text: str, remote_mta: str | None = None) -> SmtpResult:
+    """2xx delivered, 4xx deferred, 5xx bounced — with the enhanced status code when the reply has one."""
+    m = _ENHANCED.search(text or "")
+    status = ".".join(m.groups()) if m else None
+    if 200 <= code < 300:
+        return SmtpResult("delivered", code, status, text, remote_mta)
+    if 400 <= code < 500:
+        return SmtpResult("deferred", code, status or "4.0.0", text, remote_mta)
+    return SmtpResult("bounced", code, status or "5.0.0", text, remote_mta)
+
+
+def bounce_reason(result: SmtpResult) -> str:
+    """A reason from the fixed vocabulary (routing.model.BOUNCE_REASONS) for an SMTP failure."""
+    status = result.status or ""
+    for prefix, reason in _REASON_BY_STATUS:
+        if status == prefix or (prefix.endswith(".") and status.startswith(prefix)):
+            return reason
+    low = (result.text or "").lower()
+    for frag, reason in _REASON_BY_TEXT:
+        if frag in low:
+            return reason
+    return "undefined"
+
+
+def bounce_kind(result: SmtpResult, reason: str) -> str:
+    """Hard for a permanent 5xx answer; soft for a full mailbox (it empties) and for expired retries."""
+    if reason in ("mailboxfull", "expired") or result.outcome != "bounced":
+        return "soft"
+    return "hard"
+
+
+def retry_delay(attempts: int, minimum: float, maximum: float) -> float:
+    """Seconds until the next attempt after `attempts` failed ones: doubling from `minimum`, capped."""
+    return min(maximum, minimum * (2 ** max(0, attempts - 1)))
+
+
+def order_mx(records: list[tuple[int, str]]) -> list[str] | None:
+    """MX hosts by preference (RFC 5321 §5.1); None for a null MX (RFC 7505: the domain takes no mail)."""
+    if len(records) == 1 and records[0][1].strip(".") == "":
+        return None
+    hosts: list[str] = []
+    for _, host in sorted(records, key=lambda r: r[0]):
+        host = host.rstrip(".")
+        if host and host not in hosts:
+            hosts.append(host)
+    return hosts
+
+
+# ------------------------------------------------------------------------------------------ destinations
+class DestinationError(Exception):
+    """No host could be reached for a destination; `permanent` when DNS says the domain takes no mail."""
+
+    def __init__(self, message: str, *, permanent: bool = False, status: str = "4.4.1"):
+        super().__init__(message)
+        self.permanent = permanent
+        self.status = status
+
+
+Resolver = Callable[[str], Awaitable[list[tuple[str, int]]]]
+
+
+def make_mx_resolver(port: int = 25, timeout: float = 10.0) -> Resolver:
+    """Resolve a recipient domain to (host, port) candidates: MX by preference, else A/AAAA."""
+    import dns.asyncresolver
+    import dns.exception
+    import dns.resolver
+
+    resolver = dns.asyncresolver.Resolver()
+    resolver.lifetime = timeout
+
+    async def resolve(domain: str) -> list[tuple[str, int]]:
+        try:
+            answer = await resolver.resolve(domain, "MX")
+            hosts = order_mx([(r.preference, r.exchange.to_text()) for r in answer])
+            if hosts is None:
+                raise DestinationError(f"{domain} has a null MX: it accepts no mail", permanent=True,
+                                       status="5.1.10")
+            return [(h, port) for h in hosts]
+        except dns.resolver.NXDOMAIN:
+            raise DestinationError(f"{domain} does not exist", permanent=True, status="5.1.2") from None
+        except dns.resolver.NoAnswer:
+            pass  # no MX: the domain itself is the implicit MX
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+            raise DestinationError(f"DNS lookup for {domain} failed: {exc}") from None
+        addrs: list[tuple[str, int]] = []
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = await resolver.resolve(domain, rdtype)
+                addrs.extend((r.to_text(), port) for r in answer)
+            except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
+                continue
+            except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+                raise DestinationError(f"DNS lookup for {domain} failed: {exc}") from None
+        if not addrs:
+            raise DestinationError(f"{domain} has no MX and no address", permanent=True, status="5.1.2")
+        return addrs
+
+    return resolve
+
+
+@dataclass
+class _Pool:
+    """Idle connections to one host, and the cap on concurrent transactions to its destination."""
+
+    idle: list[aiosmtplib.SMTP]
+    limit: asyncio.Semaphore
+
+
+class SmtpTransport:
+    """Sends one copy to one recipient, reusing connections per host."""
+
+    def __init__(self, config: Config, *, resolver: Resolver | None = None):
+        ob = config.outbound
+        self.ob = ob
+        self.smarthost: tuple[str, int] | None = None
+        if ob.smarthost:
+            host, _, port = ob.smarthost.rpartition(":")
+            self.smarthost = (host or ob.smarthost, int(port) if host and port.isdigit() else 25)
+        self.resolver = resolver or make_mx_resolver(ob.mx_port)
+        self.password = env_secret(ob.smarthost_password_env) if ob.smarthost_password_env else None
+        self.helo = ob.helo_name
+        self._pools: dict[str, _Pool] = {}
+        self._host_pools: dict[tuple[str, int], list[aiosmtplib.SMTP]] = defaultdict(list)
+
+    def destination(self, recipient: str) -> str:
+        return "smarthost" if self.smarthost else recipient.rsplit("@", 1)[-1].lower()
+
+    def _pool(self, dest: str) -> _Pool:
+        pool = self._pools.get(dest)
+        if pool is None:
+            pool = self._pools[dest] = _Pool([], asyncio.Semaphore(self.ob.per_destination_concurrency))
+        return pool
+
+    async def close(self) -> None:
+        for conns in self._host_pools.values():
+            for smtp in conns:
+                try:
+                    smtp.close()
+                except Exception:  # closing a dead connection
+                    pass
+        self._host_pools.clear()
+
+    async def _connect(self, host: str, port: int) -> aiosmtplib.SMTP:
+        via_smarthost = self.smarthost is not None
+        tls_mode = self.ob.smarthost_tls if via_smarthost else "none"
+        smtp = aiosmtplib.SMTP(
+            hostname=host, port=port, local_hostname=self.helo, timeout=self.ob.timeout,
+            use_tls=tls_mode == "ssl", start_tls=(tls_mode == "starttls") if via_smarthost else None,
+            validate_certs=via_smarthost,
+            tls_context=None if via_smarthost else _opportunistic_tls(),
+        )
+        await smtp.connect()
+        if via_smarthost and self.ob.smarthost_login and self.password:
+            await smtp.login(self.ob.smarthost_login, self.password)
+        return smtp
+
+    async def _hosts(self, recipient: str) -> list[tuple[str, int]]:
+        if self.smarthost:
+            return [self.smarthost]
+        return await self.resolver(recipient.rsplit("@", 1)[-1].lower())
+
+    async def send(self, mail_from: str, recipient: str, raw: bytes) -> SmtpResult:
+        """One SMTP transaction; never raises for SMTP or network trouble (that is a result)."""
+        pool = self._pool(self.destination(recipient))
+        async with pool.limit:
+            try:
+                hosts = await self._hosts(recipient)
+            except DestinationError as exc:
+                code = 550 if exc.permanent else 451
+                return SmtpResult("bounced" if exc.permanent else "deferred", code, exc.status, str(exc))
+            last = SmtpResult("deferred", 451, "4.4.1", "no host tried")
+            for host, port in hosts:
+                result = await self._send_to(host, port, mail_from, recipient, raw)
+                if result is not None:
+                    return result
+                last = SmtpResult("deferred", 451, "4.4.1", f"cannot connect to {host}:{port}", f"{host}")
+            return last
+
+    async def _send_to(self, host: str, port: int, mail_from: str, recipient: str,
+                       raw: bytes) -> SmtpResult | None:
+        """Result of the transaction at one host, or None when the host could not be reached at all."""
+        idle = self._host_pools[(host, port)]
+        smtp: aiosmtplib.SMTP | None = None
+        while idle and smtp is None:
+            cand = idle.pop()
+            if cand.is_connected:
+                smtp = cand
+        if smtp is None:
+            try:
+                smtp = await self._connect(host, port)
+            except aiosmtplib.SMTPResponseException as exc:
+                result = classify_reply(exc.code, exc.message, host)
+                return result if result.outcome != "delivered" else None
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                log.info("outbound: cannot connect to %s:%s: %s", host, port, exc)
+                return None
+        keep = False
+        try:
+            errors, response = await smtp.sendmail(mail_from, [recipient], raw)
+            if errors:  # one recipient only: aiosmtplib reports a refusal here when others were accepted
+                code, text = next(iter(errors.values())).code, next(iter(errors.values())).message
+                return classify_reply(code, text, host)
+            keep = True
+            return classify_reply(250, response, host)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            refused = exc.recipients[0] if exc.recipients else None
+            return classify_reply(refused.code if refused else 550, refused.message if refused else "", host)
+        except aiosmtplib.SMTPResponseException as exc:
+            return classify_reply(exc.code, exc.message, host)
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            # Lost the connection mid-transaction: the message may or may not have been taken; retrying
+            # risks a duplicate, not a loss, which is SMTP's usual trade (RFC 5321 §6.1).
+            return SmtpResult("deferred", 451, "4.4.2", f"connection to {host} failed: {exc}", host)
+        finally:
+            if keep and len(idle) < self.ob.per_destination_concurrency:
+                idle.append(smtp)
+            else:
+                try:
+                    smtp.close()
+                except Exception:
+                    pass
+
+
+def _opportunistic_tls() -> ssl.SSLContext:
+    # MX delivery: STARTTLS when offered, without certificate checks (RFC 7435 opportunistic security).
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+# ------------------------------------------------------------------------------------------ bookkeeping
+def record_result(conn: Connection, copy: QueuedCopy, result: SmtpResult, *, attempts: int,
+                  next_attempt_at: dt.datetime | None, expired: bool) -> str:
+    """Store one attempt's outcome and its event in one transaction; returns the recipient's new state."""
+    now = utcnow()
+    outcome = result.outcome
+    if outcome == "deferred" and expired:
+        outcome = "bounced"
+    base = dict(message_id=copy.message_id, model=copy.model, res_id=copy.res_id, recipient=copy.recipient,
+                occurred_at=now)
+    last = f"{result.code or ''} {result.text}".strip()[:2000]
+    if outcome == "delivered":
+        conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == copy.rcpt_id).values(
+            state="delivered", attempts=attempts, delivered_at=now, last_result=last, next_attempt_at=None))
+        conn.execute(delete(outbound_queue).where(outbound_queue.c.recipient == copy.rcpt_id))
+        drafts = [EventDraft(type="delivered", seed=f"out:{copy.rcpt_id}:delivered", **base, data={
+            "remote_mta": result.remote_mta, "status": result.status or "2.0.0", "response": result.text,
+            "attempts": attempts})]
+    elif outcome == "deferred":
+        conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == copy.rcpt_id).values(
+            state="deferred", attempts=attempts, last_result=last, next_attempt_at=next_attempt_at))
+        conn.execute(update(outbound_queue).where(outbound_queue.c.recipient == copy.rcpt_id)
+                     .values(lease_until=None))
+        drafts = [EventDraft(type="deferred", seed=f"out:{copy.rcpt_id}:deferred:{attempts}", **base, data={
+            "status": result.status, "diagnostic": result.text, "remote_mta": result.remote_mta,
+            "attempts": attempts, "next_attempt_at": next_attempt_at.isoformat() if next_attempt_at else None})]
+    else:
+        reason = "expired" if result.outcome == "deferred" else bounce_reason(result)
+        kind = bounce_kind(result, reason)
+        conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == copy.rcpt_id).values(
+            state="bounced", attempts=attempts, last_result=last, next_attempt_at=None))
+        conn.execute(delete(outbound_queue).where(outbound_queue.c.recipient == copy.rcpt_id))
+        drafts = [EventDraft(type="bounced", seed=f"out:{copy.rcpt_id}:bounced", **base, data={
+            "kind": kind, "reason": reason, "status": result.status, "diagnostic": result.text,
+            "remote_mta": result.remote_mta, "via": "smtp", "attempts": attempts})]
+    record_events(conn, drafts)
+    return outcome
+
+
+def claim_due(conn: Connection, *, limit: int, secret: bytes, table: AliasTable, verp: bool,
+              lease: dt.timedelta = DB_LEASE) -> list[QueuedCopy]:
+    """Lease queued copies whose retry is due and whose lease (if any) expired."""
+    now = utcnow()
+    q = (select(outbound_queue.c.recipient, outbound_queue.c.raw, outbound_recipients.c.recipient.label("rcpt"),
+                outbound_recipients.c.attempts, outbound_recipients.c.mail, outbound_mails.c.message_id,
+                outbound_mails.c.model, outbound_mails.c.res_id, outbound_mails.c.mail_from,
+                outbound_mails.c.created_at)
+         .join(outbound_recipients, outbound_recipients.c.id == outbound_queue.c.recipient)
+         .join(outbound_mails, outbound_mails.c.id == outbound_recipients.c.mail)
+         .where(or_(outbound_queue.c.lease_until.is_(None), outbound_queue.c.lease_until < now))
+         .where(or_(outbound_recipients.c.next_attempt_at.is_(None), outbound_recipients.c.next_attempt_at <= now))
+         .where(outbound_recipients.c.state.in_(("queued", "deferred")))
+         .order_by(outbound_recipients.c.next_attempt_at)
+         .limit(limit))
+    if conn.dialect.name == "postgresql":
+        q = q.with_for_update(skip_locked=True, of=outbound_queue)
+    rows = conn.execute(q).all()
+    if not rows:
+        return []
+    ids = [r.recipient for r in rows]
+    conn.execute(update(outbound_queue).where(and_(outbound_queue.c.recipient.in_(ids)))
+                 .values(lease_until=now + lease))
+    copies = []
+    for r in rows:
+        dom = verp_domain(r.mail_from or "", table) if verp else None
+        sender = verp_address(secret, r.recipient, dom) if dom else (r.mail_from or "")
+        copies.append(QueuedCopy(
+            rcpt_id=r.recipient, recipient=r.rcpt, mail_id=r.mail, message_id=r.message_id, model=r.model,
+            res_id=r.res_id, mail_from=sender, raw=r.raw, created_at=as_utc(r.created_at) or now,
+            attempts=r.attempts,
+        ))
+    return copies
+
+
+# ------------------------------------------------------------------------------------------ worker
+class OutboundWorker:
+    """Delivers queued copies with `concurrency` tasks; records each result (group-committed)."""
+
+    def __init__(self, engine: Engine, config: Config, secret: bytes, batcher: TransactionBatcher, *,
+                 transport: SmtpTransport | None = None, on_event: Callable[[], None] | None = None):
+        self.engine = engine
+        self.config = config
+        self.ob = config.outbound
+        self.secret = secret
+        self.batcher = batcher
+        self.transport = transport or SmtpTransport(config)
+        self.on_event = on_event
+        self.table = config.alias_table()
+        self._queue: asyncio.Queue[QueuedCopy] = asyncio.Queue()
+        self._poke = asyncio.Event()
+        self.sent = 0
+
+    def submit(self, copies: list[QueuedCopy]) -> None:
+        """Fast path from the submission listener (copies are already committed and leased)."""
+        for copy in copies:
+            self._queue.put_nowait(copy)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [asyncio.create_task(self._deliver_loop(), name=f"outbound-{i}") for i in range(self.ob.concurrency)]
+        poller = asyncio.create_task(self._poll_loop(stop), name="outbound-poll")
+        try:
+            await stop.wait()
+        finally:
+            poller.cancel()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(poller, *tasks, return_exceptions=True)
+            await self.transport.close()
+
+    async def _poll_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                if self._queue.qsize() < self.ob.concurrency * 4:
+                    copies = await asyncio.to_thread(self._claim)
+                    self.submit(copies)
+            except Exception as exc:
+                log.error("outbound: claiming queued copies failed (will retry): %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), self.ob.poll_interval)
+            except asyncio.TimeoutError:
+                pass
+
+    def _claim(self) -> list[QueuedCopy]:
+        with self.engine.begin() as conn:
+            return claim_due(conn, limit=self.ob.concurrency * 8, secret=self.secret, table=self.table,
+                             verp=self.ob.verp)
+
+    async def _deliver_loop(self) -> None:
+        while True:
+            copy = await self._queue.get()
+            try:
+                await self.deliver(copy)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the copy keeps its lease and comes back via the poller
+                log.exception("outbound: delivering recipient row %s failed: %s", copy.rcpt_id, exc)
+
+    async def deliver(self, copy: QueuedCopy) -> str:
+        """One attempt for one copy; returns the recipient's new state."""
+        result = await self.transport.send(copy.mail_from, copy.recipient, copy.raw)
+        attempts = copy.attempts + 1
+        now = utcnow()
+        horizon = copy.created_at + dt.timedelta(hours=self.ob.max_attempts_hours)
+        next_at = now + dt.timedelta(seconds=retry_delay(attempts, self.ob.retry_min_seconds,
+                                                          self.ob.retry_max_seconds))
+        expired = result.outcome == "deferred" and next_at > horizon
+        state = await self.batcher.run(lambda conn: record_result(
+            conn, copy, result, attempts=attempts, next_attempt_at=next_at, expired=expired))
+        self.sent += 1
+        if state != "delivered" or result.outcome != "delivered":
+            log.info("outbound %s → %s: %s (%s %s)", copy.message_id, copy.recipient, state, result.code,
+                     result.text[:200])
+        if self.on_event:
+            self.on_event()
+        return state
+
+
+__all__ = [
+    "DestinationError", "OutboundWorker", "SmtpResult", "SmtpTransport", "bounce_kind", "bounce_reason",
+    "claim_due", "classify_reply", "make_mx_resolver", "order_mx", "record_result", "retry_delay",
+]

@@ -1,0 +1,274 @@
+"""Per-recipient rewrite of an outgoing mail: VERP Return-Path, open pixel, click-tracked links (pure).
+
+Why a byte-level MIME walk instead of `email` parse + re-serialise: the generator rewraps headers, changes
+line endings and re-encodes parts, which breaks signatures and makes every relayed copy differ from what Odoo
+sent in ways nobody asked for. Here only the HTML leaf parts we track are decoded, edited and re-encoded
+with their own transfer encoding; every other byte (headers, boundaries, preambles, attachments, text
+parts) is copied as it was.
+
+What is never rewritten (the recipient must reach it untouched):
+- mailto:, tel:, anchors and any non-http(s) scheme;
+- unsubscribe links: targets of List-Unsubscribe, and any URL containing "unsubscribe";
+- links and pixels Odoo already tracks: automation_oca's ``/r/<code>/...`` links and
+  ``/automation_oca/track/...`` pixel, mass mailing's ``/r/<code>/m/<id>`` and ``/mail/track/<id>/blank.gif``;
+- our own tracking URLs (a mail relayed twice is not double-wrapped).
+A mail carrying a DKIM-Signature is left alone entirely except for the envelope (rewriting would break the
+signature; sign at the smarthost instead).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import codecs
+import html
+import quopri
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from urllib.parse import urlsplit
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_HREF = re.compile(
+    r"""(<(?:a|area)\b[^>]*?\bhref\s*=\s*)(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""",
+    re.IGNORECASE | re.DOTALL,
+)
+_BODY_CLOSE = re.compile(r"</body\s*>", re.IGNORECASE)
+_ODOO_TRACKED_PATHS = (
+    re.compile(r"^/r/[A-Za-z0-9_-]+(/|$)"),             # mass mailing /r/<code>/m/<id>, automation_oca /r/<code>/...
+    re.compile(r"^/automation_oca/track/"),             # automation_oca open pixel
+    re.compile(r"^/mail/track/\d+/[^/]*blank\.gif$"),   # mass mailing open pixel
+)
+_ANGLE = re.compile(r"<([^>]*)>")
+
+
+@dataclass(frozen=True)
+class RewriteOptions:
+    """What to change in one recipient's copy.
+
+    `click_url(url)` returns the signed tracking URL for a link; None disables click tracking.
+    `pixel_url` None disables the open pixel. `return_path` replaces an existing Return-Path header.
+    `own_prefix` is the tracking base URL, so links already pointing at us are never wrapped again.
+    """
+
+    return_path: str | None = None
+    pixel_url: str | None = None
+    click_url: Callable[[str], str] | None = None
+    own_prefix: str | None = None
+    never_track: frozenset[str] = field(default_factory=frozenset)  # exact URLs (List-Unsubscribe targets)
+
+
+def list_unsubscribe_targets(header_value: str | None) -> frozenset[str]:
+    """The URLs of a List-Unsubscribe header (RFC 2369: comma-separated, each in angle brackets)."""
+    if not header_value:
+        return frozenset()
+    return frozenset(u.strip() for u in _ANGLE.findall(header_value) if u.strip())
+
+
+def is_trackable_link(url: str, *, never_track: frozenset[str] = frozenset(),
+                      own_prefix: str | None = None) -> bool:
+    """True when a link may be wrapped in a click-tracking redirect (see the module docstring)."""
+    url = url.strip()
+    if not url or url in never_track:
+        return False
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        return False
+    if "unsubscribe" in url.lower():
+        return False
+    if own_prefix and url.startswith(own_prefix.rstrip("/") + "/"):
+        return False
+    return not is_odoo_tracked(url)
+
+
+def is_odoo_tracked(url: str) -> bool:
+    """Links and pixels Odoo (mass_mailing, automation_oca) already tracks: they must pass untouched."""
+    try:
+        path = urlsplit(url.strip()).path
+    except ValueError:
+        return False
+    return any(p.search(path) for p in _ODOO_TRACKED_PATHS)
+
+
+def rewrite_html(text: str, opts: RewriteOptions) -> str:
+    """Wrap trackable links and append the open pixel in one HTML document (str in, str out)."""
+    if opts.click_url is not None:
+        click_url = opts.click_url
+
+        def _sub(m: re.Match[str]) -> str:
+            raw = m.group(2) if m.group(2) is not None else m.group(3) if m.group(3) is not None else m.group(4)
+            url = html.unescape(raw).strip()
+            if not is_trackable_link(url, never_track=opts.never_track, own_prefix=opts.own_prefix):
+                return m.group(0)
+            return f'{m.group(1)}"{html.escape(click_url(url), quote=True)}"'
+
+        text = _HREF.sub(_sub, text)
+    if opts.pixel_url:
+        pixel = (f'<img src="{html.escape(opts.pixel_url, quote=True)}" width="1" height="1" alt="" '
+                 f'style="border:0;width:1px;height:1px" />')
+        closes = list(_BODY_CLOSE.finditer(text))
+        if closes:
+            at = closes[-1].start()
+            text = text[:at] + pixel + text[at:]
+        else:
+            text = text + pixel
+    return text
+
+
+def rewrite_message(raw: bytes, opts: RewriteOptions) -> bytes:
+    """One recipient's copy of `raw` with `opts` applied; bytes outside tracked HTML parts are kept."""
+    head, sep, body = _split_head(raw)
+    headers = _parse_headers(head)
+    if opts.return_path is not None:
+        head = _replace_header(head, b"Return-Path", f"<{opts.return_path}>".encode())
+    if headers.get("DKIM-Signature") is not None:
+        return head + sep + body
+    if opts.click_url is None and not opts.pixel_url:
+        return head + sep + body
+    if not opts.never_track:
+        opts = RewriteOptions(
+            return_path=opts.return_path, pixel_url=opts.pixel_url, click_url=opts.click_url,
+            own_prefix=opts.own_prefix, never_track=list_unsubscribe_targets(headers.get("List-Unsubscribe")),
+        )
+    state = _PixelState(pending=bool(opts.pixel_url))
+    new_head, new_body = _rewrite_entity(head, headers, body, opts, state, depth=0)
+    return new_head + sep + new_body
+
+
+@dataclass
+class _PixelState:
+    pending: bool  # the pixel goes into the first HTML part only (an alternative's other HTML copies stay)
+
+
+_MAX_DEPTH = 20
+
+
+def _split_head(raw: bytes) -> tuple[bytes, bytes, bytes]:
+    m = _HEADER_END.search(raw)
+    if not m:
+        return raw, b"", b""
+    # Keep the head's final line break with the head: sep is the blank line itself.
+    nl = raw[m.start():m.end()]
+    first_nl = b"\r\n" if nl.startswith(b"\r\n") else b"\n"
+    return raw[:m.start() + len(first_nl)], nl[len(first_nl):], raw[m.end():]
+
+
+def _parse_headers(head: bytes) -> Message:
+    return BytesHeaderParser(policy=compat32).parsebytes(head)
+
+
+def _replace_header(head: bytes, name: bytes, value: bytes) -> bytes:
+    pattern = re.compile(rb"(?im)^" + re.escape(name) + rb"[ \t]*:.*(?:\r?\n[ \t].*)*?(\r?\n)")
+    m = pattern.search(head)
+    if not m:
+        return head
+    return head[:m.start()] + name + b": " + value + m.group(1) + head[m.end():]
+
+
+def _rewrite_entity(head: bytes, headers: Message, body: bytes, opts: RewriteOptions, state: _PixelState,
+                    depth: int) -> tuple[bytes, bytes]:
+    if depth > _MAX_DEPTH:
+        return head, body
+    ctype = headers.get_content_type()
+    if headers.get_content_maintype() == "multipart":
+        boundary = headers.get_param("boundary")
+        if not isinstance(boundary, str) or not boundary:
+            return head, body
+        return head, _rewrite_multipart(body, boundary.encode("latin-1", "replace"), opts, state, depth)
+    if ctype != "text/html":
+        return head, body
+    disposition = (headers.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
+    if disposition == "attachment":
+        return head, body
+    return _rewrite_html_part(head, headers, body, opts, state)
+
+
+def _rewrite_multipart(body: bytes, boundary: bytes, opts: RewriteOptions, state: _PixelState,
+                       depth: int) -> bytes:
+    delim = re.compile(rb"(?m)(\r?\n)?^--" + re.escape(boundary) + rb"(--)?[ \t]*(\r?\n|$)")
+    matches = list(delim.finditer(body))
+    if not matches:
+        return body
+    out = [body[:matches[0].end()]]  # preamble and the first delimiter, as they were
+    last_end = matches[0].end()
+    for cur, nxt in zip(matches, matches[1:]):
+        if cur.group(2):  # close delimiter: what follows is the epilogue
+            break
+        part = body[cur.end():nxt.start()]
+        phead, psep, pbody = _split_head(part)
+        if not psep and not pbody:
+            out.append(part)
+        else:
+            new_head, new_body = _rewrite_entity(phead, _parse_headers(phead), pbody, opts, state, depth + 1)
+            out.append(new_head + psep + new_body)
+        out.append(body[nxt.start():nxt.end()])
+        last_end = nxt.end()
+    out.append(body[last_end:])
+    return b"".join(out)
+
+
+def _charset_of(headers: Message) -> str | None:
+    charset = headers.get_content_charset() or "us-ascii"
+    try:
+        name = codecs.lookup(charset).name
+    except LookupError:
+        return None
+    if name.startswith(("utf-16", "utf-32")):
+        return None  # not ASCII-compatible: leave the part alone rather than risk corrupting it
+    return "utf-8" if name == "ascii" else name
+
+
+def _rewrite_html_part(head: bytes, headers: Message, body: bytes, opts: RewriteOptions,
+                       state: _PixelState) -> tuple[bytes, bytes]:
+    charset = _charset_of(headers)
+    if charset is None:
+        return head, body
+    cte = (headers.get("Content-Transfer-Encoding") or "7bit").strip().lower()
+    newline = b"\r\n" if b"\r\n" in body or b"\r\n" in head else b"\n"
+    try:
+        if cte == "base64":
+            decoded = base64.b64decode(body, validate=False)
+        elif cte == "quoted-printable":
+            decoded = quopri.decodestring(body)
+        elif cte in ("7bit", "8bit", "binary"):
+            decoded = body
+        else:
+            return head, body
+    except (binascii.Error, ValueError):
+        return head, body
+    text = decoded.decode(charset, "surrogateescape")
+    part_opts = opts if state.pending else RewriteOptions(
+        return_path=None, pixel_url=None, click_url=opts.click_url, own_prefix=opts.own_prefix,
+        never_track=opts.never_track)
+    new_text = rewrite_html(text, part_opts)
+    if new_text == text:
+        return head, body
+    if part_opts.pixel_url:
+        state.pending = False
+    data = new_text.encode(charset, "surrogateescape")
+    if cte == "base64":
+        encoded = base64.encodebytes(data).replace(b"\n", newline)
+        trailing = body[len(body.rstrip(b"\r\n")):]
+        return head, encoded.rstrip(b"\r\n") + (trailing or b"")
+    if cte == "quoted-printable":
+        return head, _qp_encode(data, newline)
+    # 7bit/8bit: our URLs can make a line longer than SMTP allows (998); switch the part to
+    # quoted-printable rather than emit an illegal line.
+    if any(len(line) > 998 for line in data.split(b"\n")):
+        new_head = _replace_header(head, b"Content-Transfer-Encoding", b"quoted-printable")
+        if new_head == head:
+            new_head = head + b"Content-Transfer-Encoding: quoted-printable" + newline
+        return new_head, _qp_encode(data, newline)
+    return head, data
+
+
+def _qp_encode(data: bytes, newline: bytes) -> bytes:
+    lines = data.replace(b"\r\n", b"\n").split(b"\n")
+    encoded = [quopri.encodestring(line).replace(b"\n", newline) for line in lines]
+    return newline.join(encoded)
