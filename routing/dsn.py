@@ -28,6 +28,7 @@ class DsnRecipient:
     diagnostic: str | None = None
     remote_mta: str | None = None
     original_recipient: str | None = None
+    final_recipient: str | None = None
     reporting_mta: str | None = None
 
     @property
@@ -127,21 +128,29 @@ def parse_dsn(msg: email.message.Message) -> list[DsnRecipient]:
             if "reporting-mta" in block and not ({"final-recipient", "original-recipient"} & block.keys()):
                 reporting = _typed_value(block.get("reporting-mta"))
                 continue
-            raw_rcpt = (block.get("final-recipient") or block.get("original-recipient")
-                        or block.get("x-actual-recipient"))
-            rcpt = clean_address(_typed_value(raw_rcpt) or "") if raw_rcpt else None
+            # Original-Recipient is the address *we* sent to; Final-Recipient may be an alias target,
+            # an X.400 name or a local mailbox (user@host-without-domain). Prefer the one we can use.
+            original = block.get("original-recipient")
+            rcpt = None
+            for name in ("original-recipient", "final-recipient", "x-actual-recipient"):
+                value = block.get(name)
+                if value and (";" not in value or value.split(";", 1)[0].strip().lower() in ("rfc822", "utf-8")):
+                    rcpt = clean_address(_typed_value(value) or "")
+                if rcpt:
+                    break
             if not rcpt:
                 continue
-            original = block.get("original-recipient")
             status = _clean_status(block.get("status"))
             action = (block.get("action") or "").strip().lower().split()[0:1]
             out.append(DsnRecipient(
                 recipient=rcpt,
                 action=_infer_action(action[0] if action else "", status),
                 status=status,
-                diagnostic=_diagnostic(block.get("diagnostic-code") or block.get("x-diagnostic-code")),
+                diagnostic=_diagnostic(block.get("diagnostic-code") or block.get("x-diagnostic-code")
+                                       or block.get("x400-supplementary-info")),
                 remote_mta=_typed_value(block.get("remote-mta")),
                 original_recipient=clean_address(_typed_value(original) or "") if original else None,
+                final_recipient=_typed_value(block.get("final-recipient")),
                 reporting_mta=reporting,
             ))
     return out

@@ -134,15 +134,19 @@ class ParsedMail:
     mime_depth: int = 0
     defects: tuple[str, ...] = ()
     limit_exceeded: str | None = None  # "too many headers" / "too many parts" / "too deep"
-    header_names: frozenset[str] = field(default_factory=frozenset)  # lower-case names present
+    raw_headers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # lower-case name → raw values
 
     def header(self, name: str) -> str:
         """First value of a header, decoded ("" when absent)."""
-        value = self.msg.get(name)
-        return decode_header_value(value) if value is not None else ""
+        values = self.raw_headers.get(name.lower())
+        return decode_header_value(values[0]) if values else ""
+
+    def header_all(self, name: str) -> tuple[str, ...]:
+        """Every value of a header, decoded."""
+        return tuple(decode_header_value(v) for v in self.raw_headers.get(name.lower(), ()))
 
     def has_header(self, name: str) -> bool:
-        return name.lower() in self.header_names
+        return name.lower() in self.raw_headers
 
     @property
     def reference_ids(self) -> list[str]:
@@ -232,12 +236,23 @@ def parse_mail(raw: bytes, *, max_headers: int = 1000, max_mime_depth: int = 20,
         defects.append(d.__class__.__name__)
 
     limit: str | None = None
-    header_items = msg.items()
-    header_count = len(header_items)
+    # raw_items: values as received (8-bit bytes kept as surrogate escapes), not compat32's lossy Header.
+    collected: dict[str, list[str]] = {}
+    header_count = 0
+    for key, value in msg.raw_items():
+        header_count += 1
+        collected.setdefault(key.lower(), []).append(value if isinstance(value, str) else str(value))
+    raw = {k: tuple(v) for k, v in collected.items()}
     if header_count > max_headers:
         limit = "too many headers"
         defects.append(f"too many headers: {header_count} > {max_headers}")
-    names = frozenset(k.lower() for k, _v in header_items)
+
+    def first(name: str) -> str | None:
+        values = raw.get(name)
+        return values[0] if values else None
+
+    def all_of(name: str) -> list[object]:
+        return list(raw.get(name, ()))
 
     parts, depth, walk_limit = _walk_limits(msg, max_mime_depth, max_parts)
     if walk_limit:
@@ -247,14 +262,14 @@ def parse_mail(raw: bytes, *, max_headers: int = 1000, max_mime_depth: int = 20,
         else:
             defects.append(f"too many parts: more than {max_parts}")
 
-    from_addr, from_name = _first_address(msg.get("From"))
-    if msg.get("From") is not None and from_addr is None:
+    from_addr, from_name = _first_address(first("from"))
+    if first("from") is not None and from_addr is None:
         defects.append("From has no address")
-    mid_raw = msg.get("Message-ID")
+    mid_raw = first("message-id")
     message_id = normalize_message_id(_unescape(str(mid_raw))) if mid_raw is not None else None
     if message_id is None:
         defects.append("no Message-ID")
-    rp = msg.get("Return-Path")
+    rp = first("return-path")
     return_path = None
     if rp is not None:
         rp_text = _unescape(str(rp)).strip()
@@ -268,21 +283,21 @@ def parse_mail(raw: bytes, *, max_headers: int = 1000, max_mime_depth: int = 20,
 
     return ParsedMail(
         msg=msg, size=len(raw), message_id=message_id,
-        subject=decode_header_value(msg.get("Subject")),
+        subject=decode_header_value(first("subject")),
         from_addr=from_addr, from_name=from_name,
-        to=parse_addresses(msg.get_all("To")),
-        cc=parse_addresses(msg.get_all("Cc")),
-        delivered_to=parse_addresses(msg.get_all("Delivered-To")),
-        x_original_to=parse_addresses(msg.get_all("X-Original-To")),
-        resent_to=parse_addresses(msg.get_all("Resent-To")),
-        resent_cc=parse_addresses(msg.get_all("Resent-Cc")),
+        to=parse_addresses(all_of("to")),
+        cc=parse_addresses(all_of("cc")),
+        delivered_to=parse_addresses(all_of("delivered-to")),
+        x_original_to=parse_addresses(all_of("x-original-to")),
+        resent_to=parse_addresses(all_of("resent-to")),
+        resent_cc=parse_addresses(all_of("resent-cc")),
         return_path=return_path,
-        references=" ".join(_unescape(str(v)) for v in msg.get_all("References") or ()),
-        in_reply_to=" ".join(_unescape(str(v)) for v in msg.get_all("In-Reply-To") or ()),
-        date=_parse_date(msg.get("Date")),
+        references=" ".join(_unescape(str(v)) for v in all_of("references")),
+        in_reply_to=" ".join(_unescape(str(v)) for v in all_of("in-reply-to")),
+        date=_parse_date(first("date")),
         content_type=content_type,
         header_count=header_count, part_count=parts, mime_depth=depth,
-        defects=tuple(defects), limit_exceeded=limit, header_names=names,
+        defects=tuple(defects), limit_exceeded=limit, raw_headers=raw,
     )
 
 
@@ -306,14 +321,15 @@ class Content:
     defects: tuple[str, ...] = ()
 
 
-_UNSAFE_FILENAME = re.compile(r"[\x00-\x1f\x7f/\\]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 def sanitize_filename(name: str | None, fallback: str = "attachment") -> str:
     """A filename safe to write anywhere: no path separators, no control characters, no leading dots."""
     if not name:
         return fallback
-    name = _UNSAFE_FILENAME.sub("_", name).strip().lstrip(".").strip()
+    parts = [p for p in re.split(r"[/\\]+", name) if p.strip() not in ("", ".", "..")]
+    name = _CONTROL.sub("_", "_".join(parts)).strip().lstrip(".").strip()
     if len(name) > 200:
         stem, dot, ext = name.rpartition(".")
         name = (stem[:190] + dot + ext[:9]) if dot and len(ext) < 10 else name[:200]

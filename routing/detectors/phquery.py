@@ -14,7 +14,9 @@ from routing.detectors.base import Hit, addresses_in, clean_address, cut_returne
 
 _INTRO = re.compile(r"-+\s*message\s+not\s+delivered\s+to\s+the\s+following(?:\s+addresses)?\s*:", re.IGNORECASE)
 _DETAIL = re.compile(r"-+\s*error\s+detail", re.IGNORECASE)
-_TEMPLATE = re.compile(r"\bNAME@([A-Za-z0-9.-]+\.[A-Za-z]{2,})")
+# "emailing NAME@cs.example.edu": a mail domain the notice suggests (not "finger NAME@directory…").
+_TEMPLATE = re.compile(r"\b(?:e-?mail(?:ing)?|mail(?:ing)?|send(?:ing)?)\s+(?:to\s+)?NAME@([A-Za-z0-9.-]+\.[A-Za-z]{2,})",
+                       re.IGNORECASE)
 _ENTRY = re.compile(r"^\s*(\S+)(?:\s{2,}(.*))?$")
 
 

@@ -16,6 +16,7 @@ _INTRO = re.compile(
     r"|following\s+addresses\s+did\s+not\s+receive\s+a\s+copy\s+of\s+your\s+message\s*:"
     r"|del[ei]very\s+to\s+the\s+following\s+recipients?\s+(?:failed(?:\s+permanently)?|was\s+aborted\s+after\s+[\d.]+\s+\w+(?:\(s\))?|has\s+been\s+delayed)\s*[:.]?"
     r"|(?:could\s+not|cannot)\s+be\s+delivered\s+to\s+the\s+following\s+(?:recipients?|address(?:\(es\)|es)?)\s*:"
+    r"|(?:wasn't|was\s+not)\s+able\s+to\s+deliver\s+your\s+message\s+to\s+the\s+following\s+address(?:es)?\s*[.:]"
     r"|(?:unable|not\s+able)\s+to\s+deliver\s+(?:your\s+)?(?:message|mail)\s+to\s+the\s+following\s+(?:recipients?|address(?:\(es\)|es)?)\s*[.:]"
     r"|could\s+not\s+deliver\s+message\s+to\s+the\s+following\s+recipient(?:\(s\)|s)?\s*:"
     r"|message\s+not\s+delivered\s+to\s+the\s+following\s+address(?:es)?\s*:"

@@ -14,7 +14,7 @@ import re
 from routing.detectors.base import (Hit, clean_address, cut_returned, is_system_address, notice_text, sender_addresses,
                                     squash, status_in)
 
-_A = r"[\"'<\[]?(?P<addr>[^\s\"'<>\[\](),;]+@[^\s\"'<>\[\](),;]+?)[\"'>\]]?"
+_A = r"[\"'<\[]?(?P<addr>[^\s\"'<>\[\](),;]+@[^\s\"'<>\[\](),;]*[A-Za-z0-9])[\"'>\]]?"
 
 PATTERNS: tuple[re.Pattern[str], ...] = tuple(re.compile(p, re.IGNORECASE | re.MULTILINE) for p in (
     r"addressed\s+to\s+" + _A + r",?\s+(?:failed|could\s+not|was\s+not)",
@@ -46,15 +46,18 @@ DELAY_RE = re.compile(
     r"|this\s+is\s+just\s+a\s+warning|still\s+being\s+retried|has\s+been\s+delayed|no\s+action\s+is\s+required\s+on\s+your\s+part",
     re.IGNORECASE)
 _FINAL_RE = re.compile(r"permanent\s+(?:fatal\s+)?error|given\s+up|not\s+going\s+to\s+try\s+again|failed\s+permanently"
-                       r"|was\s+aborted|could\s+not\s+be\s+delivered|has\s+been\s+returned", re.IGNORECASE)
+                       r"|was\s+aborted|has\s+been\s+returned|could\s+not\s+be\s+delivered\s+to\s+all", re.IGNORECASE)
+_DELAY_SUBJECT = re.compile(r"delay|postponed|not\s+yet\s+been\s+delivered|still\s+being\s+retried", re.IGNORECASE)
 
 
 def is_warning(text: str, subject: str = "") -> bool:
-    """True when a notice says delivery is still being attempted (and does not also say it gave up)."""
-    subj = subject.lower()
-    subject_says = ("warning" in subj or "delay" in subj or "postponed" in subj) and "fail" not in subj
-    body_says = bool(DELAY_RE.search(text)) and not _FINAL_RE.search(text)
-    return subject_says or body_says or (bool(DELAY_RE.search(text)) and subject_says)
+    """True when a notice says delivery is still being attempted (and does not also say it gave up).
+
+    A "Warning:" subject alone is not enough: some servers title hard failures "Warning: x - User unknown".
+    """
+    if _FINAL_RE.search(text) or "fail" in subject.lower():
+        return bool(DELAY_RE.search(text)) and not _FINAL_RE.search(text)
+    return bool(_DELAY_SUBJECT.search(subject)) or bool(DELAY_RE.search(text))
 
 
 class SimpleDetector:

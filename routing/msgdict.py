@@ -1,0 +1,299 @@
+"""What Odoo gets from one parsed mail (pure: bytes in, dicts and bytes out; no network, no DB).
+
+Two shapes, one per delivery mode:
+
+* **explicit** — `parse_mail()` → `ParsedMail`, then `msg_dict()` (the serialisable subset
+  `<model>.message_new` accepts over RPC, spec §3.3) and `post_kwargs()` (`message_post` as Odoo's own
+  gateway calls it, spec §1.11/§3.4: `body_is_html`, `message_type='email'`, subtype, `message_id` normalised,
+  `email_from`, author, date, parent).
+* **passthrough** — `passthrough_raw()`: the raw mail for `mail.thread.message_process`, with one
+  `Delivered-To` per accepted recipient (Odoo never sees the envelope, spec §5.5), the In-Reply-To id appended
+  to References when Odoo would otherwise miss the thread (it ignores In-Reply-To whenever References is
+  non-empty, spec §1.4/§6), and 8-bit content re-encoded to 7-bit (a JSON string carries only text: 8-bit
+  non-UTF-8 mail would be garbled, spec §3.1/§7).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import email
+import email.header
+import email.policy
+import email.utils
+import html
+import re
+from dataclasses import dataclass, field
+from email.message import Message
+from typing import Any
+
+_ANGLE = re.compile(r"<[^<>]+>")
+
+
+def normalize_message_id(value: str | None) -> str | None:
+    """Stripped and bracketed, whitespace removed: Odoo stores and matches Message-IDs byte for byte."""
+    if not value:
+        return None
+    text = re.sub(r"\s+", "", str(value))
+    m = _ANGLE.search(text)
+    if m:
+        return m.group(0)
+    text = text.strip("<>")
+    return f"<{text}>" if text else None
+
+
+def reference_ids(value: str | None) -> list[str]:
+    """Every <id> token of a References/In-Reply-To value, folding whitespace removed (as Odoo does)."""
+    return [re.sub(r"\s+", "", t) for t in _ANGLE.findall(str(value or ""))]
+
+
+@dataclass(frozen=True)
+class MailAttachment:
+    name: str
+    content: bytes
+    mimetype: str
+    cid: str | None = None        # Content-ID without brackets, for inline images referenced as cid:...
+
+
+@dataclass(frozen=True)
+class ParsedMail:
+    """The fields of one inbound mail that Odoo's message_parse would compute (spec §1.1)."""
+
+    message_id: str | None
+    subject: str
+    email_from: str               # formatted "Name <addr>", as Odoo keeps it
+    from_address: str             # normalised (lower-case) address, for author lookups
+    to: str
+    cc: str
+    recipients: tuple[str, ...]   # Delivered-To + To + Cc + Resent-To + Resent-Cc, lower-case
+    date: str                     # UTC "YYYY-MM-DD HH:MM:SS" (what message_post's `date` takes)
+    references: str
+    in_reply_to: str
+    body_html: str
+    attachments: tuple[MailAttachment, ...] = field(default=())
+
+
+def _header(msg: Message, name: str) -> str:
+    try:
+        value = msg.get(name)
+    except Exception:  # noqa: BLE001 - a malformed header must not fail the whole mail
+        return ""
+    return str(value or "").strip()
+
+
+def _addresses(msg: Message, *names: str) -> list[str]:
+    values: list[str] = []
+    for name in names:
+        try:
+            values += [str(v) for v in msg.get_all(name, [])]
+        except Exception:  # noqa: BLE001
+            continue
+    return [a.lower() for _n, a in email.utils.getaddresses(values) if a and "@" in a]
+
+
+def _utc_date(value: str) -> str:
+    try:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+    except (TypeError, ValueError, IndexError):
+        parsed = None
+    if parsed is None:
+        parsed = dt.datetime.now(dt.timezone.utc)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.timezone.utc)
+    return parsed.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _text(part: Message) -> str:
+    payload = part.get_payload(decode=True) or b""
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        return payload.decode(charset, "replace")
+    except LookupError:  # an unknown charset name: Odoo fails the mail (spec §1.1); we degrade to UTF-8
+        return payload.decode("utf-8", "replace")
+
+
+def parse_mail(raw: bytes) -> ParsedMail:
+    """Headers, HTML body (HTML wins in alternatives; plain text wrapped in <pre>) and attachments."""
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    from_addrs = email.utils.getaddresses([_header(msg, "From")])
+    name, addr = from_addrs[0] if from_addrs else ("", "")
+    email_from = email.utils.formataddr((name, addr)) if addr else _header(msg, "From")
+    html_parts: list[str] = []
+    text_parts: list[str] = []
+    attachments: list[MailAttachment] = []
+    for part in (msg.walk() if msg.is_multipart() else [msg]):
+        if part.is_multipart():
+            continue
+        ctype = part.get_content_type()
+        filename = part.get_filename()
+        disposition = part.get_content_disposition()
+        cid = (_header(part, "Content-ID").strip("<> ") or None)
+        if filename or disposition == "attachment" or not ctype.startswith("text/") \
+                or ctype not in ("text/plain", "text/html"):
+            if ctype == "binary/octet-stream":
+                ctype = "application/octet-stream"
+            attachments.append(MailAttachment(name=filename or "attachment",
+                                              content=part.get_payload(decode=True) or b"",
+                                              mimetype=ctype, cid=cid))
+        elif ctype == "text/html":
+            html_parts.append(_text(part))
+        else:
+            text_parts.append(_text(part))
+    if html_parts:
+        body = "\n".join(html_parts)
+    elif text_parts:
+        body = "<pre>" + html.escape("\n".join(text_parts), quote=False) + "</pre>"
+    else:
+        body = ""
+    return ParsedMail(
+        message_id=normalize_message_id(_header(msg, "Message-ID")),
+        subject=_header(msg, "Subject"),
+        email_from=email_from,
+        from_address=(addr or "").lower(),
+        to=", ".join(_addresses(msg, "Delivered-To", "To")),
+        cc=", ".join(_addresses(msg, "Cc")),
+        recipients=tuple(dict.fromkeys(_addresses(msg, "Delivered-To", "To", "Cc", "Resent-To", "Resent-Cc"))),
+        date=_utc_date(_header(msg, "Date")),
+        references=_header(msg, "References"),
+        in_reply_to=_header(msg, "In-Reply-To"),
+        body_html=body,
+        attachments=tuple(attachments),
+    )
+
+
+def msg_dict(mail: ParsedMail, *, author_id: int | None = None,
+             partner_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The serialisable msg_dict `message_new` accepts over RPC (spec §3.3); no recordsets, no bytes."""
+    out: dict[str, Any] = {
+        "subject": mail.subject, "email_from": mail.email_from, "from": mail.email_from, "to": mail.to,
+        "cc": mail.cc, "recipients": ",".join(mail.recipients), "body": mail.body_html, "date": mail.date,
+        "message_id": mail.message_id or False, "references": mail.references,
+        "in_reply_to": mail.in_reply_to, "partner_ids": list(partner_ids),
+    }
+    if author_id:
+        out["author_id"] = author_id
+    return out
+
+
+def rewrite_cids(body_html: str, cid_to_attachment: dict[str, int]) -> str:
+    """`cid:` references → `/web/image/<attachment id>` (what Odoo does for inline images it stores)."""
+    def repl(m: re.Match[str]) -> str:
+        aid = cid_to_attachment.get(m.group(2))
+        return f"{m.group(1)}/web/image/{aid}" if aid else m.group(0)
+
+    return re.sub(r"""(src\s*=\s*["']?)cid:([^"'\s>]+)""", repl, body_html, flags=re.IGNORECASE)
+
+
+def post_kwargs(mail: ParsedMail, *, subtype_xmlid: str, author_id: int | None, body_html: str | None = None,
+                parent_id: int | None = None, attachment_ids: tuple[int, ...] = (),
+                message_id: str | None = None) -> dict[str, Any]:
+    """`message_post` keyword arguments as Odoo's gateway posts an incoming mail (spec §1.11, §3.4)."""
+    out: dict[str, Any] = {
+        "body": mail.body_html if body_html is None else body_html, "body_is_html": True,
+        "subject": mail.subject, "message_type": "email", "subtype_xmlid": subtype_xmlid,
+        "email_from": mail.email_from, "message_id": message_id or mail.message_id, "date": mail.date,
+    }
+    if author_id:
+        out["author_id"] = author_id
+    if parent_id:
+        out["parent_id"] = parent_id
+    if attachment_ids:
+        out["attachment_ids"] = list(attachment_ids)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- passthrough
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _split(raw: bytes) -> tuple[bytes, bytes, bytes]:
+    """(header block, separator, body); a mail without a body gets an empty one."""
+    m = _HEADER_END.search(raw)
+    if not m:
+        return raw, b"\r\n\r\n" if b"\r\n" in raw else b"\n\n", b""
+    return raw[: m.start()], raw[m.start(): m.end()], raw[m.end():]
+
+
+def _header_value(block: bytes, name: bytes) -> tuple[int, int] | None:
+    """(start, end) of the first `name:` field (with its folded continuation lines) in a header block."""
+    m = re.search(rb"(?im)^" + re.escape(name) + rb":[^\n]*(?:\n[ \t][^\n]*)*", block)
+    return (m.start(), m.end()) if m else None
+
+
+def references_fixup(raw: bytes, known_id: str | None) -> bytes:
+    """Append `known_id` to References when References is present but lacks it (Odoo reads References only)."""
+    if not known_id:
+        return raw
+    head, sep, body = _split(raw)
+    span = _header_value(head, b"References")
+    if span is None:
+        return raw  # Odoo falls back to In-Reply-To itself
+    field_bytes = head[span[0]:span[1]]
+    if known_id.encode("ascii", "replace") in re.sub(rb"\s+", b"", field_bytes):
+        return raw
+    end = span[1]
+    if head[end - 1:end] == b"\r":
+        end -= 1
+    return head[:end] + b" " + known_id.encode("ascii", "replace") + head[end:] + sep + body
+
+
+def _encode_header_value(value: str) -> str:
+    raw = value.encode("ascii", "surrogateescape")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    return email.header.Header(text.strip(), "utf-8").encode()
+
+
+def to_7bit(raw: bytes) -> bytes:
+    """Re-encode 8-bit bodies as base64 and 8-bit headers as RFC 2047; 7-bit mail is returned untouched."""
+    if raw.isascii():
+        return raw
+    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    for part in msg.walk():
+        for i, (name, value) in enumerate(list(part._headers)):  # noqa: SLF001 - header order must be kept
+            if isinstance(value, str) and not value.isascii():
+                part._headers[i] = (name, _encode_header_value(value))  # noqa: SLF001
+        if part.is_multipart():
+            continue
+        cte = str(part.get("Content-Transfer-Encoding", "")).lower().strip()
+        payload = part.get_payload()
+        if isinstance(payload, str) and payload.isascii():
+            continue
+        if cte in ("base64", "quoted-printable") and isinstance(payload, str):
+            payload_bytes = payload.encode("ascii", "surrogateescape")
+            if payload_bytes.isascii():
+                continue
+        data = part.get_payload(decode=True) or b""
+        del part["Content-Transfer-Encoding"]
+        part.set_payload(base64.encodebytes(data).decode("ascii"))
+        part["Content-Transfer-Encoding"] = "base64"
+    out = msg.as_bytes(policy=email.policy.compat32.clone(linesep="\r\n"))
+    if not out.isascii():  # a preamble or epilogue with 8-bit text: last resort, never send garbage
+        out = out.decode("ascii", "replace").encode("ascii", "replace")
+    return out
+
+
+def passthrough_raw(raw: bytes, recipients: tuple[str, ...] | list[str], *, known_parent_id: str | None = None,
+                    extra_headers: tuple[tuple[str, str], ...] = ()) -> str:
+    """The mail as `message_process` should get it: Delivered-To per recipient, References fix-up, 7-bit."""
+    body = references_fixup(raw, known_parent_id)
+    eol = b"\r\n" if b"\r\n" in body[:4096] else b"\n"
+    lines = [f"Delivered-To: {r}".encode("ascii", "replace") for r in dict.fromkeys(recipients) if r]
+    lines += [f"{k}: {v}".encode("ascii", "replace") for k, v in extra_headers]
+    if lines:
+        body = eol.join(lines) + eol + body
+    return to_7bit(body).decode("ascii")
+
+
+def needs_references_fixup(references: str, in_reply_to: str, known_parent_id: str | None) -> str | None:
+    """The id to append: the thread's known id when References is non-empty and does not hold it."""
+    if not known_parent_id or not references.strip():
+        return None
+    if known_parent_id in reference_ids(references):
+        return None
+    irt = reference_ids(in_reply_to) or ([normalize_message_id(in_reply_to)] if in_reply_to.strip() else [])
+    if known_parent_id in [i for i in irt if i]:
+        return known_parent_id
+    return None
