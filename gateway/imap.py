@@ -1,0 +1,398 @@
+"""The IMAP puller: catchall mailboxes into the spool, once each, seconds after delivery.
+
+Odoo's fetchmail polls every 5 minutes for UNSEEN mail and loses a message whenever processing fails
+(spec §1.0, §5.2–5.3). Here, per source:
+
+* selection is by UID above a checkpoint, never by `\\Seen`, so a person reading the mailbox hides nothing;
+* bodies are fetched with `BODY.PEEK[]` in UID batches and spooled together with their `imap_seen` rows and
+  the new checkpoint in one transaction (`gateway.imap_checkpoint`); only then does the after-action run
+  (flag `\\Seen`, move, or delete), and it is confirmed in the store afterwards, so a crash at any point
+  neither loses nor duplicates a message;
+* a UIDVALIDITY change restarts the UID checkpoint, and message hashes keep the renumbered mailbox from
+  being spooled twice;
+* IDLE where the server offers it (re-issued every `idle_renew`, under the 29-minute limit), polling
+  otherwise; a lost connection is retried with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aioimaplib
+from prometheus_client import Counter, Enum, Gauge
+from sqlalchemy import Engine
+
+from gateway.config import Config, ImapSourceConfig, secret
+from gateway.imap_checkpoint import (
+    BatchResult, Checkpoint, Pulled, begin_validity, mark_after_done, pending_after, spool_pulled,
+)
+from gateway.imap_envelope import envelope_from_headers
+from gateway.imap_protocol import (
+    FetchedMessage, chunks, has_exists, parse_fetch, parse_search, parse_select, quote_mailbox, uid_set,
+)
+from gateway.spool import Envelope
+from gateway.store import utcnow
+
+log = logging.getLogger(__name__)
+
+PULLED = Counter("mailgate_imap_pulled_total", "Messages spooled from an IMAP source", ["source"])
+DUPLICATES = Counter("mailgate_imap_duplicates_total",
+                     "Messages recognised as already spooled (same bytes under an older UIDVALIDITY)", ["source"])
+LAG = Gauge("mailgate_imap_lag_seconds",
+            "Age of the oldest message found in the mailbox and not yet spooled (0 when caught up)", ["source"])
+CONNECTION = Enum("mailgate_imap_connection", "IMAP source connection state", ["source"],
+                  states=["disconnected", "connecting", "syncing", "idle", "polling", "backoff"])
+
+FETCH_ITEMS = "(UID INTERNALDATE BODY.PEEK[])"
+
+
+class ImapError(Exception):
+    """An IMAP source cannot be pulled right now; the message says what an operator should check."""
+
+
+class ImapConnectionLost(ImapError):
+    """The server closed the connection (restart, idle timeout, network): reconnect with backoff."""
+
+
+class ImapCommandFailed(ImapError):
+    """The server answered NO/BAD to a command we need."""
+
+
+class ImapPuller:
+    """One IMAP source: `await puller.run(stop)` pulls until `stop` is set.
+
+    Store work runs on one thread per source, so a late commit from a cancelled pass always finishes before
+    the next pass reads the checkpoint.
+    """
+
+    def __init__(self, source: ImapSourceConfig, engine: Engine, *, password: str | None = None,
+                 on_spooled: Callable[[int], Any] | None = None):
+        self.cfg = source
+        self.engine = engine
+        self.name = f"imap:{source.name}"
+        self._password = password
+        self._on_spooled = on_spooled
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                               thread_name_prefix=f"imap-{source.name}")
+        self._checkpoint: Checkpoint | None = None
+        self._can_idle = False
+        self.backoff_initial = 1.0
+        #: fault injection for tests: called with the batch's UIDs after the spool commit, before the after-action
+        self.after_commit_hook: Callable[[Sequence[int]], Any] | None = None
+        self._set_state("disconnected")
+        LAG.labels(self.name).set(0)
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    async def run(self, stop: asyncio.Event) -> None:
+        """Pull until `stop` is set: connect, catch up, wait for new mail; reconnect with backoff on faults."""
+        delay = self.backoff_initial
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    await self._session(stop)
+                except asyncio.CancelledError:
+                    raise
+                except (OSError, asyncio.TimeoutError, aioimaplib.AioImapException, ImapError) as exc:
+                    if time.monotonic() - started > 60:
+                        delay = self.backoff_initial  # the connection had been healthy: start over
+                    self._set_state("backoff")
+                    log.warning("%s: %s: %s; reconnecting in %.1f s", self.name, type(exc).__name__,
+                                exc or "connection problem", delay)
+                    await _wait(stop, delay * random.uniform(0.8, 1.2))
+                    delay = min(delay * 2, self.cfg.backoff_max)
+                else:
+                    delay = self.backoff_initial
+        finally:
+            self._set_state("disconnected")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        """One connection: login, select, catch up, then idle/poll until stop or a fault."""
+        self._set_state("connecting")
+        lost = asyncio.Event()
+        client = await self._connect(lost)
+        work = asyncio.create_task(self._pull_loop(client, stop), name=f"{self.name} pull")
+        watch = asyncio.create_task(lost.wait(), name=f"{self.name} watch")
+        try:
+            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                work.result()
+                return
+            # Commands pending on a dead socket would only end at their timeout: stop them now.
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
+            raise ImapConnectionLost(f"connection to {self.cfg.host}:{self.cfg.port} lost")
+        finally:
+            for task in (work, watch):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.gather(work, watch, return_exceptions=True)
+            _drop(client)
+
+    async def _connect(self, lost: asyncio.Event) -> aioimaplib.IMAP4:
+        cfg = self.cfg
+        password = self._password
+        if password is None:
+            password = secret(cfg.password_env, required=True, what=f"imap source {cfg.name!r} password")
+        on_lost = lambda _exc: lost.set()  # noqa: E731
+        if cfg.security == "ssl":
+            client: aioimaplib.IMAP4 = aioimaplib.IMAP4_SSL(cfg.host, cfg.port, timeout=cfg.timeout,
+                                                             ssl_context=self._tls_context())
+            client.protocol.conn_lost_cb = on_lost
+        else:
+            client = aioimaplib.IMAP4(cfg.host, cfg.port, timeout=cfg.timeout, conn_lost_cb=on_lost)
+        try:
+            await client.wait_hello_from_server()
+            if cfg.security == "starttls":
+                await self._starttls(client)
+            resp = await client.login(cfg.login, password or "")
+            if resp.result != "OK":
+                raise ImapCommandFailed(f"LOGIN as {cfg.login!r} refused ({_text(resp)}): check the password "
+                                        f"in ${cfg.password_env} and the account")
+            # Extensions (MOVE, UIDPLUS, IDLE) are often listed only once logged in.
+            await asyncio.wait_for(client.protocol.capability(), cfg.timeout)
+            resp = await client.select(quote_mailbox(cfg.mailbox))
+            if resp.result != "OK":
+                raise ImapCommandFailed(f"SELECT {cfg.mailbox!r} refused ({_text(resp)}): check `mailbox`")
+        except BaseException:
+            _drop(client)
+            raise
+        status = parse_select(resp.lines)
+        self._can_idle = cfg.idle and client.has_capability("IDLE")
+        checkpoint, changed = await self._db(begin_validity, self.engine, self.name, status.uidvalidity)
+        if changed:
+            log.warning("%s: UIDVALIDITY changed to %d: re-reading %s; messages already spooled are "
+                        "recognised by their hash and not spooled again", self.name, status.uidvalidity,
+                        cfg.mailbox)
+        self._checkpoint = checkpoint
+        log.info("%s: connected to %s:%d (%s), %s: %s messages, UIDVALIDITY %d, last UID %d, %s", self.name,
+                 cfg.host, cfg.port, cfg.security, cfg.mailbox, status.exists, status.uidvalidity,
+                 checkpoint.last_uid, "IDLE" if self._can_idle else f"polling every {cfg.poll_interval:g} s")
+        return client
+
+    def _tls_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.cfg.tls_ca_file)
+        if not self.cfg.verify_tls:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    async def _starttls(self, client: aioimaplib.IMAP4) -> None:
+        """aioimaplib has no STARTTLS: send the command, then upgrade the transport under the same protocol."""
+        proto = client.protocol
+        if "STARTTLS" not in proto.capabilities:
+            raise ImapCommandFailed(f"{self.cfg.host} does not offer STARTTLS: use security = 'ssl' or 'none'")
+        cmd = aioimaplib.Command("STARTTLS", proto.new_tag(), loop=proto.loop)
+        resp = await asyncio.wait_for(proto.execute(cmd), self.cfg.timeout)
+        if resp.result != "OK":
+            raise ImapCommandFailed(f"STARTTLS refused ({_text(resp)})")
+        loop = asyncio.get_running_loop()
+        proto.transport = await loop.start_tls(proto.transport, proto, self._tls_context(),
+                                               server_hostname=self.cfg.host)
+        await asyncio.wait_for(proto.capability(), self.cfg.timeout)  # RFC 3501: forget pre-TLS capabilities
+
+    # ---------------------------------------------------------------------------------------- pulling
+    async def _pull_loop(self, client: aioimaplib.IMAP4, stop: asyncio.Event) -> None:
+        await self._redo_after_actions(client)
+        while not stop.is_set():
+            self._set_state("syncing")
+            await self.sync(client, stop)
+            if stop.is_set():
+                break
+            if self._can_idle:
+                self._set_state("idle")
+                await self._idle(client, stop)
+            else:
+                self._set_state("polling")
+                await _wait(stop, self.cfg.poll_interval)
+                if not stop.is_set():
+                    await _ok(await client.noop(), "NOOP")
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.logout(), 2.0)
+
+    async def sync(self, client: aioimaplib.IMAP4, stop: asyncio.Event | None = None) -> int:
+        """Spool every message above the checkpoint, batch by batch; returns how many were spooled.
+
+        Searches again until a search finds nothing: mail that arrived during a FETCH or STORE was announced
+        in that command's response (which aioimaplib does not surface), and IDLE would not announce it again.
+        """
+        total = 0
+        while stop is None or not stop.is_set():
+            assert self._checkpoint is not None
+            cp = self._checkpoint
+            resp = await client.uid_search(f"UID {cp.last_uid + 1}:*", charset=None)
+            await _ok(resp, "UID SEARCH")
+            # `n:*` always matches the highest UID, even below n.
+            uids = [u for u in parse_search(resp.lines) if u > cp.last_uid]
+            if not uids:
+                break
+            for batch in chunks(uids, self.cfg.batch_size):
+                if stop is not None and stop.is_set():
+                    break
+                total += await self._pull_batch(client, cp.uidvalidity, batch)
+        LAG.labels(self.name).set(0)
+        return total
+
+    async def _pull_batch(self, client: aioimaplib.IMAP4, uidvalidity: int, batch: Sequence[int]) -> int:
+        resp = await client.uid("fetch", uid_set(batch), FETCH_ITEMS)
+        await _ok(resp, "UID FETCH")
+        wanted = set(batch)
+        fetched = [m for m in parse_fetch(resp.lines) if m.uid in wanted]
+        self._note_lag(fetched)
+        pulled = [self._pulled(m) for m in fetched]
+        result: BatchResult = await self._db(spool_pulled, self.engine, self.name, uidvalidity, pulled,
+                                             batch[-1])
+        self._checkpoint = Checkpoint(self.name, uidvalidity, max(batch[-1], self._checkpoint.last_uid
+                                                                  if self._checkpoint else 0))
+        if result.spooled:
+            PULLED.labels(self.name).inc(len(result.spooled))
+            if self._on_spooled is not None:
+                self._on_spooled(len(result.spooled))
+        if result.duplicates:
+            DUPLICATES.labels(self.name).inc(len(result.duplicates))
+            log.info("%s: %d message(s) already spooled under an older UIDVALIDITY", self.name,
+                     len(result.duplicates))
+        if self.after_commit_hook is not None:
+            await _maybe_await(self.after_commit_hook(batch))
+        await self._after_action(client, uidvalidity, result.to_act)
+        if result.already_seen:
+            # Another run recorded these first; make sure their after-action is not left behind.
+            await self._redo_after_actions(client)
+        return len(result.spooled)
+
+    def _pulled(self, msg: FetchedMessage) -> Pulled:
+        mail_from, rcpts = envelope_from_headers(msg.raw, self.cfg.rcpt_headers)
+        env = Envelope(mail_from=mail_from, rcpt_tos=rcpts, listener=self.cfg.mailbox[:64], source=self.name,
+                       received_at=utcnow())
+        return Pulled(msg.uid, msg.raw, env)
+
+    def _note_lag(self, fetched: Sequence[FetchedMessage]) -> None:
+        dates = [m.internaldate for m in fetched if m.internaldate is not None]
+        if dates:
+            LAG.labels(self.name).set(max(0.0, (utcnow() - min(dates)).total_seconds()))
+
+    # ---------------------------------------------------------------------------------- after-action
+    async def _redo_after_actions(self, client: aioimaplib.IMAP4) -> None:
+        """After a crash between spool commit and after-action: act again, never spool again."""
+        assert self._checkpoint is not None
+        uids = await self._db(pending_after, self.engine, self.name, self._checkpoint.uidvalidity)
+        if uids:
+            log.info("%s: completing the after-action of %d message(s) spooled before a restart",
+                     self.name, len(uids))
+            for batch in chunks(uids, 500):
+                await self._after_action(client, self._checkpoint.uidvalidity, batch)
+
+    async def _after_action(self, client: aioimaplib.IMAP4, uidvalidity: int, uids: Sequence[int]) -> None:
+        """Flag, move or delete spooled messages, then confirm it in the store.
+
+        All three are idempotent for UIDs already gone (UID commands ignore missing UIDs), which is what makes
+        redoing them after a crash safe.
+        """
+        if not uids:
+            return
+        cfg = self.cfg
+        uset = uid_set(uids)
+        if cfg.after == "seen":
+            await _ok(await client.uid("store", uset, "+FLAGS.SILENT", r"(\Seen)"), "UID STORE \\Seen")
+        elif cfg.after == "move" and client.has_capability("MOVE"):
+            await _ok(await client.uid("move", uset, quote_mailbox(cfg.move_to or "")), f"UID MOVE {cfg.move_to}")
+        else:
+            if cfg.after == "move":
+                await _ok(await client.uid("copy", uset, quote_mailbox(cfg.move_to or "")),
+                          f"UID COPY {cfg.move_to}")
+            await _ok(await client.uid("store", uset, "+FLAGS.SILENT", r"(\Deleted)"), "UID STORE \\Deleted")
+            if client.has_capability("UIDPLUS"):
+                await _ok(await client.uid("expunge", uset), "UID EXPUNGE")
+            else:
+                # Without UIDPLUS, EXPUNGE also removes what a person flagged \Deleted: that was their intent.
+                await _ok(await client.expunge(), "EXPUNGE")
+        await self._db(mark_after_done, self.engine, self.name, uidvalidity, list(uids))
+
+    # ------------------------------------------------------------------------------------------ idle
+    async def _idle(self, client: aioimaplib.IMAP4, stop: asyncio.Event) -> None:
+        """IDLE until new mail (EXISTS), `idle_renew` seconds, or stop; always ends the IDLE with DONE."""
+        idle = await client.idle_start(timeout=self.cfg.idle_renew)
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            while True:
+                push = asyncio.create_task(client.wait_server_push(timeout=self.cfg.idle_renew + 60))
+                done, _ = await asyncio.wait({push, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                if push not in done:
+                    push.cancel()
+                    break
+                lines = push.result()
+                if lines == aioimaplib.STOP_WAIT_SERVER_PUSH or has_exists(lines):
+                    break  # renew (the server would drop us at 30 min) or fetch the new mail
+        finally:
+            stopper.cancel()
+            if client.has_pending_idle():
+                client.idle_done()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(idle), self.cfg.timeout)
+
+    # ----------------------------------------------------------------------------------------- misc
+    async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+
+    def _set_state(self, state: str) -> None:
+        CONNECTION.labels(self.name).state(state)
+
+
+async def run_imap_sources(config: Config, engine: Engine, writer: Any, stop: asyncio.Event) -> None:
+    """Run one puller per configured IMAP source until `stop` is set (what `mailgate serve` awaits).
+
+    The puller writes spool rows itself (spool, seen-list and checkpoint must share a transaction), so
+    `writer` is used only to wake the workers through its commit hook, when it has one.
+    """
+    if not config.imap:
+        return
+    on_commit = getattr(writer, "_on_commit", None) if writer is not None else None
+    pullers = [ImapPuller(src, engine, on_spooled=on_commit) for src in config.imap]
+    for p in pullers:  # a missing password is a config error: say so at start, not in a retry loop
+        secret(p.cfg.password_env, required=True, what=f"imap source {p.cfg.name!r} password")
+    try:
+        await asyncio.gather(*(p.run(stop) for p in pullers))
+    finally:
+        for p in pullers:
+            p.close()
+
+
+# -------------------------------------------------------------------------------------------- helpers
+async def _ok(resp: aioimaplib.Response, what: str) -> aioimaplib.Response:
+    if resp.result != "OK":
+        raise ImapCommandFailed(f"{what} failed: {resp.result} {_text(resp)}")
+    return resp
+
+
+def _text(resp: aioimaplib.Response) -> str:
+    last = resp.lines[-1] if resp.lines else b""
+    return bytes(last).decode("utf-8", "replace") if isinstance(last, (bytes, bytearray)) else str(last)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def _maybe_await(value: Any) -> None:
+    if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+        await value
+
+
+def _drop(client: aioimaplib.IMAP4) -> None:
+    """Close the socket without a LOGOUT round trip (used on faults and after logout)."""
+    transport = getattr(client.protocol, "transport", None)
+    if transport is not None and not transport.is_closing():
+        transport.close()

@@ -1,0 +1,153 @@
+"""IMAP wire details the puller needs, as pure functions over aioimaplib's response lines.
+
+aioimaplib hands back a command's untagged lines as a flat list (`bytes` lines, with each literal as its own
+`bytearray` item); these helpers turn that into UIDs, message bytes and UID sets, so the puller reads as
+"search, fetch, spool, act" and the parsing can be tested without a server.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import imaplib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+_UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (\d+)\]", re.IGNORECASE)
+_UIDNEXT = re.compile(rb"\[UIDNEXT (\d+)\]", re.IGNORECASE)
+_EXISTS = re.compile(rb"^(\d+) EXISTS", re.IGNORECASE)
+_FETCH_START = re.compile(rb"^(\d+) FETCH \(", re.IGNORECASE)
+_UID = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
+_INTERNALDATE = re.compile(rb'INTERNALDATE "[^"]+"', re.IGNORECASE)
+_LITERAL = re.compile(rb"\{(\d+)\}$")
+
+
+@dataclass(frozen=True)
+class MailboxStatus:
+    """What SELECT told us: UIDVALIDITY decides whether our checkpoint still means anything."""
+
+    uidvalidity: int
+    uidnext: int | None
+    exists: int | None
+
+
+@dataclass(frozen=True)
+class FetchedMessage:
+    """One message from `UID FETCH (UID INTERNALDATE BODY.PEEK[])`: byte-exact as the server stores it."""
+
+    uid: int
+    raw: bytes
+    internaldate: dt.datetime | None
+
+
+def parse_select(lines: Iterable[bytes | bytearray]) -> MailboxStatus:
+    """UIDVALIDITY (required by RFC 3501), UIDNEXT and EXISTS from a SELECT response."""
+    validity = uidnext = exists = None
+    for line in lines:
+        if not isinstance(line, (bytes, bytearray)):
+            continue
+        if (m := _UIDVALIDITY.search(line)) is not None:
+            validity = int(m.group(1))
+        elif (m := _UIDNEXT.search(line)) is not None:
+            uidnext = int(m.group(1))
+        elif (m := _EXISTS.match(line)) is not None:
+            exists = int(m.group(1))
+    if validity is None:
+        raise ValueError("SELECT response carries no UIDVALIDITY")
+    return MailboxStatus(validity, uidnext, exists)
+
+
+def parse_search(lines: Iterable[bytes | bytearray]) -> list[int]:
+    """UIDs from a `UID SEARCH` response, ascending.
+
+    aioimaplib strips the `SEARCH` keyword from the untagged line (`* SEARCH 1 2 3` arrives as `1 2 3`);
+    a line that still carries it is accepted too. The tagged status text is not a list of numbers.
+    """
+    uids: list[int] = []
+    for line in lines:
+        if not isinstance(line, (bytes, bytearray)):
+            continue
+        tokens = bytes(line).split()
+        if tokens and tokens[0].upper() == b"SEARCH":
+            tokens = tokens[1:]
+        if tokens and all(tok.isdigit() for tok in tokens):
+            uids.extend(int(tok) for tok in tokens)
+    return sorted(set(uids))
+
+
+def has_exists(lines: Iterable[bytes | bytearray]) -> bool:
+    """Whether pushed lines announce new mail (`n EXISTS`); EXPUNGE and flag changes do not."""
+    return any(isinstance(line, (bytes, bytearray)) and _EXISTS.match(line.lstrip(b"* ")) for line in lines)
+
+
+def parse_fetch(lines: Sequence[bytes | bytearray]) -> list[FetchedMessage]:
+    """Messages from a `UID FETCH ... (UID INTERNALDATE BODY.PEEK[])` response.
+
+    A literal follows the line that announced it (`... BODY[] {123}`); the UID may come before the literal or
+    in the closing line after it (servers choose the order). Unsolicited FETCH lines (a flag changed in
+    another session) carry no body and are skipped.
+    """
+    out: list[FetchedMessage] = []
+    i = 0
+    n = len(lines)
+    while i < n:
+        line = lines[i]
+        if not isinstance(line, (bytes, bytearray)) or not _FETCH_START.match(line):
+            i += 1
+            continue
+        head = bytes(line)
+        raw: bytes | None = None
+        tail = b""
+        if _LITERAL.search(head) and i + 1 < n and isinstance(lines[i + 1], bytearray):
+            raw = bytes(lines[i + 1])
+            if i + 2 < n and isinstance(lines[i + 2], bytes) and not _FETCH_START.match(lines[i + 2]):
+                tail = lines[i + 2]
+                i += 3
+            else:
+                i += 2
+        else:
+            i += 1
+        if raw is None:
+            continue
+        m = _UID.search(head) or _UID.search(tail)
+        if m is None:
+            continue
+        out.append(FetchedMessage(int(m.group(1)), raw, _internaldate(head + b" " + tail)))
+    return out
+
+
+def _internaldate(text: bytes) -> dt.datetime | None:
+    m = _INTERNALDATE.search(text)
+    if m is None:
+        return None
+    tup = imaplib.Internaldate2tuple(m.group(0))
+    if tup is None:
+        return None
+    return dt.datetime(*tup[:6]).astimezone(dt.timezone.utc)
+
+
+def uid_set(uids: Iterable[int]) -> str:
+    """A compact IMAP sequence set: `1:4,7,9:12`. Short commands matter when a batch spans 500 UIDs."""
+    ordered = sorted(set(uids))
+    if not ordered:
+        raise ValueError("empty UID set")
+    parts: list[str] = []
+    start = prev = ordered[0]
+    for uid in ordered[1:]:
+        if uid == prev + 1:
+            prev = uid
+            continue
+        parts.append(f"{start}:{prev}" if start != prev else str(start))
+        start = prev = uid
+    parts.append(f"{start}:{prev}" if start != prev else str(start))
+    return ",".join(parts)
+
+
+def quote_mailbox(name: str) -> str:
+    """A mailbox name as an IMAP quoted string (spaces, quotes and backslashes are legal in names)."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
