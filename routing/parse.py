@@ -242,17 +242,17 @@ def parse_mail(raw: bytes, *, max_headers: int = 1000, max_mime_depth: int = 20,
     for key, value in msg.raw_items():
         header_count += 1
         collected.setdefault(key.lower(), []).append(value if isinstance(value, str) else str(value))
-    raw = {k: tuple(v) for k, v in collected.items()}
+    header_map = {k: tuple(v) for k, v in collected.items()}
     if header_count > max_headers:
         limit = "too many headers"
         defects.append(f"too many headers: {header_count} > {max_headers}")
 
     def first(name: str) -> str | None:
-        values = raw.get(name)
+        values = header_map.get(name)
         return values[0] if values else None
 
     def all_of(name: str) -> list[object]:
-        return list(raw.get(name, ()))
+        return list(header_map.get(name, ()))
 
     parts, depth, walk_limit = _walk_limits(msg, max_mime_depth, max_parts)
     if walk_limit:
@@ -297,7 +297,7 @@ def parse_mail(raw: bytes, *, max_headers: int = 1000, max_mime_depth: int = 20,
         date=_parse_date(first("date")),
         content_type=content_type,
         header_count=header_count, part_count=parts, mime_depth=depth,
-        defects=tuple(defects), limit_exceeded=limit, raw_headers=raw,
+        defects=tuple(defects), limit_exceeded=limit, raw_headers=header_map,
     )
 
 

@@ -1,0 +1,117 @@
+"""aliases/: resolution order, +tag, case, catchall/bounce/VERP, RCPT verdicts, policy, Odoo merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aliases.load import alias_from_odoo_row, build_table, merge_aliases
+from aliases.model import Alias, AliasTable, Domain
+from aliases.policy import SenderFacts, evaluate, rule_for
+from aliases.resolve import rcpt_verdict, resolve_address, resolve_recipients
+from gateway.config import load_config
+
+FIXTURES = Path(__file__).parent / "fixtures" / "routing"
+
+TABLE = AliasTable(
+    domains=(Domain("example.com"), Domain("strict.example.org", strict=True),
+             Domain("default.example.net", strict=True, default_alias="help@default.example.net")),
+    aliases=(Alias("sales@example.com", "crm.lead"), Alias("sales+eu@example.com", "crm.lead.eu"),
+             Alias("jobs@strict.example.org", "hr.applicant"), Alias("help@default.example.net", "helpdesk.ticket")),
+)
+
+
+@pytest.mark.parametrize("address,kind,alias,tag", [
+    ("sales@example.com", "alias", "sales@example.com", None),
+    ("SALES@EXAMPLE.COM", "alias", "sales@example.com", None),        # Odoo misses capitalised domains
+    ("Sales+VIP@Example.com", "alias", "sales@example.com", "vip"),    # +tag subaddressing
+    ("sales+eu@example.com", "alias", "sales+eu@example.com", None),   # an alias literally named with +
+    ("catchall@example.com", "catchall", None, None),
+    ("catchall+x@example.com", "catchall", None, "x"),
+    ("bounce@example.com", "bounce", None, None),
+    ("bounce+abc123@example.com", "verp", None, "abc123"),
+    ("nobody@example.com", "unknown", None, None),
+    ("sales@elsewhere.com", "foreign", None, None),
+    ("<sales@example.com.>", "alias", "sales@example.com", None),     # brackets and a trailing root dot
+])
+def test_resolve_address(address, kind, alias, tag):
+    r = resolve_address(TABLE, address, "to")
+    assert (r.kind, r.alias.address if r.alias else None, r.tag) == (kind, alias, tag)
+
+
+def test_resolution_order_rcpt_first_then_headers_each_address_once():
+    rs = resolve_recipients(TABLE, rcpt=("jobs@strict.example.org",), delivered_to=("sales@example.com",),
+                            to=("sales@example.com", "a@x.org"), cc=("catchall@example.com",),
+                            resent_to=("nobody@example.com",))
+    assert [(r.source, r.address) for r in rs] == [
+        ("rcpt", "jobs@strict.example.org"), ("delivered-to", "sales@example.com"), ("to", "a@x.org"),
+        ("cc", "catchall@example.com"), ("resent-to", "nobody@example.com")]
+
+
+@pytest.mark.parametrize("address,verdict", [
+    ("sales@example.com", "accept"),
+    ("sales+anything@example.com", "accept"),
+    ("nobody@example.com", "accept"),                 # lax domain: accepted, routed or quarantined later
+    ("jobs@strict.example.org", "accept"),
+    ("JOBS+x@STRICT.example.org", "accept"),
+    ("nobody@strict.example.org", "unknown_user"),    # 550 5.1.1
+    ("catchall@strict.example.org", "accept"),
+    ("bounce@strict.example.org", "accept"),
+    ("bounce+tok@strict.example.org", "accept"),      # VERP
+    ("nobody@default.example.net", "accept"),         # strict, but a default alias takes it
+    ("someone@gmail.com", "no_relay"),                # 550 5.7.1
+    ("no-at-sign", "no_relay"),
+])
+def test_rcpt_verdict(address, verdict):
+    got, why = rcpt_verdict(TABLE, address)
+    assert got == verdict
+    assert why  # always an explanation for the SMTP reply and logs
+
+
+def test_policy_rules():
+    assert evaluate("everyone", SenderFacts()).allowed
+    assert not evaluate("partners", SenderFacts(author_found=False)).allowed
+    assert evaluate("partners", SenderFacts(author_found=True)).allowed
+    assert not evaluate("partners", SenderFacts(author_found=True, authenticated=False)).allowed
+    assert not evaluate("followers", SenderFacts(author_found=True, is_follower=False)).allowed
+    assert evaluate("followers", SenderFacts(author_found=True, is_follower=True)).allowed
+    v = evaluate("followers", SenderFacts(author_found=True, is_follower=True, record_exists=False))
+    assert not v.allowed and v.config_error
+    assert not evaluate("employees", SenderFacts(author_found=True, is_employee=False)).allowed
+    assert evaluate("employees", SenderFacts(is_employee=True)).allowed
+    with pytest.raises(ValueError, match="unknown contact policy"):
+        rule_for("friends")
+
+
+def test_odoo_row_parsing():
+    a = alias_from_odoo_row({"alias_name": "Support", "alias_domain": "Example.com", "model": "helpdesk.ticket",
+                             "alias_defaults": "{'team_id': 2}", "alias_contact": "partners",
+                             "alias_force_thread_id": 0})
+    assert (a.address, a.model, a.defaults_dict(), a.contact, a.force_thread_id, a.source) == \
+        ("support@example.com", "helpdesk.ticket", {"team_id": 2}, "partners", None, "odoo")
+    with pytest.raises(ValueError, match="no domain"):
+        alias_from_odoo_row({"alias_name": "x", "alias_full_name": "x", "model": "crm.lead"})
+    with pytest.raises(ValueError, match="not a literal dict"):
+        alias_from_odoo_row({"alias_full_name": "x@example.com", "model": "crm.lead", "alias_defaults": "foo()"})
+
+
+def test_merge_config_wins_and_foreign_domains_are_skipped():
+    rows = [
+        {"alias_full_name": "sales@example.com", "model": "sale.order"},       # shadowed by config
+        {"alias_full_name": "support@example.com", "model": "helpdesk.ticket"},
+        {"alias_full_name": "x@not-ours.com", "model": "crm.lead"},
+        {"alias_full_name": "bad@example.com", "model": "crm.lead", "alias_contact": "friends"},
+    ]
+    res = merge_aliases(TABLE, rows)
+    assert res.table.alias("sales@example.com").model == "crm.lead"
+    assert res.table.alias("support@example.com").model == "helpdesk.ticket"
+    assert res.added == ("support@example.com",) and res.overridden == ("sales@example.com",)
+    assert len(res.warnings) == 2 and res.table.alias("x@not-ours.com") is None
+
+
+def test_build_table_from_the_fixture_config():
+    table = build_table(load_config(FIXTURES / "mailgate.toml"))
+    assert table.alias("SALES@example.COM").defaults_dict() == {"team_id": 3}
+    assert table.domain("strict.example.org").default_alias == "helpdesk@strict.example.org"
+    assert rcpt_verdict(table, "random@strict.example.org")[0] == "accept"  # default alias
