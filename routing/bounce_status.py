@@ -26,7 +26,7 @@ STATUS_REASONS: dict[str, str] = {
     "3.4": "mesgtoolarge", "3.5": "systemerror",
     "4.0": "networkerror", "4.1": "networkerror", "4.2": "networkerror", "4.3": "networkerror",
     "4.4": "hostunknown", "4.5": "networkerror", "4.6": "networkerror", "4.7": "expired",
-    "5.0": "mailererror", "5.1": "mailererror", "5.2": "mailererror", "5.3": "toomanyconn",
+    "5.0": "undefined", "5.1": "mailererror", "5.2": "mailererror", "5.3": "toomanyconn",
     "5.4": "mailererror", "5.5": "mailererror", "5.6": "mailererror",
     "6.0": "contenterror", "6.1": "contenterror", "6.2": "contenterror", "6.3": "contenterror",
     "6.4": "contenterror", "6.5": "contenterror",

@@ -122,14 +122,14 @@ def notice_text(msg: email.message.Message) -> str:
                      "message/delivery-status", "message/global-delivery-status",
                      "message/feedback-report", "message/disposition-notification"):
             return
-        if part.is_multipart():
-            payload = part.get_payload()
-            if isinstance(payload, list):
-                for sub in payload:
-                    if isinstance(sub, email.message.Message):
-                        visit(sub)
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            for sub in payload:
+                if isinstance(sub, email.message.Message):
+                    visit(sub)
             return
-        if part.get_content_maintype() != "text" and ctype != "text/plain":
+        # A multipart whose boundary is missing or truncated is left as one string: read it as text.
+        if part.get_content_maintype() not in ("text", "multipart"):
             return
         if part.get("Content-Disposition", "").lower().startswith("attachment") and chunks:
             return

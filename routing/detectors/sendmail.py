@@ -11,7 +11,7 @@ import re
 
 from routing.detectors.base import Hit, clean_address, cut_returned, notice_text, recipient_blocks, sender_addresses
 
-_INTRO = re.compile(r"-+\s*the\s+following\s+address(?:es)?\s+(?:had|has)\s+(permanent\s+fatal|transient\s+non-fatal)\s+errors?\s*-+",
+_INTRO = re.compile(r"-+\s*the\s+following\s+address(?:es)?\s+(?:had|has|have)\s+(permanent\s+fatal\s+errors?|transient\s+non-fatal\s+errors?|delivery\s+notifications?)\s*-+",
                     re.IGNORECASE)
 _EXPANDED = re.compile(r"\(expanded\s+from:\s*([^)\s]+)\)", re.IGNORECASE)
 _END = re.compile(r"-+\s*transcript\s+of\s+session\s+follows\s*-+", re.IGNORECASE)
@@ -33,4 +33,5 @@ class SendmailDetector:
         listing = _EXPANDED.sub(lambda x: "\n" + x.group(1) + "\n", listing)
         hits = recipient_blocks(listing, delayed=delayed, exclude=sender_addresses(msg))
         diag = " ".join(transcript.split())[:300] or None
-        return tuple(Hit(h.recipient, h.diagnostic or diag, h.status, h.delayed) for h in hits)
+        return tuple(Hit(h.recipient, " ".join(x for x in (h.diagnostic, diag) if x) or None, h.status,
+                         h.delayed or "transient" in (h.diagnostic or "").lower()) for h in hits)
