@@ -1,0 +1,190 @@
+"""Router precedence: one table row per DESIGN.md precedence step (first match wins), with pinned detectors.
+
+Each row builds a mail that *also* qualifies for every later step, so it fails if the order is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from routing.bounce import VerpHit
+from routing.model import LOOP_HEADER, Action, ThreadHit
+from tests.test_router_support import FAKE, SeenOnce, decide, hit, mail
+
+ALIAS = "groups@test.mycompany.com"
+#: qualifies for reply (known thread), alias (To groups@), auto-reply and bounce unless a row removes it
+EVERYTHING = f"""To: {ALIAS}
+In-Reply-To: <parent@test>
+X-Fake-Auto: yes
+X-Fake-Arf: abuse
+X-Fake-Bounce: hard gone@client.net
+Subject: everything"""
+THREAD = hit("<parent@test>", "mail.test.gateway", 9, outbound=True)  # same model as ALIAS
+
+
+def _without(headers: str, *names: str) -> str:
+    return "\n".join(line for line in headers.splitlines() if not line.split(":", 1)[0] in names)
+
+
+def test_row1_duplicate_beats_everything():
+    raw = mail(EVERYTHING + f"\n{LOOP_HEADER}: 1")
+    sha = hashlib.sha256(raw).hexdigest()
+    d = decide(raw, threads=THREAD, duplicates=SeenOnce("<dup@x>", sha))
+    assert d.action != Action.DUPLICATE  # different Message-ID: not the one seen
+    raw = mail(EVERYTHING + f"\n{LOOP_HEADER}: 1\nMessage-ID: <dup@x>")
+    d = decide(raw, threads=THREAD, duplicates=SeenOnce("<dup@x>", hashlib.sha256(raw).hexdigest()))
+    assert d.action == Action.DUPLICATE and d.reason == "duplicate"
+    assert d.message_id == "<dup@x>"
+
+
+def test_row1_same_message_id_other_body_is_not_a_duplicate():
+    raw = mail(EVERYTHING + "\nMessage-ID: <dup@x>")
+    d = decide(raw, duplicates=SeenOnce("<dup@x>", "0" * 64))
+    assert d.action != Action.DUPLICATE
+
+
+def test_row2_loop_our_header_beats_bounce():
+    d = decide(mail(EVERYTHING + f"\n{LOOP_HEADER}: refusal"), threads=THREAD)
+    assert d.action == Action.LOOP and d.reason == "own mail"
+
+
+def test_row2_loop_odoo_tag_in_references():
+    raw = mail(_without(EVERYTHING, "In-Reply-To")
+               + "\nReferences: <a@x> <17.1-openerp-loop-detection-bounce-email@odoo.local>")
+    assert decide(raw).action == Action.LOOP
+
+
+def test_limits_quarantine_after_loop_checks():
+    headers = EVERYTHING + "".join(f"\nX-Pad-{i}: x" for i in range(20))
+    d = decide(mail(headers), threads=THREAD, max_headers=10)
+    assert d.action == Action.QUARANTINE and d.reason == "limits: too many headers"
+    assert decide(mail(headers + f"\n{LOOP_HEADER}: 1"), max_headers=10).action == Action.LOOP
+
+
+def test_row3_bounce_beats_complaint_auto_reply_reply_and_alias():
+    d = decide(mail(EVERYTHING), threads=THREAD)
+    assert d.action == Action.BOUNCE
+    assert [(b.recipient, b.kind, b.reason) for b in d.bounces] == [("gone@client.net", "hard", "userunknown")]
+
+
+def test_row3_verp_recipient_is_resolved_and_passed_to_the_bounce_detector():
+    seen: list[str] = []
+
+    def verp(address: str) -> VerpHit | None:
+        seen.append(address)
+        return VerpHit("orig@client.net", "<out-1@test>") if address.startswith("bounce.test+ok") else None
+
+    raw = mail("To: someone@test.mycompany.com\nSubject: Undeliverable")
+    d = decide(raw, rcpt=("bounce.test+okTOKEN@test.mycompany.com",), verp=verp)
+    assert seen == ["bounce.test+oktoken@test.mycompany.com"]
+    assert d.action == Action.BOUNCE and d.bounces[0].recipient == "orig@client.net"
+    assert d.bounces[0].original_message_id == "<out-1@test>"
+
+
+def test_row3_delayed_only_is_deferred_not_bounce():
+    d = decide(mail(_without(EVERYTHING, "X-Fake-Bounce") + "\nX-Fake-Bounce: delayed late@client.net"),
+               threads=THREAD)
+    assert d.action == Action.DEFERRED and d.bounces[0].action == "delayed"
+
+
+def test_row3_mixed_failed_and_delayed_is_a_bounce_listing_both():
+    d = decide(mail("To: x@test.mycompany.com\nX-Fake-Bounce: delayed a@c.net, hard b@c.net"))
+    assert d.action == Action.BOUNCE
+    assert [(b.recipient, b.action) for b in d.bounces] == [("a@c.net", "delayed"), ("b@c.net", "failed")]
+
+
+def test_row4_complaint_beats_auto_reply_reply_and_alias():
+    d = decide(mail(_without(EVERYTHING, "X-Fake-Bounce")), threads=THREAD)
+    assert d.action == Action.COMPLAINT and d.complaint is not None
+    assert d.complaint.feedback_type == "abuse"
+
+
+def test_row4_feedback_report_skips_the_bounce_detectors():
+    raw = mail(EVERYTHING + '\nContent-Type: multipart/report; report-type=feedback-report; boundary="b"',
+               "--b\nContent-Type: text/plain\n\nspam report\n--b--\n")
+    assert decide(raw, threads=THREAD).action == Action.COMPLAINT
+
+
+def test_row5_auto_reply_goes_to_the_thread_it_answers():
+    d = decide(mail(_without(EVERYTHING, "X-Fake-Bounce", "X-Fake-Arf")), threads=THREAD)
+    assert d.action == Action.AUTO_REPLY
+    assert d.auto_reply_indicator == "X-Fake-Auto: yes"
+    assert [(t.model, t.res_id) for t in d.targets] == [("mail.test.gateway", 9)]
+    assert d.replied_message_id == "<parent@test>"  # it answers an outbound mail we relayed
+
+
+def test_row5_auto_reply_to_an_alias_never_creates():
+    d = decide(mail(f"To: {ALIAS}\nX-Fake-Auto: yes\nSubject: Out of office"))
+    assert d.action == Action.AUTO_REPLY and d.targets == () and d.replied_message_id is None
+
+
+def test_row6_reply_beats_alias():
+    d = decide(mail(_without(EVERYTHING, "X-Fake-Bounce", "X-Fake-Arf", "X-Fake-Auto")), threads=THREAD)
+    assert d.action == Action.REPLY
+    assert [(t.model, t.res_id, t.parent_message_id) for t in d.targets] == [("mail.test.gateway", 9, "<parent@test>")]
+    assert d.replied_message_id == "<parent@test>"
+    assert any("matches mail.test.gateway 9" in line for line in d.explanation)
+
+
+def test_row6_outlook_truncated_references_uses_in_reply_to():
+    # Odoo ignores In-Reply-To when References is present; the parent here is only in In-Reply-To.
+    raw = mail("To: catchall.test@test.mycompany.com\nReferences: <unknown-root@x>\nIn-Reply-To: <parent@test>")
+    d = decide(raw, threads=THREAD)
+    assert d.action == Action.REPLY and d.targets[0].res_id == 9
+
+
+def test_row7_alias_creates_one_target_per_alias():
+    d = decide(mail(f"To: {ALIAS}, test@test.mycompany.com\nCc: groups@TEST.mycompany.com"))
+    assert d.action == Action.CREATE
+    assert [(t.model, t.alias) for t in d.targets] == [
+        ("mail.test.gateway", ALIAS), ("mail.test.container", "test@test.mycompany.com")]
+
+
+def test_row7_bcc_alias_only_in_envelope():
+    d = decide(mail("To: someone@client.net"), rcpt=(ALIAS,))
+    assert d.action == Action.CREATE and d.targets[0].alias == ALIAS
+    assert d.recipients == (ALIAS,)
+
+
+def test_row8_domain_default_alias():
+    d = decide(mail("To: nobody@strict.example.org"))
+    assert d.action == Action.CREATE and d.reason == "default alias"
+    assert d.targets[0].alias == "help@strict.example.org"
+
+
+@pytest.mark.parametrize("to,reason", [
+    ("someone@client.net", "no recipient in our domains"),
+    ("catchall.test@test.mycompany.com", "catchall only"),
+    ("nobody@test.mycompany.com", "no alias matched"),
+])
+def test_row9_quarantine_with_reason(to, reason):
+    d = decide(mail(f"To: {to}\nIn-Reply-To: <unknown@x>"))
+    assert d.action == Action.QUARANTINE and d.reason == reason
+    assert any("match no known thread" in line for line in d.explanation)
+    assert d.explanation[-1].startswith("no route")
+
+
+def test_every_decision_carries_message_id_and_explanation():
+    for raw in (mail(EVERYTHING), mail("To: nobody@x.org"), mail(f"To: {ALIAS}")):
+        d = decide(raw, threads=THREAD)
+        assert d.message_id and d.explanation
+
+
+def test_a_failing_detector_is_reported_and_treated_as_no_match():
+    from routing.router import Detectors
+
+    def boom(msg, **kw):
+        raise RuntimeError("parser bug")
+
+    d = decide(mail(f"To: {ALIAS}"), detectors=Detectors(bounce=boom, arf=FAKE.arf, auto_reply=FAKE.auto_reply))
+    assert d.action == Action.CREATE
+    assert any("bounce detector failed (RuntimeError: parser bug)" in line for line in d.explanation)
+
+
+def test_decision_json_round_trip():
+    from routing.model import Decision
+
+    d = decide(mail(EVERYTHING), threads={"<parent@test>": ThreadHit("<parent@test>", "m", 1)})
+    assert Decision.from_json(d.to_json()) == d
