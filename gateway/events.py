@@ -1,0 +1,287 @@
+"""Event delivery from the outbox: signed webhooks (at-least-once, ordered per mail) and the pull API.
+
+Webhooks. For every subscriber in `config.events.webhooks` the dispatcher fans each new event out into a
+`webhook_deliveries` row (`skipped` when the subscriber's type filter excludes it), then POSTs pending rows:
+one event per request, JSON body as in docs/events.md, header
+`X-Mailgate-Signature: t=<unix time>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`. A 2xx answer marks the
+row `sent`; anything else retries with doubling backoff until the subscriber's horizon, then `dead`
+(`mailgate events replay` sends dead or sent rows again). Events of one mail (same Message-ID) go out in
+sequence order: event N+1 is not sent before N was answered 2xx or dead-lettered.
+
+Fan-out scans events after a per-subscriber cursor (kv `webhook:<name>:cursor`) with a look-back window
+and an anti-join, so an event whose sequence number committed late (PostgreSQL) is still picked up.
+
+Pull API. `GET /events?after=SEQ&types=a,b&limit=N` with `Authorization: Bearer <token>` answers
+`{"events": [...], "next": SEQ}`; `add_events_routes(app, engine, token)` mounts it on any aiohttp app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from sqlalchemy import Connection, Engine, and_, exists, insert, select, update
+
+from gateway.config import EventsConfig, WebhookConfig, secret as env_secret
+from gateway.outbox import EVENT_TYPES, event_to_json
+from gateway.schema import events, kv, webhook_deliveries
+from gateway.store import as_utc, utcnow
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Mailgate-Signature"
+FANOUT_LOOKBACK = 1000   # sequence numbers re-examined behind the cursor (late commits on PostgreSQL)
+FANOUT_BATCH = 1000
+PENDING_SCAN = 2000
+
+
+# ------------------------------------------------------------------------------------------ signing (pure)
+def sign(secret: bytes, body: bytes, timestamp: int | None = None) -> str:
+    """The signature header value for one request body."""
+    t = int(time.time()) if timestamp is None else timestamp
+    mac = hmac.new(secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def verify(secret: bytes, body: bytes, header: str, *, tolerance: float = 300.0,
+           now: float | None = None) -> bool:
+    """What a subscriber runs: the signature matches and the timestamp is recent (replay protection)."""
+    try:
+        fields = dict(item.split("=", 1) for item in header.split(","))
+        t = int(fields["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - t) > tolerance:
+        return False
+    expected = hmac.new(secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, fields.get("v1", ""))
+
+
+def backoff(attempts: int, minimum: float, maximum: float) -> float:
+    return min(maximum, minimum * (2 ** max(0, attempts - 1)))
+
+
+def wants(hook: WebhookConfig, event_type: str) -> bool:
+    return not hook.types or event_type in hook.types
+
+
+# ------------------------------------------------------------------------------------------ store side
+def _cursor_key(name: str) -> str:
+    return f"webhook:{name}:cursor"
+
+
+def fan_out(conn: Connection, hook: WebhookConfig) -> int:
+    """Create delivery rows for events this subscriber has not seen; returns how many are pending."""
+    row = conn.execute(select(kv.c.value).where(kv.c.key == _cursor_key(hook.name))).first()
+    cursor = int(row.value) if row and row.value else 0
+    already = exists().where(and_(webhook_deliveries.c.event_seq == events.c.seq,
+                                  webhook_deliveries.c.subscriber == hook.name))
+    rows = conn.execute(
+        select(events.c.seq, events.c.type).where(events.c.seq > max(0, cursor - FANOUT_LOOKBACK))
+        .where(~already).order_by(events.c.seq).limit(FANOUT_BATCH)
+    ).all()
+    if not rows:
+        return 0
+    now = utcnow()
+    pending = 0
+    for r in rows:
+        state = "pending" if wants(hook, r.type) else "skipped"
+        pending += state == "pending"
+        conn.execute(insert(webhook_deliveries).values(
+            event_seq=r.seq, subscriber=hook.name, state=state, attempts=0, next_attempt_at=now))
+    top = max(cursor, rows[-1].seq)
+    if row is None:
+        conn.execute(insert(kv).values(key=_cursor_key(hook.name), value=str(top), updated_at=now))
+    else:
+        conn.execute(update(kv).where(kv.c.key == _cursor_key(hook.name)).values(value=str(top), updated_at=now))
+    return pending
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One event due to one subscriber."""
+
+    id: int
+    seq: int
+    attempts: int
+    occurred_at: dt.datetime
+    body: bytes
+
+
+def due_heads(conn: Connection, subscriber: str, *, limit: int = PENDING_SCAN) -> list[Delivery]:
+    """The earliest pending event of each mail, when it is due (per-mail ordering lives here)."""
+    now = utcnow()
+    rows = conn.execute(
+        select(webhook_deliveries.c.id.label("delivery_id"), webhook_deliveries.c.attempts.label("delivery_attempts"),
+               webhook_deliveries.c.next_attempt_at.label("delivery_due"), events)
+        .join(events, events.c.seq == webhook_deliveries.c.event_seq)
+        .where(webhook_deliveries.c.subscriber == subscriber, webhook_deliveries.c.state == "pending")
+        .order_by(webhook_deliveries.c.event_seq).limit(limit)
+    ).all()
+    seen: set[str] = set()
+    heads: list[Delivery] = []
+    for r in rows:
+        key = r.message_id or f"seq:{r.seq}"
+        if key in seen:
+            continue
+        seen.add(key)
+        if as_utc(r.delivery_due) <= now:
+            body = json.dumps(event_to_json(r), sort_keys=True, separators=(",", ":")).encode()
+            heads.append(Delivery(r.delivery_id, r.seq, r.delivery_attempts, as_utc(r.occurred_at), body))
+    return heads
+
+
+def mark_sent(conn: Connection, delivery_id: int) -> None:
+    conn.execute(update(webhook_deliveries).where(webhook_deliveries.c.id == delivery_id)
+                 .values(state="sent", last_error=None))
+
+
+def mark_failed(conn: Connection, delivery: Delivery, hook: WebhookConfig, error: str) -> str:
+    attempts = delivery.attempts + 1
+    now = utcnow()
+    next_at = now + dt.timedelta(seconds=backoff(attempts, hook.retry_min_seconds, hook.retry_max_seconds))
+    dead = next_at > delivery.occurred_at + dt.timedelta(hours=hook.horizon_hours)
+    state = "dead" if dead else "pending"
+    conn.execute(update(webhook_deliveries).where(webhook_deliveries.c.id == delivery.id).values(
+        state=state, attempts=attempts, next_attempt_at=next_at, last_error=error[:2000]))
+    return state
+
+
+def replay(engine: Engine, subscriber: str, since: int | None = None) -> int:
+    """Send a subscriber's sent and dead events again (from sequence `since`); returns how many."""
+    with engine.begin() as conn:
+        q = update(webhook_deliveries).where(
+            webhook_deliveries.c.subscriber == subscriber,
+            webhook_deliveries.c.state.in_(("sent", "dead", "pending")))
+        if since is not None:
+            q = q.where(webhook_deliveries.c.event_seq >= since)
+        return conn.execute(q.values(state="pending", attempts=0, next_attempt_at=utcnow(),
+                                     last_error=None)).rowcount or 0
+
+
+# ------------------------------------------------------------------------------------------ dispatcher
+class WebhookDispatcher:
+    """Fans out and POSTs events for every configured subscriber until `stop` is set."""
+
+    def __init__(self, engine: Engine, config: EventsConfig, *, concurrency: int = 8):
+        self.engine = engine
+        self.config = config
+        self.hooks = list(config.webhooks)
+        self.secrets = {h.name: (env_secret(h.secret_env, required=True, what=f"webhook {h.name} secret")
+                                 or "").encode() for h in self.hooks}
+        self.concurrency = concurrency
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Producers in this process call this after committing events (others are found by polling)."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.hooks:
+            return
+        async with aiohttp.ClientSession() as http:
+            while not stop.is_set():
+                self._wake.clear()
+                progressed = False
+                try:
+                    for hook in self.hooks:
+                        progressed |= await self._round(http, hook)
+                except Exception as exc:
+                    log.error("webhook dispatch round failed (will retry): %s", exc)
+                if progressed:
+                    continue
+                try:
+                    await asyncio.wait_for(self._wait(stop), self.config.poll_interval)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _round(self, http: aiohttp.ClientSession, hook: WebhookConfig) -> bool:
+        """Fan out, then send every due head once; True when some event was sent (go again at once)."""
+        await asyncio.to_thread(self._tx, fan_out, hook)
+        heads = await asyncio.to_thread(self._tx, due_heads, hook.name)
+        if not heads:
+            return False
+        sem = asyncio.Semaphore(self.concurrency)
+        results = await asyncio.gather(*(self._post(http, hook, d, sem) for d in heads))
+        return any(results)
+
+    def _tx(self, fn, *args):  # type: ignore[no-untyped-def]
+        with self.engine.begin() as conn:
+            return fn(conn, *args)
+
+    async def _post(self, http: aiohttp.ClientSession, hook: WebhookConfig, d: Delivery,
+                    sem: asyncio.Semaphore) -> bool:
+        async with sem:
+            headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(self.secrets[hook.name], d.body),
+                       "X-Mailgate-Event-Seq": str(d.seq), "User-Agent": "mailgate-webhooks/1"}
+            error: str | None = None
+            try:
+                async with http.post(hook.url, data=d.body, headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=hook.timeout)) as resp:
+                    if 200 <= resp.status < 300:
+                        await asyncio.to_thread(self._tx, mark_sent, d.id)
+                        return True
+                    error = f"HTTP {resp.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            state = await asyncio.to_thread(self._tx, mark_failed, d, hook, error or "failed")
+            if state == "dead":
+                log.warning("webhook %s: event seq %s dead-lettered after %d attempts (%s); "
+                            "`mailgate events replay --subscriber %s` sends it again",
+                            hook.name, d.seq, d.attempts + 1, error, hook.name)
+            return state == "dead"  # a dead head unblocks the next event of its mail
+
+
+# ------------------------------------------------------------------------------------------ pull API
+def read_events(engine: Engine, *, after: int = 0, types: Sequence[str] = (), limit: int = 100,
+                ) -> list[dict]:  # type: ignore[type-arg]
+    """Events after a cursor, oldest first, in their wire form."""
+    q = select(events).where(events.c.seq > after).order_by(events.c.seq).limit(limit)
+    if types:
+        q = q.where(events.c.type.in_(list(types)))
+    with engine.connect() as conn:
+        return [event_to_json(r) for r in conn.execute(q)]
+
+
+def add_events_routes(app: web.Application, engine: Engine, token: str | None, *, path: str = "/events") -> None:
+    """Mount `GET /events` (bearer token) on an aiohttp app; without a token the route answers 503."""
+
+    async def handler(request: web.Request) -> web.Response:
+        if not token:
+            return web.json_response({"error": "pull API disabled: set events.api_token_env"}, status=503)
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        if not given or not hmac.compare_digest(given.encode(), token.encode()):
+            return web.json_response({"error": "missing or wrong bearer token"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        try:
+            after = int(request.query.get("after", "0") or 0)
+            limit = max(1, min(1000, int(request.query.get("limit", "100") or 100)))
+        except ValueError:
+            return web.json_response({"error": "after and limit must be integers"}, status=400)
+        types = [t for t in request.query.get("types", "").split(",") if t]
+        unknown = [t for t in types if t not in EVENT_TYPES]
+        if unknown:
+            return web.json_response({"error": f"unknown event types: {', '.join(unknown)}"}, status=400)
+        rows = await asyncio.to_thread(read_events, engine, after=after, types=types, limit=limit)
+        nxt = rows[-1]["seq"] if rows else after
+        return web.json_response({"events": rows, "next": nxt})
+
+    app.router.add_get(path, handler)

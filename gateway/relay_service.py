@@ -1,0 +1,117 @@
+"""Starts the outbound side of the gateway: submission listener(s), delivery worker, tracking HTTP, webhooks.
+
+`mailgate serve` calls `run_outbound_services(config, engine, stop)`; it returns once `stop` is set and
+everything it started has shut down. Each part is skipped when not configured (no submission listener,
+tracking disabled, no webhooks), so the same call fits every node of a multi-node deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from sqlalchemy import Engine
+
+from gateway.config import Config, ConfigError, secret as env_secret
+from gateway.events import WebhookDispatcher, add_events_routes
+from gateway.outbound import OutboundWorker, SmtpTransport
+from gateway.relay import start_submission_listener
+from gateway.relay_batch import TransactionBatcher
+from gateway.tracking import make_tracking_app
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OutboundServices:
+    """Handles on what `start_outbound_services` started (tests read the bound ports from here)."""
+
+    worker: OutboundWorker
+    dispatcher: WebhookDispatcher
+    batcher: TransactionBatcher
+    smtp_servers: list[asyncio.base_events.Server] = field(default_factory=list)
+    http_runner: web.AppRunner | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def submission_ports(self) -> list[int]:
+        return [s.sockets[0].getsockname()[1] for s in self.smtp_servers if s.sockets]
+
+    @property
+    def tracking_port(self) -> int | None:
+        if self.http_runner is None:
+            return None
+        for site in self.http_runner.sites:
+            server = getattr(site, "_server", None)
+            if server is not None and server.sockets:
+                return int(server.sockets[0].getsockname()[1])
+        return None
+
+    async def close(self) -> None:
+        for server in self.smtp_servers:
+            server.close()
+        for server in self.smtp_servers:
+            await server.wait_closed()
+        for t in self.tasks:
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+        await self.batcher.close()
+
+
+def site_secret(config: Config) -> bytes:
+    """The HMAC key for VERP and tracking tokens (config.outbound.secret_env names the variable)."""
+    value = env_secret(config.outbound.secret_env, required=True, what="outbound.secret_env (VERP/tracking key)")
+    assert value is not None
+    if len(value) < 16:
+        raise ConfigError(None, [f"{config.outbound.secret_env}: the VERP/tracking secret must be at least "
+                                 "16 characters (tokens are only as strong as it is)"])
+    return value.encode()
+
+
+async def start_outbound_services(config: Config, engine: Engine, stop: asyncio.Event, *,
+                                  transport: SmtpTransport | None = None) -> OutboundServices:
+    """Start everything; the worker and dispatcher run as tasks until `stop` is set."""
+    secret = site_secret(config)
+    batcher = TransactionBatcher(engine, max_batch=config.storage.group_commit_max,
+                                 max_wait_ms=config.storage.group_commit_ms)
+    dispatcher = WebhookDispatcher(engine, config.events)
+    worker = OutboundWorker(engine, config, secret, batcher, transport=transport, on_event=dispatcher.wake)
+    services = OutboundServices(worker=worker, dispatcher=dispatcher, batcher=batcher)
+    services.tasks.append(asyncio.create_task(worker.run(stop), name="outbound-worker"))
+    services.tasks.append(asyncio.create_task(dispatcher.run(stop), name="webhook-dispatcher"))
+    try:
+        for listener in config.listeners:
+            if listener.kind != "submission":
+                continue
+            server = await start_submission_listener(listener, config, batcher, secret, worker.submit)
+            services.smtp_servers.append(server)
+            log.info("submission listener %s on %s:%s", listener.name or "-", listener.host,
+                     services.submission_ports[-1])
+        if config.tracking.enabled or config.events.api_token_env:
+            app = make_tracking_app(engine, secret, prefetch_seconds=config.tracking.prefetch_seconds,
+                                    on_event=dispatcher.wake)
+            add_events_routes(app, engine, env_secret(config.events.api_token_env))
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, config.tracking.host, config.tracking.port).start()
+            services.http_runner = runner
+            log.info("tracking HTTP (and GET /events) on %s:%s", config.tracking.host, services.tracking_port)
+    except BaseException:
+        stop.set()
+        await services.close()
+        raise
+    return services
+
+
+async def run_outbound_services(config: Config, engine: Engine, stop: asyncio.Event) -> None:
+    """What `mailgate serve` awaits: run the outbound side until `stop` is set, then shut it down."""
+    services = await start_outbound_services(config, engine, stop)
+    try:
+        await stop.wait()
+    finally:
+        await services.close()
