@@ -1,0 +1,386 @@
+"""IMAP puller against a private Dovecot: once each, fast after delivery, through restarts, kills and renumbering.
+
+The Dovecot tests skip when /usr/sbin/dovecot is absent (see tests/dovecot.py); the parsing tests run anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+from sqlalchemy import func, select
+
+from gateway.config import ImapSourceConfig
+from gateway.imap import ImapPuller
+from gateway.imap_envelope import envelope_from_headers
+from gateway.imap_protocol import has_exists, parse_fetch, parse_search, parse_select, uid_set
+from gateway.schema import imap_checkpoints, imap_seen, messages
+from gateway.spool import get_raw, list_messages
+from gateway.store import open_store
+from tests.dovecot import Dovecot, dovecot_available
+
+pytestmark = pytest.mark.imap
+
+ROOT = Path(__file__).resolve().parent.parent
+USER, PASSWORD = "catchall", "s3cret-pw"
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def mail(i: int, *, tag: str = "", size: int = 0) -> bytes:
+    """A distinct message per i (own Message-ID, own body), shaped like a catchall delivery."""
+    body = f"Hello {i} {tag}\r\n" + ("x" * 76 + "\r\n") * (size // 78)
+    return (f"Return-Path: <sender{i}@client.test>\r\n"
+            f"Delivered-To: catchall@example.test\r\n"
+            f"X-Original-To: sales+{i}@example.test\r\n"
+            f"From: Sender {i} <sender{i}@client.test>\r\n"
+            f"To: sales@example.test\r\n"
+            f"Subject: request {i} {tag}\r\n"
+            f"Message-ID: <req-{i}-{tag}@client.test>\r\n"
+            f"\r\n{body}").encode()
+
+
+@pytest.fixture
+def dovecot() -> Iterator[Dovecot]:
+    reason = dovecot_available()
+    if reason:
+        pytest.skip(reason)
+    with Dovecot({USER: PASSWORD, "person": "other-pw"}) as server:
+        yield server
+
+
+@pytest.fixture
+def engine(tmp_path):  # type: ignore[no-untyped-def]
+    eng = open_store(f"sqlite:///{tmp_path}/spool.db", synchronous="NORMAL")
+    yield eng
+    eng.dispose()
+
+
+def source(server: Dovecot, **kw) -> ImapSourceConfig:  # type: ignore[no-untyped-def]
+    values = dict(name=f"t{uuid.uuid4().hex[:8]}", host=server.host, port=server.port, security="none",
+                  login=USER, password_env="MAILGATE_TEST_IMAP_PW", batch_size=50, timeout=10.0)
+    values.update(kw)
+    return ImapSourceConfig(**values)
+
+
+def spooled(engine, src: ImapSourceConfig) -> list:  # type: ignore[no-untyped-def]
+    return [m for m in list_messages(engine, limit=100_000) if m.source == f"imap:{src.name}"]
+
+
+def count(engine, src: ImapSourceConfig) -> int:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(messages)
+                                .where(messages.c.source == f"imap:{src.name}")).scalar_one())
+
+
+async def wait_for(predicate, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+class Running:
+    """A puller task with a stop event; `await stop()` ends it the way `serve` does."""
+
+    def __init__(self, puller: ImapPuller):
+        self.puller = puller
+        self.stop_event = asyncio.Event()
+        self.task = asyncio.create_task(puller.run(self.stop_event))
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        await asyncio.wait_for(self.task, 20)
+        self.puller.close()
+
+
+def puller(src: ImapSourceConfig, engine) -> ImapPuller:  # type: ignore[no-untyped-def]
+    p = ImapPuller(src, engine, password=PASSWORD)
+    p.backoff_initial = 0.1
+    return p
+
+
+def assert_exactly_once(engine, src, expected: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    rows = spooled(engine, src)
+    ids = [m.message_id for m in rows]
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} message(s) spooled twice"
+    want = {f"<req-{raw.split(b'<req-')[1].split(b'>')[0].decode()}>" for raw in expected}
+    assert set(ids) == want, f"missing {sorted(want - set(ids))[:5]}, unexpected {sorted(set(ids) - want)[:5]}"
+
+
+def all_after_done(engine, src) -> bool:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return not conn.execute(select(imap_seen.c.uid).where(imap_seen.c.source == f"imap:{src.name}",
+                                                              imap_seen.c.after_done.is_(False))).first()
+
+
+# ------------------------------------------------------------------------------------- pure parsing
+def test_parse_fetch_uid_before_or_after_literal_and_unsolicited_lines_skipped():
+    lines = [
+        b'1 FETCH (UID 7 INTERNALDATE "22-Nov-2026 15:00:00 +0000" BODY[] {5}', bytearray(b"hello"), b")",
+        b"2 FETCH (FLAGS (\\Seen))",  # another session flagged a message: no body
+        b"3 FETCH (BODY[] {3}", bytearray(b"abc"), b" UID 9)",
+        b"Fetch completed (0.001 + 0.000 secs).",
+    ]
+    got = parse_fetch(lines)
+    assert [(m.uid, m.raw) for m in got] == [(7, b"hello"), (9, b"abc")]
+    assert got[0].internaldate is not None and got[0].internaldate.hour == 15
+    assert got[1].internaldate is None
+
+
+def test_parse_search_select_and_push_lines():
+    assert parse_search([b"4 2 9", b"Search completed (0.001 + 0.000 secs)."]) == [2, 4, 9]
+    assert parse_search([b"SEARCH 3", b"OK"]) == [3]
+    assert parse_search([b"", b"Search completed."]) == []
+    status = parse_select([b"FLAGS (\\Seen)", b"12 EXISTS", b"OK [UIDVALIDITY 1795] UIDs valid",
+                           b"OK [UIDNEXT 44] Predicted next UID", b"[READ-WRITE] Select completed"])
+    assert (status.uidvalidity, status.uidnext, status.exists) == (1795, 44, 12)
+    with pytest.raises(ValueError):
+        parse_select([b"3 EXISTS"])
+    assert has_exists([b"51 EXISTS", b"51 RECENT"])
+    assert not has_exists([b"3 EXPUNGE", b"4 FETCH (FLAGS (\\Seen))"])
+
+
+def test_uid_set_is_compact():
+    assert uid_set([5, 1, 2, 3, 9, 10, 12]) == "1:3,5,9:10,12"
+    assert uid_set([4]) == "4"
+    with pytest.raises(ValueError):
+        uid_set([])
+
+
+def test_envelope_from_configured_headers_first_present_wins():
+    raw = (b"Return-Path: <>\r\nDelivered-To: catchall@example.test\r\n"
+           b"X-Original-To: Sales@Example.test, support@example.test\r\nTo: x@example.test\r\n\r\nbody")
+    assert envelope_from_headers(raw, ("X-Original-To", "Delivered-To")) == \
+        ("", ("Sales@Example.test", "support@example.test"))
+    assert envelope_from_headers(raw, ("Delivered-To", "X-Original-To")) == ("", ("catchall@example.test",))
+    assert envelope_from_headers(b"Return-Path: <a@b.test>\r\nTo: A <t@x.test>, t@X.test\r\n\r\n",
+                                 ("Delivered-To", "To")) == ("a@b.test", ("t@x.test",))
+    assert envelope_from_headers(b"Subject: none\r\n\r\n", ("To",)) == ("", ())
+
+
+# ---------------------------------------------------------------------------------- against Dovecot
+async def test_500_messages_pulled_once_each(dovecot, engine):
+    sent = [mail(i, size=2000) for i in range(500)]
+    await asyncio.to_thread(dovecot.append, USER, sent)
+    src = source(dovecot, batch_size=100)
+    run = Running(puller(src, engine))
+    await wait_for(lambda: count(engine, src) >= 500, 60, "500 spooled")
+    await wait_for(lambda: all_after_done(engine, src), 10, "after-actions")
+    await run.stop()
+    assert_exactly_once(engine, src, sent)
+    # Byte-exact; the envelope comes from the default header order (Delivered-To first)
+    row = spooled(engine, src)[0]
+    assert get_raw(engine, row.id) in sent
+    assert row.mail_from.startswith("sender") and row.rcpt_tos == ("catchall@example.test",)
+    assert dovecot.uids(USER, criteria="UNSEEN") == []  # after = seen
+    assert REGISTRY.get_sample_value("mailgate_imap_pulled_total", {"source": f"imap:{src.name}"}) == 500
+    # A second pass (a restart) finds nothing new.
+    run = Running(puller(src, engine))
+    await asyncio.sleep(1.0)
+    await run.stop()
+    assert count(engine, src) == 500
+    with engine.connect() as conn:
+        cp = conn.execute(select(imap_checkpoints).where(imap_checkpoints.c.source == f"imap:{src.name}")).one()
+    assert cp.last_uid == max(dovecot.uids(USER))
+
+
+async def test_message_delivered_while_idling_reaches_spool_within_2s(dovecot, engine):
+    src = source(dovecot, rcpt_headers=("X-Original-To", "Delivered-To", "To"))
+    run = Running(puller(src, engine))
+    await wait_for(lambda: REGISTRY.get_sample_value(
+        "mailgate_imap_connection", {"source": f"imap:{src.name}", "mailgate_imap_connection": "idle"}) == 1,
+        10, "the puller to idle")
+    await asyncio.sleep(0.3)
+    for i in range(3):  # more than once: the second and third arrive on a renewed IDLE
+        await asyncio.to_thread(dovecot.append, "catchall", [mail(i, tag="idle")])
+        elapsed = await wait_for(lambda: count(engine, src) == i + 1, 10, f"idle message {i}")
+        assert elapsed < 2.0, f"message {i} took {elapsed:.2f} s to reach the spool"
+    await run.stop()
+    assert spooled(engine, src)[0].rcpt_tos == ("sales+0@example.test",)
+
+
+async def test_polling_when_idle_is_off(dovecot, engine):
+    src = source(dovecot, idle=False, poll_interval=0.2)
+    run = Running(puller(src, engine))
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(dovecot.append, USER, [mail(1, tag="poll")])
+    await wait_for(lambda: count(engine, src) == 1, 5, "polled message")
+    await run.stop()
+
+
+async def test_messages_read_by_a_person_are_still_pulled(dovecot, engine):
+    sent = [mail(i, tag="read") for i in range(10)]
+    await asyncio.to_thread(dovecot.append, USER, sent[:5], flags=r"(\Seen)")
+    await asyncio.to_thread(dovecot.append, USER, sent[5:])
+    src = source(dovecot)
+    run = Running(puller(src, engine))
+    await wait_for(lambda: count(engine, src) == 10, 10, "10 spooled")
+    await run.stop()
+    assert_exactly_once(engine, src, sent)
+
+
+async def test_server_restarted_mid_batch(dovecot, engine):
+    sent = [mail(i, tag="restart", size=1000) for i in range(300)]
+    await asyncio.to_thread(dovecot.append, USER, sent)
+    src = source(dovecot, batch_size=25)
+    p = puller(src, engine)
+    restarts = []
+
+    async def restart_after_third_batch(uids):  # type: ignore[no-untyped-def]
+        if not restarts and len(restarts) == 0 and count(engine, src) >= 75:
+            restarts.append(uids)
+            # Spooled, not yet flagged: the connection dies before the after-action.
+            await asyncio.to_thread(dovecot.restart)
+
+    p.after_commit_hook = restart_after_third_batch
+    run = Running(p)
+    await wait_for(lambda: count(engine, src) >= 300, 60, "300 spooled")
+    await wait_for(lambda: all_after_done(engine, src), 20, "after-actions redone")
+    await run.stop()
+    assert restarts, "the server was never restarted"
+    assert_exactly_once(engine, src, sent)
+    assert dovecot.uids(USER, criteria="UNSEEN") == []
+
+
+async def test_puller_cancelled_between_spool_and_after_action_then_restarted(dovecot, engine):
+    sent = [mail(i, tag="cancel") for i in range(120)]
+    await asyncio.to_thread(dovecot.append, USER, sent)
+    src = source(dovecot, batch_size=20, after="move", move_to="Archive")
+    first = puller(src, engine)
+    crashed = asyncio.Event()
+
+    def crash(_uids):  # type: ignore[no-untyped-def]
+        if count(engine, src) >= 40:
+            crashed.set()
+            raise asyncio.CancelledError  # the task dies here, like a killed process
+
+    first.after_commit_hook = crash
+    task = asyncio.create_task(first.run(asyncio.Event()))
+    await asyncio.wait_for(crashed.wait(), 20)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    first.close()
+    assert not all_after_done(engine, src)  # the crash left a batch spooled but not moved
+    assert len(dovecot.uids(USER)) > 120 - count(engine, src)
+    run = Running(puller(src, engine))
+    await wait_for(lambda: count(engine, src) >= 120, 30, "120 spooled")
+    await wait_for(lambda: all_after_done(engine, src), 10, "after-actions")
+    await run.stop()
+    assert_exactly_once(engine, src, sent)
+    assert dovecot.uids(USER) == []
+    assert len(dovecot.uids(USER, mailbox="Archive")) == 120
+
+
+async def test_puller_process_killed_mid_batch_then_restarted(dovecot, engine, tmp_path):
+    sent = [mail(i, tag="kill", size=4000) for i in range(400)]
+    await asyncio.to_thread(dovecot.append, USER, sent)
+    src = source(dovecot, batch_size=10)
+    script = textwrap.dedent(f"""
+        import asyncio, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from gateway.config import ImapSourceConfig
+        from gateway.imap import ImapPuller
+        from gateway.store import open_store
+        src = ImapSourceConfig.model_validate_json({src.model_dump_json()!r})
+        engine = open_store({str(engine.url)!r}, synchronous="NORMAL")
+        asyncio.run(ImapPuller(src, engine, password={PASSWORD!r}).run(asyncio.Event()))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        await wait_for(lambda: count(engine, src) >= 60 or proc.poll() is not None, 60, "the child to pull")
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    partial = count(engine, src)
+    assert 60 <= partial < 400, f"child pulled {partial}: not killed mid-run"
+    run = Running(puller(src, engine))
+    await wait_for(lambda: count(engine, src) >= 400, 60, "400 spooled")
+    await wait_for(lambda: all_after_done(engine, src), 10, "after-actions")
+    await run.stop()
+    assert_exactly_once(engine, src, sent)
+    assert dovecot.uids(USER, criteria="UNSEEN") == []
+
+
+async def test_uidvalidity_change_does_not_duplicate(dovecot, engine):
+    box = "Catchall"
+    c = dovecot.client(USER)
+    c.create(box)
+    c.logout()
+    old = [mail(i, tag="uv") for i in range(30)]
+    await asyncio.to_thread(dovecot.append, USER, old, mailbox=box)
+    src = source(dovecot, mailbox=box)
+    run = Running(puller(src, engine))
+    await wait_for(lambda: count(engine, src) == 30, 10, "30 spooled")
+    await run.stop()
+    before = dovecot.uidvalidity(USER, box)
+    # The mailbox is rebuilt (restored from backup, migrated): same mail, new UIDVALIDITY, plus new mail.
+    dovecot.recreate_mailbox(USER, box)
+    new = [mail(i, tag="uv-new") for i in range(5)]
+    await asyncio.to_thread(dovecot.append, USER, old + new, mailbox=box)
+    assert dovecot.uidvalidity(USER, box) != before
+    run = Running(puller(src, engine))
+    await wait_for(lambda: count(engine, src) == 35 and all_after_done(engine, src), 10, "the 5 new spooled")
+    await asyncio.sleep(0.5)
+    await run.stop()
+    assert_exactly_once(engine, src, old + new)
+    assert REGISTRY.get_sample_value("mailgate_imap_duplicates_total", {"source": f"imap:{src.name}"}) == 30
+    assert dovecot.uids(USER, mailbox=box, criteria="UNSEEN") == []  # the recognised ones were acted on too
+
+
+async def test_after_delete_empties_the_mailbox(dovecot, engine):
+    sent = [mail(i, tag="del") for i in range(20)]
+    await asyncio.to_thread(dovecot.append, USER, sent)
+    src = source(dovecot, after="delete", batch_size=7)
+    run = Running(puller(src, engine))
+    await wait_for(lambda: count(engine, src) == 20 and all_after_done(engine, src), 10, "20 spooled")
+    await run.stop()
+    assert dovecot.uids(USER) == []
+    assert_exactly_once(engine, src, sent)
+
+
+async def test_wrong_password_backs_off_and_spools_nothing(dovecot, engine, caplog):
+    src = source(dovecot)
+    p = ImapPuller(src, engine, password="wrong")
+    p.backoff_initial = 0.1
+    run = Running(p)
+    await asyncio.sleep(1.5)
+    await run.stop()
+    assert count(engine, src) == 0
+    assert "LOGIN as 'catchall' refused" in caplog.text
+
+
+@pytest.mark.parametrize("security", ["ssl", "starttls"])
+async def test_tls_implicit_and_starttls(security, engine):
+    reason = dovecot_available()
+    if reason:
+        pytest.skip(reason)
+    try:
+        server = Dovecot({USER: PASSWORD}, tls=True)
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make a test certificate: {exc}")
+    with server:
+        sent = [mail(i, tag=security) for i in range(5)]
+        await asyncio.to_thread(server.append, USER, sent)
+        port = server.tls_port if security == "ssl" else server.port
+        src = source(server, port=port, security=security, tls_ca_file=str(server.cert))
+        run = Running(puller(src, engine))
+        await wait_for(lambda: count(engine, src) == 5, 15, f"5 spooled over {security}")
+        await run.stop()
+        assert_exactly_once(engine, src, sent)
+        assert "TLS" in server.log() or "secured" in server.log()
