@@ -1,0 +1,175 @@
+"""Storage tests, run against SQLite and (when configured) PostgreSQL: the spool's guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+
+from sqlalchemy import Engine, select, update
+
+from gateway.outbox import EventDraft, record_events
+from gateway.schema import events, messages
+from gateway.spool import (
+    Envelope, SpoolWriter, claim, counts_by_state, delete_message, get_message, get_raw, header_facts, history,
+    list_messages, purge_raw, release, spool_many, spool_one, transition,
+)
+from gateway.store import open_store, utcnow
+
+
+def env(*rcpts: str) -> Envelope:
+    return Envelope(mail_from="alice@client.test", rcpt_tos=rcpts or ("sales@example.test",), client_addr="127.0.0.1",
+                    helo="client.test", listener="test")
+
+
+def mail(mid: str, refs: str = "", body: bytes = b"hello\r\n") -> bytes:
+    head = f"Message-ID: {mid}\r\n" + (f"References: {refs}\r\n" if refs else "") + "Subject: t\r\n\r\n"
+    return head.encode() + body
+
+
+def test_spool_is_byte_exact_with_envelope(engine: Engine) -> None:
+    raw = mail("<a@x>", body=bytes(range(256)) * 4000 + b"\r\n")  # every byte value, ~1 MB
+    ident = spool_one(engine, raw, env("sales@example.test", "Support@Example.test"))
+    assert get_raw(engine, ident) == raw
+    m = get_message(engine, ident)
+    assert m is not None
+    assert (m.state, m.message_id, m.size, m.rcpt_tos) == ("received", "<a@x>", len(raw),
+                                                           ("sales@example.test", "Support@Example.test"))
+    assert m.sha256 and m.client_addr == "127.0.0.1" and m.helo == "client.test"
+    assert [h["state"] for h in history(engine, ident)] == ["received"]
+
+
+def test_header_facts_thread_key_and_folded_ids() -> None:
+    assert header_facts(mail("<a@x>")) == ("<a@x>", "<a@x>")
+    assert header_facts(mail("<b@x>", refs="<root@x>\r\n <a@x>")) == ("<b@x>", "<root@x>")
+    folded = b"Message-ID:\r\n <long.id.\r\n folded@x>\r\nIn-Reply-To: <p@x>\r\n\r\nbody"
+    assert header_facts(folded) == ("<long.id.folded@x>", "<p@x>")
+    assert header_facts(b"Subject: none\r\n\r\nMessage-ID: <in-body@x>\r\n") == (None, "")
+
+
+async def test_group_commit_writer(engine: Engine) -> None:
+    writer = SpoolWriter(engine, max_batch=16, max_wait_ms=5)
+    ids = await asyncio.gather(*[writer.store(mail(f"<g{i}@x>"), env()) for i in range(100)])
+    await writer.close()
+    assert len(set(ids)) == 100
+    assert {m.message_id for m in list_messages(engine, limit=500)} == {f"<g{i}@x>" for i in range(100)}
+
+
+def test_claim_leases_are_exclusive_across_threads(engine: Engine) -> None:
+    spool_many(engine, [(mail(f"<c{i}@x>"), env()) for i in range(60)])
+    taken: list[int] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while True:
+            got = claim(engine, name, limit=3, lease_seconds=60)
+            if not got:
+                return
+            with lock:
+                taken.extend(c.message.id for c in got)
+            for c in got:
+                assert transition(engine, c.message.id, "delivered", owner=name)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(taken) == sorted(set(taken)) and len(taken) == 60
+    assert counts_by_state(engine)["delivered"] == 60
+
+
+def test_expired_lease_is_taken_over_and_old_owner_cannot_finish(engine: Engine) -> None:
+    ident = spool_one(engine, mail("<l@x>"), env())
+    [first] = claim(engine, "crashed", lease_seconds=60)
+    assert claim(engine, "other") == []  # still leased
+    with engine.begin() as conn:  # the crashed worker's lease runs out
+        conn.execute(update(messages).where(messages.c.id == ident)
+                     .values(lease_until=utcnow() - dt.timedelta(seconds=1)))
+    [second] = claim(engine, "other")
+    assert second.message.id == first.message.id and second.raw == mail("<l@x>")
+    assert not transition(engine, ident, "delivered", owner="crashed")
+    assert transition(engine, ident, "delivered", owner="other")
+
+
+def test_thread_order_older_message_blocks_newer(engine: Engine) -> None:
+    a = spool_one(engine, mail("<root@x>"), env())
+    b = spool_one(engine, mail("<reply@x>", refs="<root@x>"), env())
+    other = spool_one(engine, mail("<unrelated@x>"), env())
+    got = claim(engine, "w", limit=10)
+    assert {c.message.id for c in got} == {a, other}  # the reply waits for its thread's root
+    transition(engine, a, "retrying", owner="w", next_attempt_at=utcnow() + dt.timedelta(hours=1))
+    assert claim(engine, "w2", limit=10) == []        # root still pending: reply still waits
+    with engine.begin() as conn:
+        conn.execute(update(messages).where(messages.c.id == a).values(next_attempt_at=utcnow()))
+    [again] = claim(engine, "w2")
+    assert again.message.id == a
+    transition(engine, a, "delivered", owner="w2")
+    [reply] = claim(engine, "w3")
+    assert reply.message.id == b
+
+
+def test_release_and_delete(engine: Engine) -> None:
+    ident = spool_one(engine, mail("<q@x>"), env())
+    [c] = claim(engine, "w")
+    transition(engine, ident, "quarantined", owner="w", decision={"action": "quarantine", "explanation": ["no alias"]})
+    assert list_messages(engine, states=["quarantined"])[0].action == "quarantine"
+    assert release(engine, ident)
+    assert get_message(engine, ident).state == "received"  # type: ignore[union-attr]
+    assert not release(engine, ident)  # not quarantined any more
+    assert delete_message(engine, ident)
+    assert get_message(engine, ident) is None and get_raw(engine, ident) is None
+
+
+def test_retention_purges_bodies_keeps_decisions(engine: Engine) -> None:
+    old = spool_one(engine, mail("<old@x>"), env())
+    new = spool_one(engine, mail("<new@x>"), env())
+    pending = spool_one(engine, mail("<pending@x>"), env())
+    with engine.begin() as conn:
+        conn.execute(update(messages).where(messages.c.id.in_([old, pending]))
+                     .values(received_at=utcnow() - dt.timedelta(days=40)))
+        conn.execute(update(messages).where(messages.c.id.in_([old, new]))
+                     .values(state="delivered", decision='{"action": "create"}', action="create"))
+    assert purge_raw(engine, utcnow() - dt.timedelta(days=30)) == 1
+    assert get_raw(engine, old) is None and get_message(engine, old).raw_purged  # type: ignore[union-attr]
+    assert get_message(engine, old).decision == {"action": "create"}  # type: ignore[union-attr]
+    assert get_raw(engine, new) is not None and get_raw(engine, pending) is not None  # unfinished mail is kept
+
+
+def test_events_outbox_ids_stable_and_idempotent(engine: Engine) -> None:
+    draft = EventDraft(type="bounced", seed="spool:1:bounced:bob@example.test", message_id="<m@x>",
+                       recipient="bob@example.test", data={"kind": "hard"})
+    with engine.begin() as conn:
+        assert record_events(conn, [draft, draft]) == 1
+    with engine.begin() as conn:  # a retried transaction records nothing new
+        assert record_events(conn, [draft]) == 0
+    with engine.connect() as conn:
+        rows = conn.execute(select(events)).all()
+    assert len(rows) == 1 and rows[0].id == draft.id
+
+
+def test_transition_and_events_are_one_transaction(engine: Engine) -> None:
+    ident = spool_one(engine, mail("<t@x>"), env())
+    claim(engine, "w")
+    draft = EventDraft(type="replied", seed=f"spool:{ident}:replied")
+
+    def boom(conn) -> None:  # type: ignore[no-untyped-def]
+        record_events(conn, [draft])
+        raise RuntimeError("crash after the events, before commit")
+
+    try:
+        transition(engine, ident, "delivered", owner="w", also=boom)
+    except RuntimeError:
+        pass
+    assert get_message(engine, ident).state == "received"  # type: ignore[union-attr]
+    with engine.connect() as conn:
+        assert conn.execute(select(events)).all() == []
+
+
+def test_migrations_are_idempotent(store_url: str) -> None:
+    first = open_store(store_url)
+    spool_one(first, mail("<keep@x>"), env())
+    first.dispose()
+    second = open_store(store_url)  # a restart runs the migrations again
+    assert [m.message_id for m in list_messages(second)] == ["<keep@x>"]
+    second.dispose()
