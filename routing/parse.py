@@ -336,8 +336,14 @@ def sanitize_filename(name: str | None, fallback: str = "attachment") -> str:
     return name or fallback
 
 
+def _h(part: email.message.Message, name: str) -> str:
+    """A part header as text (compat32 hands back `Header` objects for raw 8-bit values)."""
+    value = part.get(name)
+    return _unescape(str(value)) if value is not None else ""
+
+
 def _content_type_of(part: email.message.Message) -> str:
-    raw = (part.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+    raw = _h(part, "Content-Type").split(";", 1)[0].strip().lower()
     if raw == "binary/octet-stream":
         return "application/octet-stream"
     if raw == "pdf" or raw.startswith("pdf"):
@@ -370,7 +376,32 @@ def _filename(part: email.message.Message) -> str | None:
         name = None
     if name is None:
         return None
+    name = str(name)
     return decode_header_value(name) if "=?" in name else _unescape(name)
+
+
+def _leaves(root: email.message.Message) -> list[email.message.Message]:
+    """Leaf parts in document order; an embedded message/rfc822 is one leaf (an attachment), not walked."""
+    out: list[email.message.Message] = []
+    stack = [root]
+    while stack:
+        part = stack.pop()
+        if part is not root and part.get_content_type() == "message/rfc822":
+            out.append(part)
+            continue
+        payload = part.get_payload() if part.is_multipart() else None
+        if isinstance(payload, list):
+            stack.extend(reversed([p for p in payload if isinstance(p, email.message.Message)]))
+            continue
+        out.append(part)
+    return out
+
+
+def _embedded_bytes(part: email.message.Message) -> bytes:
+    inner = part.get_payload()
+    if isinstance(inner, list) and inner:
+        return inner[0].as_bytes()
+    return b""
 
 
 def extract_content(parsed: ParsedMail) -> Content:
@@ -384,20 +415,19 @@ def extract_content(parsed: ParsedMail) -> Content:
     texts: list[str] = []
     htmls: list[str] = []
     atts: list[Attachment] = []
-    for part in parsed.msg.walk():
-        if part.is_multipart():
-            continue
+    for part in _leaves(parsed.msg):
         ctype = _content_type_of(part)
-        disposition = (part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
+        disposition = _h(part, "Content-Disposition").split(";", 1)[0].strip().lower()
         name = _filename(part)
-        cid = part.get("Content-ID")
-        cid_clean = normalize_message_id(str(cid)).strip("<>") if cid else None
+        cid = _h(part, "Content-ID")
+        norm_cid = normalize_message_id(cid) if cid else None
+        cid_clean = norm_cid.strip("<>") if norm_cid else None
         is_body_text = ctype in ("text/plain", "text/html") and not name and disposition != "attachment"
         if is_body_text:
             (htmls if ctype == "text/html" else texts).append(_part_text(part, defects))
             continue
         try:
-            payload = part.get_payload(decode=True)
+            payload = _embedded_bytes(part) if part.is_multipart() else part.get_payload(decode=True)
         except Exception as exc:  # noqa: BLE001
             defects.append(f"undecodable attachment: {exc}")
             payload = None

@@ -162,3 +162,13 @@ def test_size_and_counts():
     p = parse_mail(raw)
     assert p.size == len(raw) and p.header_count == 2 and p.part_count == 1
     assert p.has_header("TO") and not p.has_header("Cc")
+
+
+def test_embedded_message_is_one_attachment_not_walked():
+    raw = (b'From: a@b.c\r\nContent-Type: multipart/mixed; boundary="M"\r\n\r\n--M\r\n'
+           b"Content-Type: text/plain\r\n\r\nouter\r\n--M\r\nContent-Type: message/rfc822\r\n\r\n"
+           b"From: x@y.z\r\nSubject: inner\r\n\r\ninner body\r\n--M--\r\n")
+    c = extract_content(parse_mail(raw))
+    assert c.text.strip() == "outer"
+    assert [(a.filename, a.content_type) for a in c.attachments] == [("message.eml", "message/rfc822")]
+    assert b"inner body" in c.attachments[0].payload
