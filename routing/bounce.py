@@ -165,9 +165,12 @@ def _result(recipient: str, *, status: str | None, diagnostic: str | None, delay
 
 def _from_dsn(rows: list[DsnRecipient], original_id: str | None, context: str) -> list[BounceResult]:
     out = []
+    seen: set[str] = set()
     for row in rows:
-        if not row.is_failure:
+        # Some MTAs repeat a recipient once per expanded alias or per attempt: report it once.
+        if not row.is_failure or row.recipient.lower() in seen:
             continue
+        seen.add(row.recipient.lower())
         status = row.status or status_in(row.diagnostic)
         out.append(_result(row.recipient, status=status, diagnostic=row.diagnostic,
                            delayed=row.action == "delayed", detector="dsn", original_id=original_id,

@@ -62,10 +62,10 @@ TEXT_REASONS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((reason, re.compil
     ("toomanyconn", r"too many (?:connections|hops|recipients|messages)|connection limit|rate limit|message looping|mail loop|loop detected|loops back"),
     ("blocked", r"blacklist|blocklist|block ?listed|\bRBL\b|spamhaus|\bblocked\b|access denied|client host rejected|"
                 r"reputation|not allowed to send|sender (?:address )?rejected"),
-    ("policyviolation", r"policy|dmarc|moderat|not authori[sz]ed|members-only"),
+    ("policyviolation", r"grey-?listed|greylisting|policy|dmarc|moderat|not authori[sz]ed|members-only"),
     ("securityerror", r"authenticat|\bspf\b|dkim|\btls\b|ssl|encrypt"),
     ("filtered", r"not accepting mail from|filter|refused by recipient|rejected by the recipient|automatically rejected"),
-    ("expired", r"expired|too long|timed? ?out|time-?out|gave up|given up|delivery attempts|retry time|not (?:been )?delivered within|"
+    ("expired", r"expired|too long|timed? ?out|time-?out|delivery attempts|retry time|not (?:been )?delivered within|"
                 r"has not been collected|aborted after|delayed|still being retried|has not yet been delivered|postponed"),
     ("networkerror", r"connection (?:refused|reset|failed|closed|lost)|could not connect|unable to connect|not reachable|unreachable|"
                      r"not responding|did not respond|establish an? smtp connection|network|name server|dns|try again|"

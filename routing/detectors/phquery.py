@@ -1,8 +1,8 @@
 """University "phquery" directory mailers (Yale, and others running the same software): a failed
 *name* rather than an address, "NAME   No matches to nameserver query".
 
-A bare name is completed with the domains the notice itself suggests ("NAME@cs.example.edu") and
-with the reporting host's parent domain, because the sender used one of those.
+A bare name is completed with the mail domains the notice itself suggests ("emailing NAME@cs.example.edu"),
+or, when it suggests none, with the reporting host's parent domain: the sender used one of those.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class PhqueryDetector:
         for dom in _TEMPLATE.findall(full):
             if dom.lower() not in domains:
                 domains.append(dom.lower())
-        if froms:
+        if froms and not domains:
             parent = _parent_domain(froms[0].rpartition("@")[2])
             if parent not in domains:
                 domains.append(parent)
