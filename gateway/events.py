@@ -80,7 +80,7 @@ def _cursor_key(name: str) -> str:
 
 
 def fan_out(conn: Connection, hook: WebhookConfig) -> int:
-    """Create delivery rows for events this subscriber has not seen; returns how many are pending."""
+    """Create delivery rows (pending or skipped) for events this subscriber has not seen; returns how many."""
     row = conn.execute(select(kv.c.value).where(kv.c.key == _cursor_key(hook.name))).first()
     cursor = int(row.value) if row and row.value else 0
     already = exists().where(and_(webhook_deliveries.c.event_seq == events.c.seq,
@@ -92,10 +92,8 @@ def fan_out(conn: Connection, hook: WebhookConfig) -> int:
     if not rows:
         return 0
     now = utcnow()
-    pending = 0
     for r in rows:
         state = "pending" if wants(hook, r.type) else "skipped"
-        pending += state == "pending"
         conn.execute(insert(webhook_deliveries).values(
             event_seq=r.seq, subscriber=hook.name, state=state, attempts=0, next_attempt_at=now))
     top = max(cursor, rows[-1].seq)
@@ -103,7 +101,7 @@ def fan_out(conn: Connection, hook: WebhookConfig) -> int:
         conn.execute(insert(kv).values(key=_cursor_key(hook.name), value=str(top), updated_at=now))
     else:
         conn.execute(update(kv).where(kv.c.key == _cursor_key(hook.name)).values(value=str(top), updated_at=now))
-    return pending
+    return len(rows)
 
 
 @dataclass(frozen=True)

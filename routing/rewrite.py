@@ -164,7 +164,7 @@ def _parse_headers(head: bytes) -> Message:
 
 
 def _replace_header(head: bytes, name: bytes, value: bytes) -> bytes:
-    pattern = re.compile(rb"(?im)^" + re.escape(name) + rb"[ \t]*:.*(?:\r?\n[ \t].*)*?(\r?\n)")
+    pattern = re.compile(rb"(?im)^" + re.escape(name) + rb"[ \t]*:[^\r\n]*(?:\r?\n[ \t][^\r\n]*)*(\r?\n)")
     m = pattern.search(head)
     if not m:
         return head

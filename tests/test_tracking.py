@@ -1,0 +1,110 @@
+"""Tracking HTTP: tokens bound to their URL, no open redirect, first-only events, machine-open flags."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from sqlalchemy import insert, select
+
+from gateway.schema import events, outbound_mails, outbound_recipients
+from gateway.store import open_store, utcnow
+from gateway.tracking import (
+    PIXEL_GIF, click_url, is_machine_open, make_tracking_app, pixel_url, read_click_token, read_pixel_token,
+)
+
+pytestmark = pytest.mark.events
+
+KEY = b"tracking-test-secret-0123456789"
+BASE = "http://t.example.test"
+
+
+@pytest.fixture
+def engine(tmp_path):
+    eng = open_store(f"sqlite:///{tmp_path / 't.db'}", synchronous="NORMAL")
+    now = utcnow()
+    with eng.begin() as conn:
+        mail = conn.execute(insert(outbound_mails).values(
+            message_id="<m1@odoo>", model="crm.lead", res_id=3, mail_from="bounce@example.test",
+            created_at=now)).inserted_primary_key[0]
+        conn.execute(insert(outbound_recipients).values(
+            id=11, mail=mail, recipient="carol@customer.test", state="delivered",
+            delivered_at=now - dt.timedelta(hours=1)))
+        conn.execute(insert(outbound_recipients).values(
+            id=12, mail=mail, recipient="dave@customer.test", state="delivered", delivered_at=now))
+    yield eng
+    eng.dispose()
+
+
+def test_tokens_are_bound_to_row_and_url():
+    url = "https://shop.example.com/a?b=1"
+    link = click_url(BASE, KEY, 11, url)
+    token = link.split("/t/c/")[1].split("?")[0]
+    assert read_click_token(KEY, token, url) == 11
+    assert read_click_token(KEY, token, url + "&c=2") is None
+    assert read_click_token(b"other-secret-xxxxxxxxxxxxxxx", token, url) is None
+    assert read_click_token(KEY, token, "javascript:alert(1)") is None
+    name = pixel_url(BASE, KEY, 11).rsplit("/", 1)[1]
+    assert read_pixel_token(KEY, name) == 11
+    assert read_pixel_token(KEY, name.replace(name[2], "z" if name[2] != "z" else "y", 1)) is None
+    # An open token is not a click token.
+    assert read_click_token(KEY, name.removesuffix(".gif"), url) is None
+
+
+@pytest.mark.parametrize("ua,ip,age,machine", [
+    ("Mozilla/5.0 (Windows NT 10.0) Thunderbird/115.0", "198.51.100.7", 3600, False),
+    ("Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)", "66.249.1.1",
+     3600, True),
+    ("YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html", "98.136.1.1", 3600, True),
+    ("Mozilla/5.0", "17.58.1.1", 3600, True),                                   # Apple MPP
+    ("Mozilla/5.0 (Macintosh) AppleWebKit/605.1.15", "17.58.1.1", 3600, True),  # Apple's range
+    ("Mozilla/4.0 (compatible; ms-office; MSOffice 16)", "203.0.113.9", 3600, True),
+    ("Mozilla/5.0 (iPhone) Mobile", "40.93.5.5", 3600, True),                   # Exchange Online range
+    ("Mozilla/5.0 (iPhone) Mobile", "203.0.113.9", 2, True),                    # within prefetch window
+])
+def test_machine_open_detection(ua, ip, age, machine):
+    now = utcnow()
+    assert is_machine_open(ua, ip, now - dt.timedelta(seconds=age), now, 10.0) is machine
+
+
+async def test_pixel_click_and_counts(engine):
+    app = make_tracking_app(engine, KEY, prefetch_seconds=10.0)
+    async with TestClient(TestServer(app)) as client:
+        human = {"User-Agent": "Mozilla/5.0 (X11; Linux) Thunderbird/115"}
+        path = pixel_url("", KEY, 11)
+        for _ in range(3):
+            resp = await client.get(path, headers=human)
+            assert resp.status == 200 and await resp.read() == PIXEL_GIF
+            assert resp.headers["Content-Type"] == "image/gif"
+            assert "no-cache" in resp.headers["Cache-Control"] and resp.headers["Pragma"] == "no-cache"
+        # dave's copy was delivered a moment ago: his open is a prefetch (machine), then a human open.
+        await client.get(pixel_url("", KEY, 12), headers={"User-Agent": "GoogleImageProxy"})
+        url = "https://shop.example.com/x?y=1&z=%C3%A9"
+        link = click_url("", KEY, 11, url)
+        resp = await client.get(link, allow_redirects=False)
+        assert resp.status == 302 and resp.headers["Location"] == url
+        resp = await client.get(link, allow_redirects=False)
+        assert resp.status == 302
+        # Open redirect attempts.
+        token = link.split("/t/c/")[1].split("?")[0]
+        for bad in (f"/t/c/{token}?u=https%3A%2F%2Fevil.test%2F", f"/t/c/{token}", "/t/c/AAAA?u=https%3A%2F%2Fx.test",
+                    f"/t/c/{token}?u=javascript%3Aalert(1)"):
+            resp = await client.get(bad, allow_redirects=False)
+            assert resp.status == 404, bad
+            assert "Location" not in resp.headers
+        resp = await client.get("/t/o/notatoken.gif")
+        assert resp.status == 200 and await resp.read() == PIXEL_GIF
+
+    with engine.connect() as conn:
+        counts = dict((r.id, (r.opens, r.clicks)) for r in conn.execute(select(outbound_recipients)))
+        evs = conn.execute(select(events).order_by(events.c.seq)).all()
+    assert counts == {11: (3, 2), 12: (1, 0)}
+    kinds = [(e.type, e.recipient) for e in evs]
+    assert kinds == [("opened", "carol@customer.test"), ("opened", "dave@customer.test"),
+                     ("clicked", "carol@customer.test")]
+    import json
+    assert json.loads(evs[0].data)["machine"] is False
+    assert json.loads(evs[1].data)["machine"] is True
+    assert json.loads(evs[2].data)["url"] == url
+    assert evs[0].message_id == "<m1@odoo>" and evs[0].model == "crm.lead" and evs[0].res_id == 3
