@@ -14,11 +14,13 @@ import re
 
 from routing.bounce import decoded_header
 
+# Vacation responders put their phrase first ("Out of Office: …", "Automatic reply: …"); a human's
+# "Re: out of office schedule" does not start with it, so the phrase must lead the subject.
 _VACATION_SUBJECT = re.compile(
-    r"out\s+of\s+(?:the\s+)?office|automatic\s+reply|auto(?:matic)?[\s-]*(?:reply|response|antwort|respuesta|risposta)"
-    r"|autoreply|vacation|on\s+holiday|on\s+leave|abwesenheit|abwesend|r[ée]ponse\s+automatique|absence"
+    r"^[\s\[(]*(?:out\s+of\s+(?:the\s+)?office|automatic\s+reply|auto(?:matic)?[\s-]*(?:reply|response|antwort|respuesta|risposta)"
+    r"|autoreply|autoresponse|vacation|on\s+holiday|on\s+leave|abwesenheit|abwesend|r[ée]ponse\s+automatique|absence"
     r"|respuesta\s+autom[aá]tica|risposta\s+automatica|fuera\s+de\s+la\s+oficina|niet\s+aanwezig|afwezig"
-    r"|automatisch\s+antwoord|resposta\s+autom[aá]tica|automatisk\s+svar|poza\s+biurem|odpowied[zź]\s+automatyczna",
+    r"|automatisch\s+antwoord|resposta\s+autom[aá]tica|automatisk\s+svar|poza\s+biurem|odpowied[zź]\s+automatyczna)",
     re.IGNORECASE)
 _PRECEDENCE = frozenset({"auto_reply", "auto-reply", "bulk", "junk"})
 
@@ -80,6 +82,4 @@ def _weak_signal(msg: email.message.Message) -> str | None:
         return "a reply (In-Reply-To/References)"
     if _header(msg, "X-Mailer").lower().startswith(("vacation", "autorespond")):
         return f"X-Mailer: {_header(msg, 'X-Mailer')}"
-    if _header(msg, "Thread-Topic") or _header(msg, "X-MS-Has-Attach") is not None and "x-ms-" in "".join(msg.keys()).lower():
-        return "Exchange-generated headers"
     return None

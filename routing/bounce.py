@@ -245,8 +245,7 @@ def _classify(msg: email.message.Message, *, verp: VerpHit | None, to_bounce_add
         elif not indicator and verp is None:
             return None
         elif all(r.action in ("delivered", "relayed", "expanded") for r in rows):
-            explanation.append("DSN reports only successful delivery")
-            return None if verp is None else None
+            return None  # a success report (NOTIFY=SUCCESS): nothing failed, VERP or not
     if not results and (indicator or verp is not None or to_bounce_address):
         via, results = _from_detectors(msg, original_id, detectors)
         if results:

@@ -65,3 +65,8 @@ def test_fixture_ooo_reply_is_detected_and_subject_only_is_not():
 def test_malformed_headers_never_raise():
     msg = email.message_from_bytes(b"Subject: =?x-unknown?q?=FF?=\nAuto-Submitted:\n\n")
     assert detect_auto_reply(msg) is None
+
+
+def test_human_reply_about_an_absence_is_not_an_auto_reply():
+    msg = _msg("Subject: Re: Out of office schedule for March\nIn-Reply-To: <x@example.org>\n")
+    assert detect_auto_reply(msg) is None
