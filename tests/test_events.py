@@ -1,0 +1,153 @@
+"""The events outbox's dispatch side: signatures, fan-out with type filters, per-mail ordering, dead-letter,
+replay, and the `mailgate events` CLI."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+from sqlalchemy import select, update
+
+from gateway.config import WebhookConfig
+from gateway.events import (
+    Delivery, backoff, due_heads, fan_out, mark_failed, mark_sent, read_events, replay, sign, verify,
+)
+from gateway.outbox import EventDraft, record_events
+from gateway.schema import events, webhook_deliveries
+from gateway.store import open_store, utcnow
+
+pytestmark = pytest.mark.events
+
+
+@pytest.fixture
+def engine(tmp_path):
+    eng = open_store(f"sqlite:///{tmp_path / 'e.db'}", synchronous="NORMAL")
+    yield eng
+    eng.dispose()
+
+
+def hook(**kw) -> WebhookConfig:
+    base = dict(name="seq", url="http://127.0.0.1:9/x", secret_env="X", retry_min_seconds=10, retry_max_seconds=60)
+    base.update(kw)
+    return WebhookConfig(**base)
+
+
+def add(engine, *drafts: EventDraft) -> None:
+    with engine.begin() as conn:
+        record_events(conn, list(drafts))
+
+
+def ev(type_: str, mid: str, n: int, **kw) -> EventDraft:
+    return EventDraft(type=type_, seed=f"{mid}:{n}", message_id=mid, recipient="a@customer.test", **kw)
+
+
+def test_signature_roundtrip_and_tampering():
+    body = b'{"id":"evt_1"}'
+    header = sign(b"k" * 20, body, timestamp=1_700_000_000)
+    assert header.startswith("t=1700000000,v1=")
+    assert verify(b"k" * 20, body, header, now=1_700_000_010)
+    assert not verify(b"k" * 20, body + b" ", header, now=1_700_000_010)
+    assert not verify(b"x" * 20, body, header, now=1_700_000_010)
+    assert not verify(b"k" * 20, body, header, now=1_700_001_000)  # too old: replayed
+    assert not verify(b"k" * 20, body, "garbage", now=1_700_000_010)
+
+
+def test_fan_out_respects_type_filter_and_is_idempotent(engine):
+    add(engine, ev("delivered", "<m1>", 1), ev("opened", "<m1>", 2), ev("bounced", "<m2>", 3))
+    h = hook(types=("opened", "bounced"))
+    with engine.begin() as conn:
+        assert fan_out(conn, h) == 3
+        assert fan_out(conn, h) == 0
+    with engine.connect() as conn:
+        states = [r.state for r in conn.execute(select(webhook_deliveries).order_by(webhook_deliveries.c.event_seq))]
+    assert states == ["skipped", "pending", "pending"]
+    add(engine, ev("opened", "<m3>", 4))
+    with engine.begin() as conn:
+        assert fan_out(conn, h) == 1
+
+
+def test_one_head_per_mail_until_it_is_sent_or_dead(engine):
+    add(engine, ev("delivered", "<m1>", 1), ev("opened", "<m1>", 2), ev("delivered", "<m2>", 3),
+        ev("clicked", "<m1>", 4))
+    h = hook()
+    with engine.begin() as conn:
+        fan_out(conn, h)
+        heads = due_heads(conn, "seq")
+    assert [json.loads(d.body)["data"] == {} for d in heads] == [True, True]
+    assert [d.seq for d in heads] == [1, 3]
+    # m1's head fails: m1's next event must wait (it is not due either), m2 is unaffected.
+    with engine.begin() as conn:
+        assert mark_failed(conn, heads[0], h, "HTTP 503") == "pending"
+        mark_sent(conn, heads[1].id)
+        assert [d.seq for d in due_heads(conn, "seq")] == []
+        conn.execute(update(webhook_deliveries).values(next_attempt_at=utcnow() - dt.timedelta(seconds=1)))
+        assert [d.seq for d in due_heads(conn, "seq")] == [1]
+        mark_sent(conn, due_heads(conn, "seq")[0].id)
+        assert [d.seq for d in due_heads(conn, "seq")] == [2]
+
+
+def test_dead_letter_after_horizon_then_replay(engine):
+    old = utcnow() - dt.timedelta(hours=80)
+    add(engine, ev("delivered", "<m1>", 1, occurred_at=old), ev("opened", "<m1>", 2))
+    h = hook(horizon_hours=72)
+    with engine.begin() as conn:
+        fan_out(conn, h)
+        head = due_heads(conn, "seq")[0]
+        assert mark_failed(conn, head, h, "connection refused") == "dead"
+        # The dead event no longer blocks its mail's next one.
+        assert [d.seq for d in due_heads(conn, "seq")] == [2]
+        mark_sent(conn, due_heads(conn, "seq")[0].id)
+    assert replay(engine, "seq", since=2) == 1
+    with engine.connect() as conn:
+        states = dict(conn.execute(select(webhook_deliveries.c.event_seq, webhook_deliveries.c.state)).all())
+    assert states == {1: "dead", 2: "pending"}
+    assert replay(engine, "seq") == 2
+
+
+def test_backoff_doubles_to_cap():
+    assert [backoff(n, 10, 60) for n in range(1, 6)] == [10, 20, 40, 60, 60]
+
+
+def test_delivery_body_is_the_documented_wire_form(engine):
+    add(engine, EventDraft(type="bounced", seed="s", message_id="<m@odoo>", model="crm.lead", res_id=4,
+                           recipient="x@customer.test",
+                           data={"kind": "hard", "reason": "userunknown", "status": "5.1.1"}))
+    with engine.begin() as conn:
+        fan_out(conn, hook())
+        (d,) = due_heads(conn, "seq")
+    assert isinstance(d, Delivery)
+    body = json.loads(d.body)
+    assert set(body) == {"id", "seq", "type", "version", "occurred_at", "mail", "data"}
+    assert body["mail"] == {"message_id": "<m@odoo>", "record": {"model": "crm.lead", "id": 4},
+                            "recipient": "x@customer.test"}
+    assert body["id"].startswith("evt_") and body["version"] == 1
+
+
+def test_read_events_cursor_and_types(engine):
+    add(engine, ev("delivered", "<m1>", 1), ev("opened", "<m1>", 2), ev("clicked", "<m1>", 3))
+    assert [e["type"] for e in read_events(engine)] == ["delivered", "opened", "clicked"]
+    assert [e["type"] for e in read_events(engine, after=1)] == ["opened", "clicked"]
+    assert [e["type"] for e in read_events(engine, types=["clicked"])] == ["clicked"]
+    assert len(read_events(engine, limit=2)) == 2
+
+
+def test_cli_tail_and_replay(engine, tmp_path, capsys):
+    from gateway.cli import main
+
+    db = tmp_path / "e.db"
+    cfg = tmp_path / "mailgate.toml"
+    cfg.write_text(f'storage = {{ url = "sqlite:///{db}" }}\n'
+                   '[[events.webhooks]]\nname = "seq"\nurl = "http://127.0.0.1:9/x"\nsecret_env = "X"\n')
+    add(engine, ev("delivered", "<m1>", 1), EventDraft(type="bounced", seed="b", message_id="<m1>",
+                                                       recipient="a@customer.test", data={"kind": "hard",
+                                                       "reason": "userunknown", "status": "5.1.1"}))
+    assert main(["events", "tail", "--config", str(cfg), "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(line)["type"] for line in lines] == ["delivered", "bounced"]
+    assert main(["events", "tail", "--config", str(cfg), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "bounced" in out and "hard userunknown 5.1.1" in out and "delivered" not in out
+    assert main(["events", "replay", "--config", str(cfg), "--subscriber", "seq"]) == 0
+    assert "2 event(s)" in capsys.readouterr().out
+    assert main(["events", "replay", "--config", str(cfg), "--subscriber", "nope"]) == 1
