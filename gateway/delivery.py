@@ -1,0 +1,555 @@
+"""Executing the router's decision against Odoo — exactly once.
+
+`Delivery.deliver(message, raw, decision)` runs in a worker thread and either returns a `DeliveryOutcome`
+(the worker records the state change and the events in one transaction) or raises
+`gateway.errors.TransientError` (retry with backoff) / `PermanentError` (park as `dead`).
+
+Exactly once, across crashes and retries:
+* every Odoo id is recorded in `odoo_writes` (unique per message and step) the moment it exists, in its own
+  committed transaction, so a retry resumes where the last attempt stopped (record created → only post);
+* before any create or post, Odoo is asked for a `mail.message` with this Message-ID (which also covers a
+  post whose answer was lost on the wire);
+* a mail without a Message-ID gets a deterministic one (from its body hash), so the check above can work.
+
+Modes (config `[odoo] mode`):
+* `passthrough` (default) — the raw mail, once, to `mail.thread.message_process` (Delivered-To per accepted
+  recipient, References fix-up, 7-bit): Odoo's own routing then runs, and every app hooked into it fires.
+  Afterwards the gateway looks up where it landed and says so when Odoo disagreed with its own decision.
+* `explicit` — `message_new` + `ir.attachment` + `message_post` (+ `message_subscribe`) as Odoo's gateway
+  would, with the gateway's contact policy and refusal mail.
+Both: hard bounces reach Odoo as a normalised DSN through `message_process`; soft bounces, delays and
+complaints only produce events; auto-replies never create a record (dropped, or a note on their thread).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from gateway.config import Config
+from gateway.errors import PermanentError, TransientError
+from gateway.odoo.client import OdooClient, m2o_id
+from gateway.outbox import EventDraft
+from gateway.refusal import RefusalSender
+from gateway.schema import odoo_writes
+from gateway.spool import SpooledMessage
+from gateway.store import utcnow
+from gateway.thread_lookup import index_message, is_outbound, record_of
+from routing import msgdict
+from routing.model import Action, BounceResult, Decision, Target
+from routing.normalized_dsn import build_normalized_dsn
+
+log = logging.getLogger(__name__)
+
+COMMENT, NOTE = "mail.mt_comment", "mail.mt_note"
+#: the creation subtype Odoo's gateway posts with, per model (`_creation_subtype`, spec §1.11)
+CREATION_SUBTYPES = {"crm.lead": "crm.mt_lead_create", "helpdesk.ticket": "helpdesk.mt_ticket_new"}
+#: context Odoo's gateway runs message_new/message_post with (spec §1.11, §3.3)
+GATEWAY_CONTEXT = {"mail_create_nosubscribe": True, "mail_create_nolog": True}
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    state: str            # "delivered" | "dropped" | "quarantined"
+    note: str
+    events: tuple[EventDraft, ...] = ()
+    odoo_refs: tuple[tuple[str, int], ...] = ()
+
+
+# ------------------------------------------------------------------------------------------ the ledger
+class WriteLedger:
+    """`odoo_writes` for one spooled message: what an earlier attempt already did in Odoo."""
+
+    def __init__(self, engine: Engine, message: int):
+        self.engine = engine
+        self.message = message
+        with engine.connect() as conn:
+            rows = conn.execute(select(odoo_writes).where(odoo_writes.c.message == message)).all()
+        self._done: dict[str, Any] = {r.step: r for r in rows}
+
+    def get(self, step: str) -> Any:
+        return self._done.get(step)
+
+    def res_id(self, step: str) -> int | None:
+        row = self._done.get(step)
+        return row.res_id if row is not None else None
+
+    def record(self, step: str, model: str | None, res_id: int | None, result: Any = None) -> None:
+        """Commit one write *now* (before anything else can fail)."""
+        values = dict(message=self.message, step=step[:255], model=model, res_id=res_id,
+                      result=json.dumps(result, default=str) if result is not None else None,
+                      created_at=utcnow())
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(insert(odoo_writes).values(**values))
+        except IntegrityError:
+            pass  # an earlier attempt recorded it after we read the ledger: same fact
+        with self.engine.connect() as conn:
+            self._done[step] = conn.execute(select(odoo_writes).where(
+                odoo_writes.c.message == self.message, odoo_writes.c.step == step[:255])).first()
+
+
+# ---------------------------------------------------------------------------------------- the delivery
+class Delivery:
+    """Executes decisions against Odoo; one instance is shared by the worker threads."""
+
+    def __init__(self, config: Config, engine: Engine, client: OdooClient | None):
+        self.config = config
+        self.engine = engine
+        self.client = client
+        self.mode = config.odoo.mode
+        self.aliases = config.alias_table()
+        self.refusals = RefusalSender(config, engine)
+        self._odoo_alias_addresses: frozenset[str] | None = None
+
+    # ------------------------------------------------------------------------------------ entry
+    def deliver(self, message: SpooledMessage, raw: bytes, decision: Decision) -> DeliveryOutcome:
+        action = decision.action
+        if action in (Action.DUPLICATE, Action.LOOP):
+            return DeliveryOutcome("dropped", decision.reason or action.value)
+        if action == Action.QUARANTINE:
+            return DeliveryOutcome("quarantined", decision.reason or "no route")
+        if action == Action.DEFERRED:
+            return DeliveryOutcome("dropped", "delayed DSN: deferral events only, nothing sent to Odoo",
+                                   events=self._bounce_events(message, decision, "deferred"))
+        if action == Action.COMPLAINT:
+            return DeliveryOutcome("dropped", "complaint (ARF): event only", events=self._complaint_events(
+                message, decision))
+        if action == Action.BOUNCE:
+            return self._bounce(message, decision)
+        if action == Action.AUTO_REPLY:
+            return self._auto_reply(message, raw, decision)
+        if action in (Action.REPLY, Action.CREATE):
+            if self.mode == "passthrough":
+                outcome = self._passthrough(message, raw, decision)
+            elif action == Action.REPLY:
+                outcome = self._explicit_reply(message, raw, decision)
+            else:
+                outcome = self._explicit_create(message, raw, decision)
+            if action == Action.REPLY:
+                outcome = self._with_replied_event(message, raw, decision, outcome)
+            return outcome
+        raise PermanentError(f"spool {message.id}: unknown decision {action!r}",
+                             hint="route it again with `mailgate quarantine release` after upgrading")
+
+    def _odoo(self) -> OdooClient:
+        if self.client is None:
+            raise TransientError("Odoo is not configured ([odoo] url/db/login)",
+                                 hint="configure [odoo]; mail stays spooled and is delivered afterwards")
+        return self.client
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _message_id(self, message: SpooledMessage, decision: Decision, mail: msgdict.ParsedMail | None = None
+                    ) -> tuple[str, bool]:
+        """(Message-ID, synthesised?): Odoo needs one to dedupe; a missing one is derived from the body hash."""
+        mid = decision.message_id or message.message_id or (mail.message_id if mail else None)
+        if mid:
+            return msgdict.normalize_message_id(mid) or mid, False
+        domain = self.config.domains[0].name if self.config.domains else "mailgate.invalid"
+        return f"<mailgate.{message.sha256[:32]}@{domain}>", True
+
+    def _existing(self, message_id: str, model: str | None = None, res_id: int | None = None
+                  ) -> list[dict[str, Any]]:
+        rows = self._odoo().find_messages([message_id], ["model", "res_id", "message_id", "is_internal"])
+        if model is not None:
+            rows = [r for r in rows if r.get("model") == model and (res_id is None or r.get("res_id") == res_id)]
+        return rows
+
+    def _index(self, message_id: str, refs: list[tuple[str, int]]) -> None:
+        for model, res_id in refs:
+            index_message(self.engine, message_id, model, res_id)
+
+    def _bounce_address(self, message: SpooledMessage) -> str:
+        """Odoo's bounce address for the domain the bounce came to (else the first domain with one)."""
+        for rcpt in message.rcpt_tos:
+            dom = self.aliases.domain(rcpt.rsplit("@", 1)[-1]) if "@" in rcpt else None
+            if dom is not None and dom.bounce_address:
+                return dom.bounce_address
+        for dom in self.aliases.domains:
+            if dom.bounce_address:
+                return dom.bounce_address
+        raise PermanentError("no bounce address configured: Odoo cannot be told about the bounce",
+                             hint="set `bounce` on a [[domains]] entry (Odoo's bounce alias)")
+
+    # ------------------------------------------------------------------------------ passthrough
+    def _passthrough(self, message: SpooledMessage, raw: bytes, decision: Decision) -> DeliveryOutcome:
+        client = self._odoo()
+        ledger = WriteLedger(self.engine, message.id)
+        mail_head = msgdict.parse_mail(_headers_only(raw))
+        mid, synthesised = self._message_id(message, decision, mail_head)
+        step = "process"
+        done = ledger.get(step)
+        if done is None:
+            existing = self._existing(mid)
+            if existing:
+                refs = _refs(existing)
+                ledger.record(step, refs[0][0] if refs else None, refs[0][1] if refs else None,
+                              {"found": [r["id"] for r in existing]})
+                result: Any = "already in Odoo"
+            else:
+                raw_for_odoo = self._passthrough_raw(raw, decision, mail_head, mid if synthesised else None)
+                result = client.message_process(raw_for_odoo, context=self._context())
+                existing = self._existing(mid)
+                refs = _refs(existing)
+                ledger.record(step, refs[0][0] if refs else None, refs[0][1] if refs else None,
+                              {"result": result, "landed": [list(r) for r in refs]})
+        else:
+            existing = self._existing(mid)
+            refs = _refs(existing)
+            result = json.loads(done.result or "{}").get("result", "recorded")
+        if not refs:
+            why = {False: "Odoo returned False (refused by its contact policy, catchall-only, or a duplicate)",
+                   None: "Odoo dropped it (loop check)"}.get(result, f"Odoo returned {result!r} but stored nothing")
+            return DeliveryOutcome("dropped", f"passthrough: {why}")
+        self._index(mid, refs)
+        note = "passthrough: in Odoo on " + ", ".join(f"{m} {i}" for m, i in refs)
+        wanted = [(t.model, t.res_id) for t in decision.targets]
+        if wanted and not any(m == wm and (wi is None or wi == i) for m, i in refs for wm, wi in wanted):
+            note += "; the gateway had decided " + ", ".join(f"{m} {i or '(new)'}" for m, i in wanted)
+            log.warning("spool %s: Odoo placed %s on %s; gateway decided %s", message.id, mid, refs, wanted)
+        return DeliveryOutcome("delivered", note, odoo_refs=tuple(refs))
+
+    def _passthrough_raw(self, raw: bytes, decision: Decision, mail: msgdict.ParsedMail,
+                         synthesised_id: str | None) -> str:
+        bounce_addrs = self.aliases.bounce_addresses()
+        recipients = [t.alias for t in decision.targets if t.alias and t.res_id is None]
+        recipients += [r.lower() for r in decision.recipients]
+        # A bounce address in Delivered-To would make Odoo treat the mail as a bounce (spec §1.3).
+        recipients = [r for r in dict.fromkeys(recipients) if r and r not in bounce_addrs
+                      and not r.startswith("bounce+")]
+        parent = next((t.parent_message_id for t in decision.targets if t.parent_message_id), None)
+        fix = msgdict.needs_references_fixup(mail.references, mail.in_reply_to, parent)
+        extra = (("Message-ID", synthesised_id),) if synthesised_id else ()
+        text = msgdict.passthrough_raw(raw, recipients, known_parent_id=fix, extra_headers=extra)
+        if len(text) > self.config.odoo.max_request_bytes:
+            raise PermanentError(f"mail of {len(text)} bytes (7-bit) exceeds [odoo] max_request_bytes",
+                                 hint="raise max_request_bytes if Odoo can take it, then `mailgate dead retry`")
+        return text
+
+    def _context(self) -> dict[str, Any]:
+        return {} if self.config.odoo.notify_force_send else {"mail_notify_force_send": False}
+
+    # -------------------------------------------------------------------------------- explicit
+    def _alias_addresses(self) -> frozenset[str]:
+        """Every alias address (config + Odoo): never an author (spec §3.4)."""
+        if self._odoo_alias_addresses is None:
+            found: set[str] = {a.address for a in self.aliases.aliases}
+            try:
+                rows = self._odoo().search_read("mail.alias", [], ["alias_full_name"])
+                found |= {str(r["alias_full_name"]).lower() for r in rows if r.get("alias_full_name")}
+            except PermanentError:
+                pass
+            self._odoo_alias_addresses = frozenset(found)
+        return self._odoo_alias_addresses
+
+    def _author(self, model: str, res_id: int | None, address: str) -> int | None:
+        """followers of the record, then users, then partners; never an alias address (spec §1.8, §3.4)."""
+        client = self._odoo()
+        if not address or address in self._alias_addresses():
+            return None
+        if res_id:
+            followers = client.search_read("mail.followers", [("res_model", "=", model), ("res_id", "=", res_id)],
+                                           ["partner_id"])
+            pids = [m2o_id(f.get("partner_id")) for f in followers]
+            pids = [p for p in pids if p]
+            if pids:
+                hit = client.search("res.partner", [("id", "in", pids), ("email_normalized", "=", address)], limit=1)
+                if hit:
+                    return hit[0]
+        users = client.search_read("res.users", [("email_normalized", "=", address)], ["partner_id"], limit=1)
+        if users and m2o_id(users[0].get("partner_id")):
+            return m2o_id(users[0]["partner_id"])
+        partners = client.search("res.partner", [("email_normalized", "=", address)], limit=1)
+        return partners[0] if partners else None
+
+    def _contact_refusal(self, target: Target, author: int | None) -> str | None:
+        """Why the contact policy refuses this sender, or None when allowed."""
+        policy = target.contact
+        if policy == "everyone":
+            return None
+        if policy == "partners":
+            return None if author else "sender is not a known partner"
+        if policy == "followers":
+            if not target.res_id:
+                return "policy 'followers' needs a record to follow (alias without a forced thread)"
+            if not author:
+                return "sender is not a known partner"
+            hit = self._odoo().search_count("mail.followers", [("res_model", "=", target.model),
+                                                               ("res_id", "=", target.res_id),
+                                                               ("partner_id", "=", author)])
+            return None if hit else "sender does not follow the record"
+        if policy == "employees":
+            if not author:
+                return "sender is not an employee"
+            hit = self._odoo().search_count("res.users", [("partner_id", "=", author), ("share", "=", False)])
+            return None if hit else "sender is not an employee"
+        return f"unknown contact policy {policy!r}"
+
+    def _attachments(self, ledger: WriteLedger, mail: msgdict.ParsedMail, model: str, res_id: int
+                     ) -> tuple[list[int], dict[str, int]]:
+        import base64
+
+        ids: list[int] = []
+        by_cid: dict[str, int] = {}
+        for n, att in enumerate(mail.attachments):
+            step = f"attach:{model}:{res_id}:{n}"
+            aid = ledger.res_id(step)
+            if aid is None:
+                aid = self._odoo().create("ir.attachment", {
+                    "name": att.name, "datas": base64.b64encode(att.content).decode("ascii"),
+                    "mimetype": att.mimetype, "res_model": model, "res_id": res_id})
+                ledger.record(step, "ir.attachment", aid)
+            ids.append(aid)
+            if att.cid:
+                by_cid[att.cid] = aid
+        return ids, by_cid
+
+    def _post(self, ledger: WriteLedger, mail: msgdict.ParsedMail, mid: str, model: str, res_id: int, *,
+              subtype: str, author: int | None, parent_id: int | None = None) -> int:
+        """Attachments, then message_post once (ledger, then Odoo's own record of the Message-ID)."""
+        step = f"post:{model}:{res_id}"
+        posted = ledger.res_id(step)
+        if posted is not None:
+            return posted
+        existing = self._existing(mid, model, res_id)
+        if existing:
+            ledger.record(step, "mail.message", existing[0]["id"], {"found": True})
+            return int(existing[0]["id"])
+        att_ids, by_cid = self._attachments(ledger, mail, model, res_id)
+        body = msgdict.rewrite_cids(mail.body_html, by_cid) if by_cid else mail.body_html
+        kwargs = msgdict.post_kwargs(mail, subtype_xmlid=subtype, author_id=author, body_html=body,
+                                     parent_id=parent_id, attachment_ids=tuple(att_ids), message_id=mid)
+        posted = self._odoo().message_post(model, res_id, context=GATEWAY_CONTEXT, **kwargs)
+        ledger.record(step, "mail.message", posted)
+        return posted
+
+    def _subscribe(self, ledger: WriteLedger, model: str, res_id: int, author: int | None) -> None:
+        if not author:
+            return
+        step = f"subscribe:{model}:{res_id}:{author}"
+        if ledger.get(step) is None:
+            self._odoo().message_subscribe(model, res_id, [author])
+            ledger.record(step, model, res_id)
+
+    def _explicit_create(self, message: SpooledMessage, raw: bytes, decision: Decision) -> DeliveryOutcome:
+        client = self._odoo()
+        ledger = WriteLedger(self.engine, message.id)
+        mail = msgdict.parse_mail(raw)
+        mid, _ = self._message_id(message, decision, mail)
+        refs: list[tuple[str, int]] = []
+        notes: list[str] = []
+        for target in decision.targets:
+            label = target.alias or target.model
+            author = self._author(target.model, target.res_id, mail.from_address)
+            if author is None and target.create_partner and mail.from_address:
+                step = f"partner:{mail.from_address}"
+                author = ledger.res_id(step)
+                if author is None:
+                    name = mail.email_from.split("<")[0].strip().strip('"') or mail.from_address
+                    author = client.create("res.partner", {"name": name, "email": mail.from_address})
+                    ledger.record(step, "res.partner", author)
+            refused = self._contact_refusal(target, author)
+            if refused:
+                alias_conf = self.aliases.alias(target.alias) if target.alias else None
+                sent = self.refusals.refuse(sender=message.mail_from or mail.from_address, alias=label,
+                                            subject=mail.subject, original_message_id=mid,
+                                            text=alias_conf.bounced_content if alias_conf else None)
+                notes.append(f"{label}: refused ({refused}){'; refusal sent' if sent else ''}")
+                continue
+            if target.res_id:  # forced thread: update, then post
+                res_id = target.res_id
+                step = f"update:{target.model}:{res_id}"
+                if ledger.get(step) is None:
+                    client.message_update(target.model, res_id, msgdict.msg_dict(mail, author_id=author))
+                    ledger.record(step, target.model, res_id)
+                subtype = COMMENT
+            else:
+                step = f"create:{target.model}:{label}"
+                res_id = ledger.res_id(step)
+                if res_id is None:
+                    found = self._existing(mid, target.model)
+                    if found:
+                        res_id = int(found[0]["res_id"])
+                    else:
+                        values = dict(target.defaults)
+                        res_id = client.message_new(target.model, msgdict.msg_dict(mail, author_id=author),
+                                                    values, context=GATEWAY_CONTEXT)
+                    ledger.record(step, target.model, res_id)
+                subtype = CREATION_SUBTYPES.get(target.model, COMMENT)
+            self._post(ledger, mail, mid, target.model, res_id, subtype=subtype, author=author)
+            self._subscribe(ledger, target.model, res_id, author)
+            refs.append((target.model, res_id))
+            notes.append(f"{label}: {target.model} {res_id}")
+        if not refs:
+            return DeliveryOutcome("dropped", "explicit: " + "; ".join(notes or ["no target"]))
+        self._index(mid, refs)
+        return DeliveryOutcome("delivered", "explicit: " + "; ".join(notes), odoo_refs=tuple(refs))
+
+    def _parent(self, target: Target) -> tuple[int | None, bool]:
+        if not target.parent_message_id:
+            return None, False
+        rows = self._existing(target.parent_message_id, target.model, target.res_id)
+        if not rows:
+            return None, False
+        return int(rows[0]["id"]), bool(rows[0].get("is_internal"))
+
+    def _explicit_reply(self, message: SpooledMessage, raw: bytes, decision: Decision) -> DeliveryOutcome:
+        client = self._odoo()
+        ledger = WriteLedger(self.engine, message.id)
+        mail = msgdict.parse_mail(raw)
+        mid, _ = self._message_id(message, decision, mail)
+        target = decision.targets[0]
+        assert target.res_id is not None, "a reply decision names its record"
+        author = self._author(target.model, target.res_id, mail.from_address)
+        refused = self._contact_refusal(target, author) if target.alias else None
+        if refused:
+            sent = self.refusals.refuse(sender=message.mail_from or mail.from_address, alias=target.alias or "",
+                                        subject=mail.subject, original_message_id=mid)
+            return DeliveryOutcome("dropped", f"explicit reply refused ({refused})"
+                                   + ("; refusal sent" if sent else ""))
+        parent_id, internal = self._parent(target)
+        step = f"update:{target.model}:{target.res_id}"
+        if ledger.get(step) is None and ledger.get(f"post:{target.model}:{target.res_id}") is None:
+            try:
+                client.message_update(target.model, target.res_id, msgdict.msg_dict(mail, author_id=author))
+            except PermanentError as exc:
+                if "does not exist" not in str(exc):  # models without message_update are fine
+                    raise
+            ledger.record(step, target.model, target.res_id)
+        posted = self._post(ledger, mail, mid, target.model, target.res_id, subtype=NOTE if internal else COMMENT,
+                            author=author, parent_id=parent_id)
+        self._subscribe(ledger, target.model, target.res_id, author)
+        ref = (target.model, target.res_id)
+        self._index(mid, [ref])
+        return DeliveryOutcome("delivered", f"explicit reply: message {posted} on {target.model} {target.res_id}",
+                               odoo_refs=(ref,))
+
+    # ------------------------------------------------------------------------------ auto-reply
+    def _auto_reply(self, message: SpooledMessage, raw: bytes, decision: Decision) -> DeliveryOutcome:
+        mail = msgdict.parse_mail(_headers_only(raw))
+        target = next((t for t in decision.targets if t.res_id), None)
+        events = self._auto_reply_events(message, decision, mail, target)
+        if self.config.routing.auto_reply != "note" or target is None or target.res_id is None:
+            why = "no thread to note it on" if target is None else "routing.auto_reply = drop"
+            return DeliveryOutcome("dropped", f"auto-reply ({decision.auto_reply_indicator}): {why}", events=events)
+        full = msgdict.parse_mail(raw)
+        ledger = WriteLedger(self.engine, message.id)
+        mid, _ = self._message_id(message, decision, full)
+        author = self._author(target.model, target.res_id, full.from_address)
+        parent_id, _internal = self._parent(target)
+        posted = self._post(ledger, full, mid, target.model, target.res_id, subtype=NOTE, author=author,
+                            parent_id=parent_id)
+        self._index(mid, [(target.model, target.res_id)])
+        return DeliveryOutcome("delivered", f"auto-reply noted as message {posted} on {target.model} {target.res_id}",
+                               events=events, odoo_refs=((target.model, target.res_id),))
+
+    # --------------------------------------------------------------------------------- bounces
+    def _bounce(self, message: SpooledMessage, decision: Decision) -> DeliveryOutcome:
+        events = self._bounce_events(message, decision, "bounced")
+        hard = [b for b in decision.bounces if b.kind == "hard" and b.action == "failed"]
+        if not hard:
+            what = "soft bounce: events only, not sent to Odoo (it would count it as hard)" if decision.bounces \
+                else "bounce with no failed recipient: nothing to count"
+            return DeliveryOutcome("dropped", what, events=events)
+        client = self._odoo()
+        ledger = WriteLedger(self.engine, message.id)
+        address = self._bounce_address(message)
+        notes = []
+        for b in hard:
+            step = f"bounce:{b.recipient.lower()}"
+            if ledger.get(step) is not None:
+                notes.append(f"{b.recipient}: already registered")
+                continue
+            dsn = build_normalized_dsn(b, bounce_address=address, seed=f"spool:{message.id}",
+                                       reporting_mta=self.config.outbound.helo_name or "mailgate")
+            result = client.message_process(dsn.decode("ascii"), context=self._context())
+            ledger.record(step, None, None, {"result": result})
+            notes.append(f"{b.recipient}: hard bounce registered in Odoo")
+        return DeliveryOutcome("delivered", "; ".join(notes), events=events)
+
+    # ---------------------------------------------------------------------------------- events
+    def _bounce_events(self, message: SpooledMessage, decision: Decision, kind: str) -> tuple[EventDraft, ...]:
+        out = []
+        for b in decision.bounces:
+            etype = "deferred" if (kind == "deferred" or b.action == "delayed") else "bounced"
+            model, res_id = record_of(self.engine, b.original_message_id)
+            out.append(EventDraft(
+                type=etype, seed=f"spool:{message.id}:{etype}:{b.recipient.lower()}",
+                message_id=b.original_message_id, model=model, res_id=res_id, recipient=b.recipient,
+                data=_bounce_data(b)))
+        return tuple(out)
+
+    def _complaint_events(self, message: SpooledMessage, decision: Decision) -> tuple[EventDraft, ...]:
+        c = decision.complaint
+        if c is None:
+            return ()
+        model, res_id = record_of(self.engine, c.original_message_id)
+        return (EventDraft(type="complained", seed=f"spool:{message.id}:complained",
+                           message_id=c.original_message_id, model=model, res_id=res_id,
+                           recipient=c.original_recipient, data=c.to_json()),)
+
+    def _auto_reply_events(self, message: SpooledMessage, decision: Decision, mail: msgdict.ParsedMail,
+                           target: Target | None) -> tuple[EventDraft, ...]:
+        replied = is_outbound(self.engine, decision.replied_message_id)
+        if replied is None and target is None:
+            return ()
+        model = target.model if target else replied.model if replied else None
+        res_id = target.res_id if target else replied.res_id if replied else None
+        return (EventDraft(type="auto_replied", seed=f"spool:{message.id}:auto_replied",
+                           message_id=decision.replied_message_id or (target.parent_message_id if target else None),
+                           model=model, res_id=res_id, recipient=mail.from_address or None,
+                           data={"message_id": decision.message_id or message.message_id, "from": mail.email_from,
+                                 "subject": mail.subject, "indicator": decision.auto_reply_indicator}),)
+
+    def _with_replied_event(self, message: SpooledMessage, raw: bytes, decision: Decision,
+                            outcome: DeliveryOutcome) -> DeliveryOutcome:
+        """`replied` only when the mail answers one we relayed (thread_index.outbound) and it was delivered."""
+        replied = is_outbound(self.engine, decision.replied_message_id)
+        if replied is None or outcome.state != "delivered":
+            return outcome
+        mail = msgdict.parse_mail(_headers_only(raw))
+        mid, _ = self._message_id(message, decision, mail)
+        model, res_id = outcome.odoo_refs[0] if outcome.odoo_refs else (replied.model, replied.res_id)
+        odoo_message_id = None
+        try:
+            rows = self._existing(mid, model, res_id)
+            odoo_message_id = int(rows[0]["id"]) if rows else None
+        except TransientError:
+            pass  # the event still fires; the id is a nicety
+        event = EventDraft(type="replied", seed=f"spool:{message.id}:replied",
+                           message_id=decision.replied_message_id, model=model, res_id=res_id,
+                           recipient=replied.recipient or mail.from_address or None,
+                           data={"message_id": mid, "from": mail.email_from, "subject": mail.subject,
+                                 "odoo_message_id": odoo_message_id})
+        return DeliveryOutcome(outcome.state, outcome.note, events=outcome.events + (event,),
+                               odoo_refs=outcome.odoo_refs)
+
+
+def _bounce_data(b: BounceResult) -> dict[str, Any]:
+    return {"kind": b.kind, "reason": b.reason, "status": b.status, "diagnostic": b.diagnostic,
+            "remote_mta": b.remote_mta, "action": b.action}
+
+
+def _refs(rows: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """Distinct (model, res_id) of mail.message rows, in Odoo's order."""
+    out: list[tuple[str, int]] = []
+    for r in rows:
+        if r.get("model") and r.get("res_id"):
+            ref = (str(r["model"]), int(r["res_id"]))
+            if ref not in out:
+                out.append(ref)
+    return out
+
+
+def _headers_only(raw: bytes) -> bytes:
+    """The header block (plus blank line): enough for Message-ID, References and From without the body."""
+    for sep in (b"\r\n\r\n", b"\n\n"):
+        i = raw.find(sep)
+        if i >= 0:
+            return raw[: i + len(sep)]
+    return raw

@@ -1,0 +1,153 @@
+"""Lookups the pure router needs, backed by the store (and Odoo on a miss).
+
+* `IndexThreadLookup` — `routing.model.ThreadLookup` over `thread_index` (Message-IDs we relayed or
+  delivered), falling back to Odoo's `mail.message.search_read` when none of the ids is indexed. Odoo answers
+  are cached (and written back to the index), so a busy thread costs one RPC, not one per reply.
+* `SpoolDuplicateLookup` — `routing.model.DuplicateLookup` over `messages`: the same Message-ID *and* body hash
+  already delivered or dropped.
+
+A failing Odoo lookup raises `gateway.errors.TransientError`: routing a reply as new mail because Odoo was
+briefly down would create a stray record, so the worker retries instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from typing import Any
+
+from sqlalchemy import Engine, and_, insert, select
+
+from gateway.odoo.client import OdooClient, m2o_id
+from gateway.schema import messages, outbound_recipients, thread_index
+from gateway.store import utcnow
+from routing.model import ThreadHit
+
+
+class IndexThreadLookup:
+    """The newest known message among reference ids: thread index first, then Odoo (cached)."""
+
+    def __init__(self, engine: Engine, client: OdooClient | None = None, *, cache_size: int = 10_000,
+                 negative_ttl: float = 30.0):
+        self.engine = engine
+        self.client = client
+        self.cache_size = cache_size
+        self.negative_ttl = negative_ttl
+        self._cache: OrderedDict[str, ThreadHit] = OrderedDict()
+        self._misses: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+        self.odoo_lookups = 0  # observable in tests and metrics
+
+    def find(self, message_ids: list[str]) -> ThreadHit | None:
+        ids = [m for m in dict.fromkeys(message_ids) if m]
+        if not ids:
+            return None
+        hit = self._from_index(ids)
+        if hit is not None:
+            return hit
+        return self._from_odoo(ids)
+
+    def _from_index(self, ids: list[str]) -> ThreadHit | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(thread_index).where(thread_index.c.message_id.in_(ids))
+                               .order_by(thread_index.c.id.desc()).limit(1)).first()
+            if row is None:
+                return None
+            recipient = None
+            if row.outbound and row.outbound_mail is not None:
+                rcpts = conn.execute(select(outbound_recipients.c.recipient)
+                                     .where(outbound_recipients.c.mail == row.outbound_mail).limit(2)).scalars().all()
+                recipient = rcpts[0] if len(rcpts) == 1 else None
+        return ThreadHit(message_id=row.message_id, model=row.model, res_id=row.res_id, outbound=bool(row.outbound),
+                         is_internal=bool(row.is_internal), recipient=recipient)
+
+    def _from_odoo(self, ids: list[str]) -> ThreadHit | None:
+        if self.client is None:
+            return None
+        key = tuple(ids)
+        with self._lock:
+            for mid in reversed(ids):
+                if mid in self._cache:
+                    self._cache.move_to_end(mid)
+                    return self._cache[mid]
+            missed_at = self._misses.get(key)
+            if missed_at is not None and time.monotonic() - missed_at < self.negative_ttl:
+                return None
+        self.odoo_lookups += 1
+        rows = self.client.find_messages(ids, ["model", "res_id", "message_id", "is_internal"], limit=1)
+        if not rows:
+            with self._lock:
+                self._misses[key] = time.monotonic()
+                if len(self._misses) > self.cache_size:
+                    self._misses.clear()
+            return None
+        row = rows[0]
+        hit = ThreadHit(message_id=row["message_id"], model=row.get("model") or None,
+                        res_id=row.get("res_id") or None, is_internal=bool(row.get("is_internal")))
+        with self._lock:
+            self._cache[hit.message_id] = hit
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        if hit.model and hit.res_id:
+            index_message(self.engine, hit.message_id, hit.model, hit.res_id, is_internal=hit.is_internal)
+        return hit
+
+
+def index_message(engine: Engine, message_id: str, model: str | None, res_id: int | None, *,
+                  outbound: bool = False, is_internal: bool = False) -> bool:
+    """Add a thread_index row unless (message_id, model, res_id) is already there; True when added."""
+    with engine.begin() as conn:
+        exists = conn.execute(select(thread_index.c.id).where(and_(
+            thread_index.c.message_id == message_id, thread_index.c.model == model,
+            thread_index.c.res_id == res_id)).limit(1)).first()
+        if exists:
+            return False
+        conn.execute(insert(thread_index).values(message_id=message_id, model=model, res_id=res_id,
+                                                 outbound=outbound, is_internal=is_internal, created_at=utcnow()))
+    return True
+
+
+def is_outbound(engine: Engine, message_id: str | None) -> ThreadHit | None:
+    """The thread_index row of a mail we relayed (outbound), or None."""
+    if not message_id:
+        return None
+    with engine.connect() as conn:
+        row = conn.execute(select(thread_index).where(thread_index.c.message_id == message_id,
+                                                      thread_index.c.outbound.is_(True))
+                           .order_by(thread_index.c.id.desc()).limit(1)).first()
+    if row is None:
+        return None
+    return ThreadHit(message_id=row.message_id, model=row.model, res_id=row.res_id, outbound=True)
+
+
+def record_of(engine: Engine, message_id: str | None) -> tuple[str | None, int | None]:
+    """(model, res_id) the thread index knows for a Message-ID (for event records), else (None, None)."""
+    if not message_id:
+        return None, None
+    with engine.connect() as conn:
+        row = conn.execute(select(thread_index.c.model, thread_index.c.res_id)
+                           .where(thread_index.c.message_id == message_id, thread_index.c.model.is_not(None))
+                           .order_by(thread_index.c.id.desc()).limit(1)).first()
+    return (row.model, row.res_id) if row else (None, None)
+
+
+class SpoolDuplicateLookup:
+    """Already handled: a spooled message with the same Message-ID and body hash was delivered or dropped."""
+
+    DONE = ("delivered", "dropped")
+
+    def __init__(self, engine: Engine, *, exclude_id: int | None = None):
+        self.engine = engine
+        self.exclude_id = exclude_id
+
+    def seen(self, message_id: str | None, sha256: str) -> bool:
+        cond: list[Any] = [messages.c.sha256 == sha256, messages.c.state.in_(self.DONE)]
+        cond.append(messages.c.message_id == message_id if message_id else messages.c.message_id.is_(None))
+        if self.exclude_id is not None:
+            cond.append(messages.c.id != self.exclude_id)
+        with self.engine.connect() as conn:
+            return conn.execute(select(messages.c.id).where(and_(*cond)).limit(1)).first() is not None
+
+
+__all__ = ["IndexThreadLookup", "SpoolDuplicateLookup", "index_message", "is_outbound", "record_of", "m2o_id"]

@@ -1,0 +1,434 @@
+"""Delivery into Odoo (against the Odoo double): both modes, replies, auto-replies, bounces, faults, crashes.
+
+Every scenario runs in passthrough and explicit mode where both apply, over /jsonrpc (Odoo 17 double) and
+JSON-2 (Odoo 19 double). Decisions are built by hand here: routing has its own tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from gateway.config import parse_config
+from gateway.delivery import Delivery
+from gateway.errors import PermanentError, TransientError
+from gateway.odoo.json2 import Json2Client
+from gateway.odoo.jsonrpc import JsonRpcClient
+from gateway.schema import odoo_writes, refusals, thread_index
+from gateway.spool import Envelope, get_message, spool_one
+from gateway.store import open_store
+from gateway.thread_lookup import IndexThreadLookup, SpoolDuplicateLookup, index_message
+from routing.model import Action, BounceResult, Decision, Target
+from tests.odoo_double import OdooDouble
+
+DOMAIN = "example.test"
+PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
+def new_mail(mid: str = "<new-1@customer.example>", *, sender: str = "Alice Buyer <alice@customer.example>",
+             to: str = f"sales@{DOMAIN}", subject: str = "Quote for 40 chairs", extra: str = "") -> bytes:
+    boundary = "b1"
+    return (
+        f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\nMessage-ID: {mid}\r\n"
+        f"Date: Sun, 22 Nov 2026 10:00:00 +0100\r\n{extra}MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/mixed; boundary="{boundary}"\r\n\r\n'
+        f"--{boundary}\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+        f'<p>Hello, please quote.</p><img src="cid:logo@x">\r\n'
+        f"--{boundary}\r\nContent-Type: image/png; name=logo.png\r\nContent-ID: <logo@x>\r\n"
+        f"Content-Disposition: inline; filename=logo.png\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        f"{base64.b64encode(PNG).decode()}\r\n"
+        f"--{boundary}\r\nContent-Type: application/pdf; name=spec.pdf\r\n"
+        f"Content-Disposition: attachment; filename=spec.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        f"{base64.b64encode(b'%PDF-1.4 fake').decode()}\r\n--{boundary}--\r\n"
+    ).encode()
+
+
+def reply_mail(parent: str, mid: str = "<reply-1@customer.example>", *, references: str | None = None,
+               in_reply_to: str | None = None, extra: str = "") -> bytes:
+    refs = f"References: {references}\r\n" if references is not None else ""
+    irt = f"In-Reply-To: {in_reply_to if in_reply_to is not None else parent}\r\n"
+    return (f"From: Alice Buyer <alice@customer.example>\r\nTo: catchall@{DOMAIN}\r\nSubject: Re: Quote\r\n"
+            f"Message-ID: {mid}\r\n{irt}{refs}{extra}Content-Type: text/plain; charset=utf-8\r\n\r\n"
+            "Thanks, 40 it is.\r\n").encode()
+
+
+SALES = Target(model="crm.lead", alias=f"sales@{DOMAIN}", defaults=(("type", "lead"),))
+
+
+def create_decision(mid: str, target: Target = SALES) -> Decision:
+    return Decision(action=Action.CREATE, explanation=("test",), targets=(target,), message_id=mid,
+                    recipients=(target.alias or "",), reason="alias")
+
+
+def reply_decision(mid: str, model: str, res_id: int, parent: str, *, replied: str | None = None) -> Decision:
+    return Decision(action=Action.REPLY, explanation=("test",), message_id=mid, reason="reply",
+                    targets=(Target(model=model, res_id=res_id, parent_message_id=parent),),
+                    recipients=(f"catchall@{DOMAIN}",), replied_message_id=replied)
+
+
+# ----------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(params=["17.0", "19.0"])
+def double(request: pytest.FixtureRequest) -> Iterator[OdooDouble]:
+    d = OdooDouble(version=request.param).start()
+    yield d
+    d.stop()
+
+
+def make_client(d: OdooDouble, timeout: float = 5.0) -> Any:
+    if d.major >= 19:
+        return Json2Client(url=d.url, db=d.db, login=d.login, secret=d.api_key, timeout=timeout)
+    return JsonRpcClient(url=d.url, db=d.db, login=d.login, secret=d.password, timeout=timeout)
+
+
+def make_config(tmp_path: Any, mode: str, **routing: Any) -> Any:
+    return parse_config({
+        "storage": {"url": f"sqlite:///{tmp_path}/mailgate.db"},
+        "odoo": {"url": "http://127.0.0.1:1", "db": "mailgate", "login": "admin", "mode": mode},
+        "domains": [{"name": DOMAIN}],
+        "aliases": [{"address": f"sales@{DOMAIN}", "model": "crm.lead", "defaults": {"type": "lead"}},
+                    {"address": f"vip@{DOMAIN}", "model": "crm.lead", "contact": "partners"}],
+        "outbound": {"refusal_smarthost": "127.0.0.1:1"},
+        "routing": routing,
+    }, base_dir=str(tmp_path))
+
+
+class Rig:
+    """Config + store + client + Delivery, and a helper that spools and delivers one mail."""
+
+    def __init__(self, tmp_path: Any, d: OdooDouble, mode: str, **routing: Any):
+        self.double = d
+        self.config = make_config(tmp_path, mode, **routing)
+        self.engine = open_store(self.config.storage_url())
+        self.client = make_client(d)
+        self.delivery = Delivery(self.config, self.engine, self.client)
+
+    def spool(self, raw: bytes, rcpt: str = f"sales@{DOMAIN}", mail_from: str = "alice@customer.example") -> Any:
+        ident = spool_one(self.engine, raw, Envelope(mail_from=mail_from, rcpt_tos=(rcpt,)))
+        return get_message(self.engine, ident)
+
+    def deliver(self, raw: bytes, decision: Decision, **kw: Any) -> Any:
+        msg = self.spool(raw, **kw)
+        return msg, self.delivery.deliver(msg, raw, decision)
+
+
+@pytest.fixture(params=["passthrough", "explicit"])
+def rig(request: pytest.FixtureRequest, tmp_path: Any, double: OdooDouble) -> Rig:
+    return Rig(tmp_path, double, request.param)
+
+
+def leads(d: OdooDouble) -> list[dict[str, Any]]:
+    return d.records("crm.lead")
+
+
+def email_messages(d: OdooDouble, model: str, res_id: int) -> list[dict[str, Any]]:
+    return [m for m in d.messages_on(model, res_id) if m["message_type"] == "email"]
+
+
+# ------------------------------------------------------------------------------------------- tests
+def test_new_mail_creates_one_lead_with_author_attachments_and_chatter(rig: Rig) -> None:
+    d = rig.double
+    alice = d.add_partner("Alice Buyer", "alice@customer.example")
+    mid = "<new-1@customer.example>"
+    msg, out = rig.deliver(new_mail(mid), create_decision(mid))
+    assert out.state == "delivered", out.note
+    [lead] = leads(d)
+    assert lead["name"] == "Quote for 40 chairs"
+    assert lead["partner_id"] == alice and "alice@customer.example" in lead["email_from"]
+    assert lead["type"] == "lead"
+    assert out.odoo_refs == (("crm.lead", lead["id"]),)
+    [post] = email_messages(d, "crm.lead", lead["id"])
+    assert post["message_id"] == mid and post["author_id"] == alice
+    assert post["subtype_id"] == 3  # crm.mt_lead_create
+    atts = {a["name"]: a for a in d.records("ir.attachment", [("id", "in", post["attachment_ids"])])}
+    assert set(atts) == {"logo.png", "spec.pdf"}
+    assert atts["logo.png"]["datas_raw"] == PNG and atts["spec.pdf"]["datas_raw"] == b"%PDF-1.4 fake"
+    assert all(a["res_model"] == "crm.lead" and a["res_id"] == lead["id"] for a in atts.values())
+    followers = {f["partner_id"] for f in d.records("mail.followers", [("res_model", "=", "crm.lead"),
+                                                                     ("res_id", "=", lead["id"])])}
+    assert alice in followers
+    with rig.engine.connect() as conn:
+        rows = conn.execute(select(thread_index).where(thread_index.c.message_id == mid)).all()
+    assert [(r.model, r.res_id) for r in rows] == [("crm.lead", lead["id"])]
+
+
+def test_explicit_mode_gateway_context_and_cid_rewrite(tmp_path: Any, double: OdooDouble) -> None:
+    rig = Rig(tmp_path, double, "explicit")
+    mid = "<new-2@customer.example>"
+    _msg, out = rig.deliver(new_mail(mid), create_decision(mid))
+    [lead] = leads(double)
+    # mail_create_nolog: no "Lead created" log; mail_create_nosubscribe: the RPC user does not follow
+    assert [m["message_type"] for m in double.messages_on("crm.lead", lead["id"])] == ["email"]
+    assert not double.records("mail.followers", [("partner_id", "=", double.admin_partner)])
+    [post] = email_messages(double, "crm.lead", lead["id"])
+    logo = double.records("ir.attachment", [("name", "=", "logo.png")])[0]
+    assert f"/web/image/{logo['id']}" in post["body"] and "cid:" not in post["body"]
+
+
+def test_reply_joins_the_lead(rig: Rig) -> None:
+    d = rig.double
+    mid = "<new-3@customer.example>"
+    rig.deliver(new_mail(mid), create_decision(mid))
+    [lead] = leads(d)
+    rmid = "<reply-3@customer.example>"
+    _msg, out = rig.deliver(reply_mail(mid, rmid), reply_decision(rmid, "crm.lead", lead["id"], mid),
+                            rcpt=f"catchall@{DOMAIN}")
+    assert out.state == "delivered", out.note
+    assert len(leads(d)) == 1
+    posts = email_messages(d, "crm.lead", lead["id"])
+    assert [p["message_id"] for p in posts] == [mid, rmid]
+    assert posts[1]["parent_id"] == posts[0]["id"]
+
+
+def test_passthrough_appends_in_reply_to_when_references_miss(tmp_path: Any, double: OdooDouble) -> None:
+    """Outlook-style: References holds only an unknown id, In-Reply-To the known one (spec §6)."""
+    rig = Rig(tmp_path, double, "passthrough")
+    mid = "<new-4@customer.example>"
+    rig.deliver(new_mail(mid), create_decision(mid))
+    [lead] = leads(double)
+    rmid = "<reply-4@customer.example>"
+    raw = reply_mail(mid, rmid, references="<unknown-thread-root@elsewhere.example>")
+    _msg, out = rig.deliver(raw, reply_decision(rmid, "crm.lead", lead["id"], mid), rcpt=f"catchall@{DOMAIN}")
+    assert out.state == "delivered", out.note
+    assert len(leads(double)) == 1  # without the fix-up Odoo would have made a second lead
+    assert [p["message_id"] for p in email_messages(double, "crm.lead", lead["id"])] == [mid, rmid]
+
+
+def test_replied_event_only_for_mail_we_relayed(tmp_path: Any, double: OdooDouble) -> None:
+    rig = Rig(tmp_path, double, "passthrough")
+    mid = "<new-5@customer.example>"
+    rig.deliver(new_mail(mid), create_decision(mid))
+    [lead] = leads(double)
+    # Odoo's notification about the lead, relayed through the gateway (the outbound relay indexes it)
+    sent = "<123.456-openerp-%d-crm.lead@odoo>" % lead["id"]
+    double.store.create("mail.message", {"model": "crm.lead", "res_id": lead["id"], "message_id": sent,
+                                         "message_type": "comment", "subtype_id": 1, "is_internal": False})
+    index_message(rig.engine, sent, "crm.lead", lead["id"], outbound=True)
+    rmid = "<reply-5@customer.example>"
+    _m, out = rig.deliver(reply_mail(sent, rmid), reply_decision(rmid, "crm.lead", lead["id"], sent, replied=sent),
+                          rcpt=f"catchall@{DOMAIN}")
+    [event] = [e for e in out.events if e.type == "replied"]
+    assert event.message_id == sent and (event.model, event.res_id) == ("crm.lead", lead["id"])
+    assert event.data["message_id"] == rmid and event.data["odoo_message_id"]
+    # a reply whose replied_message_id is not an outbound mail of ours: no replied event
+    rmid2 = "<reply-6@customer.example>"
+    _m, out2 = rig.deliver(reply_mail(mid, rmid2), reply_decision(rmid2, "crm.lead", lead["id"], mid, replied=mid),
+                           rcpt=f"catchall@{DOMAIN}")
+    assert out2.state == "delivered" and not [e for e in out2.events if e.type == "replied"]
+
+
+@pytest.mark.parametrize("policy", ["drop", "note"])
+def test_auto_reply_never_creates_a_record(tmp_path: Any, double: OdooDouble, policy: str) -> None:
+    rig = Rig(tmp_path, double, "passthrough", auto_reply=policy)
+    mid = "<new-7@customer.example>"
+    rig.deliver(new_mail(mid), create_decision(mid))
+    [lead] = leads(double)
+    amid = "<ooo-7@customer.example>"
+    raw = reply_mail(mid, amid, extra="Auto-Submitted: auto-replied\r\n")
+    decision = Decision(action=Action.AUTO_REPLY, explanation=("ooo",), message_id=amid, reason="auto-reply",
+                        auto_reply_indicator="Auto-Submitted: auto-replied",
+                        targets=(Target(model="crm.lead", res_id=lead["id"], parent_message_id=mid),))
+    _m, out = rig.deliver(raw, decision, rcpt=f"catchall@{DOMAIN}")
+    assert len(leads(double)) == 1
+    notes = [m for m in double.messages_on("crm.lead", lead["id"]) if m["message_id"] == amid]
+    if policy == "drop":
+        assert out.state == "dropped" and not notes
+    else:
+        assert out.state == "delivered" and len(notes) == 1 and notes[0]["is_internal"]
+    assert [e.type for e in out.events] == ["auto_replied"]
+    # an auto-reply to nothing we know: nothing in Odoo at all
+    _m, out = rig.deliver(new_mail("<ooo-8@x>", extra="Auto-Submitted: auto-replied\r\n"),
+                          Decision(action=Action.AUTO_REPLY, explanation=("ooo",), message_id="<ooo-8@x>"))
+    assert out.state == "dropped" and len(leads(double)) == 1
+
+
+def _bounce_decision(recipient: str, original: str, kind: str = "hard") -> Decision:
+    b = BounceResult(recipient=recipient, kind=kind, reason="userunknown" if kind == "hard" else "mailboxfull",
+                     status="5.1.1" if kind == "hard" else "4.2.2", diagnostic="550 5.1.1 no such user",
+                     original_message_id=original, remote_mta="mx.customer.example")
+    return Decision(action=Action.BOUNCE, explanation=("dsn",), bounces=(b,), reason="bounce via dsn")
+
+
+def _sent_notification(d: OdooDouble, partner: int) -> tuple[int, str]:
+    lead = d.store.create("crm.lead", {"name": "Deal", "email_from": "bob@customer.example"})
+    sent = f"<999.1-openerp-{lead}-crm.lead@odoo>"
+    mid = d.store.create("mail.message", {"model": "crm.lead", "res_id": lead, "message_id": sent,
+                                          "message_type": "comment", "subtype_id": 1})
+    d.store.create("mail.notification", {"mail_message_id": mid, "res_partner_id": partner,
+                                         "notification_status": "sent"})
+    return lead, sent
+
+
+def test_hard_bounce_raises_message_bounce_and_marks_notification(rig: Rig) -> None:
+    d = rig.double
+    bob = d.add_partner("Bob", "bob@customer.example")
+    lead, sent = _sent_notification(d, bob)
+    raw = b"From: MAILER-DAEMON@mx.example\r\nTo: bounce@example.test\r\nSubject: failure\r\n\r\nx\r\n"
+    msg, out = rig.deliver(raw, _bounce_decision("bob@customer.example", sent), rcpt=f"bounce@{DOMAIN}")
+    assert out.state == "delivered", out.note
+    assert d.store.get("res.partner", bob)["message_bounce"] == 1
+    assert d.store.get("crm.lead", lead)["message_bounce"] == 1
+    [notif] = d.records("mail.notification")
+    assert notif["notification_status"] == "bounce" and notif["failure_type"] == "mail_bounce"
+    [event] = out.events
+    assert event.type == "bounced" and event.recipient == "bob@customer.example"
+    assert event.data["kind"] == "hard" and event.data["reason"] == "userunknown"
+    assert event.seed == f"spool:{msg.id}:bounced:bob@customer.example"
+    # a retry of the same spooled message (crash after the call) does not count twice
+    again = rig.delivery.deliver(msg, raw, _bounce_decision("bob@customer.example", sent))
+    assert d.store.get("res.partner", bob)["message_bounce"] == 1 and again.state == "delivered"
+
+
+def test_soft_bounce_reaches_odoo_not_at_all(rig: Rig) -> None:
+    d = rig.double
+    bob = d.add_partner("Bob", "bob@customer.example")
+    _lead, sent = _sent_notification(d, bob)
+    before = d.call_count
+    raw = b"From: MAILER-DAEMON@mx.example\r\nTo: bounce@example.test\r\nSubject: delayed\r\n\r\nx\r\n"
+    _m, out = rig.deliver(raw, _bounce_decision("bob@customer.example", sent, kind="soft"), rcpt=f"bounce@{DOMAIN}")
+    assert out.state == "dropped"
+    assert d.call_count == before  # not one RPC
+    assert d.store.get("res.partner", bob)["message_bounce"] == 0
+    assert [e.type for e in out.events] == ["bounced"] and out.events[0].data["kind"] == "soft"
+
+
+def test_odoo_down_then_back_transient_then_once(rig: Rig) -> None:
+    d = rig.double
+    mid = "<new-9@customer.example>"
+    raw = new_mail(mid)
+    msg = rig.spool(raw)
+    d.go_down()
+    with pytest.raises(TransientError):
+        rig.delivery.deliver(msg, raw, create_decision(mid))
+    d.come_up()
+    out = rig.delivery.deliver(msg, raw, create_decision(mid))
+    assert out.state == "delivered"
+    [lead] = leads(d)
+    assert len(email_messages(d, "crm.lead", lead["id"])) == 1
+
+
+@pytest.mark.parametrize("kind", ["http500", "serialization", "drop", "lost_response"])
+def test_crash_between_create_and_post_gives_one_lead_one_post(tmp_path: Any, double: OdooDouble, kind: str) -> None:
+    rig = Rig(tmp_path, double, "explicit")
+    mid = "<new-10@customer.example>"
+    raw = new_mail(mid)
+    msg = rig.spool(raw)
+    double.fail_next(1, kind, method="message_post")
+    with pytest.raises(TransientError):
+        rig.delivery.deliver(msg, raw, create_decision(mid))
+    assert len(leads(double)) == 1
+    with rig.engine.connect() as conn:
+        steps = [r.step for r in conn.execute(select(odoo_writes).where(odoo_writes.c.message == msg.id))]
+    assert any(s.startswith("create:crm.lead") for s in steps)
+    out = rig.delivery.deliver(msg, raw, create_decision(mid))
+    assert out.state == "delivered"
+    [lead] = leads(double)
+    assert len(email_messages(double, "crm.lead", lead["id"])) == 1
+    assert len(double.records("ir.attachment")) == 2
+
+
+def test_passthrough_lost_answer_is_not_processed_twice(tmp_path: Any, double: OdooDouble) -> None:
+    rig = Rig(tmp_path, double, "passthrough")
+    mid = "<new-11@customer.example>"
+    raw = new_mail(mid)
+    msg = rig.spool(raw)
+    double.fail_next(1, "lost_response", method="message_process")
+    with pytest.raises(TransientError):
+        rig.delivery.deliver(msg, raw, create_decision(mid))
+    calls = double.call_count
+    out = rig.delivery.deliver(msg, raw, create_decision(mid))
+    assert out.state == "delivered" and len(leads(double)) == 1
+    assert ("mail.thread", "message_process") not in double.calls[calls:]
+
+
+def test_passthrough_8bit_latin1_is_reencoded_and_delivered_to_added(tmp_path: Any, double: OdooDouble) -> None:
+    rig = Rig(tmp_path, double, "passthrough")
+    mid = "<latin-1@customer.example>"
+    raw = (f"From: alice@customer.example\r\nTo: someone-else@{DOMAIN}\r\nSubject: Caf\xe9\r\nMessage-ID: {mid}\r\n"
+           "Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+           "Cr\xe8me br\xfbl\xe9e\r\n").encode("latin-1")
+    # envelope recipient sales@ is only known to Odoo through the Delivered-To the gateway adds
+    _m, out = rig.deliver(raw, create_decision(mid))
+    assert out.state == "delivered", out.note
+    [lead] = leads(double)
+    [post] = email_messages(double, "crm.lead", lead["id"])
+    assert "Crème brûlée" in post["body"]
+
+
+def test_passthrough_refusal_false_is_dropped_not_an_error(tmp_path: Any, double: OdooDouble) -> None:
+    rig = Rig(tmp_path, double, "passthrough")
+    mid = "<catchall-only@customer.example>"
+    raw = new_mail(mid, to=f"catchall@{DOMAIN}")
+    decision = Decision(action=Action.CREATE, explanation=("t",), message_id=mid,
+                        targets=(Target(model="crm.lead", alias=None),), recipients=(f"catchall@{DOMAIN}",))
+    _m, out = rig.deliver(raw, decision, rcpt=f"catchall@{DOMAIN}")
+    assert out.state == "dropped" and "False" in out.note
+    assert not leads(double)
+
+
+def test_no_route_in_odoo_is_permanent(tmp_path: Any, double: OdooDouble) -> None:
+    rig = Rig(tmp_path, double, "passthrough")
+    mid = "<noroute@customer.example>"
+    raw = new_mail(mid, to=f"nobody@{DOMAIN}")
+    decision = Decision(action=Action.CREATE, explanation=("t",), message_id=mid,
+                        targets=(Target(model="crm.lead", alias=None),), recipients=(f"nobody@{DOMAIN}",))
+    with pytest.raises(PermanentError, match="No possible route"):
+        rig.deliver(raw, decision, rcpt=f"nobody@{DOMAIN}")
+
+
+def test_explicit_contact_policy_refuses_once_per_window(tmp_path: Any, double: OdooDouble) -> None:
+    rig = Rig(tmp_path, double, "explicit")
+    vip = Target(model="crm.lead", alias=f"vip@{DOMAIN}", contact="partners")
+    for n in range(2):
+        mid = f"<stranger-{n}@nowhere.example>"
+        _m, out = rig.deliver(new_mail(mid, sender="stranger@nowhere.example", to=f"vip@{DOMAIN}"),
+                              create_decision(mid, vip), rcpt=f"vip@{DOMAIN}", mail_from="stranger@nowhere.example")
+        assert out.state == "dropped" and "refused" in out.note
+    assert not leads(double)
+    with rig.engine.connect() as conn:
+        assert len(conn.execute(select(refusals)).all()) == 1  # second one rate-limited
+
+
+def test_thread_lookup_index_then_odoo_cached(tmp_path: Any, double: OdooDouble) -> None:
+    rig = Rig(tmp_path, double, "explicit")
+    lead = double.store.create("crm.lead", {"name": "Deal"})
+    double.store.create("mail.message", {"model": "crm.lead", "res_id": lead, "message_id": "<odoo-only@x>",
+                                         "subtype_id": 1, "is_internal": False})
+    lookup = IndexThreadLookup(rig.engine, rig.client)
+    hit = lookup.find(["<unknown@x>", "<odoo-only@x>"])
+    assert hit is not None and (hit.model, hit.res_id) == ("crm.lead", lead) and not hit.outbound
+    calls = double.call_count
+    assert lookup.find(["<odoo-only@x>"]) == hit and double.call_count == calls  # index/cache, no RPC
+    index_message(rig.engine, "<ours@x>", "crm.lead", lead, outbound=True)
+    hit2 = lookup.find(["<ours@x>"])
+    assert hit2 is not None and hit2.outbound
+    assert lookup.find(["<nothing@x>"]) is None
+
+
+def test_duplicate_lookup_needs_same_id_and_hash_and_a_final_state(tmp_path: Any, double: OdooDouble) -> None:
+    from gateway.spool import transition
+
+    rig = Rig(tmp_path, double, "explicit")
+    raw = new_mail("<dup@x>")
+    msg = rig.spool(raw)
+    dup = SpoolDuplicateLookup(rig.engine)
+    assert not dup.seen("<dup@x>", msg.sha256)
+    transition(rig.engine, msg.id, "delivered")
+    assert dup.seen("<dup@x>", msg.sha256)
+    assert not dup.seen("<dup@x>", "0" * 64) and not dup.seen("<other@x>", msg.sha256)
+
+
+def test_ledger_records_every_step(tmp_path: Any, double: OdooDouble) -> None:
+    rig = Rig(tmp_path, double, "explicit")
+    mid = "<ledger@x>"
+    msg, _ = rig.deliver(new_mail(mid), create_decision(mid))
+    with rig.engine.connect() as conn:
+        rows = {r.step: r for r in conn.execute(select(odoo_writes).where(odoo_writes.c.message == msg.id))}
+    assert {s.split(":")[0] for s in rows} >= {"create", "attach", "post"}
+    [lead] = leads(double)
+    assert rows[f"create:crm.lead:sales@{DOMAIN}"].res_id == lead["id"]
+    assert json.loads(rows[f"post:crm.lead:{lead['id']}"].result or "null") is None
