@@ -156,6 +156,8 @@ class OutboundConfig(_Model):
     retry_min_seconds: float = Field(300.0, gt=0)
     retry_max_seconds: float = Field(4000.0, gt=0)
     poll_interval: float = Field(1.0, gt=0)
+    # Where delivery sends polite refusal mails (host:port); None → `smarthost`; neither → not sent (logged).
+    refusal_smarthost: str | None = None
 
 
 class TrackingConfig(_Model):
