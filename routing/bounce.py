@@ -228,15 +228,17 @@ def _classify(msg: email.message.Message, *, verp: VerpHit | None, to_bounce_add
               detectors: tuple[Detector, ...]) -> BounceReport | None:
     if (msg.get_param("report-type") or "").lower() == "feedback-report":
         return None  # ARF: a complaint, handled by routing/arf.py
-    original_id = original_message_id(msg)
     indicator = ndr_indicator(msg)
+    rows = parse_dsn(msg)
+    if not (indicator or rows or verp is not None or to_bounce_address):
+        return None  # ordinary mail: the cheap checks above are all a non-bounce pays for
+    original_id = original_message_id(msg)
     explanation: list[str] = []
     if indicator:
         explanation.append(f"looks like an NDR ({indicator})")
 
     via = ""
     results: list[BounceResult] = []
-    rows = parse_dsn(msg)
     if rows:
         results = _from_dsn(rows, original_id, cut_returned(notice_text(msg))[:2000])
         if results:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.message
 import html
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -104,12 +105,29 @@ def html_to_text(markup: str) -> str:
     return html.unescape(text).replace("\xa0", " ")
 
 
+# Every detector reads the same notice; decoding it once per message keeps the detector list cheap.
+_NOTICE_CACHE: "weakref.WeakKeyDictionary[email.message.Message, str]" = weakref.WeakKeyDictionary()
+
+
 def notice_text(msg: email.message.Message) -> str:
     """The human-readable notice the bouncing server wrote: text parts outside any returned message.
 
     Parts inside message/rfc822 (the copy of our mail) and the machine-readable DSN parts are skipped;
-    HTML-only notices are flattened. Returns at most 64 KiB.
+    HTML-only notices are flattened. Returns at most 64 KiB. Cached per message object (weakly).
     """
+    try:
+        return _NOTICE_CACHE[msg]
+    except (KeyError, TypeError):
+        pass
+    text = _notice_text(msg)
+    try:
+        _NOTICE_CACHE[msg] = text
+    except TypeError:
+        pass
+    return text
+
+
+def _notice_text(msg: email.message.Message) -> str:
     chunks: list[str] = []
     size = 0
 
