@@ -126,6 +126,9 @@ def rcpt_verdict(table: AliasTable, address: str) -> tuple[Verdict, str]:
         return "accept", res.describe()
     dom = res.domain
     assert dom is not None
+    if split_address(res.address)[0] == "postmaster":
+        # RFC 5321 §4.5.1: every domain must accept postmaster; it is routed (or quarantined) like any mail.
+        return "accept", f"{res.address}: postmaster is always accepted (RFC 5321 §4.5.1)"
     if dom.default_alias:
         return "accept", f"{res.address}: no alias, routed to the default alias {dom.default_alias} of {dom.name}"
     if dom.strict:

@@ -10,9 +10,10 @@ DESIGN.md's precedence, first match wins:
 8. domain default alias   9. quarantine with a reason.
 
 Every step that looked at something says so in `explanation`, matched or not, so `mailgate explain` shows
-the whole path. Detectors (bounce, ARF, auto-reply) are passed in through `Detectors` so tests can pin them;
-a detector that raises is reported in the explanation and treated as "no match" — one buggy detector must
-not stop the mail from being routed.
+the whole path. Detectors (bounce, ARF, auto-reply) are passed in through `Detectors` so tests can pin them.
+A detector that *raises* quarantines the mail with reason "<name> detector error": guessing on would turn a
+bounce hit by a detector bug into a new record; in quarantine it is visible and released after the fix.
+A detector missing from this build (NotImplementedError) is skipped and said so.
 """
 
 from __future__ import annotations
@@ -71,15 +72,21 @@ class _Why:
         self.lines.append(line)
 
 
+class _DetectorFailed(Exception):
+    def __init__(self, name: str):
+        self.name = name
+
+
 def _safe(why: _Why, name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
     try:
         return fn(*args, **kw)
     except NotImplementedError:
         why(f"{name} detector not available in this build; skipped")
+        return None
     except Exception as exc:  # noqa: BLE001 - see module docstring
         log.warning("%s detector raised on a message: %s: %s", name, exc.__class__.__name__, exc)
-        why(f"{name} detector failed ({exc.__class__.__name__}: {exc}); treated as no match")
-    return None
+        why(f"{name} detector failed ({exc.__class__.__name__}: {exc}); quarantined rather than guessed")
+        raise _DetectorFailed(name) from exc
 
 
 def _alias_target(alias: Alias) -> Target:
@@ -114,8 +121,24 @@ def _describe_hit(hit: ThreadHit) -> str:
 def route(parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases: AliasTable, threads: ThreadLookup,
           duplicates: DuplicateLookup, verp: Callable[[str], VerpHit | None] | None = None, sha256: str,
           detectors: Detectors = DEFAULT_DETECTORS) -> Decision:
-    """Decide what to do with one message (DESIGN.md "Routing precedence"; first match wins)."""
+    """Decide what to do with one message (DESIGN.md "Routing precedence"; first match wins).
+
+    `threads.find` receives the reference chain oldest → newest (In-Reply-To last), as `StaticThreads`
+    expects; `verp(address)` resolves a `bounce+TOKEN@` recipient to the outbound row it names.
+    """
     why = _Why()
+    try:
+        return _route(why, parsed, envelope, aliases=aliases, threads=threads, duplicates=duplicates, verp=verp,
+                      sha256=sha256, detectors=detectors)
+    except _DetectorFailed as exc:
+        return Decision(action=Action.QUARANTINE, explanation=tuple(why.lines), reason=f"{exc.name} detector error",
+                        message_id=parsed.message_id,
+                        recipients=tuple(envelope.rcpt_tos) or tuple(parsed.delivered_to or parsed.to))
+
+
+def _route(why: _Why, parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases: AliasTable,
+           threads: ThreadLookup, duplicates: DuplicateLookup, verp: Callable[[str], VerpHit | None] | None,
+           sha256: str, detectors: Detectors) -> Decision:
     msg = parsed.msg
     base: dict[str, Any] = {"message_id": parsed.message_id}
     resolved = list(resolve_recipients(

@@ -56,6 +56,7 @@ def test_resolution_order_rcpt_first_then_headers_each_address_once():
     ("jobs@strict.example.org", "accept"),
     ("JOBS+x@STRICT.example.org", "accept"),
     ("nobody@strict.example.org", "unknown_user"),    # 550 5.1.1
+    ("PostMaster@strict.example.org", "accept"),      # RFC 5321 §4.5.1, even in a strict domain
     ("catchall@strict.example.org", "accept"),
     ("bounce@strict.example.org", "accept"),
     ("bounce+tok@strict.example.org", "accept"),      # VERP

@@ -172,15 +172,16 @@ def test_every_decision_carries_message_id_and_explanation():
         assert d.message_id and d.explanation
 
 
-def test_a_failing_detector_is_reported_and_treated_as_no_match():
+def test_a_failing_detector_quarantines_rather_than_guessing():
     from routing.router import Detectors
 
     def boom(msg, **kw):
         raise RuntimeError("parser bug")
 
     d = decide(mail(f"To: {ALIAS}"), detectors=Detectors(bounce=boom, arf=FAKE.arf, auto_reply=FAKE.auto_reply))
-    assert d.action == Action.CREATE
+    assert d.action == Action.QUARANTINE and d.reason == "bounce detector error"
     assert any("bounce detector failed (RuntimeError: parser bug)" in line for line in d.explanation)
+    assert d.message_id and d.recipients
 
 
 def test_decision_json_round_trip():
@@ -188,3 +189,14 @@ def test_decision_json_round_trip():
 
     d = decide(mail(EVERYTHING), threads={"<parent@test>": ThreadHit("<parent@test>", "m", 1)})
     assert Decision.from_json(d.to_json()) == d
+
+
+def test_a_detector_missing_from_the_build_is_skipped_and_said_so():
+    from routing.router import Detectors
+
+    def missing(msg, **kw):
+        raise NotImplementedError
+
+    d = decide(mail(f"To: {ALIAS}"), detectors=Detectors(bounce=missing, arf=missing, auto_reply=missing))
+    assert d.action == Action.CREATE
+    assert "bounce detector not available in this build; skipped" in d.explanation
