@@ -10,7 +10,7 @@ from __future__ import annotations
 import email.message
 import re
 
-from routing.detectors.base import Hit, clean_address, cut_returned, notice_text, recipient_blocks, sender_addresses
+from routing.detectors.base import Hit, cut_returned, notice_text, recipient_blocks, sender_addresses
 
 _INTRO = re.compile(r"did\s+not\s+reach\s+the\s+following\s+recipient(?:\(s\)|s)?\s*:?"
                     r"|delivery\s+has\s+failed\s+to\s+these\s+recipients(?:\s+or\s+(?:groups|distribution\s+lists))?\s*:"
@@ -18,6 +18,7 @@ _INTRO = re.compile(r"did\s+not\s+reach\s+the\s+following\s+recipient(?:\(s\)|s)
                     r"|could\s+not\s+be\s+delivered\s+to\s+the\s+following\s+user\s*:",
                     re.IGNORECASE)
 _X400 = re.compile(r"dda:SMTP=([^;\s]+@[^;\s]+);", re.IGNORECASE)
+_SENT_ON = re.compile(r"^on\s+(?:\w{3},?\s+)?\d{1,2}\s+\w{3}\s+\d{4}(?:\s+[\d:]+)?(?:\s+[-+]\d{4})?\s*", re.IGNORECASE)
 _BRACKETED = re.compile(r"^\s*\*?\s*\[(?:SMTP:)?([^\]\s]+@[^\]\s]+)\]", re.IGNORECASE | re.MULTILINE)
 
 
@@ -36,4 +37,5 @@ class ExchangeDetector:
         # Stop at the transcript Exchange sometimes appends; it repeats addresses with no new facts.
         section = re.split(r"-{3,}\s*transcript of session", section, maxsplit=1, flags=re.IGNORECASE)[0]
         hits = recipient_blocks(section, exclude=sender_addresses(msg))
-        return tuple(h for h in hits if clean_address(h.recipient))
+        # "addr on Fri, 4 Oct 2002 17:12:28 -0400": the date is not part of the reason
+        return tuple(Hit(h.recipient, _SENT_ON.sub("", h.diagnostic or "") or None, h.status, h.delayed) for h in hits)

@@ -27,5 +27,5 @@ class PostfixDetector:
         sig = _SIGNATURE.search(section)
         if sig:
             section = section[sig.end():]
-        delayed = "delayed" in (msg.get("Subject") or "").lower()
+        delayed = "delayed" in str(msg.get("Subject") or "").lower()
         return recipient_blocks(section, delayed=delayed, exclude=sender_addresses(msg))

@@ -39,8 +39,7 @@ class RecipientListDetector:
             return ()
         before = squash(text[:m.start()], 400)
         delayed = bool(_DELAY.search(text))
-        hits = recipient_blocks(text[m.start():].split(":", 1)[-1] if text[m.start():m.end()].rstrip().endswith(":")
-                                else text[m.end():], delayed=delayed, exclude=sender_addresses(msg))
+        hits = recipient_blocks(text[m.end():], delayed=delayed, exclude=sender_addresses(msg))
         out = []
         for h in hits:
             diag = h.diagnostic or before or None
