@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from aliases.model import Alias, AliasTable, Domain
+from routing.tokens import VERP_PREFIX
 
 Source = Literal["rcpt", "delivered-to", "x-original-to", "to", "cc", "resent-to", "resent-cc"]
 Kind = Literal["alias", "catchall", "bounce", "verp", "unknown", "foreign"]
@@ -77,6 +78,9 @@ def resolve_address(table: AliasTable, address: str, source: Source = "rcpt") ->
     if domain.bounce and base == domain.bounce.lower():
         # bounce+TOKEN@ is VERP (an outbound recipient row); a bare bounce@ is the bounce address itself.
         return Resolved(addr, source, "verp" if tag_or_none else "bounce", tag=tag_or_none, domain=domain)
+    if local.startswith(VERP_PREFIX) and len(local) > len(VERP_PREFIX):
+        # the relay always writes `bounce+TOKEN@domain` (routing.tokens), whatever the domain's bounce name
+        return Resolved(addr, source, "verp", tag=local[len(VERP_PREFIX):], domain=domain)
     if plus:
         based = table.alias(f"{base}@{domain_name}")
         if based is not None:

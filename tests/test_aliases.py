@@ -15,7 +15,7 @@ from gateway.config import load_config
 FIXTURES = Path(__file__).parent / "fixtures" / "routing"
 
 TABLE = AliasTable(
-    domains=(Domain("example.com"), Domain("strict.example.org", strict=True),
+    domains=(Domain("example.com"), Domain("odd.example.com", bounce="returns", strict=True), Domain("strict.example.org", strict=True),
              Domain("default.example.net", strict=True, default_alias="help@default.example.net")),
     aliases=(Alias("sales@example.com", "crm.lead"), Alias("sales+eu@example.com", "crm.lead.eu"),
              Alias("jobs@strict.example.org", "hr.applicant"), Alias("help@default.example.net", "helpdesk.ticket")),
@@ -60,6 +60,9 @@ def test_resolution_order_rcpt_first_then_headers_each_address_once():
     ("catchall@strict.example.org", "accept"),
     ("bounce@strict.example.org", "accept"),
     ("bounce+tok@strict.example.org", "accept"),      # VERP
+    ("bounce+tok@odd.example.com", "accept"),         # the relay's VERP prefix, whatever the bounce name
+    ("returns@odd.example.com", "accept"),
+    ("bounce@odd.example.com", "unknown_user"),
     ("nobody@default.example.net", "accept"),         # strict, but a default alias takes it
     ("someone@gmail.com", "no_relay"),                # 550 5.7.1
     ("no-at-sign", "no_relay"),

@@ -113,3 +113,21 @@ def test_quarantine_delete_and_unknown_id(store_config, capsys):
     assert main(["quarantine", "show", str(ident), "-c", store_config]) == 1
     assert main(["quarantine", "list", "-c", store_config]) == 0
     assert "no quarantined mail" in capsys.readouterr().out
+
+
+def test_route_raw_is_the_worker_entry_with_config_limits():
+    from aliases.load import build_table
+    from gateway.config import load_config
+    from gateway.explain import route_raw
+    from routing.model import RoutingEnvelope
+
+    config = load_config(CONFIG)
+    raw = b"From: x@client.net\r\nTo: nobody@example.com\r\nMessage-ID: <w@client.net>\r\n\r\nhi\r\n"
+    parsed, d = route_raw(raw, RoutingEnvelope(rcpt_tos=("groups@example.com",)), table=build_table(config),
+                          config=config)
+    assert parsed.message_id == "<w@client.net>"
+    assert d.action.value == "create" and d.targets[0].alias == "groups@example.com"
+    tight = config.model_copy(update={"routing": config.routing.model_copy(update={"max_headers": 1})})
+    _parsed, d = route_raw(raw, RoutingEnvelope(rcpt_tos=("groups@example.com",)), table=build_table(config),
+                           config=tight)
+    assert d.action.value == "quarantine" and d.reason == "limits: too many headers"
