@@ -21,6 +21,7 @@ from routing.bounce_status import classify_status
 from routing.detectors import DETECTORS, Detector, Hit
 from routing.detectors.base import addresses_in, cut_returned, notice_text, status_in
 from routing.detectors.simple import is_warning
+from routing.detectors.x_failed_recipients import XFailedRecipientsDetector
 from routing.dsn import DsnRecipient, parse_dsn
 from routing.model import BounceResult
 
@@ -50,8 +51,8 @@ class BounceReport:
         return bool(self.results) and all(r.action == "delayed" for r in self.results)
 
 
-_NDR_LOCALS = re.compile(r"^(?:mailer-?daemon|postmaster|mdaemon|mail\.delivery\.system|ndr|bounces?|"
-                         r"mail-?delivery(?:-?system)?|mailadm|e500_smtp_mail_service)$", re.IGNORECASE)
+_NDR_LOCALS = re.compile(r"^(?:mailer-?daemon|postmaster|mdaemon|mail\.delivery\.system|ndr|"
+                         r"mail-?delivery(?:-?system)?)$", re.IGNORECASE)
 _NDR_NAMES = re.compile(r"mail\s*delivery\s*(?:sub)?system|mailer[- ]daemon|postmaster|delivery\s+subsystem", re.IGNORECASE)
 _NDR_SUBJECT = re.compile(
     r"undeliver|undelivered|delivery\s+status\s+notification|delivery\s+notification|failure\s+notice|returned\s+mail"
@@ -155,6 +156,7 @@ def original_message_id(msg: email.message.Message) -> str | None:
 
 def _result(recipient: str, *, status: str | None, diagnostic: str | None, delayed: bool, detector: str,
             original_id: str | None, remote_mta: str | None = None, context: str | None = None) -> BounceResult:
+    """One BounceResult; `context` (the notice's prose) explains the failure only when no diagnostic does."""
     reason, kind = classify_status(status, diagnostic or context, delayed=delayed)
     return BounceResult(
         recipient=recipient, kind=kind, reason=reason, status=status, diagnostic=diagnostic,
@@ -166,6 +168,9 @@ def _result(recipient: str, *, status: str | None, diagnostic: str | None, delay
 def _from_dsn(rows: list[DsnRecipient], original_id: str | None, context: str) -> list[BounceResult]:
     out = []
     seen: set[str] = set()
+    failing = {r.recipient.lower() for r in rows if r.is_failure}
+    # The notice's prose may explain a recipient without a Diagnostic-Code only when it is about one recipient.
+    context = context if len(failing) == 1 else ""
     for row in rows:
         # Some MTAs repeat a recipient once per expanded alias or per attempt: report it once.
         if not row.is_failure or row.recipient.lower() in seen:
@@ -188,11 +193,20 @@ def _from_detectors(msg: email.message.Message, original_id: str | None,
         except Exception:  # noqa: BLE001 - one broken detector must not hide the others
             continue
         if hits:
+            hits = _with_failed_recipients_header(msg, hits)
             results = [_result(h.recipient, status=h.status or status_in(h.diagnostic), diagnostic=h.diagnostic,
                                delayed=h.delayed or warning, detector=detector.name, original_id=original_id,
-                               context=text[:2000]) for h in hits]
+                               context=text[:2000] if len(hits) == 1 else None) for h in hits]
             return detector.name, results
     return "", []
+
+
+def _with_failed_recipients_header(msg: email.message.Message, hits: tuple[Hit, ...]) -> tuple[Hit, ...]:
+    """Add addresses that the MTA listed in X-Failed-Recipients but the prose did not (machine-written,
+    so trusted as to *who*; the reason stays undefined)."""
+    extra = [h for h in XFailedRecipientsDetector().detect(msg)
+             if h.recipient.lower() not in {x.recipient.lower() for x in hits}]
+    return hits + tuple(extra)
 
 
 def _apply_verp(results: list[BounceResult], verp: VerpHit) -> list[BounceResult]:

@@ -123,3 +123,9 @@ def test_each_stage_survives_mangled_input_without_the_safety_net():
         ndr_indicator(msg)
         for detector in DETECTORS:
             detector.detect(msg)
+
+
+def test_x_failed_recipients_completes_what_the_prose_left_out():
+    report = classify_bounce(fixture("exim_two_failed.eml"))
+    got = {r.recipient: (r.reason, r.kind) for r in report.results}
+    assert got == {"one@example.org": ("userunknown", "hard"), "two@example.org": ("undefined", "soft")}
