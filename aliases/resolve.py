@@ -22,8 +22,9 @@ Source = Literal["rcpt", "delivered-to", "x-original-to", "to", "cc", "resent-to
 Kind = Literal["alias", "catchall", "bounce", "verp", "unknown", "foreign"]
 Verdict = Literal["accept", "unknown_user", "no_relay"]
 
-#: Sources Odoo counts as "to" for bounce, catchall and forward detection (Delivered-To + To; never Cc).
-TO_LIKE: frozenset[str] = frozenset({"rcpt", "delivered-to", "to"})
+#: Sources Odoo counts as "to" for bounce, catchall and forward detection (Delivered-To + To; never Cc), plus
+#: the envelope itself (RCPT, and X-Original-To, where Postfix records it).
+TO_LIKE: frozenset[str] = frozenset({"rcpt", "delivered-to", "x-original-to", "to"})
 
 
 @dataclass(frozen=True)

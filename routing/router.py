@@ -60,6 +60,8 @@ class Detectors:
 
 
 DEFAULT_DETECTORS = Detectors()
+#: recipients listed one per line in the explanation; the rest are counted (a 500-address Cc stays readable)
+_MAX_LISTED = 20
 
 
 class _Why:
@@ -169,13 +171,15 @@ def _route(why: _Why, parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases:
         why(f"message exceeds the parse limits ({parsed.limit_exceeded}); not routed automatically")
         return decide(Action.QUARANTINE, reason=f"limits: {parsed.limit_exceeded}")
 
-    for r in resolved:
+    for r in resolved[:_MAX_LISTED]:
         why(r.describe())
+    if len(resolved) > _MAX_LISTED:
+        why(f"… and {len(resolved) - _MAX_LISTED} more recipient(s)")
     if not resolved:
         why("no recipient in the envelope or in Delivered-To/To/Cc/Resent-*")
 
     # 3. bounce ------------------------------------------------------------------------------------------
-    to_like = [r for r in resolved if r.source in TO_LIKE or r.source == "x-original-to"]
+    to_like = [r for r in resolved if r.source in TO_LIKE]
     verp_hit: VerpHit | None = None
     for r in to_like:
         if r.kind == "verp" and verp is not None:

@@ -200,3 +200,11 @@ def test_a_detector_missing_from_the_build_is_skipped_and_said_so():
     d = decide(mail(f"To: {ALIAS}"), detectors=Detectors(bounce=missing, arf=missing, auto_reply=missing))
     assert d.action == Action.CREATE
     assert "bounce detector not available in this build; skipped" in d.explanation
+
+
+def test_long_recipient_lists_are_summarised_in_the_explanation():
+    cc = ", ".join(f"p{i}@client.net" for i in range(50))
+    d = decide(mail(f"To: {ALIAS}\nCc: {cc}"))
+    assert d.action == Action.CREATE
+    assert "… and 31 more recipient(s)" in d.explanation
+    assert len(d.explanation) < 30
