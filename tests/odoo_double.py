@@ -337,7 +337,7 @@ class OdooDouble:
             pass
 
         Handler.double = double
-        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        server = _QuietServer(("127.0.0.1", port), Handler)
         server.daemon_threads = True
         self._server = server
         self.port = server.server_address[1]
@@ -841,6 +841,19 @@ def _extract_payload(msg: Message) -> tuple[str, list[tuple[str, bytes, str]]]:
 
 
 # ------------------------------------------------------------------------------------- HTTP handler
+class _QuietServer(ThreadingHTTPServer):
+    """Clients that time out or go away mid-answer are expected here (fault tests): no tracebacks."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
+            return
+        super().handle_error(request, client_address)
+
+
 _JSON2 = re.compile(r"^/json/2/(?P<model>[\w.]+)/(?P<method>\w+)$")
 
 

@@ -1,0 +1,235 @@
+"""The Odoo adapter (`gateway.odoo`) against the Odoo double — and against a live Odoo when one is configured.
+
+Live Odoo: set MAILGATE_ODOO_URL, MAILGATE_ODOO_DB, MAILGATE_ODOO_LOGIN, MAILGATE_ODOO_PASSWORD (an admin-level
+user's password or API key; MAILGATE_ODOO_PROTOCOL = jsonrpc | json2 | auto, default auto) and run
+`pytest -m live_odoo tests/test_odoo_adapter.py`. The live database needs the mail and crm modules and an alias
+domain; tests create records with unique names and leave them there (use a throwaway database). Without the
+variables the live cases are skipped and only the double runs.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gateway.config import OdooConfig
+from gateway.errors import PermanentError, TransientError
+from gateway.odoo import connect, one_id
+from gateway.odoo.client import OdooClient, m2o_id
+from gateway.odoo.json2 import Json2Client
+from gateway.odoo.jsonrpc import JsonRpcClient
+from routing.model import BounceResult
+from routing.normalized_dsn import build_normalized_dsn
+from tests.odoo_double import OdooDouble
+
+LIVE_VARS = ("MAILGATE_ODOO_URL", "MAILGATE_ODOO_DB", "MAILGATE_ODOO_LOGIN", "MAILGATE_ODOO_PASSWORD")
+
+
+def live_configured() -> bool:
+    return all(os.environ.get(v) for v in LIVE_VARS)
+
+
+class Target:
+    """One Odoo to test against: a double (with its handle) or a live server (double is None)."""
+
+    def __init__(self, client: OdooClient, double: OdooDouble | None, secret: str):
+        self.client = client
+        self.double = double
+        self.secret = secret
+
+    def alias_domain(self) -> dict[str, Any]:
+        rows = self.client.search_read("mail.alias.domain", [], ["name", "bounce_email", "catchall_email"], limit=1)
+        if not rows:
+            pytest.skip("the Odoo under test has no mail.alias.domain")
+        return rows[0]
+
+    def sales_alias(self) -> str:
+        rows = self.client.search_read("mail.alias", [("alias_name", "=", "sales")], ["alias_full_name"], limit=1)
+        if not rows:
+            pytest.skip("the Odoo under test has no sales@ alias")
+        return str(rows[0]["alias_full_name"])
+
+
+@pytest.fixture(params=[
+    "double-17-jsonrpc", "double-19-json2", "double-19-jsonrpc",
+    pytest.param("live", marks=pytest.mark.live_odoo),
+])
+def odoo(request: pytest.FixtureRequest) -> Iterator[Target]:
+    if request.param == "live":
+        if not live_configured():
+            pytest.skip("live Odoo not configured (MAILGATE_ODOO_URL, _DB, _LOGIN, _PASSWORD)")
+        cfg = OdooConfig(url=os.environ["MAILGATE_ODOO_URL"], db=os.environ["MAILGATE_ODOO_DB"],
+                         login=os.environ["MAILGATE_ODOO_LOGIN"], password_env="MAILGATE_ODOO_PASSWORD",
+                         protocol=os.environ.get("MAILGATE_ODOO_PROTOCOL", "auto"), timeout=60)  # type: ignore[arg-type]
+        client = connect(cfg)
+        yield Target(client, None, os.environ["MAILGATE_ODOO_PASSWORD"])
+        client.close()
+        return
+    _, version, protocol = request.param.split("-")
+    d = OdooDouble(version=f"{version}.0").start()
+    secret = d.api_key if protocol == "json2" else d.password
+    cls = Json2Client if protocol == "json2" else JsonRpcClient
+    client = cls(url=d.url, db=d.db, login=d.login, secret=secret, timeout=5)
+    yield Target(client, d, secret)
+    client.close()
+    d.stop()
+
+
+def uniq(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+# ------------------------------------------------------------------------------------------ shapes
+def test_one_id_flattens_every_odoo_shape() -> None:
+    assert one_id(5) == 5 and one_id([5]) == 5 and one_id("crm.lead(5,)") == 5
+    assert one_id(False) is None and one_id(None) is None and one_id([]) is None
+    assert m2o_id([3, "Name"]) == 3 and m2o_id(False) is None
+    with pytest.raises(PermanentError):
+        one_id({"id": 5})
+
+
+def test_create_read_search_with_domain_operators(odoo: Target) -> None:
+    c = odoo.client
+    tag = uniq("adapter")
+    a = c.create("res.partner", {"name": f"{tag} Ann", "email": f"{tag}.ann@customer.example"})
+    b = c.create("res.partner", {"name": f"{tag} Ben", "email": f"{tag}.ben@customer.example"})
+    assert isinstance(a, int) and isinstance(b, int) and a != b
+    assert c.search("res.partner", [("name", "ilike", tag)], order="id") == [a, b]
+    assert c.search("res.partner", ["|", ("id", "=", a), ("id", "=", b)], order="id") == [a, b]
+    assert c.search("res.partner", ["&", ("name", "ilike", tag), "!", ("id", "=", a)]) == [b]
+    assert c.search_count("res.partner", [("id", "in", [a, b])]) == 2
+    rows = c.search_read("res.partner", [("email_normalized", "=", f"{tag}.ann@customer.example")],
+                         ["name", "email"])
+    assert [r["id"] for r in rows] == [a] and rows[0]["name"] == f"{tag} Ann"
+    assert c.write("res.partner", [b], {"name": f"{tag} Benjamin"})
+    assert c.read("res.partner", [b], ["name"])[0]["name"] == f"{tag} Benjamin"
+
+
+def test_message_new_post_and_find(odoo: Target) -> None:
+    c = odoo.client
+    tag = uniq("lead")
+    partner = c.create("res.partner", {"name": tag, "email": f"{tag}@customer.example"})
+    lead = c.message_new("crm.lead", {"subject": tag, "email_from": f"{tag} <{tag}@customer.example>",
+                                      "author_id": partner}, {"type": "lead"},
+                         context={"mail_create_nosubscribe": True, "mail_create_nolog": True})
+    row = c.read("crm.lead", [lead], ["name", "partner_id", "email_from"])[0]
+    assert row["name"] == tag and m2o_id(row["partner_id"]) == partner
+    mid = f"<{tag}@customer.example>"
+    posted = c.message_post("crm.lead", lead, body="<p>hi <b>there</b></p>", body_is_html=True,
+                            message_type="email", subtype_xmlid="mail.mt_comment", message_id=mid,
+                            author_id=partner, context={"mail_create_nosubscribe": True})
+    assert isinstance(posted, int)
+    [found] = c.find_messages([mid, "<nothing-here@x>"])
+    assert found["id"] == posted and found["model"] == "crm.lead" and found["res_id"] == lead
+    assert c.message_subscribe("crm.lead", lead, [partner])
+    followers = c.search_read("mail.followers", [("res_model", "=", "crm.lead"), ("res_id", "=", lead)],
+                              ["partner_id"])
+    assert partner in [m2o_id(f["partner_id"]) for f in followers]
+
+
+def test_message_process_new_duplicate_loop(odoo: Target) -> None:
+    c = odoo.client
+    sales = odoo.sales_alias()
+    tag = uniq("mp")
+    raw = (f"From: {tag} <{tag}@customer.example>\r\nTo: {sales}\r\nSubject: {tag}\r\n"
+           f"Message-ID: <{tag}@customer.example>\r\nContent-Type: text/plain\r\n\r\nhello\r\n")
+    rid = c.message_process(raw)
+    assert isinstance(rid, int)
+    [msg] = c.find_messages([f"<{tag}@customer.example>"])
+    assert msg["model"] == "crm.lead" and msg["res_id"] == rid
+    assert c.message_process(raw) is False                       # duplicate
+    loop = raw.replace(f"<{tag}@", f"<{tag}-2@").replace(
+        "Subject:", "References: <1.2-openerp-loop-detection-bounce-email@odoo>\r\nSubject:")
+    assert c.message_process(loop) is None                       # loop drop: no `result` member at all
+
+
+def test_normalized_dsn_raises_message_bounce(odoo: Target) -> None:
+    c = odoo.client
+    dom = odoo.alias_domain()
+    tag = uniq("bounce")
+    addr = f"{tag}@customer.example"
+    partner = c.create("res.partner", {"name": tag, "email": addr})
+    before = c.read("res.partner", [partner], ["message_bounce"])[0]["message_bounce"]
+    dsn = build_normalized_dsn(BounceResult(recipient=addr, kind="hard", reason="userunknown", status="5.1.1",
+                                            original_message_id=f"<{tag}-orig@x>"),
+                               bounce_address=str(dom["bounce_email"]), seed=tag)
+    assert c.message_process(dsn.decode("ascii")) is False
+    after = c.read("res.partner", [partner], ["message_bounce"])[0]["message_bounce"]
+    assert after == before + 1
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_errors_are_typed(odoo: Target) -> None:
+    c = odoo.client
+    with pytest.raises(PermanentError, match="(?i)private"):
+        c.execute("res.partner", "_compute_display_name", None, {})
+    with pytest.raises(PermanentError):
+        c.search("no.such.model", [])
+    with pytest.raises(PermanentError):
+        c.execute("res.partner", "no_such_method", None, {})
+    with pytest.raises(PermanentError, match="(?i)mail.notification|access|not allowed"):
+        ids = c.search("mail.notification", [], limit=1) or [1]
+        c.write("mail.notification", ids, {"notification_status": "bounce"})
+    no_route = (f"From: x@customer.example\r\nTo: nobody-{uuid.uuid4().hex}@nowhere.invalid\r\n"
+                f"Subject: x\r\nMessage-ID: <{uniq('nr')}@x>\r\n\r\nx\r\n")
+    with pytest.raises(PermanentError, match="No possible route"):
+        c.message_process(no_route)
+
+
+def test_request_size_cap(odoo: Target) -> None:
+    c = odoo.client
+    c.max_request_bytes = 1000
+    with pytest.raises(PermanentError, match="max_request_bytes"):
+        c.message_process("x" * 5000)
+
+
+def test_wrong_secret_is_transient_and_says_so(odoo: Target) -> None:
+    c = odoo.client
+    cls = type(c)
+    bad = cls(url=c.url, db=c.db, login=c.login, secret="wrong-" + uuid.uuid4().hex, timeout=10)
+    with pytest.raises(TransientError, match="(?i)refused|denied|apikey|unauthorized"):
+        bad.search_count("res.partner", [])
+
+
+# ------------------------------------------------------------------------------------ faults (double)
+@pytest.mark.parametrize("kind", ["http500", "serialization", "drop"])
+def test_faults_are_transient(odoo: Target, kind: str) -> None:
+    if odoo.double is None:
+        pytest.skip("fault injection needs the double")
+    odoo.double.fail_next(1, kind)
+    with pytest.raises(TransientError):
+        odoo.client.search_count("res.partner", [])
+    assert odoo.client.search_count("res.partner", []) >= 1  # next call fine
+
+
+def test_down_slow_and_back(odoo: Target) -> None:
+    d = odoo.double
+    if d is None:
+        pytest.skip("fault injection needs the double")
+    c = odoo.client
+    assert c.search_count("res.partner", []) >= 1
+    d.go_down()
+    with pytest.raises(TransientError, match="(?i)reach|refused|closed|disconnected|reset"):
+        c.search_count("res.partner", [])
+    d.come_up()
+    assert c.search_count("res.partner", []) >= 1
+    d.slow(0.6)
+    c.timeout = 0.2
+    slow_client = type(c)(url=c.url, db=c.db, login=c.login, secret=odoo.secret, timeout=0.2)
+    with pytest.raises(TransientError):
+        slow_client.search_count("res.partner", [])
+    d.slow(0)
+
+
+def test_connect_picks_transport_by_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILGATE_TEST_ODOO_KEY", "double-api-key")
+    for version, expected in (("17.0", JsonRpcClient), ("19.0", Json2Client)):
+        with OdooDouble(version=version) as d:
+            cfg = OdooConfig(url=d.url, db=d.db, login=d.login, password_env="MAILGATE_TEST_ODOO_KEY")
+            client = connect(cfg)
+            assert type(client) is expected
+            assert client.search_count("res.users", [("login", "=", d.login)]) == 1
