@@ -82,3 +82,40 @@ def test_autoreply_corpus_bounce_beats_auto_reply():
     # Detector accuracy is the bounce work's (bench/accuracy.py, target ≥ 97 %); here we check the router
     # keeps their verdicts in precedence order: allow at most 3 % disagreement.
     assert len(wrong) <= max(1, len(rows) * 3 // 100), "\n".join(wrong)
+
+
+# ------------------------------------------------------------------------------------------ fuzzing
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_HEADER_NAMES = ["From", "To", "Cc", "Delivered-To", "Message-ID", "References", "In-Reply-To", "Subject",
+                 "Content-Type", "Content-Transfer-Encoding", "Content-Disposition", "Date", "Auto-Submitted",
+                 "Return-Path", "Resent-To", "X-Original-To"]
+_VALUE_BITS = st.sampled_from(["<a@b>", "=?utf-8?q?=C3=A9?=", "=?bogus?b?!!!?=", "sales@example.com", "\xe9",
+                               "multipart/report; report-type=delivery-status; boundary=x", '"', "<", ">", ",",
+                               "@", " ", "\t", "\r\n ", "bounce+x@example.com", "catchall@example.com", ";",
+                               "filename*0*=utf-8''%E9", "base64", "quoted-printable", "--x", "\x00", "sales+"])
+
+
+@st.composite
+def _messages_strategy(draw):
+    headers = draw(st.lists(st.tuples(st.sampled_from(_HEADER_NAMES),
+                                      st.lists(_VALUE_BITS, max_size=8).map("".join)), max_size=12))
+    body = draw(st.binary(max_size=300))
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers).encode("utf-8", "surrogateescape")
+    return head + b"\r\n" + body
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_messages_strategy())
+def test_fuzzed_messages_always_get_a_decision(raw):
+    parsed, decision = _route(raw)
+    assert decision.explanation
+    extract_content(parsed)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=500))
+def test_random_bytes_always_get_a_decision(raw):
+    parsed, decision = _route(raw)
+    assert decision.action is not None
