@@ -31,8 +31,7 @@ from gateway.spool import Envelope, SpoolError, SpoolWriter
 log = logging.getLogger(__name__)
 
 _FAST_ADDR = re.compile(r"\s*<([^<>\s\"\\()\[\],;:]*@[^<>\s\"\\()\[\],;:@]+|)>(.*)\Z", re.S)
-_LONG_LINE_TEMPLATE = rb"[^\n]{%d}"
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+_LONG_LINE_TEMPLATE = rb"(?m)^[^\n]{%d}"  # anchored at line starts: one pass, not one try per byte
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 _TERMINATOR = b"\r\n.\r\n"
 
@@ -216,7 +215,7 @@ class _LeanDataMixin:
         cfg = self.policy.config
         if b"\0" in data:
             return "554 5.6.0 Message contains NUL characters (RFC 5322 §2.3); not accepted"
-        if _BARE_LF.search(data):
+        if data.count(b"\n") != data.count(b"\r\n"):
             return "554 5.6.0 Message contains bare <LF> line endings (RFC 5321 §2.3.8); not accepted"
         if re.search(_LONG_LINE_TEMPLATE % (cfg.max_line_length + 2), data):
             return f"554 5.6.0 Message has a line longer than {cfg.max_line_length} characters (RFC 5322 §2.1.1)"
@@ -224,6 +223,41 @@ class _LeanDataMixin:
         if not eight_bit_declared and not self.policy.accept_8bit_without_8bitmime and _EIGHT_BIT.search(data):
             return "554 5.6.1 8-bit data without BODY=8BITMIME (RFC 6152); not accepted"
         return None
+
+
+class _MemberCache:
+    """Stand-in for the `inspect` module inside aiosmtpd.smtp.
+
+    aiosmtpd's `SMTP.__init__` runs `inspect.getmembers()` over the server and the handler for every new
+    connection (≈0.3 ms each, measured: a quarter of the per-connection CPU with one message per connection).
+    The names it looks for (`auth_*`) depend only on the class, so cache the names per class and bind them
+    to each instance; everything else is delegated to the real module.
+    """
+
+    def __init__(self, real: Any):
+        self._real = real
+        self._names: dict[type, list[str]] = {}
+
+    def getmembers(self, obj: Any, predicate: Any = None) -> list[tuple[str, Any]]:
+        if predicate is not None:
+            return self._real.getmembers(obj, predicate)
+        names = self._names.get(type(obj))
+        if names is None:
+            names = self._names[type(obj)] = [n for n, _ in self._real.getmembers(obj) if n.startswith("auth_")]
+        return [(n, getattr(obj, n)) for n in names]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def _install_member_cache() -> None:
+    import aiosmtpd.smtp as smtp_module
+
+    if not isinstance(smtp_module.inspect, _MemberCache):
+        smtp_module.inspect = _MemberCache(smtp_module.inspect)  # type: ignore[assignment]
+
+
+_install_member_cache()
 
 
 class GatewaySMTP(_LeanDataMixin, SMTP):
