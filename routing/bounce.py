@@ -262,7 +262,7 @@ def _classify(msg: email.message.Message, *, verp: VerpHit | None, to_bounce_add
             return None
         elif all(r.action in ("delivered", "relayed", "expanded") for r in rows):
             return None  # a success report (NOTIFY=SUCCESS): nothing failed, VERP or not
-    if not results and (indicator or verp is not None or to_bounce_address):
+    if not results and indicator:  # prose is read only in mail that looks like an NDR, VERP or not
         via, results = _from_detectors(msg, original_id, detectors)
         if results:
             explanation.append(f"detector {via!r} recognised {len(results)} recipient(s)")

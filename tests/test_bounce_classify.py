@@ -129,3 +129,9 @@ def test_x_failed_recipients_completes_what_the_prose_left_out():
     report = classify_bounce(fixture("exim_two_failed.eml"))
     got = {r.recipient: (r.reason, r.kind) for r in report.results}
     assert got == {"one@example.org": ("userunknown", "hard"), "two@example.org": ("undefined", "soft")}
+
+
+def test_human_mail_to_a_verp_address_quoting_ndr_shapes_is_not_a_bounce():
+    raw = (b"From: Rita <rita@example.org>\nTo: bounce+tok@mail.example.com\nSubject: Re: your newsletter\n\n"
+           b"Why do I get this? I was told:\n\n<rita@example.org>:\nSorry, no mailbox here by that name.\n")
+    assert classify_bounce(email.message_from_bytes(raw), verp=VerpHit(recipient="rita@example.org")) is None
