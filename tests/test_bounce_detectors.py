@@ -30,6 +30,7 @@ def _addrs(hits):
 @pytest.mark.parametrize("detector, name, expected", [
     (EximDetector(), "exim.eml", ["ghost@example.org"]),
     (QmailDetector(), "qmail.eml", ["first@example.org", "second@example.org"]),
+    (QmailDetector(), "courier.eml", ["sam@example.org"]),  # Courier shares qmail's "<addr>:" layout
     (PostfixDetector(), "postfix_old.eml", ["nohost@nowhere.example"]),
     (ExchangeDetector(), "exchange_old.eml", ["bob@corp.example.com"]),
     (ExchangeDetector(), "exchange_new.eml", ["carol@corp.example.com"]),
