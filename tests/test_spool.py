@@ -28,7 +28,7 @@ def mail(mid: str, refs: str = "", body: bytes = b"hello\r\n") -> bytes:
 
 
 def test_spool_is_byte_exact_with_envelope(engine: Engine) -> None:
-    raw = mail("<a@x>", body=bytes(range(256)) * 4000 + b"\r\n")  # every byte value, ~1 MB
+    raw = mail("<a@x>", body=bytes(range(256)) * 4200 + b"\r\n")  # every byte value, >1 MiB (streamed blob path)
     ident = spool_one(engine, raw, env("sales@example.test", "Support@Example.test"))
     assert get_raw(engine, ident) == raw
     m = get_message(engine, ident)
