@@ -117,7 +117,10 @@ def parse_mail(raw: bytes) -> ParsedMail:
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     from_addrs = email.utils.getaddresses([_header(msg, "From")])
     name, addr = from_addrs[0] if from_addrs else ("", "")
-    email_from = email.utils.formataddr((name, addr)) if addr else _header(msg, "From")
+    try:
+        email_from = email.utils.formataddr((name, addr)) if addr else _header(msg, "From")
+    except (UnicodeError, ValueError):  # an 8-bit address: keep it as written
+        email_from = f'"{name}" <{addr}>' if name else addr
     html_parts: list[str] = []
     text_parts: list[str] = []
     attachments: list[MailAttachment] = []
@@ -125,8 +128,11 @@ def parse_mail(raw: bytes) -> ParsedMail:
         if part.is_multipart():
             continue
         ctype = part.get_content_type()
-        filename = part.get_filename()
-        disposition = part.get_content_disposition()
+        try:
+            filename = part.get_filename()
+            disposition = part.get_content_disposition()
+        except Exception:  # noqa: BLE001 - malformed parameters: treat as an unnamed attachment
+            filename, disposition = None, "attachment"
         cid = (_header(part, "Content-ID").strip("<> ") or None)
         if filename or disposition == "attachment" or not ctype.startswith("text/") \
                 or ctype not in ("text/plain", "text/html"):
@@ -254,7 +260,12 @@ def to_7bit(raw: bytes) -> bytes:
     for part in msg.walk():
         for i, (name, value) in enumerate(list(part._headers)):  # noqa: SLF001 - header order must be kept
             if isinstance(value, str) and not value.isascii():
-                part._headers[i] = (name, _encode_header_value(value))  # noqa: SLF001
+                if name.lower().startswith("content-"):
+                    # structural: RFC 2047 would break its syntax; an 8-bit parameter loses its letters instead
+                    fixed = value.encode("ascii", "surrogateescape").decode("ascii", "replace").replace("\ufffd", "?")
+                else:
+                    fixed = _encode_header_value(value)
+                part._headers[i] = (name, fixed)  # noqa: SLF001
         if part.is_multipart():
             continue
         cte = str(part.get("Content-Transfer-Encoding", "")).lower().strip()
@@ -262,14 +273,22 @@ def to_7bit(raw: bytes) -> bytes:
         if isinstance(payload, str) and payload.isascii():
             continue
         if cte in ("base64", "quoted-printable") and isinstance(payload, str):
-            payload_bytes = payload.encode("ascii", "surrogateescape")
-            if payload_bytes.isascii():
-                continue
-        data = part.get_payload(decode=True) or b""
+            try:
+                if payload.encode("ascii", "surrogateescape").isascii():
+                    continue
+            except UnicodeEncodeError:
+                pass
+        try:
+            data = part.get_payload(decode=True) or b""
+        except Exception:  # noqa: BLE001 - a broken part: carry its text as UTF-8 rather than fail the mail
+            data = str(payload).encode("utf-8", "surrogateescape")
         del part["Content-Transfer-Encoding"]
         part.set_payload(base64.encodebytes(data).decode("ascii"))
         part["Content-Transfer-Encoding"] = "base64"
-    out = msg.as_bytes(policy=email.policy.compat32.clone(linesep="\r\n"))
+    try:
+        out = msg.as_bytes(policy=email.policy.compat32.clone(linesep="\r\n"))
+    except Exception:  # noqa: BLE001 - a structure the generator cannot write: degrade, never fail delivery
+        out = raw.decode("ascii", "replace").replace("\ufffd", "?").encode("ascii")
     if not out.isascii():  # a preamble or epilogue with 8-bit text: last resort, never send garbage
         out = out.decode("ascii", "replace").encode("ascii", "replace")
     return out

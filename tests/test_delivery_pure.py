@@ -1,0 +1,138 @@
+"""The pure builders delivery uses: msg_dict / message_post kwargs, passthrough raw, normalised DSN."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import email.policy
+
+import pytest
+
+from routing.model import LOOP_HEADER, BounceResult
+from routing.msgdict import (
+    msg_dict, needs_references_fixup, normalize_message_id, parse_mail, passthrough_raw, post_kwargs,
+    references_fixup, rewrite_cids, to_7bit,
+)
+from routing.normalized_dsn import build_normalized_dsn
+from tests.corpus import all_corpus_files
+
+
+def test_normalize_message_id() -> None:
+    assert normalize_message_id("  <a@b>  ") == "<a@b>"
+    assert normalize_message_id("a@b") == "<a@b>"
+    assert normalize_message_id("<a\r\n @b>") == "<a@b>"
+    assert normalize_message_id("") is None and normalize_message_id(None) is None
+
+
+MIXED = (b"From: \"Ann Buyer\" <Ann@Customer.Example>\r\nTo: sales@example.test\r\nCc: bob@x.example\r\n"
+         b"Subject: =?utf-8?q?Caf=C3=A9?=\r\nMessage-ID:  <m1@customer.example> \r\n"
+         b"Date: Sun, 22 Nov 2026 10:00:00 +0100\r\nMIME-Version: 1.0\r\n"
+         b"Content-Type: multipart/related; boundary=R\r\n\r\n"
+         b"--R\r\nContent-Type: multipart/alternative; boundary=A\r\n\r\n"
+         b"--A\r\nContent-Type: text/plain\r\n\r\nplain\r\n"
+         b"--A\r\nContent-Type: text/html\r\n\r\n<p>html <img src=\"cid:img1@x\"></p>\r\n--A--\r\n"
+         b"--R\r\nContent-Type: image/gif\r\nContent-ID: <img1@x>\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+         b"R0lGODlhAQABAAAAACw=\r\n--R--\r\n")
+
+
+def test_parse_mail_and_msg_dict() -> None:
+    mail = parse_mail(MIXED)
+    assert mail.message_id == "<m1@customer.example>"
+    assert mail.subject == "Café" and mail.from_address == "ann@customer.example"
+    assert "Ann Buyer" in mail.email_from
+    assert mail.recipients == ("sales@example.test", "bob@x.example")
+    assert mail.date == "2026-11-22 09:00:00"
+    assert mail.body_html.startswith("<p>html")   # HTML wins in the alternative
+    [att] = mail.attachments
+    assert att.cid == "img1@x" and att.mimetype == "image/gif" and att.content.startswith(b"GIF89a")
+    d = msg_dict(mail, author_id=7)
+    assert d["author_id"] == 7 and d["message_id"] == "<m1@customer.example>" and d["subject"] == "Café"
+    assert all(isinstance(v, (str, int, bool, list)) for v in d.values())
+    kw = post_kwargs(mail, subtype_xmlid="mail.mt_comment", author_id=7, parent_id=3, attachment_ids=(9,))
+    assert kw["body_is_html"] is True and kw["message_type"] == "email" and kw["parent_id"] == 3
+    assert kw["attachment_ids"] == [9] and kw["message_id"] == "<m1@customer.example>"
+    assert rewrite_cids(mail.body_html, {"img1@x": 9}) == '<p>html <img src="/web/image/9"></p>'
+
+
+def test_plain_text_is_escaped_and_wrapped() -> None:
+    mail = parse_mail(b"From: a@b\r\nSubject: x\r\n\r\n<script>alert(1)</script> & co\r\n")
+    assert mail.body_html.startswith("<pre>") and "&lt;script&gt;" in mail.body_html and "&amp; co" in mail.body_html
+
+
+def test_unknown_charset_degrades_instead_of_failing() -> None:
+    mail = parse_mail(b"From: a@b\r\nContent-Type: text/plain; charset=x-no-such\r\n\r\nhello\r\n")
+    assert "hello" in mail.body_html
+
+
+def test_passthrough_adds_delivered_to_and_keeps_7bit_mail_byte_exact() -> None:
+    raw = b"From: a@b\r\nTo: x@example.test\r\nSubject: hi\r\n\r\nbody\r\n"
+    out = passthrough_raw(raw, ["sales@example.test", "sales@example.test", "vip@example.test"])
+    assert out.encode() == b"Delivered-To: sales@example.test\r\nDelivered-To: vip@example.test\r\n" + raw
+
+
+def test_to_7bit_reencodes_8bit_bodies_and_headers() -> None:
+    raw = ("From: a@b\r\nSubject: Crème\r\nContent-Type: text/plain; charset=utf-8\r\n"
+           "Content-Transfer-Encoding: 8bit\r\n\r\nbrûlée\r\n").encode("utf-8")
+    out = to_7bit(raw)
+    assert out.isascii()
+    msg = email.message_from_bytes(out, policy=email.policy.default)
+    assert str(msg["Subject"]) == "Crème" and msg.get_content().strip() == "brûlée"
+    latin = ("Subject: x\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\nCr\xe8me\r\n").encode("latin-1")
+    msg = email.message_from_bytes(to_7bit(latin), policy=email.policy.default)
+    assert msg.get_content().strip() == "Crème"
+
+
+@pytest.mark.parametrize("refs, irt, parent, expected", [
+    ("<unknown@x>", "<p@x>", "<p@x>", "<p@x>"),       # Outlook: References misses the parent
+    ("<p@x>", "<p@x>", "<p@x>", None),                # already there
+    ("", "<p@x>", "<p@x>", None),                     # no References: Odoo reads In-Reply-To itself
+    ("<unknown@x>", "p@x", "<p@x>", "<p@x>"),         # In-Reply-To without brackets
+    ("<unknown@x>", "<other@x>", "<p@x>", None),      # router matched via something else
+])
+def test_needs_references_fixup(refs: str, irt: str, parent: str, expected: str | None) -> None:
+    assert needs_references_fixup(refs, irt, parent) == expected
+
+
+def test_references_fixup_appends_to_folded_header() -> None:
+    raw = b"Subject: x\r\nReferences: <a@x>\r\n <b@x>\r\nIn-Reply-To: <p@x>\r\n\r\nbody <p@x>\r\n"
+    out = references_fixup(raw, "<p@x>")
+    assert out == b"Subject: x\r\nReferences: <a@x>\r\n <b@x> <p@x>\r\nIn-Reply-To: <p@x>\r\n\r\nbody <p@x>\r\n"
+    assert references_fixup(out, "<p@x>") == out
+    assert references_fixup(b"Subject: x\n\nbody\n", "<p@x>") == b"Subject: x\n\nbody\n"
+
+
+def test_normalized_dsn_is_what_odoo_needs() -> None:
+    b = BounceResult(recipient="bob@customer.example", kind="hard", reason="userunknown", status="5.1.1",
+                     diagnostic="550 5.1.1 <bob>: no such user\r\nX-Injected: yes",
+                     original_message_id="<orig@odoo>", remote_mta="mx.customer.example")
+    when = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc)
+    raw = build_normalized_dsn(b, bounce_address="bounce@example.test", seed="spool:7", date=when)
+    assert raw.isascii()
+    assert raw == build_normalized_dsn(b, bounce_address="bounce@example.test", seed="spool:7", date=when)
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["Delivered-To"] == "bounce@example.test" and msg["To"] == "bounce@example.test"
+    assert msg[LOOP_HEADER] and msg["Auto-Submitted"] == "auto-replied"
+    assert msg.get_content_type() == "multipart/report" and msg.get_param("report-type") == "delivery-status"
+    assert "X-Injected" not in msg  # the diagnostic cannot inject headers
+    status = [p for p in msg.walk() if p.get_content_type() == "message/delivery-status"][0]
+    blocks = status.get_payload()
+    assert len(blocks) == 2 and str(blocks[1]["Final-Recipient"]) == "rfc822; bob@customer.example"
+    assert str(blocks[1]["Status"]) == "5.1.1" and str(blocks[1]["Action"]) == "failed"
+    headers = [p for p in msg.walk() if p.get_content_type() == "text/rfc822-headers"][0]
+    assert "Message-ID: <orig@odoo>" in headers.get_content()
+    other = build_normalized_dsn(b, bounce_address="bounce@example.test", seed="spool:8")
+    mid = email.message_from_bytes(other)["Message-ID"]
+    assert mid != msg["Message-ID"]
+
+
+def test_every_corpus_mail_becomes_clean_7bit() -> None:
+    """Bad input contained: whatever arrives, message_process gets ASCII text that still parses."""
+    files = all_corpus_files()
+    if not files:
+        pytest.skip("shared corpus not present")
+    for path in files:
+        raw = path.read_bytes()[:2_000_000]
+        out = passthrough_raw(raw, ["sales@example.test"])
+        assert out.isascii(), path
+        assert out.startswith("Delivered-To: sales@example.test"), path
+        parse_mail(raw)  # never raises
