@@ -157,21 +157,44 @@ service anvil {{
             time.sleep(0.05)
 
     def stop(self, *, kill: bool = False) -> None:
-        """Stop the master (it takes its imap processes with it) and wait until it is gone."""
+        """Stop the master and every imap process it started, and wait until they are gone.
+
+        A stopping Dovecot master leaves logged-in imap processes serving their clients (that is how it
+        upgrades without cutting sessions), so a bare master restart would not drop a connection. We end the
+        whole process group, like `systemctl restart dovecot` (control-group kill) does.
+        """
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        sig = signal.SIGKILL if kill else signal.SIGTERM
+        self.proc.send_signal(sig)
         try:
             self.proc.wait(15)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            sig = signal.SIGKILL
+            self.proc.kill()
             self.proc.wait(5)
-        if kill:  # children of a SIGKILLed master are orphans in our session: end them too
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
             try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                os.killpg(self.proc.pid, sig)
             except ProcessLookupError:
-                pass
-            time.sleep(0.2)
+                return
+            time.sleep(0.05)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def crash(self) -> None:
+        """SIGKILL the master and all its processes at once (a host crash, an OOM kill)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        (self.root / "run" / "master.pid").unlink(missing_ok=True)
 
     def restart(self) -> None:
         self.stop()

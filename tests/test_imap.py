@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import aioimaplib
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select
@@ -231,7 +232,7 @@ async def test_messages_read_by_a_person_are_still_pulled(dovecot, engine):
     assert_exactly_once(engine, src, sent)
 
 
-async def test_server_restarted_mid_batch(dovecot, engine):
+async def test_server_restarted_between_spool_and_after_action(dovecot, engine):
     sent = [mail(i, tag="restart", size=1000) for i in range(300)]
     await asyncio.to_thread(dovecot.append, USER, sent)
     src = source(dovecot, batch_size=25)
@@ -239,7 +240,7 @@ async def test_server_restarted_mid_batch(dovecot, engine):
     restarts = []
 
     async def restart_after_third_batch(uids):  # type: ignore[no-untyped-def]
-        if not restarts and len(restarts) == 0 and count(engine, src) >= 75:
+        if not restarts and count(engine, src) >= 75:
             restarts.append(uids)
             # Spooled, not yet flagged: the connection dies before the after-action.
             await asyncio.to_thread(dovecot.restart)
@@ -250,6 +251,34 @@ async def test_server_restarted_mid_batch(dovecot, engine):
     await wait_for(lambda: all_after_done(engine, src), 20, "after-actions redone")
     await run.stop()
     assert restarts, "the server was never restarted"
+    assert_exactly_once(engine, src, sent)
+    assert dovecot.uids(USER, criteria="UNSEEN") == []
+
+
+async def test_server_crashes_in_the_middle_of_a_fetch(dovecot, engine, monkeypatch):
+    sent = [mail(i, tag="crash", size=100_000) for i in range(60)]
+    await asyncio.to_thread(dovecot.append, USER, sent)
+    src = source(dovecot, batch_size=10)
+    crashed: list[asyncio.Future] = []
+    received = [0]
+    original = aioimaplib.IMAP4ClientProtocol.data_received
+
+    def data_received(self, data):  # type: ignore[no-untyped-def]
+        received[0] += len(data)
+        # Half-way through the run, with a FETCH response half-read: kill every Dovecot process.
+        if not crashed and received[0] > 3_000_000:
+            dovecot.crash()
+            crashed.append(asyncio.get_running_loop().run_in_executor(None, dovecot.start))
+        return original(self, data)
+
+    monkeypatch.setattr(aioimaplib.IMAP4ClientProtocol, "data_received", data_received)
+    run = Running(puller(src, engine))
+    await wait_for(lambda: bool(crashed), 30, "the crash")
+    partial = count(engine, src)
+    await crashed[0]
+    await wait_for(lambda: count(engine, src) >= 60 and all_after_done(engine, src), 60, "60 spooled")
+    await run.stop()
+    assert 0 < partial < 60, f"{partial} spooled at the crash: not mid-run"
     assert_exactly_once(engine, src, sent)
     assert dovecot.uids(USER, criteria="UNSEEN") == []
 
