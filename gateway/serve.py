@@ -38,9 +38,10 @@ def _optional(module: str, attr: str) -> Any:
 
 
 def make_rcpt_verdict(config: Config):  # type: ignore[no-untyped-def]
+    from aliases.load import build_table
     from aliases.resolve import rcpt_verdict
 
-    table = config.alias_table()
+    table = build_table(config)
     return lambda address: rcpt_verdict(table, address)
 
 
@@ -79,9 +80,9 @@ class Gateway:
             h.set_rcpt_verdict(verdict)
         self.config = new
         self.reloaded += 1
-        reload_routing = _optional("gateway.routing_step", "reload_aliases")
-        if reload_routing:
-            reload_routing(new)
+        from gateway.pipeline import reload_aliases
+
+        reload_aliases(new)
         log.info("configuration reloaded: %d domain(s), %d alias(es)", len(new.domains), len(new.aliases))
 
     async def stop(self, drain_seconds: float = 30.0) -> None:
@@ -111,15 +112,13 @@ class Gateway:
 
 
 def build_worker_factory(config: Config, engine: Engine):  # type: ignore[no-untyped-def]
-    """(route step, delivery) for workers, from whichever components this install has."""
-    from gateway.routing_step import make_route_step
+    """Workers sharing one route step, one Odoo client (a pool) and one delivery."""
+    from gateway.pipeline import make_delivery, make_route_step, odoo_client
     from gateway.worker import Worker
 
-    delivery = None
-    if config.odoo.url:
-        make_delivery = _optional("gateway.delivery_factory", "make_delivery")
-        delivery = make_delivery(config, engine) if make_delivery else None
-    route = make_route_step(config, engine)
+    client = odoo_client(config)
+    route = make_route_step(config, engine, client)
+    delivery = make_delivery(config, engine, client) if client is not None else None
     return lambda i: Worker(config, engine, route=route, deliver=delivery)
 
 

@@ -1,0 +1,100 @@
+"""Wiring the worker's two steps from the config: route (pure router + store lookups) and deliver (Odoo).
+
+Kept apart from the worker so the worker stays a state machine and tests can hand it any step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from functools import partial
+from typing import Any
+
+from sqlalchemy import Engine
+
+from aliases.load import build_table
+from aliases.model import AliasTable
+from gateway.config import Config, secret
+from gateway.explain import route_raw
+from gateway.spool import SpooledMessage
+from gateway.thread_lookup import IndexThreadLookup, SpoolDuplicateLookup
+from routing.model import Decision, RoutingEnvelope
+
+log = logging.getLogger(__name__)
+
+
+class LazyOdooClient:
+    """Connects on first use, and again after a failed connect: Odoo being down at start-up must not stop the
+    gateway from accepting and routing mail (the connect error is a TransientError: the mail waits)."""
+
+    def __init__(self, config: Config):
+        self._config = config
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> Any:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    from gateway.odoo.client import connect
+
+                    self._client = connect(self._config.odoo)
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._get(), name)
+
+
+def odoo_client(config: Config) -> LazyOdooClient | None:
+    return LazyOdooClient(config) if config.odoo.url else None
+
+
+class RouteStep:
+    """`(raw, spooled message) → Decision` with the thread index, duplicate and VERP lookups of this store."""
+
+    def __init__(self, config: Config, engine: Engine, client: Any = None):
+        self.config = config
+        self.engine = engine
+        self.table: AliasTable = build_table(config)
+        self.threads = IndexThreadLookup(engine, client)
+        key = secret(config.outbound.secret_env)
+        self.verp = partial(_resolve_verp, engine, key.encode()) if key else None
+
+    def reload(self, config: Config) -> None:
+        self.config = config
+        self.table = build_table(config)
+
+    def __call__(self, raw: bytes, message: SpooledMessage) -> Decision:
+        envelope = RoutingEnvelope(mail_from=message.mail_from, rcpt_tos=message.rcpt_tos, source=message.source,
+                                   client_addr=message.client_addr)
+        _, decision = route_raw(raw, envelope, table=self.table, config=self.config, threads=self.threads,
+                                duplicates=SpoolDuplicateLookup(self.engine, exclude_id=message.id),
+                                verp=self.verp, sha256=message.sha256)
+        return decision
+
+
+def _resolve_verp(engine: Engine, key: bytes, address: str):  # type: ignore[no-untyped-def]
+    from gateway.relay import resolve_verp
+
+    return resolve_verp(engine, key, address)
+
+
+_steps: list[RouteStep] = []
+
+
+def make_route_step(config: Config, engine: Engine, client: Any = None) -> RouteStep:
+    step = RouteStep(config, engine, client)
+    _steps.append(step)
+    return step
+
+
+def reload_aliases(config: Config) -> None:
+    """SIGHUP: routing uses the new alias table for the next message."""
+    for step in _steps:
+        step.reload(config)
+
+
+def make_delivery(config: Config, engine: Engine, client: Any = None):  # type: ignore[no-untyped-def]
+    from gateway.delivery import Delivery
+
+    return Delivery(config, engine, client)
