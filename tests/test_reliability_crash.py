@@ -1,0 +1,85 @@
+"""Issue 7, crashes: SIGKILL the gateway at random moments during an SMTP load; every message that got a 250
+ends delivered exactly once in the Odoo double — no record twice, no post twice."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.spool import counts_by_state
+from gateway.store import open_store
+from tests.gateway_proc import GatewayProcess, base_config, free_port
+from tests.load_client import load_mail, run_load
+from tests.odoo_double import OdooDouble
+
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+
+MESSAGES = 2000
+KILLS = 5
+
+
+def _wait(pred, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_during_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    odoo = OdooDouble().start()
+    cfg = base_config(tmp_path, smtp_port=free_port(), admin_port=free_port(), odoo_url=odoo.url)
+    gw = GatewayProcess(tmp_path, cfg).start()
+    mails = [load_mail(i) for i in range(MESSAGES)]
+    kills: list[float] = []
+    done = threading.Event()
+
+    def chaos() -> None:
+        # Kill at random moments while the load runs (accepting, committing, routing and delivering).
+        while len(kills) < KILLS and not done.is_set():
+            time.sleep(rng.uniform(1.0, 3.0))
+            if done.is_set():
+                break
+            gw.kill()
+            kills.append(time.monotonic())
+            time.sleep(rng.uniform(0.1, 0.6))
+            gw.start()
+
+    killer = threading.Thread(target=chaos)
+    killer.start()
+    try:
+        result = asyncio.run(run_load(gw.smtp_port, mails, sessions=8, deadline=600))
+        done.set()
+        killer.join()
+        assert not result.perm_failures
+        assert set(result.acked) == {mid for mid, _ in mails}
+        # Let the workers drain: every acked message ends in Odoo.
+        _wait(lambda: len({m.get("message_id") for m in odoo.records("mail.message")} & set(result.acked))
+              == len(result.acked), timeout=300, what="every acknowledged message in Odoo")
+        time.sleep(2)
+        per_mid = collections.Counter(m.get("message_id") for m in odoo.records("mail.message")
+                                      if str(m.get("message_id", "")).startswith("<load"))
+        assert set(per_mid) == set(result.acked)
+        assert max(per_mid.values()) == 1, [k for k, v in per_mid.items() if v > 1][:5]
+        leads = collections.Counter(lead["name"] for lead in odoo.records("crm.lead"))
+        assert len(leads) == MESSAGES and max(leads.values()) == 1
+        engine = open_store(cfg["storage"]["url"], migrate=False)
+        states = counts_by_state(engine)
+        assert states["received"] == states["routed"] == states["retrying"] == states["dead"] == 0, states
+        assert states["quarantined"] == 0
+        print(f"\nkills={len(kills)} acked={len(result.acked)} resent_after_error={result.connection_errors} "
+              f"acked_twice={sum(1 for v in result.acked.values() if v > 1)} spool={states}")
+        assert len(kills) == KILLS
+    finally:
+        done.set()
+        killer.join()
+        gw.stop()
+        odoo.stop()
