@@ -62,6 +62,16 @@ class DeliveryOutcome:
 
 
 # ------------------------------------------------------------------------------------------ the ledger
+@dataclass(frozen=True)
+class _Row:
+    message: int
+    step: str
+    model: str | None
+    res_id: int | None
+    result: str | None
+    created_at: Any
+
+
 class WriteLedger:
     """`odoo_writes` for one spooled message: what an earlier attempt already did in Odoo."""
 
@@ -87,11 +97,12 @@ class WriteLedger:
         try:
             with self.engine.begin() as conn:
                 conn.execute(insert(odoo_writes).values(**values))
-        except IntegrityError:
-            pass  # an earlier attempt recorded it after we read the ledger: same fact
-        with self.engine.connect() as conn:
-            self._done[step] = conn.execute(select(odoo_writes).where(
-                odoo_writes.c.message == self.message, odoo_writes.c.step == step[:255])).first()
+        except IntegrityError:  # an earlier attempt recorded it after we read the ledger: keep its row
+            with self.engine.connect() as conn:
+                self._done[step] = conn.execute(select(odoo_writes).where(
+                    odoo_writes.c.message == self.message, odoo_writes.c.step == step[:255])).first()
+            return
+        self._done[step] = _Row(**values)
 
 
 # ---------------------------------------------------------------------------------------- the delivery
@@ -180,24 +191,19 @@ class Delivery:
     def _passthrough(self, message: SpooledMessage, raw: bytes, decision: Decision) -> DeliveryOutcome:
         client = self._odoo()
         ledger = WriteLedger(self.engine, message.id)
-        mail_head = msgdict.parse_mail(_headers_only(raw))
+        mail_head = msgdict.parse_headers(raw)
         mid, synthesised = self._message_id(message, decision, mail_head)
         step = "process"
         done = ledger.get(step)
         if done is None:
+            # No look-up first: message_process itself answers False for a Message-ID it already has (spec
+            # §1.2 step 3), which also covers an earlier attempt whose answer was lost on the wire.
+            raw_for_odoo = self._passthrough_raw(raw, decision, mail_head, mid if synthesised else None)
+            result: Any = client.message_process(raw_for_odoo, context=self._context())
             existing = self._existing(mid)
-            if existing:
-                refs = _refs(existing)
-                ledger.record(step, refs[0][0] if refs else None, refs[0][1] if refs else None,
-                              {"found": [r["id"] for r in existing]})
-                result: Any = "already in Odoo"
-            else:
-                raw_for_odoo = self._passthrough_raw(raw, decision, mail_head, mid if synthesised else None)
-                result = client.message_process(raw_for_odoo, context=self._context())
-                existing = self._existing(mid)
-                refs = _refs(existing)
-                ledger.record(step, refs[0][0] if refs else None, refs[0][1] if refs else None,
-                              {"result": result, "landed": [list(r) for r in refs]})
+            refs = _refs(existing)
+            ledger.record(step, refs[0][0] if refs else None, refs[0][1] if refs else None,
+                          {"result": result, "landed": [list(r) for r in refs]})
         else:
             existing = self._existing(mid)
             refs = _refs(existing)
@@ -261,11 +267,13 @@ class Delivery:
                 hit = client.search("res.partner", [("id", "in", pids), ("email_normalized", "=", address)], limit=1)
                 if hit:
                     return hit[0]
-        users = client.search_read("res.users", [("email_normalized", "=", address)], ["partner_id"], limit=1)
-        if users and m2o_id(users[0].get("partner_id")):
-            return m2o_id(users[0]["partner_id"])
-        partners = client.search("res.partner", [("email_normalized", "=", address)], limit=1)
-        return partners[0] if partners else None
+        # One call for "users, then partners": the partners with that address, a user's partner first.
+        partners = client.search_read("res.partner", [("email_normalized", "=", address)], ["user_ids"],
+                                      order="id", limit=20)
+        if not partners:
+            return None
+        with_user = [p for p in partners if p.get("user_ids")]
+        return int((with_user or partners)[0]["id"])
 
     def _contact_refusal(self, target: Target, author: int | None) -> str | None:
         """Why the contact policy refuses this sender, or None when allowed."""
@@ -310,13 +318,19 @@ class Delivery:
         return ids, by_cid
 
     def _post(self, ledger: WriteLedger, mail: msgdict.ParsedMail, mid: str, model: str, res_id: int, *,
-              subtype: str, author: int | None, parent_id: int | None = None) -> int:
-        """Attachments, then message_post once (ledger, then Odoo's own record of the Message-ID)."""
+              subtype: str, author: int | None, parent_id: int | None = None,
+              known: list[dict[str, Any]] | None = None) -> int:
+        """Attachments, then message_post once (ledger, then Odoo's own record of the Message-ID).
+
+        `known`: the mail.message rows with this Message-ID fetched earlier in this attempt (saves a call)."""
         step = f"post:{model}:{res_id}"
         posted = ledger.res_id(step)
         if posted is not None:
             return posted
-        existing = self._existing(mid, model, res_id)
+        if known is None:
+            existing = self._existing(mid, model, res_id)
+        else:
+            existing = [r for r in known if r.get("model") == model and r.get("res_id") == res_id]
         if existing:
             ledger.record(step, "mail.message", existing[0]["id"], {"found": True})
             return int(existing[0]["id"])
@@ -343,6 +357,7 @@ class Delivery:
         mid, _ = self._message_id(message, decision, mail)
         refs: list[tuple[str, int]] = []
         notes: list[str] = []
+        known = self._existing(mid)  # one look-up serves every create and post check of this attempt
         for target in decision.targets:
             label = target.alias or target.model
             author = self._author(target.model, target.res_id, mail.from_address)
@@ -372,7 +387,7 @@ class Delivery:
                 step = f"create:{target.model}:{label}"
                 res_id = ledger.res_id(step)
                 if res_id is None:
-                    found = self._existing(mid, target.model)
+                    found = [r for r in known if r.get("model") == target.model and r.get("res_id")]
                     if found:
                         res_id = int(found[0]["res_id"])
                     else:
@@ -381,7 +396,7 @@ class Delivery:
                                                     values, context=GATEWAY_CONTEXT)
                     ledger.record(step, target.model, res_id)
                 subtype = CREATION_SUBTYPES.get(target.model, COMMENT)
-            self._post(ledger, mail, mid, target.model, res_id, subtype=subtype, author=author)
+            self._post(ledger, mail, mid, target.model, res_id, subtype=subtype, author=author, known=known)
             self._subscribe(ledger, target.model, res_id, author)
             refs.append((target.model, res_id))
             notes.append(f"{label}: {target.model} {res_id}")
@@ -431,7 +446,7 @@ class Delivery:
 
     # ------------------------------------------------------------------------------ auto-reply
     def _auto_reply(self, message: SpooledMessage, raw: bytes, decision: Decision) -> DeliveryOutcome:
-        mail = msgdict.parse_mail(_headers_only(raw))
+        mail = msgdict.parse_headers(raw)
         target = next((t for t in decision.targets if t.res_id), None)
         events = self._auto_reply_events(message, decision, mail, target)
         if self.config.routing.auto_reply != "note" or target is None or target.res_id is None:
@@ -512,7 +527,7 @@ class Delivery:
         replied = is_outbound(self.engine, decision.replied_message_id)
         if replied is None or outcome.state != "delivered":
             return outcome
-        mail = msgdict.parse_mail(_headers_only(raw))
+        mail = msgdict.parse_headers(raw)
         mid, _ = self._message_id(message, decision, mail)
         model, res_id = outcome.odoo_refs[0] if outcome.odoo_refs else (replied.model, replied.res_id)
         odoo_message_id = None
@@ -545,11 +560,3 @@ def _refs(rows: list[dict[str, Any]]) -> list[tuple[str, int]]:
                 out.append(ref)
     return out
 
-
-def _headers_only(raw: bytes) -> bytes:
-    """The header block (plus blank line): enough for Message-ID, References and From without the body."""
-    for sep in (b"\r\n\r\n", b"\n\n"):
-        i = raw.find(sep)
-        if i >= 0:
-            return raw[: i + len(sep)]
-    return raw

@@ -18,7 +18,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import email
+import email.errors
 import email.header
+import email.parser
 import email.policy
 import email.utils
 import html
@@ -164,6 +166,32 @@ def parse_mail(raw: bytes) -> ParsedMail:
         in_reply_to=_header(msg, "In-Reply-To"),
         body_html=body,
         attachments=tuple(attachments),
+    )
+
+
+def _decoded(value: Any) -> str:
+    if value is None:
+        return ""
+    try:
+        return str(email.header.make_header(email.header.decode_header(str(value)))).strip()
+    except (UnicodeError, LookupError, ValueError, email.errors.HeaderParseError):
+        return str(value).strip()
+
+
+def parse_headers(raw: bytes) -> ParsedMail:
+    """Headers only, with the fast compat32 parser (≈10x cheaper than `parse_mail`): no body, no attachments.
+
+    Enough for Message-ID, References/In-Reply-To, From and Subject (passthrough, events)."""
+    msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw[:256 * 1024])
+    name, addr = email.utils.parseaddr(_decoded(msg.get("From")))
+    email_from = f'"{name}" <{addr}>' if name and addr else (addr or _decoded(msg.get("From")))
+    return ParsedMail(
+        message_id=normalize_message_id(str(msg.get("Message-ID") or "")),
+        subject=_decoded(msg.get("Subject")), email_from=email_from, from_address=(addr or "").lower(),
+        to=", ".join(_addresses(msg, "Delivered-To", "To")), cc=", ".join(_addresses(msg, "Cc")),
+        recipients=tuple(dict.fromkeys(_addresses(msg, "Delivered-To", "To", "Cc", "Resent-To", "Resent-Cc"))),
+        date=_utc_date(str(msg.get("Date") or "")), references=str(msg.get("References") or "").strip(),
+        in_reply_to=str(msg.get("In-Reply-To") or "").strip(), body_html="",
     )
 
 

@@ -264,6 +264,8 @@ class Store:
         m2o = M2O.get(model, {})
         for f in names:
             value = rec.get(f, False)
+            if model == "res.partner" and f == "user_ids":  # one2many, computed from res.users
+                value = [u["id"] for u in self.tables["res.users"].values() if u.get("partner_id") == rec["id"]]
             if f in m2o:
                 target = self.tables[m2o[f]].get(value) if value else None
                 value = [value, self.display_name(m2o[f], target)] if target else False
@@ -471,6 +473,7 @@ class OdooDouble:
                                   name="builtins.AttributeError", status=404)
         context = params.pop("context", None) or {}
         with self.lock:
+            self.calls.append((model, method))
             try:
                 if ids is not None:
                     return fn(model, list(ids), context=context, **params)
@@ -845,6 +848,7 @@ class _QuietServer(ThreadingHTTPServer):
     """Clients that time out or go away mid-answer are expected here (fault tests): no tracebacks."""
 
     daemon_threads = True
+    request_queue_size = 128  # odoorpc opens a connection per call: a backlog of 5 drops SYNs under load
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys

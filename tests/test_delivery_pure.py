@@ -10,7 +10,7 @@ import pytest
 
 from routing.model import LOOP_HEADER, BounceResult
 from routing.msgdict import (
-    msg_dict, needs_references_fixup, normalize_message_id, parse_mail, passthrough_raw, post_kwargs,
+    msg_dict, needs_references_fixup, normalize_message_id, parse_headers, parse_mail, passthrough_raw, post_kwargs,
     references_fixup, rewrite_cids, to_7bit,
 )
 from routing.normalized_dsn import build_normalized_dsn
@@ -52,6 +52,14 @@ def test_parse_mail_and_msg_dict() -> None:
     assert kw["body_is_html"] is True and kw["message_type"] == "email" and kw["parent_id"] == 3
     assert kw["attachment_ids"] == [9] and kw["message_id"] == "<m1@customer.example>"
     assert rewrite_cids(mail.body_html, {"img1@x": 9}) == '<p>html <img src="/web/image/9"></p>'
+
+
+def test_parse_headers_agrees_with_parse_mail_on_headers() -> None:
+    full, head = parse_mail(MIXED), parse_headers(MIXED)
+    for f in ("message_id", "subject", "from_address", "to", "cc", "recipients", "date", "references",
+              "in_reply_to"):
+        assert getattr(head, f) == getattr(full, f), f
+    assert head.body_html == "" and head.attachments == ()
 
 
 def test_plain_text_is_escaped_and_wrapped() -> None:
