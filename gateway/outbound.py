@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiosmtplib
-from sqlalchemy import Connection, Engine, and_, delete, or_, select, update
+from sqlalchemy import Connection, Engine, and_, bindparam, delete, or_, select, update
 
 from aliases.model import AliasTable
 from gateway.config import Config, secret as env_secret
@@ -300,42 +300,79 @@ def _opportunistic_tls() -> ssl.SSLContext:
 
 
 # ------------------------------------------------------------------------------------------ bookkeeping
+_RCPT = outbound_recipients.c
+_SET_STATE = (update(outbound_recipients).where(_RCPT.id == bindparam("rid"))
+              .values(state=bindparam("state"), attempts=bindparam("attempts"), last_result=bindparam("last"),
+                      next_attempt_at=bindparam("next_at"), delivered_at=bindparam("delivered_at")))
+_SET_DEFERRED = (update(outbound_recipients).where(_RCPT.id == bindparam("rid"))
+                 .values(state="deferred", attempts=bindparam("attempts"), last_result=bindparam("last"),
+                         next_attempt_at=bindparam("next_at")))
+_DROP_COPY = delete(outbound_queue).where(outbound_queue.c.recipient == bindparam("rid"))
+_RELEASE_COPY = update(outbound_queue).where(outbound_queue.c.recipient == bindparam("rid")).values(lease_until=None)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One finished delivery attempt waiting to be recorded."""
+
+    copy: QueuedCopy
+    result: SmtpResult
+    attempts: int
+    next_attempt_at: dt.datetime | None
+    expired: bool
+
+
+def record_results(conn: Connection, batch: list[Attempt]) -> list[str]:
+    """Store attempts' outcomes and their events in one transaction; returns each recipient's new state.
+
+    Batched (executemany, one `record_events` call) because per-statement overhead, not SQLite, bounds the
+    relay's throughput (bench/relay.py)."""
+    now = utcnow()
+    states: list[str] = []
+    finals: list[dict[str, object]] = []
+    deferred: list[dict[str, object]] = []
+    drafts: list[EventDraft] = []
+    for a in batch:
+        copy, result, attempts = a.copy, a.result, a.attempts
+        outcome = "bounced" if result.outcome == "deferred" and a.expired else result.outcome
+        states.append(outcome)
+        base = dict(message_id=copy.message_id, model=copy.model, res_id=copy.res_id, recipient=copy.recipient,
+                    occurred_at=now)
+        last = f"{result.code or ''} {result.text}".strip()[:2000]
+        if outcome == "delivered":
+            finals.append({"rid": copy.rcpt_id, "state": "delivered", "attempts": attempts, "last": last,
+                           "next_at": None, "delivered_at": now})
+            drafts.append(EventDraft(type="delivered", seed=f"out:{copy.rcpt_id}:delivered", **base, data={
+                "remote_mta": result.remote_mta, "status": result.status or "2.0.0", "response": result.text,
+                "attempts": attempts}))
+        elif outcome == "deferred":
+            deferred.append({"rid": copy.rcpt_id, "attempts": attempts, "last": last,
+                             "next_at": a.next_attempt_at})
+            drafts.append(EventDraft(type="deferred", seed=f"out:{copy.rcpt_id}:deferred:{attempts}", **base, data={
+                "status": result.status, "diagnostic": result.text, "remote_mta": result.remote_mta,
+                "attempts": attempts,
+                "next_attempt_at": a.next_attempt_at.isoformat() if a.next_attempt_at else None}))
+        else:
+            reason = "expired" if result.outcome == "deferred" else bounce_reason(result)
+            finals.append({"rid": copy.rcpt_id, "state": "bounced", "attempts": attempts, "last": last,
+                           "next_at": None, "delivered_at": None})
+            drafts.append(EventDraft(type="bounced", seed=f"out:{copy.rcpt_id}:bounced", **base, data={
+                "kind": bounce_kind(result, reason), "reason": reason, "status": result.status,
+                "diagnostic": result.text, "remote_mta": result.remote_mta, "via": "smtp", "attempts": attempts}))
+    if finals:
+        conn.execute(_SET_STATE, finals)
+        conn.execute(_DROP_COPY, [{"rid": f["rid"]} for f in finals])
+    if deferred:
+        conn.execute(_SET_DEFERRED, deferred)
+        conn.execute(_RELEASE_COPY, [{"rid": d["rid"]} for d in deferred])
+    record_events(conn, drafts)
+    return states
+
+
 def record_result(conn: Connection, copy: QueuedCopy, result: SmtpResult, *, attempts: int,
                   next_attempt_at: dt.datetime | None, expired: bool) -> str:
-    """Store one attempt's outcome and its event in one transaction; returns the recipient's new state."""
-    now = utcnow()
-    outcome = result.outcome
-    if outcome == "deferred" and expired:
-        outcome = "bounced"
-    base = dict(message_id=copy.message_id, model=copy.model, res_id=copy.res_id, recipient=copy.recipient,
-                occurred_at=now)
-    last = f"{result.code or ''} {result.text}".strip()[:2000]
-    if outcome == "delivered":
-        conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == copy.rcpt_id).values(
-            state="delivered", attempts=attempts, delivered_at=now, last_result=last, next_attempt_at=None))
-        conn.execute(delete(outbound_queue).where(outbound_queue.c.recipient == copy.rcpt_id))
-        drafts = [EventDraft(type="delivered", seed=f"out:{copy.rcpt_id}:delivered", **base, data={
-            "remote_mta": result.remote_mta, "status": result.status or "2.0.0", "response": result.text,
-            "attempts": attempts})]
-    elif outcome == "deferred":
-        conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == copy.rcpt_id).values(
-            state="deferred", attempts=attempts, last_result=last, next_attempt_at=next_attempt_at))
-        conn.execute(update(outbound_queue).where(outbound_queue.c.recipient == copy.rcpt_id)
-                     .values(lease_until=None))
-        drafts = [EventDraft(type="deferred", seed=f"out:{copy.rcpt_id}:deferred:{attempts}", **base, data={
-            "status": result.status, "diagnostic": result.text, "remote_mta": result.remote_mta,
-            "attempts": attempts, "next_attempt_at": next_attempt_at.isoformat() if next_attempt_at else None})]
-    else:
-        reason = "expired" if result.outcome == "deferred" else bounce_reason(result)
-        kind = bounce_kind(result, reason)
-        conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == copy.rcpt_id).values(
-            state="bounced", attempts=attempts, last_result=last, next_attempt_at=None))
-        conn.execute(delete(outbound_queue).where(outbound_queue.c.recipient == copy.rcpt_id))
-        drafts = [EventDraft(type="bounced", seed=f"out:{copy.rcpt_id}:bounced", **base, data={
-            "kind": kind, "reason": reason, "status": result.status, "diagnostic": result.text,
-            "remote_mta": result.remote_mta, "via": "smtp", "attempts": attempts})]
-    record_events(conn, drafts)
-    return outcome
+    """`record_results` for one attempt."""
+    return record_results(conn, [Attempt(copy, result, attempts, next_attempt_at, expired)])[0]
 
 
 def claim_due(conn: Connection, *, limit: int, secret: bytes, table: AliasTable, verp: bool,
@@ -388,7 +425,7 @@ class OutboundWorker:
         self.on_event = on_event
         self.table = config.alias_table()
         self._queue: asyncio.Queue[QueuedCopy] = asyncio.Queue()
-        self._poke = asyncio.Event()
+        self._results: asyncio.Queue[tuple[Attempt, asyncio.Future[str]]] = asyncio.Queue()
         self.sent = 0
 
     def submit(self, copies: list[QueuedCopy]) -> None:
@@ -398,15 +435,35 @@ class OutboundWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [asyncio.create_task(self._deliver_loop(), name=f"outbound-{i}") for i in range(self.ob.concurrency)]
-        poller = asyncio.create_task(self._poll_loop(stop), name="outbound-poll")
+        tasks.append(asyncio.create_task(self._poll_loop(stop), name="outbound-poll"))
+        tasks.append(asyncio.create_task(self._record_loop(), name="outbound-record"))
         try:
             await stop.wait()
         finally:
-            poller.cancel()
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(poller, *tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.transport.close()
+
+    async def _record_loop(self) -> None:
+        """Record finished attempts in batches (one transaction, one events insert per batch)."""
+        while True:
+            batch = [await self._results.get()]
+            while not self._results.empty() and len(batch) < 256:
+                batch.append(self._results.get_nowait())
+            attempts = [a for a, _ in batch]
+            try:
+                states = await self.batcher.run(lambda conn: record_results(conn, attempts))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # copies keep their lease and come back through the poller
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), state in zip(batch, states):
+                if not fut.done():
+                    fut.set_result(state)
 
     async def _poll_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -445,8 +502,9 @@ class OutboundWorker:
         next_at = now + dt.timedelta(seconds=retry_delay(attempts, self.ob.retry_min_seconds,
                                                           self.ob.retry_max_seconds))
         expired = result.outcome == "deferred" and next_at > horizon
-        state = await self.batcher.run(lambda conn: record_result(
-            conn, copy, result, attempts=attempts, next_attempt_at=next_at, expired=expired))
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._results.put_nowait((Attempt(copy, result, attempts, next_at, expired), fut))
+        state = await fut
         self.sent += 1
         if state != "delivered" or result.outcome != "delivered":
             log.info("outbound %s → %s: %s (%s %s)", copy.message_id, copy.recipient, state, result.code,
@@ -458,5 +516,6 @@ class OutboundWorker:
 
 __all__ = [
     "DestinationError", "OutboundWorker", "SmtpResult", "SmtpTransport", "bounce_kind", "bounce_reason",
-    "claim_due", "classify_reply", "make_mx_resolver", "order_mx", "record_result", "retry_delay",
+    "claim_due", "classify_reply", "make_mx_resolver", "order_mx", "record_result", "record_results",
+    "retry_delay", "Attempt",
 ]

@@ -26,7 +26,7 @@ from email.utils import getaddresses, make_msgid
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Connection, Engine, bindparam, insert, select
 
 from aliases.model import AliasTable
 from gateway.config import Config, ListenerConfig, secret as env_secret
@@ -173,6 +173,15 @@ def copy_options(plan: RelayPlan, rcpt_id: int, facts: SubmissionFacts) -> Rewri
     )
 
 
+# Built once: constructing a statement per call costs more than SQLite takes to run it (bench/relay.py).
+_INSERT_MAIL = insert(outbound_mails)
+_INSERT_THREAD = insert(thread_index)
+_INSERT_RCPT = insert(outbound_recipients)
+_INSERT_COPY = insert(outbound_queue)
+_KNOWN_THREAD = (select(thread_index.c.id)
+                 .where(thread_index.c.message_id == bindparam("mid"), thread_index.c.outbound.is_(True)).limit(1))
+
+
 def record_submission(conn: Connection, *, raw: bytes, mail_from: str, rcpt_tos: tuple[str, ...],
                       facts: SubmissionFacts, plan: RelayPlan, lease: dt.timedelta = FAST_PATH_LEASE,
                       ) -> list[QueuedCopy]:
@@ -182,24 +191,21 @@ def record_submission(conn: Connection, *, raw: bytes, mail_from: str, rcpt_tos:
     if not facts.message_id:
         # Without a Message-ID nothing can thread back to this mail; give it one (the copy carries it).
         raw = f"Message-ID: {message_id}\r\n".encode() + raw
-    mail_id = conn.execute(insert(outbound_mails).values(
-        message_id=message_id, model=facts.model, res_id=facts.res_id, mail_from=mail_from, created_at=now,
-    )).inserted_primary_key[0]
-    known = conn.execute(select(thread_index.c.id).where(
-        thread_index.c.message_id == message_id, thread_index.c.outbound.is_(True)).limit(1)).first()
-    if known is None:
-        conn.execute(insert(thread_index).values(
-            message_id=message_id, model=facts.model, res_id=facts.res_id, outbound=True,
-            outbound_mail=mail_id, created_at=now,
-        ))
+    mail_id = conn.execute(_INSERT_MAIL, {
+        "message_id": message_id, "model": facts.model, "res_id": facts.res_id, "mail_from": mail_from,
+        "created_at": now}).inserted_primary_key[0]
+    if conn.execute(_KNOWN_THREAD, {"mid": message_id}).first() is None:
+        conn.execute(_INSERT_THREAD, {
+            "message_id": message_id, "model": facts.model, "res_id": facts.res_id, "outbound": True,
+            "is_internal": False, "outbound_mail": mail_id, "created_at": now})
     copies: list[QueuedCopy] = []
     for rcpt in rcpt_tos:
-        rid = conn.execute(insert(outbound_recipients).values(
-            mail=mail_id, recipient=rcpt, state="queued", attempts=0, next_attempt_at=now,
-        )).inserted_primary_key[0]
+        rid = conn.execute(_INSERT_RCPT, {
+            "mail": mail_id, "recipient": rcpt, "state": "queued", "attempts": 0, "next_attempt_at": now,
+            "opens": 0, "clicks": 0}).inserted_primary_key[0]
         opts = copy_options(plan, rid, facts)
         copy = rewrite_message(raw, opts)
-        conn.execute(insert(outbound_queue).values(recipient=rid, raw=copy, lease_until=now + lease))
+        conn.execute(_INSERT_COPY, {"recipient": rid, "raw": copy, "lease_until": now + lease})
         copies.append(QueuedCopy(
             rcpt_id=rid, recipient=rcpt, mail_id=mail_id, message_id=message_id, model=facts.model,
             res_id=facts.res_id, mail_from=opts.return_path or mail_from, raw=copy, created_at=now,

@@ -269,6 +269,5 @@ def _rewrite_html_part(head: bytes, headers: Message, body: bytes, opts: Rewrite
 
 
 def _qp_encode(data: bytes, newline: bytes) -> bytes:
-    lines = data.replace(b"\r\n", b"\n").split(b"\n")
-    encoded = [quopri.encodestring(line).replace(b"\n", newline) for line in lines]
-    return newline.join(encoded)
+    encoded = binascii.b2a_qp(data.replace(b"\r\n", b"\n"), istext=True)
+    return encoded.replace(b"\n", newline) if newline != b"\n" else encoded
