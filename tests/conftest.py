@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.pool import NullPool
 
 from gateway.store import open_store
 
@@ -22,7 +23,7 @@ def _pg_database() -> Iterator[str]:
     if not PG_URL:
         pytest.skip("PostgreSQL not configured (set MAILGATE_TEST_PG_URL; .ci/run does)")
     name = f"mailgate_t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)  # survives a PG restart
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     base = PG_URL.rsplit("/", 1)[0]
