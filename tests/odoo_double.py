@@ -530,6 +530,13 @@ class OdooDouble:
         self.store.write(model, ids, dict(vals or {}))
         return True
 
+    def m_has_group(self, model: str, ids: list[int], group_ext_id: str = "", *,
+                    context: dict[str, Any]) -> bool:
+        user = self.store.get("res.users", ids[0]) if ids else None
+        if user is None:
+            raise MissingError("Record does not exist or has been deleted.")
+        return group_ext_id in (user.get("groups") or [])
+
     def m_context_get(self, model: str, *, context: dict[str, Any]) -> dict[str, Any]:
         return {"lang": "en_US", "tz": "Europe/Brussels", "uid": self.uid}
 
@@ -1049,6 +1056,7 @@ _SIGNATURES: dict[str, tuple[bool, tuple[str, ...]]] = {
     "create": (False, ("vals_list",)),
     "write": (True, ("vals",)),
     "context_get": (False, ()),
+    "has_group": (True, ("group_ext_id",)),
     "message_new": (False, ("msg_dict", "custom_values")),
     "message_update": (True, ("msg_dict", "update_vals")),
     "message_subscribe": (True, ("partner_ids", "subtype_ids")),

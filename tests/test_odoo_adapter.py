@@ -233,3 +233,49 @@ def test_connect_picks_transport_by_version(monkeypatch: pytest.MonkeyPatch) -> 
             client = connect(cfg)
             assert type(client) is expected
             assert client.search_count("res.users", [("login", "=", d.login)]) == 1
+
+
+# ------------------------------------------------------------------------------ check-config, alias sync
+def test_check_reports_rights(odoo: Target) -> None:
+    from gateway.odoo.check import check_client
+
+    report = check_client(odoo.client, url=odoo.client.url, login=odoo.client.login)
+    assert not report["problems"], report
+    assert any("can read mail.alias" in line for line in report["lines"])
+    if odoo.double is not None:
+        assert "user has base.group_system" in report["lines"]
+        user = odoo.double.store.get("res.users", odoo.double.uid)
+        user["groups"] = ["base.group_user"]
+        report = check_client(odoo.client, url=odoo.client.url, login=odoo.client.login)
+        assert any("base.group_system" in p for p in report["problems"])
+
+
+def test_check_odoo_access_never_raises_when_down() -> None:
+    from gateway.odoo.check import check_odoo_access
+
+    class Cfg:
+        odoo = OdooConfig(url="http://127.0.0.1:9", db="x", login="admin", password_env="MAILGATE_NO_SUCH_VAR_X")
+
+    report = check_odoo_access(Cfg())
+    assert report["problems"] and "cannot connect" in report["problems"][0]
+
+
+def test_alias_sync_rows_merge_into_the_alias_table(odoo: Target) -> None:
+    from aliases.load import merge_aliases
+    from aliases.model import AliasTable, Domain
+    from gateway.odoo.alias_sync import AliasSync
+
+    sync = AliasSync(odoo.client, interval=3600)
+    rows = sync.rows()
+    sales = [r for r in rows if r.get("alias_name") == "sales"]
+    if not sales:
+        pytest.skip("no sales@ alias in the Odoo under test")
+    assert sales[0]["model"] == "crm.lead"
+    domain = sales[0]["alias_domain"]
+    merged = merge_aliases(AliasTable(domains=(Domain(name=domain),)), rows)
+    assert merged.table.alias(f"sales@{domain}") is not None
+    assert merged.table.alias(f"sales@{domain}").model == "crm.lead"  # type: ignore[union-attr]
+    if odoo.double is not None:
+        odoo.double.go_down()
+        assert sync.rows(force=True) == rows and sync.last_error  # stale rows kept while Odoo is down
+        odoo.double.come_up()

@@ -1,0 +1,91 @@
+"""`mailgate check-config --odoo`: can the configured Odoo user do what delivery needs?
+
+Why admin-level: with OCA automation_oca installed `message_process` rolls back for lesser users; a restricted
+user's record rules hide duplicates, parents, bounced messages and partners from the gateway (spec §3.1); and
+`ir.model` (for alias sync) needs group_erp_manager, which group_system includes. Each missing right comes back
+as one line saying what to grant.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.errors import DeliveryError
+from gateway.odoo.client import OdooClient, connect, server_version_info
+
+#: what delivery reads, and the group that grants it
+READS = (
+    ("mail.alias", "group_user", "alias sync and routing"),
+    ("mail.alias.domain", "group_user", "bounce and catchall addresses"),
+    ("mail.message", "group_user", "duplicate and thread look-ups"),
+    ("mail.followers", "group_user", "author resolution and the followers contact policy"),
+    ("res.partner", "group_user", "author resolution and bounce counters"),
+    ("ir.model", "group_erp_manager (in group_system)", "alias sync: technical model names"),
+)
+
+
+def _is_admin(client: OdooClient, uid: int) -> bool | None:
+    try:
+        return bool(client.execute("res.users", "has_group", [uid], {"group_ext_id": "base.group_system"}))
+    except DeliveryError:
+        pass
+    for field in ("groups_id", "group_ids"):  # renamed in Odoo 19
+        try:
+            gid = client.search_read("ir.model.data", [("module", "=", "base"), ("name", "=", "group_system")],
+                                     ["res_id"], limit=1)
+            if not gid:
+                return None
+            return client.search_count("res.users", [("id", "=", uid), (field, "in", [gid[0]["res_id"]])]) > 0
+        except DeliveryError:
+            continue
+    return None
+
+
+def check_client(client: OdooClient, *, url: str, login: str) -> dict[str, Any]:
+    """Run the checks on a connected client: {"lines": [...], "problems": [...]}."""
+    lines: list[str] = []
+    problems: list[str] = []
+    try:
+        major = int(server_version_info(url, client.timeout)[0])
+        lines.append(f"Odoo {major} at {url}, protocol {client.protocol}")
+        if major >= 19 and client.protocol == "jsonrpc":
+            lines.append("note: /jsonrpc is deprecated on Odoo 19 and removed in 22; set [odoo] protocol = "
+                         "\"json2\" with an API key")
+    except DeliveryError as exc:
+        return {"lines": lines, "problems": [f"odoo: {exc}"]}
+    try:
+        users = client.search_read("res.users", [("login", "=", login)], ["id", "name"], limit=1)
+    except DeliveryError as exc:
+        return {"lines": lines, "problems": [f"odoo: cannot log in or read res.users as {login!r}: {exc}"]}
+    if not users:
+        return {"lines": lines, "problems": [f"odoo: user {login!r} not found"]}
+    uid = int(users[0]["id"])
+    lines.append(f"logged in as {login!r} (uid {uid})")
+    admin = _is_admin(client, uid)
+    if admin is False:
+        problems.append(f"odoo: user {login!r} is not in Settings / Administration (base.group_system): grant it "
+                        "(message_process rolls back for lesser users with automation_oca; record rules hide "
+                        "duplicates and partners)")
+    elif admin is None:
+        lines.append("could not tell whether the user is an administrator")
+    else:
+        lines.append("user has base.group_system")
+    for model, group, why in READS:
+        try:
+            client.search_count(model, [])
+            lines.append(f"can read {model}")
+        except DeliveryError as exc:
+            problems.append(f"odoo: cannot read {model} ({why}): needs {group}: {exc}")
+    return {"lines": lines, "problems": problems}
+
+
+def check_odoo_access(config: Any) -> dict[str, Any]:
+    """Connect with [odoo] and check the rights; never raises (problems are reported as lines)."""
+    try:
+        client = connect(config.odoo)
+    except Exception as exc:  # noqa: BLE001 - ConfigError (missing secret), TransientError (down)
+        return {"lines": [], "problems": [f"odoo: cannot connect: {exc}"]}
+    try:
+        return check_client(client, url=config.odoo.url, login=config.odoo.login)
+    finally:
+        client.close()
