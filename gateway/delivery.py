@@ -199,7 +199,11 @@ class Delivery:
             # No look-up first: message_process itself answers False for a Message-ID it already has (spec
             # §1.2 step 3), which also covers an earlier attempt whose answer was lost on the wire.
             raw_for_odoo = self._passthrough_raw(raw, decision, mail_head, mid if synthesised else None)
-            result: Any = client.message_process(raw_for_odoo, context=self._context())
+            fallback = self._fallback(decision)
+            result: Any = client.message_process(
+                raw_for_odoo, model=fallback.model if fallback else None,
+                custom_values=dict(fallback.defaults) if fallback else None,
+                thread_id=fallback.res_id if fallback else None, context=self._context())
             existing = self._existing(mid)
             refs = _refs(existing)
             ledger.record(step, refs[0][0] if refs else None, refs[0][1] if refs else None,
@@ -220,10 +224,22 @@ class Delivery:
             log.warning("spool %s: Odoo placed %s on %s; gateway decided %s", message.id, mid, refs, wanted)
         return DeliveryOutcome("delivered", note, odoo_refs=tuple(refs))
 
+    def _fallback(self, decision: Decision) -> Target | None:
+        """For new mail routed by a gateway alias: that alias's model (and defaults, forced thread) as Odoo's
+        fallback, used only when none of Odoo's own aliases matches (an alias that exists in our config only,
+        a default alias, a +tag address). Replies and Odoo-synced aliases need none."""
+        if decision.action != Action.CREATE:
+            return None
+        for target in decision.targets:
+            alias = self.aliases.alias(target.alias) if target.alias else None
+            if alias is not None and alias.source == "config":
+                return target
+        return None
+
     def _passthrough_raw(self, raw: bytes, decision: Decision, mail: msgdict.ParsedMail,
                          synthesised_id: str | None) -> str:
         bounce_addrs = self.aliases.bounce_addresses()
-        recipients = [t.alias for t in decision.targets if t.alias and t.res_id is None]
+        recipients = [t.alias for t in decision.targets if t.alias]
         recipients += [r.lower() for r in decision.recipients]
         # A bounce address in Delivered-To would make Odoo treat the mail as a bounce (spec §1.3).
         recipients = [r for r in dict.fromkeys(recipients) if r and r not in bounce_addrs

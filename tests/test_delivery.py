@@ -392,6 +392,22 @@ def test_passthrough_refusal_false_is_dropped_not_an_error(tmp_path: Any, double
     assert not leads(double)
 
 
+def test_passthrough_config_only_alias_uses_odoo_fallback_model(tmp_path: Any, double: OdooDouble) -> None:
+    """vip@ exists in the gateway's config only: Odoo has no alias for it, so the decided model is passed as
+    message_process's fallback (used by Odoo only when none of its own aliases match)."""
+    rig = Rig(tmp_path, double, "passthrough")
+    mid = "<vip-1@customer.example>"
+    vip = Target(model="crm.lead", alias=f"vip@{DOMAIN}", defaults=(("type", "opportunity"),))
+    _m, out = rig.deliver(new_mail(mid, to=f"vip@{DOMAIN}"), create_decision(mid, vip), rcpt=f"vip@{DOMAIN}")
+    assert out.state == "delivered", out.note
+    [lead] = leads(double)
+    assert lead["type"] == "opportunity"
+    # an alias Odoo knows (sales@) still wins over the fallback: its own defaults apply
+    mid2 = "<sales-2@customer.example>"
+    rig.deliver(new_mail(mid2), create_decision(mid2, Target(model="helpdesk.ticket", alias=f"sales@{DOMAIN}")))
+    assert [lead["type"] for lead in leads(double)] == ["opportunity", "lead"]
+
+
 def test_no_route_in_odoo_is_permanent(tmp_path: Any, double: OdooDouble) -> None:
     rig = Rig(tmp_path, double, "passthrough")
     mid = "<noroute@customer.example>"

@@ -141,11 +141,19 @@ class OdooClient:
         return bool(self.execute(model, "write", ids, {"vals": vals}))
 
     # --------------------------------------------------------------------------- mail.thread
-    def message_process(self, raw: str, *, model: str | None = None,
+    def message_process(self, raw: str, *, model: str | None = None, custom_values: dict[str, Any] | None = None,
+                        thread_id: int | None = None,
                         context: dict[str, Any] | None = None) -> int | bool | None:
         """Hand a (7-bit) raw mail to Odoo's gateway. Returns thread id, False (duplicate/bounce/refusal) or
-        None (dropped by a loop check) — the three answers mean different things to delivery."""
+        None (dropped by a loop check) — the three answers mean different things to delivery.
+
+        `model`/`custom_values`/`thread_id` are only Odoo's *fallback* when none of its aliases matched
+        (spec §1.9); they must come from configuration, never from mail content (spec §5.9)."""
         params: dict[str, Any] = {"model": model or False, "message": raw}
+        if model and custom_values:
+            params["custom_values"] = custom_values
+        if model and thread_id:
+            params["thread_id"] = thread_id
         if context:
             params["context"] = context
         result = self.execute("mail.thread", "message_process", None, params)
