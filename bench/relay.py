@@ -122,7 +122,7 @@ def gateway_main(smarthost_port: int, sessions: int, db_dir: str, port_q: "mp.Qu
                      "per_destination_concurrency": sessions},
         "tracking": {"base_url": "https://t.example.test", "port": 0},
         "events": {"api_token_env": None},
-        "storage": {"url": f"sqlite:///{db_dir}/bench.db"},
+        "storage": {"url": f"sqlite:///{db_dir}/bench.db", "sqlite_synchronous": os.environ.get("BENCH_SYNC", "FULL")},
     }, base_dir=db_dir)
     engine = open_store(cfg.storage_url(), synchronous=cfg.storage.sqlite_synchronous)
 
@@ -132,6 +132,11 @@ def gateway_main(smarthost_port: int, sessions: int, db_dir: str, port_q: "mp.Qu
         port_q.put(services.submission_ports[0])
         asyncio.get_running_loop().add_signal_handler(15, stop.set)
         await stop.wait()
+        b = services.batcher
+        import resource
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        print(f"gateway process: cpu {ru.ru_utime + ru.ru_stime:.2f} s; writer thread busy {b.busy_seconds:.2f} s, "
+              f"{b.units} units in {b.batches} commits", file=sys.stderr)
         await services.close()
 
     if profile:
@@ -148,8 +153,11 @@ async def run_gateway(gw_port: int, mails: list[tuple[str, bytes]], sessions: in
     start_count += sessions
     t0 = time.perf_counter()
     await blast(gw_port, mails, sessions)
+    t_accepted = time.perf_counter() - t0
     await wait_count(count, start_count + len(mails))
-    return len(mails) / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    print(f"gateway: all accepted after {t_accepted:.2f} s, all relayed after {elapsed:.2f} s", file=sys.stderr)
+    return len(mails) / elapsed
 
 
 def main() -> None:

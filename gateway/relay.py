@@ -323,6 +323,55 @@ class _SubmissionSMTP(SMTP):
         return parts[0], (parts[1] if len(parts) > 1 else "")
 
 
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA read in chunks up to the end-of-data mark instead of line by line (PERF-NOTES: the per-line
+        loop is the largest cost of receiving a 4 KB mail). Same checks and replies as aiosmtpd's."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        reader = self._reader
+        limit = self.data_size_limit
+        buf = bytearray(b"\r\n")  # a leading CRLF lets one search find the mark even for an empty mail
+        too_much = False
+        while True:
+            chunk = await reader.read(1 << 16)
+            if not chunk:  # connection closed mid-DATA: nothing was accepted
+                self._writer.close()
+                return
+            search_from = max(0, len(buf) - 4)
+            buf += chunk
+            end = buf.find(b"\r\n.\r\n", search_from)
+            if end >= 0:
+                leftover = bytes(buf[end + 5:])
+                if leftover:  # pipelined commands after the mark belong to the command loop
+                    reader._buffer[0:0] = leftover  # type: ignore[attr-defined]
+                del buf[end + 2:]
+                break
+            if limit and len(buf) > limit + 2:
+                too_much = True
+                del buf[:-4]  # keep scanning for the mark, keep nothing else
+        if too_much:
+            await self.push("552 Error: Too much mail data")
+            self._set_post_data_state()
+            return
+        # RFC 5321 §4.5.2: remove the leading dot of dot-stuffed lines.
+        content = bytes(buf).replace(b"\r\n.", b"\r\n")[2:]
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+
 async def start_submission_listener(listener: ListenerConfig, config: Config, batcher: TransactionBatcher,
                                     secret: bytes,
                                     on_queued: Callable[[list[QueuedCopy]], None] | None = None,
