@@ -31,7 +31,7 @@ import aiohttp
 from aiohttp import web
 from sqlalchemy import Connection, Engine, and_, exists, insert, select, update
 
-from gateway.config import EventsConfig, WebhookConfig, secret as env_secret
+from gateway.config import Config, EventsConfig, WebhookConfig, secret as env_secret
 from gateway.outbox import EVENT_TYPES, event_to_json
 from gateway.schema import events, kv, webhook_deliveries
 from gateway.store import as_utc, utcnow
@@ -283,3 +283,8 @@ def add_events_routes(app: web.Application, engine: Engine, token: str | None, *
         return web.json_response({"events": rows, "next": nxt})
 
     app.router.add_get(path, handler)
+
+
+def add_event_routes(app: web.Application, config: Config, engine: Engine) -> None:
+    """`GET /events` on the admin app (`gateway.serve` calls this), token from `events.api_token_env`."""
+    add_events_routes(app, engine, env_secret(config.events.api_token_env))
