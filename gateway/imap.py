@@ -238,22 +238,35 @@ class ImapPuller:
             uids = [u for u in parse_search(resp.lines) if u > cp.last_uid]
             if not uids:
                 break
-            for batch in chunks(uids, self.cfg.batch_size):
-                if stop is not None and stop.is_set():
-                    break
-                total += await self._pull_batch(client, cp.uidvalidity, batch)
+            total += await self._pull_uids(client, cp.uidvalidity, uids, stop)
         LAG.labels(self.name).set(0)
         return total
 
-    async def _pull_batch(self, client: aioimaplib.IMAP4, uidvalidity: int, batch: Sequence[int]) -> int:
-        resp = await client.uid("fetch", uid_set(batch), FETCH_ITEMS)
+    async def _pull_uids(self, client: aioimaplib.IMAP4, uidvalidity: int, uids: Sequence[int],
+                         stop: asyncio.Event | None) -> int:
+        """Fetch, commit and act, one batch at a time (fetching the next batch during the commit was
+        measured: no faster, the process is CPU-bound, not waiting)."""
+        total = 0
+        for batch in chunks(uids, self.cfg.batch_size):
+            if stop is not None and stop.is_set():
+                break
+            fetched = await self._fetch(client, batch)
+            total += await self._spool_and_act(client, uidvalidity, batch, fetched)
+        return total
+
+    async def _fetch(self, client: aioimaplib.IMAP4, batch: Sequence[int]) -> list[FetchedMessage]:
+        proto = client.protocol
+        resp = await proto.execute(_BatchFetchCommand(proto.new_tag(), uid_set(batch), FETCH_ITEMS, prefix="UID",
+                                                      loop=proto.loop, timeout=self.cfg.timeout))
         await _ok(resp, "UID FETCH")
         wanted = set(batch)
-        fetched = [m for m in parse_fetch(resp.lines) if m.uid in wanted]
+        return [m for m in parse_fetch(resp.lines) if m.uid in wanted]
+
+    async def _spool_and_act(self, client: aioimaplib.IMAP4, uidvalidity: int, batch: Sequence[int],
+                             fetched: list[FetchedMessage]) -> int:
+        """Commit a fetched batch (spool + seen-list + checkpoint), then run and confirm its after-action."""
         self._note_lag(fetched)
-        pulled = [self._pulled(m) for m in fetched]
-        result: BatchResult = await self._db(spool_pulled, self.engine, self.name, uidvalidity, pulled,
-                                             batch[-1])
+        result: BatchResult = await self._db(self._spool_fetched, uidvalidity, fetched, batch[-1])
         self._checkpoint = Checkpoint(self.name, uidvalidity, max(batch[-1], self._checkpoint.last_uid
                                                                   if self._checkpoint else 0))
         if result.spooled:
@@ -271,6 +284,11 @@ class ImapPuller:
             # Another run recorded these first; make sure their after-action is not left behind.
             await self._redo_after_actions(client)
         return len(result.spooled)
+
+    def _spool_fetched(self, uidvalidity: int, fetched: list[FetchedMessage], through_uid: int) -> BatchResult:
+        """On the store thread: envelopes from headers, then the one-transaction spool."""
+        pulled = [self._pulled(m) for m in fetched]
+        return spool_pulled(self.engine, self.name, uidvalidity, pulled, through_uid)
 
     def _pulled(self, msg: FetchedMessage) -> Pulled:
         mail_from, rcpts = envelope_from_headers(msg.raw, self.cfg.rcpt_headers)
@@ -370,6 +388,28 @@ async def run_imap_sources(config: Config, engine: Engine, writer: Any, stop: as
 
 
 # -------------------------------------------------------------------------------------------- helpers
+class _BatchFetchCommand(aioimaplib.FetchCommand):
+    """aioimaplib's FETCH, minus a quadratic cost: its `wait_data` rescans every line received so far each
+    time a line arrives (≈0.15 ms a message at 100 per batch). Here the parenthesis balance of the current
+    message is kept as lines arrive; the verdict is the same."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._scanned = 0
+        self._balance = 0
+
+    def wait_data(self) -> bool:
+        lines = self._resp_lines
+        for idx in range(self._scanned, len(lines)):
+            line = lines[idx]
+            if type(line) is bytes:  # literal data arrives as bytearray and is not counted, as upstream
+                if self.FETCH_MESSAGE_DATA_RE.match(line):
+                    self._balance = 0
+                self._balance += line.count(b"(") - line.count(b")")
+        self._scanned = len(lines)
+        return self._balance != 0
+
+
 async def _ok(resp: aioimaplib.Response, what: str) -> aioimaplib.Response:
     if resp.result != "OK":
         raise ImapCommandFailed(f"{what} failed: {resp.result} {_text(resp)}")
