@@ -376,7 +376,8 @@ def claim(engine: Engine, owner: str, *, limit: int = 1, lease_seconds: float = 
     """Lease up to `limit` due messages. Expired leases (crashed workers) are taken over.
 
     Messages of one thread (same `thread_key`) are delivered in order: a message is not claimed while an
-    older message of its thread is still pending.
+    older message of its thread is still pending in one of `states` (a routing-only worker, which does not
+    claim `routed` mail, is not held up by mail that waits for delivery).
     """
     now = utcnow()
     until = now + dt.timedelta(seconds=lease_seconds)
@@ -385,7 +386,7 @@ def claim(engine: Engine, owner: str, *, limit: int = 1, lease_seconds: float = 
         blocked = (
             select(older.c.id)
             .where(older.c.thread_key == messages.c.thread_key, older.c.id < messages.c.id,
-                   older.c.state.in_(list(CLAIMABLE)))
+                   older.c.state.in_(list(states)))
             .exists()
         )
         q = (

@@ -172,3 +172,15 @@ def test_embedded_message_is_one_attachment_not_walked():
     assert c.text.strip() == "outer"
     assert [(a.filename, a.content_type) for a in c.attachments] == [("message.eml", "message/rfc822")]
     assert b"inner body" in c.attachments[0].payload
+
+
+def test_routing_reads_a_bounded_prefix_of_huge_messages() -> None:
+    from routing.parse import parse_mail as _parse
+
+    raw = b"From: a@client.test\r\nMessage-ID: <big@x>\r\nSubject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 6000
+    parsed = _parse(raw, max_bytes=1 << 20)
+    assert parsed.message_id == "<big@x>" and parsed.subject == "big"
+    assert any(d.startswith("routed on the first ") for d in parsed.defects)
+    assert len(parsed.msg.get_payload()) <= 1 << 20
+    small = _parse(b"Subject: s\r\n\r\nbody\r\n", max_bytes=1 << 20)
+    assert not any(d.startswith("routed on") for d in small.defects)
