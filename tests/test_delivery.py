@@ -470,3 +470,29 @@ def test_ledger_records_every_step(tmp_path: Any, double: OdooDouble) -> None:
     [lead] = leads(double)
     assert rows[f"create:crm.lead:sales@{DOMAIN}"].res_id == lead["id"]
     assert json.loads(rows[f"post:crm.lead:{lead['id']}"].result or "null") is None
+
+
+def test_mail_without_message_id_is_delivered_once(rig: Rig) -> None:
+    raw = new_mail("<x>").replace(b"Message-ID: <x>\r\n", b"")
+    assert b"Message-ID" not in raw
+    msg = rig.spool(raw)
+    decision = Decision(action=Action.CREATE, explanation=("t",), targets=(SALES,), recipients=(f"sales@{DOMAIN}",))
+    first = rig.delivery.deliver(msg, raw, decision)
+    again = rig.delivery.deliver(msg, raw, decision)  # a retry after a crash before the worker committed
+    assert first.state == again.state == "delivered"
+    [lead] = leads(rig.double)
+    [post] = email_messages(rig.double, "crm.lead", lead["id"])
+    assert post["message_id"].startswith("<mailgate.") and msg.sha256[:32] in post["message_id"]
+
+
+def test_passthrough_reports_when_odoo_disagrees(tmp_path: Any, double: OdooDouble) -> None:
+    rig = Rig(tmp_path, double, "passthrough")
+    mid = "<new-12@customer.example>"
+    rig.deliver(new_mail(mid), create_decision(mid))
+    [lead] = leads(double)
+    rmid = "<reply-12@customer.example>"
+    # the gateway thought this reply belonged to ticket 999; Odoo threads it on the lead by its References
+    _m, out = rig.deliver(reply_mail(mid, rmid), reply_decision(rmid, "helpdesk.ticket", 999, mid),
+                          rcpt=f"catchall@{DOMAIN}")
+    assert out.state == "delivered" and out.odoo_refs == (("crm.lead", lead["id"]),)
+    assert "gateway had decided helpdesk.ticket 999" in out.note
