@@ -30,7 +30,7 @@ import aioimaplib
 from prometheus_client import Counter, Enum, Gauge
 from sqlalchemy import Engine
 
-from gateway.config import Config, ImapSourceConfig, secret
+from gateway.config import Config, ConfigError, ImapSourceConfig, secret
 from gateway.imap_checkpoint import (
     BatchResult, Checkpoint, Pulled, begin_validity, mark_after_done, pending_after, spool_pulled,
 )
@@ -101,12 +101,15 @@ class ImapPuller:
                     await self._session(stop)
                 except asyncio.CancelledError:
                     raise
-                except (OSError, asyncio.TimeoutError, aioimaplib.AioImapException, ImapError) as exc:
+                except Exception as exc:  # noqa: BLE001 - a source must outlive any one fault, store ones too
                     if time.monotonic() - started > 60:
                         delay = self.backoff_initial  # the connection had been healthy: start over
                     self._set_state("backoff")
-                    log.warning("%s: %s: %s; reconnecting in %.1f s", self.name, type(exc).__name__,
-                                exc or "connection problem", delay)
+                    expected = isinstance(exc, (OSError, asyncio.TimeoutError, aioimaplib.AioImapException,
+                                                ImapError))
+                    log.log(logging.WARNING if expected else logging.ERROR,
+                            "%s: %s: %s; reconnecting in %.1f s", self.name, type(exc).__name__,
+                            exc or "connection problem", delay, exc_info=not expected)
                     await _wait(stop, delay * random.uniform(0.8, 1.2))
                     delay = min(delay * 2, self.cfg.backoff_max)
                 else:
@@ -374,12 +377,17 @@ async def run_imap_sources(config: Config, engine: Engine, writer: Any, stop: as
     The puller writes spool rows itself (spool, seen-list and checkpoint must share a transaction), so
     `writer` is used only to wake the workers through its commit hook, when it has one.
     """
-    if not config.imap:
-        return
     on_commit = getattr(writer, "_on_commit", None) if writer is not None else None
-    pullers = [ImapPuller(src, engine, on_spooled=on_commit) for src in config.imap]
-    for p in pullers:  # a missing password is a config error: say so at start, not in a retry loop
-        secret(p.cfg.password_env, required=True, what=f"imap source {p.cfg.name!r} password")
+    pullers = []
+    for src in config.imap:
+        try:
+            password = secret(src.password_env, required=True, what=f"imap source {src.name!r} password")
+        except ConfigError as exc:  # one source's missing secret must not stop the others
+            log.error("imap:%s not started: %s", src.name, exc)
+            continue
+        pullers.append(ImapPuller(src, engine, password=password, on_spooled=on_commit))
+    if not pullers:
+        return
     try:
         await asyncio.gather(*(p.run(stop) for p in pullers))
     finally:

@@ -412,4 +412,49 @@ async def test_tls_implicit_and_starttls(security, engine):
         await wait_for(lambda: count(engine, src) == 5, 15, f"5 spooled over {security}")
         await run.stop()
         assert_exactly_once(engine, src, sent)
-        assert "TLS" in server.log() or "secured" in server.log()
+        logins = [line for line in server.log().splitlines() if f"Login: user=<{USER}>" in line]
+        assert any(", TLS," in line for line in logins), logins  # the puller's own login was encrypted
+
+
+async def test_move_without_the_move_extension_copies_then_expunges(dovecot, engine, monkeypatch):
+    original = aioimaplib.IMAP4.has_capability
+    asked: list[str] = []
+
+    def has_capability(self, cap):  # type: ignore[no-untyped-def]
+        asked.append(cap)
+        return cap != "MOVE" and original(self, cap)
+
+    monkeypatch.setattr(aioimaplib.IMAP4, "has_capability", has_capability)
+    sent = [mail(i, tag="copy") for i in range(12)]
+    await asyncio.to_thread(dovecot.append, USER, sent)
+    src = source(dovecot, after="move", move_to="Archive", batch_size=5)
+    run = Running(puller(src, engine))
+    await wait_for(lambda: count(engine, src) == 12 and all_after_done(engine, src), 10, "12 spooled")
+    await run.stop()
+    assert dovecot.uids(USER) == []
+    assert len(dovecot.uids(USER, mailbox="Archive")) == 12
+    assert "MOVE" in asked and "UIDPLUS" in asked  # the COPY + UID EXPUNGE path was taken
+    assert_exactly_once(engine, src, sent)
+
+
+async def test_run_imap_sources_reads_the_password_from_the_environment(dovecot, engine, monkeypatch, caplog):
+    from gateway.config import parse_config
+    from gateway.imap import run_imap_sources
+
+    monkeypatch.setenv("MAILGATE_TEST_IMAP_PW", PASSWORD)
+    config = parse_config({"imap": [
+        {"name": "envpw", "host": dovecot.host, "port": dovecot.port, "security": "none", "login": USER,
+         "password_env": "MAILGATE_TEST_IMAP_PW"},
+        {"name": "nopw", "host": dovecot.host, "port": dovecot.port, "security": "none", "login": USER,
+         "password_env": "MAILGATE_TEST_IMAP_UNSET"},
+    ]}, base_dir=".")
+    sent = [mail(i, tag="env") for i in range(3)]
+    await asyncio.to_thread(dovecot.append, USER, sent)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_imap_sources(config, engine, None, stop))
+    src = config.imap[0]
+    await wait_for(lambda: count(engine, src) == 3, 10, "3 spooled")
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert "MAILGATE_TEST_IMAP_UNSET is not set" in caplog.text
+    assert_exactly_once(engine, src, sent)
