@@ -31,6 +31,16 @@ from gateway.spool import Envelope, SpoolError, SpoolWriter
 log = logging.getLogger(__name__)
 
 _FAST_ADDR = re.compile(r"\s*<([^<>\s\"\\()\[\],;:]*@[^<>\s\"\\()\[\],;:@]+|)>(.*)\Z", re.S)
+# RFC 5321 §4.1.2 Path, strictly: no RFC 5322 comments or folding (aiosmtpd's header-registry parser would
+# read "$(touch x)@d" as "$@d" — a different address). Non-ASCII is allowed for SMTPUTF8 (RFC 6531).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]"
+_DOT_STRING = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"'
+_LABEL = r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*[A-Za-z0-9\u0080-\U0010ffff])?"
+_DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*\.?|\[[\x21-\x5a\x5e-\x7e]+\])"
+_MAILBOX = rf"(?:{_DOT_STRING}|{_QUOTED})@{_DOMAIN}"
+_PATH = re.compile(rf"\s*<(?:@{_DOMAIN}(?:,@{_DOMAIN})*:)?({_MAILBOX}|postmaster|)>(.*)\Z", re.S | re.I)
+_BARE = re.compile(rf"\s*({_MAILBOX})(\s.*|)\Z", re.S)
 _LONG_LINE_TEMPLATE = rb"(?m)^[^\n]{%d}"  # anchored at line starts: one pass, not one try per byte
 _EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 _TERMINATOR = b"\r\n.\r\n"
@@ -130,11 +140,11 @@ class _LeanDataMixin:
     policy: ListenerPolicy
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        m = _FAST_ADDR.match(arg)
+        m = _FAST_ADDR.match(arg) or _PATH.match(arg) or _BARE.match(arg)
         if m:
             addr = m.group(1)
             return (addr or "<>"), m.group(2)
-        return super()._getaddr(arg)  # type: ignore[misc]
+        return (None, None) if arg else ("", "")  # aiosmtpd answers 553 5.1.3 malformed address
 
     async def _handle_client(self) -> None:
         if not peer_allowed(self.session.peer, self._networks):  # type: ignore[attr-defined]

@@ -39,9 +39,12 @@ def make_token(secret: bytes, purpose: str, ident: int, payload: bytes = b"") ->
 
 def read_token(secret: bytes, purpose: str, token: str, payload: bytes = b"") -> int | None:
     """The id a genuine token names, or None for anything forged, truncated or malformed."""
+    token = token.strip().lower()
     try:
-        data = _unb32(token.strip())
+        data = _unb32(token)
     except (ValueError, TypeError):
+        return None
+    if _b32(data) != token:  # only the canonical spelling: unused padding bits must not make twins
         return None
     if len(data) < 2:
         return None
