@@ -23,6 +23,7 @@ complaints only produce events; auto-replies never create a record (dropped, or 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from dataclasses import dataclass
@@ -404,9 +405,14 @@ class Delivery:
                 res_id = ledger.res_id(step)
                 if res_id is None:
                     found = [r for r in known if r.get("model") == target.model and r.get("res_id")]
+                    intent = ledger.get(f"creating:{target.model}:{label}")
                     if found:
                         res_id = int(found[0]["res_id"])
+                    elif intent is not None and (orphan := self._orphan(target.model, mail, intent)):
+                        res_id = orphan
                     else:
+                        if intent is None:
+                            ledger.record(f"creating:{target.model}:{label}", target.model, None)
                         values = dict(target.defaults)
                         res_id = client.message_new(target.model, msgdict.msg_dict(mail, author_id=author),
                                                     values, context=GATEWAY_CONTEXT)
@@ -420,6 +426,30 @@ class Delivery:
             return DeliveryOutcome("dropped", "explicit: " + "; ".join(notes or ["no target"]))
         self._index(mid, refs)
         return DeliveryOutcome("delivered", "explicit: " + "; ".join(notes), odoo_refs=tuple(refs))
+
+    def _orphan(self, model: str, mail: msgdict.ParsedMail, intent: Any) -> int | None:
+        """The record an earlier attempt's `message_new` made when its answer never came back (timeout, lost
+        connection): the one record of `model` named after the subject, created since that attempt, that
+        carries no mail yet. Anything ambiguous → None, and a new record is made (a duplicate is better than
+        a lost mail)."""
+        since = intent.created_at
+        if since is None:
+            return None
+        if since.tzinfo is not None:
+            since = since.astimezone(dt.timezone.utc)
+        since_text = (since - dt.timedelta(seconds=120)).strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            rows = self._odoo().search_read(model, [("create_date", ">=", since_text),
+                                                    ("name", "=", mail.subject or "(no subject)")],
+                                            ["id"], order="id desc", limit=2)
+        except PermanentError:  # a model without `name`: cannot tell
+            return None
+        if len(rows) != 1:
+            return None
+        rid = int(rows[0]["id"])
+        posted = self._odoo().search_count("mail.message", [("model", "=", model), ("res_id", "=", rid),
+                                                            ("message_type", "=", "email")])
+        return None if posted else rid
 
     def _parent(self, target: Target) -> tuple[int | None, bool]:
         if not target.parent_message_id:
@@ -496,12 +526,42 @@ class Delivery:
             if ledger.get(step) is not None:
                 notes.append(f"{b.recipient}: already registered")
                 continue
+            intent = f"bounce-sent:{b.recipient.lower()}"
+            if ledger.get(intent) is not None:
+                # An earlier attempt handed the DSN over but never heard back (timeout, lost answer, crash).
+                # Odoo keeps no record of a processed bounce except the notification it marks: when that
+                # says "bounce", or nothing can tell, do not risk counting it twice.
+                registered = self._bounce_registered(b)
+                if registered is not False:
+                    ledger.record(step, None, None, {"assumed": "earlier attempt",
+                                                     "notification_bounced": registered})
+                    notes.append(f"{b.recipient}: registered by an earlier attempt"
+                                 + ("" if registered else " (assumed: nothing in Odoo to check)"))
+                    continue
+            else:
+                ledger.record(intent, None, None)
             dsn = build_normalized_dsn(b, bounce_address=address, seed=f"spool:{message.id}",
                                        reporting_mta=self.config.outbound.helo_name or "mailgate")
             result = client.message_process(dsn.decode("ascii"), context=self._context())
             ledger.record(step, None, None, {"result": result})
             notes.append(f"{b.recipient}: hard bounce registered in Odoo")
         return DeliveryOutcome("delivered", "; ".join(notes), events=events)
+
+    def _bounce_registered(self, b: BounceResult) -> bool | None:
+        """Is the notification of (original message, bounced partner) already marked bounced? None: no such
+        notification, so Odoo holds no trace to tell either way."""
+        client = self._odoo()
+        if not b.original_message_id:
+            return None
+        mids = [r["id"] for r in client.find_messages([b.original_message_id], ["id"])]
+        pids = client.search("res.partner", [("email_normalized", "=", b.recipient.lower())])
+        if not mids or not pids:
+            return None
+        rows = client.search_read("mail.notification", [("mail_message_id", "in", mids),
+                                                        ("res_partner_id", "in", pids)], ["notification_status"])
+        if not rows:
+            return None
+        return any(r.get("notification_status") == "bounce" for r in rows)
 
     # ---------------------------------------------------------------------------------- events
     def _bounce_events(self, message: SpooledMessage, decision: Decision, kind: str) -> tuple[EventDraft, ...]:

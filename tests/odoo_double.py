@@ -153,7 +153,7 @@ class Store:
     # -- writes
     def create(self, model: str, vals: dict[str, Any]) -> int:
         rid = next(self._seq)
-        rec = {"id": rid, "active": True, "create_date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        rec = {"id": rid, "active": True, "create_date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
         rec.update(vals)
         self._compute(model, rec)
         self.tables[model][rid] = rec
@@ -644,7 +644,7 @@ class OdooDouble:
             "model": model, "res_id": rid, "body": body, "subject": subject or False,
             "message_type": message_type, "subtype_id": subtype_id, "email_from": email_from or False,
             "author_id": author_id or False, "message_id": message_id or self._new_message_id(model, rid),
-            "date": date or time.strftime("%Y-%m-%d %H:%M:%S"), "parent_id": parent_id or False,
+            "date": date or time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "parent_id": parent_id or False,
             "attachment_ids": list(attachment_ids or []), "partner_ids": list(partner_ids or []),
             "is_internal": bool(is_internal) if is_internal is not None else internal,
         })

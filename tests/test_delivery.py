@@ -496,3 +496,35 @@ def test_passthrough_reports_when_odoo_disagrees(tmp_path: Any, double: OdooDoub
                           rcpt=f"catchall@{DOMAIN}")
     assert out.state == "delivered" and out.odoo_refs == (("crm.lead", lead["id"]),)
     assert "gateway had decided helpdesk.ticket 999" in out.note
+
+
+@pytest.mark.parametrize("kind", ["lost_response", "drop"])
+def test_lost_answer_to_message_new_adopts_the_record(tmp_path: Any, double: OdooDouble, kind: str) -> None:
+    """Odoo made the lead but the answer never arrived (timeout): the retry adopts it, no second lead."""
+    rig = Rig(tmp_path, double, "explicit")
+    mid = "<lost-create@customer.example>"
+    raw = new_mail(mid)
+    msg = rig.spool(raw)
+    double.fail_next(1, kind, method="message_new")
+    with pytest.raises(TransientError):
+        rig.delivery.deliver(msg, raw, create_decision(mid))
+    assert len(leads(double)) == (1 if kind == "lost_response" else 0)
+    out = rig.delivery.deliver(msg, raw, create_decision(mid))
+    assert out.state == "delivered"
+    [lead] = leads(double)
+    assert len(email_messages(double, "crm.lead", lead["id"])) == 1
+
+
+@pytest.mark.parametrize("kind, counted", [("lost_response", 1), ("drop", 1)])
+def test_lost_answer_to_a_bounce_never_counts_twice(rig: Rig, kind: str, counted: int) -> None:
+    d = rig.double
+    bob = d.add_partner("Bob", "bob@customer.example")
+    _lead, sent = _sent_notification(d, bob)
+    raw = b"From: MAILER-DAEMON@mx.example\r\nTo: bounce@example.test\r\nSubject: failure\r\n\r\nx\r\n"
+    msg = rig.spool(raw, rcpt=f"bounce@{DOMAIN}")
+    d.fail_next(1, kind, method="message_process")
+    with pytest.raises(TransientError):
+        rig.delivery.deliver(msg, raw, _bounce_decision("bob@customer.example", sent))
+    out = rig.delivery.deliver(msg, raw, _bounce_decision("bob@customer.example", sent))
+    assert out.state == "delivered"
+    assert d.store.get("res.partner", bob)["message_bounce"] == counted
