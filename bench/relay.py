@@ -122,7 +122,7 @@ def gateway_main(smarthost_port: int, sessions: int, db_dir: str, port_q: "mp.Qu
                      "per_destination_concurrency": sessions},
         "tracking": {"base_url": "https://t.example.test", "port": 0},
         "events": {"api_token_env": None},
-        "storage": {"url": f"sqlite:///{db_dir}/bench.db", "sqlite_synchronous": os.environ.get("BENCH_SYNC", "FULL")},
+        "storage": {"url": f"sqlite:///{db_dir}/bench.db"},
     }, base_dir=db_dir)
     engine = open_store(cfg.storage_url(), synchronous=cfg.storage.sqlite_synchronous)
 

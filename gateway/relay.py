@@ -20,8 +20,6 @@ import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 from email.utils import getaddresses, make_msgid
 from typing import Any
 
@@ -35,7 +33,7 @@ from gateway.schema import outbound_mails, outbound_queue, outbound_recipients, 
 from gateway.store import utcnow
 from gateway.tracking import click_url, pixel_url
 from routing.bounce import VerpHit
-from routing.rewrite import RewriteOptions, list_unsubscribe_targets, rewrite_message
+from routing.rewrite import RewriteOptions, list_unsubscribe_targets, rewrite_message, scan_headers
 from routing.tokens import read_verp, verp_address
 
 log = logging.getLogger(__name__)
@@ -75,25 +73,21 @@ def odoo_record(x_odoo_objects: str | None, message_id: str | None) -> tuple[str
     return None
 
 
+_SUBMISSION_HEADERS = frozenset({"message-id", "x-odoo-objects", "from", "reply-to", "list-unsubscribe"})
+
+
 def read_submission(raw: bytes) -> SubmissionFacts:
     """Header facts of a submitted mail (headers only: parsing bodies belongs to nobody here)."""
-    head = raw.split(b"\r\n\r\n", 1)[0] if b"\r\n\r\n" in raw else raw.split(b"\n\n", 1)[0]
-    headers = BytesHeaderParser(policy=compat32).parsebytes(head + b"\r\n\r\n")
-    mid = _hdr(headers, "Message-ID")
-    mid = mid.strip() if mid else None
-    rec = odoo_record(_hdr(headers, "X-Odoo-Objects"), mid)
-    from_addr = _first_address(_hdr(headers, "From"))
-    reply_to = _first_address(_hdr(headers, "Reply-To"))
+    end = raw.find(b"\r\n\r\n")
+    head = raw[:end] if end >= 0 else raw.split(b"\n\n", 1)[0]
+    headers = scan_headers(head, _SUBMISSION_HEADERS)
+    mid = headers.get("message-id", "").strip() or None
+    rec = odoo_record(headers.get("x-odoo-objects"), mid)
     return SubmissionFacts(
-        message_id=mid or None, model=rec[0] if rec else None, res_id=rec[1] if rec else None,
-        from_addr=from_addr, reply_to=reply_to,
-        list_unsubscribe=list_unsubscribe_targets(_hdr(headers, "List-Unsubscribe")),
+        message_id=mid, model=rec[0] if rec else None, res_id=rec[1] if rec else None,
+        from_addr=_first_address(headers.get("from")), reply_to=_first_address(headers.get("reply-to")),
+        list_unsubscribe=list_unsubscribe_targets(headers.get("list-unsubscribe")),
     )
-
-
-def _hdr(headers: Any, name: str) -> str | None:
-    value = headers.get(name)
-    return str(value) if value is not None else None
 
 
 def _first_address(value: str | None) -> str | None:
@@ -173,44 +167,85 @@ def copy_options(plan: RelayPlan, rcpt_id: int, facts: SubmissionFacts) -> Rewri
     )
 
 
-# Built once: constructing a statement per call costs more than SQLite takes to run it (bench/relay.py).
-_INSERT_MAIL = insert(outbound_mails)
-_INSERT_THREAD = insert(thread_index)
-_INSERT_RCPT = insert(outbound_recipients)
-_INSERT_COPY = insert(outbound_queue)
-_KNOWN_THREAD = (select(thread_index.c.id)
-                 .where(thread_index.c.message_id == bindparam("mid"), thread_index.c.outbound.is_(True)).limit(1))
+@dataclass(frozen=True)
+class Submission:
+    """One accepted DATA: what the transaction that queues it needs."""
+
+    raw: bytes
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    facts: SubmissionFacts
+    plan: RelayPlan
 
 
 def record_submission(conn: Connection, *, raw: bytes, mail_from: str, rcpt_tos: tuple[str, ...],
                       facts: SubmissionFacts, plan: RelayPlan, lease: dt.timedelta = FAST_PATH_LEASE,
                       ) -> list[QueuedCopy]:
     """Write the mail, its recipients, its thread-index row and one rewritten copy per recipient."""
+    return record_submissions(conn, [Submission(raw, mail_from, rcpt_tos, facts, plan)], lease=lease)[0]
+
+
+def record_submissions(conn: Connection, subs: list[Submission], *, lease: dt.timedelta = FAST_PATH_LEASE,
+                       ) -> list[list[QueuedCopy]]:
+    """`record_submission` for many mails with a handful of statements (executemany / multi-row RETURNING):
+    per-statement overhead, not SQLite, bounds the relay's throughput (bench/relay.py)."""
     now = utcnow()
-    message_id = facts.message_id or make_msgid(domain=plan.verp_domain or "mailgate.invalid")
-    if not facts.message_id:
-        # Without a Message-ID nothing can thread back to this mail; give it one (the copy carries it).
-        raw = f"Message-ID: {message_id}\r\n".encode() + raw
-    mail_id = conn.execute(_INSERT_MAIL, {
-        "message_id": message_id, "model": facts.model, "res_id": facts.res_id, "mail_from": mail_from,
-        "created_at": now}).inserted_primary_key[0]
-    if conn.execute(_KNOWN_THREAD, {"mid": message_id}).first() is None:
-        conn.execute(_INSERT_THREAD, {
-            "message_id": message_id, "model": facts.model, "res_id": facts.res_id, "outbound": True,
-            "is_internal": False, "outbound_mail": mail_id, "created_at": now})
-    copies: list[QueuedCopy] = []
-    for rcpt in rcpt_tos:
-        rid = conn.execute(_INSERT_RCPT, {
-            "mail": mail_id, "recipient": rcpt, "state": "queued", "attempts": 0, "next_attempt_at": now,
-            "opens": 0, "clicks": 0}).inserted_primary_key[0]
-        opts = copy_options(plan, rid, facts)
-        copy = rewrite_message(raw, opts)
-        conn.execute(_INSERT_COPY, {"recipient": rid, "raw": copy, "lease_until": now + lease})
-        copies.append(QueuedCopy(
-            rcpt_id=rid, recipient=rcpt, mail_id=mail_id, message_id=message_id, model=facts.model,
-            res_id=facts.res_id, mail_from=opts.return_path or mail_from, raw=copy, created_at=now,
-        ))
-    return copies
+    mids: list[str] = []
+    raws: list[bytes] = []
+    for sub in subs:
+        mid = sub.facts.message_id or make_msgid(domain=sub.plan.verp_domain or "mailgate.invalid")
+        # Without a Message-ID nothing can thread back to this mail; give it one (the copies carry it).
+        raws.append(sub.raw if sub.facts.message_id else f"Message-ID: {mid}\r\n".encode() + sub.raw)
+        mids.append(mid)
+    mail_ids = _insert_ids(conn, outbound_mails, [
+        {"message_id": mid, "model": sub.facts.model, "res_id": sub.facts.res_id, "mail_from": sub.mail_from,
+         "created_at": now} for mid, sub in zip(mids, subs)])
+    known = set(conn.execute(select(thread_index.c.message_id).where(
+        thread_index.c.message_id.in_(set(mids)), thread_index.c.outbound.is_(True))).scalars())
+    new_threads = []
+    for mid, sub, mail_id in zip(mids, subs, mail_ids):
+        if mid not in known:
+            known.add(mid)
+            new_threads.append({"message_id": mid, "model": sub.facts.model, "res_id": sub.facts.res_id,
+                                "outbound": True, "is_internal": False, "outbound_mail": mail_id, "created_at": now})
+    if new_threads:
+        conn.execute(insert(thread_index), new_threads)
+    rcpt_rows = [{"mail": mail_id, "recipient": rcpt, "state": "queued", "attempts": 0, "next_attempt_at": now,
+                  "opens": 0, "clicks": 0}
+                 for sub, mail_id in zip(subs, mail_ids) for rcpt in sub.rcpt_tos]
+    rcpt_ids = iter(_insert_ids(conn, outbound_recipients, rcpt_rows))
+    out: list[list[QueuedCopy]] = []
+    queue_rows = []
+    for sub, mail_id, mid, raw in zip(subs, mail_ids, mids, raws):
+        copies = []
+        for rcpt in sub.rcpt_tos:
+            rid = next(rcpt_ids)
+            opts = copy_options(sub.plan, rid, sub.facts)
+            try:
+                copy = rewrite_message(raw, opts)
+            except Exception:  # a mail the rewriter cannot handle still goes out, untracked
+                log.exception("rewrite failed for %s → %s; relaying it untracked", mid, rcpt)
+                opts = RewriteOptions(return_path=opts.return_path)
+                copy = raw
+            queue_rows.append({"recipient": rid, "raw": copy, "lease_until": now + lease})
+            copies.append(QueuedCopy(
+                rcpt_id=rid, recipient=rcpt, mail_id=mail_id, message_id=mid, model=sub.facts.model,
+                res_id=sub.facts.res_id, mail_from=opts.return_path or sub.mail_from, raw=copy, created_at=now,
+            ))
+        out.append(copies)
+    if queue_rows:
+        conn.execute(insert(outbound_queue), queue_rows)
+    return out
+
+
+def _insert_ids(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert rows and return their new ids in row order (one multi-row INSERT … RETURNING)."""
+    if not rows:
+        return []
+    if len(rows) == 1:
+        return [conn.execute(insert(table), rows[0]).inserted_primary_key[0]]
+    stmt = insert(table).returning(table.c.id, sort_by_parameter_order=True)
+    return list(conn.execute(stmt, rows).scalars())
 
 
 # ------------------------------------------------------------------------------------------ SMTP
@@ -269,8 +304,8 @@ class SubmissionHandler:
         )
         rcpts = tuple(envelope.rcpt_tos)
         try:
-            copies = await self.batcher.run(lambda conn: record_submission(
-                conn, raw=raw, mail_from=mail_from, rcpt_tos=rcpts, facts=facts, plan=plan))
+            copies = await self.batcher.run_grouped(
+                record_submissions, Submission(raw, mail_from, rcpts, facts, plan))
         except Exception as exc:
             log.error("submission from %s not queued (store error: %s); the client will retry",
                       session.peer, exc)

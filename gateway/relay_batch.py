@@ -46,6 +46,11 @@ class TransactionBatcher:
         await self._queue.put((fn, fut))
         return await fut
 
+    async def run_grouped(self, group: Callable[[Connection, list[Any]], list[Any]], item: Any) -> Any:
+        """Like `run`, but units sharing `group` in one batch become one `group(conn, items)` call (which
+        returns one result per item, in order): executemany instead of one statement per unit."""
+        return await self.run(_Grouped(group, item))
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -107,7 +112,7 @@ class TransactionBatcher:
         # Fast path: the whole batch in one transaction, no savepoints (two extra statements per unit).
         try:
             with self.engine.begin() as conn:
-                return [(True, fn(conn)) for fn in fns]
+                return [(True, value) for value in _run_units(conn, fns)]
         except Exception:
             if len(fns) == 1:
                 raise
@@ -116,7 +121,35 @@ class TransactionBatcher:
         for fn in fns:
             try:
                 with self.engine.begin() as conn:
-                    results.append((True, fn(conn)))
+                    results.append((True, _run_units(conn, [fn])[0]))
             except Exception as exc:
                 results.append((False, exc))
         return results
+
+
+class _Grouped:
+    """A unit that may be merged with others of the same group into one call."""
+
+    __slots__ = ("group", "item")
+
+    def __init__(self, group: Callable[[Connection, list[Any]], list[Any]], item: Any):
+        self.group = group
+        self.item = item
+
+    def __call__(self, conn: Connection) -> Any:
+        return self.group(conn, [self.item])[0]
+
+
+def _run_units(conn: Connection, fns: list[Callable[[Connection], Any]]) -> list[Any]:
+    results: list[Any] = [None] * len(fns)
+    groups: dict[Any, list[int]] = {}
+    for i, fn in enumerate(fns):
+        if isinstance(fn, _Grouped):
+            groups.setdefault(fn.group, []).append(i)
+        else:
+            results[i] = fn(conn)
+    for group, idx in groups.items():
+        values = group(conn, [fns[i].item for i in idx])  # type: ignore[attr-defined]
+        for i, value in zip(idx, values):
+            results[i] = value
+    return results

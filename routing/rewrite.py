@@ -27,7 +27,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
-from email.parser import BytesHeaderParser
 from email.policy import compat32
 from urllib.parse import urlsplit
 
@@ -159,8 +158,35 @@ def _split_head(raw: bytes) -> tuple[bytes, bytes, bytes]:
     return raw[:m.start() + len(first_nl)], nl[len(first_nl):], raw[m.end():]
 
 
+#: The headers the rewrite looks at; everything else is only copied.
+_WANTED = frozenset({"content-type", "content-transfer-encoding", "content-disposition", "dkim-signature",
+                     "list-unsubscribe"})
+
+
+def scan_headers(head: bytes, wanted: frozenset[str]) -> dict[str, str]:
+    """The first occurrence of each wanted header, unfolded (lower-case names). A line scan: the full
+    `email` header parser costs more than the rest of the rewrite for a typical notification."""
+    found: dict[str, str] = {}
+    current: str | None = None
+    for line in head.decode("latin-1").splitlines():
+        if line[:1] in (" ", "\t"):
+            if current is not None:
+                found[current] += " " + line.strip()
+            continue
+        current = None
+        name, sep, value = line.partition(":")
+        key = name.strip().lower()
+        if sep and key in wanted and key not in found:
+            found[key] = value.strip()
+            current = key
+    return found
+
+
 def _parse_headers(head: bytes) -> Message:
-    return BytesHeaderParser(policy=compat32).parsebytes(head)
+    msg = Message(policy=compat32)
+    for name, value in scan_headers(head, _WANTED).items():
+        msg[name] = value
+    return msg
 
 
 def _replace_header(head: bytes, name: bytes, value: bytes) -> bytes:
