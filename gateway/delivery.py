@@ -119,6 +119,14 @@ class Delivery:
         self.refusals = RefusalSender(config, engine)
         self._odoo_alias_addresses: frozenset[str] | None = None
 
+    def reload(self, config: Config) -> None:
+        """SIGHUP: new aliases, mode and limits for the next message (the Odoo client is kept)."""
+        self.config = config
+        self.mode = config.odoo.mode
+        self.aliases = config.alias_table()
+        self.refusals = RefusalSender(config, self.engine)
+        self._odoo_alias_addresses = None
+
     # ------------------------------------------------------------------------------------ entry
     def deliver(self, message: SpooledMessage, raw: bytes, decision: Decision) -> DeliveryOutcome:
         action = decision.action

@@ -52,7 +52,7 @@ def build_normalized_dsn(bounce: BounceResult, *, bounce_address: str, seed: str
         headers_part = "\r\n".join(line.encode("ascii", "replace").decode("ascii")[:998] for line in kept)
     lines = [
         f"Delivered-To: {bounce_address}",
-        f"Return-Path: <>",
+        "Return-Path: <>",
         f"From: MAILER-DAEMON@{domain or 'mailgate.invalid'} (Mail Delivery System)",
         f"To: {bounce_address}",
         f"Subject: Undelivered Mail Returned to Sender: {recipient}",

@@ -40,7 +40,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from email.message import EmailMessage, Message
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
