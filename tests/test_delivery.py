@@ -528,3 +528,85 @@ def test_lost_answer_to_a_bounce_never_counts_twice(rig: Rig, kind: str, counted
     out = rig.delivery.deliver(msg, raw, _bounce_decision("bob@customer.example", sent))
     assert out.state == "delivered"
     assert d.store.get("res.partner", bob)["message_bounce"] == counted
+
+
+class SmtpSink:
+    """A minimal SMTP server on 127.0.0.1:<free port> that keeps what it receives (refusal tests)."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(5)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as rf:
+                def say(line: str) -> None:
+                    conn.sendall(line.encode() + b"\r\n")
+
+                say("220 sink")
+                mail_from, rcpts = "", []
+                while line := rf.readline():
+                    cmd = line.decode().strip()
+                    up = cmd.upper()
+                    if up.startswith(("EHLO", "HELO")):
+                        say("250 sink")
+                    elif up.startswith("MAIL FROM:"):
+                        mail_from = cmd[10:].strip().strip("<>")
+                        say("250 ok")
+                    elif up.startswith("RCPT TO:"):
+                        rcpts.append(cmd[8:].strip().strip("<>"))
+                        say("250 ok")
+                    elif up == "DATA":
+                        say("354 go")
+                        data = b""
+                        while (chunk := rf.readline()) not in (b".\r\n", b""):
+                            data += chunk
+                        self.messages.append((mail_from, rcpts, data))
+                        say("250 queued")
+                    elif up == "QUIT":
+                        say("221 bye")
+                        break
+                    else:
+                        say("250 ok")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_refusal_mail_is_polite_auto_submitted_and_sent_once(tmp_path: Any, double: OdooDouble) -> None:
+    import email as email_lib
+
+    sink = SmtpSink()
+    try:
+        rig = Rig(tmp_path, double, "explicit")
+        cfg = rig.config.model_copy(update={"outbound": rig.config.outbound.model_copy(
+            update={"refusal_smarthost": f"127.0.0.1:{sink.port}"})})
+        rig.delivery = Delivery(cfg, rig.engine, rig.client)
+        vip = Target(model="crm.lead", alias=f"vip@{DOMAIN}", contact="partners")
+        for n in range(2):
+            mid = f"<refused-{n}@nowhere.example>"
+            _m, out = rig.deliver(new_mail(mid, sender="stranger@nowhere.example", to=f"vip@{DOMAIN}"),
+                                  create_decision(mid, vip), rcpt=f"vip@{DOMAIN}",
+                                  mail_from="stranger@nowhere.example")
+            assert out.state == "dropped"
+        [(mail_from, rcpts, data)] = sink.messages
+        assert mail_from == "" and rcpts == ["stranger@nowhere.example"]  # null sender: no bounce loops
+        msg = email_lib.message_from_bytes(data)
+        assert msg["Auto-Submitted"] == "auto-replied" and msg["X-Mailgate-Loop"]
+        assert msg["In-Reply-To"] == "<refused-0@nowhere.example>" and f"vip@{DOMAIN}" in msg.get_payload()
+        assert msg["From"].endswith(f"<bounce@{DOMAIN}>")
+        assert not leads(double)
+    finally:
+        sink.close()
