@@ -11,12 +11,20 @@ from __future__ import annotations
 import http.client
 import json
 import queue
+import time
 import urllib.parse
 from typing import Any
 
 from gateway.errors import DeliveryError
 from gateway.odoo.client import OdooClient
 from gateway.odoo.errors import from_exception, from_http_status, from_odoo_error
+
+
+#: seconds a kept-alive connection may sit idle in the pool before it is dropped instead of reused
+IDLE_MAX = 15.0
+#: methods that change nothing in Odoo: safe to resend when a reused connection turns out dead
+READ_METHODS = frozenset({"search", "search_read", "search_count", "read", "fields_get", "has_group",
+                          "context_get"})
 
 
 class Json2Client(OdooClient):
@@ -29,18 +37,26 @@ class Json2Client(OdooClient):
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or (443 if self._https else 80)
         self._prefix = parts.path.rstrip("/")
-        self._idle: queue.LifoQueue[http.client.HTTPConnection] = queue.LifoQueue(maxsize=self.pool_size)
+        self._idle: queue.LifoQueue[tuple[float, http.client.HTTPConnection]] = queue.LifoQueue(
+            maxsize=self.pool_size)
 
-    def _connection(self) -> http.client.HTTPConnection:
-        try:
-            return self._idle.get_nowait()
-        except queue.Empty:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            return cls(self._host, self._port, timeout=self.timeout)
+    def _connection(self) -> tuple[http.client.HTTPConnection, bool]:
+        """(connection, reused?): idle connections older than IDLE_MAX are dropped — the server (or a proxy)
+        has likely closed them, and a write sent on a dead connection would fail for nothing."""
+        while True:
+            try:
+                since, conn = self._idle.get_nowait()
+            except queue.Empty:
+                break
+            if time.monotonic() - since < IDLE_MAX:
+                return conn, True
+            conn.close()
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=self.timeout), False
 
     def _release(self, conn: http.client.HTTPConnection) -> None:
         try:
-            self._idle.put_nowait(conn)
+            self._idle.put_nowait((time.monotonic(), conn))
         except queue.Full:
             conn.close()
 
@@ -53,16 +69,18 @@ class Json2Client(OdooClient):
         headers = {"Authorization": f"bearer {self._secret}", "X-Odoo-Database": self.db,
                    "Content-Type": "application/json; charset=utf-8", "Content-Length": str(len(data))}
         path = f"{self._prefix}/json/2/{model}/{method}"
-        conn = self._connection()
+        conn, reused = self._connection()
         try:
             try:
                 conn.request("POST", path, body=data, headers=headers)
                 resp = conn.getresponse()
                 raw = resp.read()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                # A kept-alive connection the server closed while idle: the request was not processed
-                # only if nothing was sent; we cannot know, so report transient (delivery re-checks Odoo).
                 conn.close()
+                if reused and method in READ_METHODS:
+                    # A kept-alive connection closed by the server: a read is safe to send again at once.
+                    # Writes are not: delivery's own checks on the next attempt decide whether it happened.
+                    return self._execute(model, method, ids, params)
                 raise from_exception(exc, where=where, url=self.url) from None
         except DeliveryError:
             raise
@@ -90,6 +108,6 @@ class Json2Client(OdooClient):
     def close(self) -> None:
         while True:
             try:
-                self._idle.get_nowait().close()
+                self._idle.get_nowait()[1].close()
             except queue.Empty:
                 break
