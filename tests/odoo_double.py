@@ -620,7 +620,11 @@ class OdooDouble:
                          subtype_xmlid=subtype_xmlid, subtype_id=subtype_id, email_from=email_from,
                          author_id=author_id or self.admin_partner, message_id=message_id, date=date,
                          parent_id=parent_id, attachment_ids=att_ids, partner_ids=partner_ids,
-                         is_internal=is_internal)
+                         is_internal=is_internal,
+                         # Odoo 17 skips the *acting user's* partner (the RPC user, active), not the author,
+                         # so a following customer gets a copy of their own mail; 18+ skip the real author.
+                         skip_partner=(0 if notify_author else
+                                       self.admin_partner if self.major < 18 else (author_id or self.admin_partner)))
         return self._returns_record("mail.message", mid, int_before_19=True)
 
     def _new_message_id(self, model: str, rid: int) -> str:
@@ -631,7 +635,7 @@ class OdooDouble:
               subtype_id: int | None = None, email_from: str | None = None, date: str | None = None,
               parent_id: int | None = None, attachment_ids: list[int] | None = None,
               partner_ids: list[int] | None = None, is_internal: bool | None = None,
-              notify: bool = True) -> int:
+              notify: bool = True, skip_partner: int | None = None) -> int:
         if subtype_id is None:
             subtype_id = SUBTYPES.get(subtype_xmlid or "mail.mt_note", SUBTYPES["mail.mt_note"])[0]
         internal = self.store.tables["mail.message.subtype"][subtype_id]["internal"]
@@ -652,7 +656,7 @@ class OdooDouble:
             followers = self.store.search("mail.followers", [("res_model", "=", model), ("res_id", "=", rid)])
             for fid in followers:
                 pid = self.store.tables["mail.followers"][fid]["partner_id"]
-                if pid == author_id:
+                if pid == (author_id if skip_partner is None else skip_partner):
                     continue
                 self.store.create("mail.notification", {"mail_message_id": mid, "res_partner_id": pid,
                                                         "notification_type": "email",
