@@ -279,3 +279,17 @@ def test_alias_sync_rows_merge_into_the_alias_table(odoo: Target) -> None:
         odoo.double.go_down()
         assert sync.rows(force=True) == rows and sync.last_error  # stale rows kept while Odoo is down
         odoo.double.come_up()
+
+
+def test_check_shows_odoo_aliases_merged_with_config(odoo: Target) -> None:
+    from gateway.config import parse_config
+    from gateway.odoo.check import alias_lines
+
+    dom = str(odoo.alias_domain()["name"]).lower()
+    odoo.sales_alias()
+    cfg = parse_config({"domains": [{"name": dom}],
+                        "aliases": [{"address": f"sales@{dom}", "model": "crm.lead"}]}, base_dir=".")
+    lines = alias_lines(odoo.client, cfg)
+    assert f"alias sales@{dom} is also in Odoo; the config's definition wins" in lines
+    if odoo.double is not None:
+        assert f"alias support@{dom} -> helpdesk.ticket contact=everyone (odoo)" in lines

@@ -79,13 +79,33 @@ def check_client(client: OdooClient, *, url: str, login: str) -> dict[str, Any]:
     return {"lines": lines, "problems": problems}
 
 
+def alias_lines(client: OdooClient, config: Any) -> list[str]:
+    """The alias table merged with Odoo's `mail.alias` (config wins), one line per alias, for check-config."""
+    from aliases.load import merge_aliases
+    from gateway.odoo.alias_sync import fetch_alias_rows
+
+    merged = merge_aliases(config.alias_table(), fetch_alias_rows(client))
+    lines = [f"alias {a.address} -> {a.model} contact={a.contact} (odoo)"
+             for a in merged.table.aliases if a.source == "odoo"]
+    lines += [f"alias {addr} is also in Odoo; the config's definition wins" for addr in merged.overridden]
+    lines += [f"alias sync: {w}" for w in merged.warnings]
+    return lines
+
+
 def check_odoo_access(config: Any) -> dict[str, Any]:
-    """Connect with [odoo] and check the rights; never raises (problems are reported as lines)."""
+    """Connect with [odoo] and check the rights (and, with `sync_aliases`, show Odoo's aliases merged with the
+    config's); never raises: problems are reported as lines."""
     try:
         client = connect(config.odoo)
     except Exception as exc:  # noqa: BLE001 - ConfigError (missing secret), TransientError (down)
         return {"lines": [], "problems": [f"odoo: cannot connect: {exc}"]}
     try:
-        return check_client(client, url=config.odoo.url, login=config.odoo.login)
+        report = check_client(client, url=config.odoo.url, login=config.odoo.login)
+        if config.odoo.sync_aliases and not report["problems"]:
+            try:
+                report["lines"] += alias_lines(client, config)
+            except DeliveryError as exc:
+                report["problems"].append(f"odoo: alias sync failed: {exc}")
+        return report
     finally:
         client.close()
