@@ -189,7 +189,10 @@ class EventsConfig(_Model):
 
 class WorkerConfig(_Model):
     concurrency: int = Field(4, gt=0)
-    processes: int = Field(0, ge=0)  # 0 → run routing/delivery tasks in the serve process's own pool
+    # Worker processes `mailgate serve` starts (each with `concurrency` threads). Parsing and routing are CPU:
+    # in the listener's process they would share its GIL and add latency to every SMTP reply (bench/soak.py).
+    # 0 → threads inside the serve process (tests, tiny installs).
+    processes: int = Field(1, ge=0)
     lease_seconds: float = Field(120.0, gt=0)
     backoff_base: float = Field(5.0, gt=0)
     backoff_max: float = Field(3600.0, gt=0)
@@ -215,6 +218,27 @@ class RoutingConfig(_Model):
     max_parts: int = Field(500, gt=0)
 
 
+class AuthConfig(_Model):
+    """Sender authentication (SPF/DKIM/DMARC, gateway.sender_auth) feeding alias contact policies.
+
+    Off by default: a gateway behind another MTA does not see the client IP, so SPF would be checked against
+    the wrong host; there, name that MTA's authserv-id in `trust_authentication_results_from` instead.
+    """
+
+    enabled: bool = False
+    nameservers: tuple[str, ...] = ()  # empty → the system's resolvers (/etc/resolv.conf)
+    port: int = Field(53, ge=1, le=65535)
+    timeout: float = Field(2.0, gt=0)  # per DNS lookup; SPF gets at most 5x this in all
+    trust_authentication_results_from: str | None = None  # authserv-id of a trusted upstream MTA
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for ns in value:
+            ipaddress.ip_address(ns)
+        return value
+
+
 class Config(_Model):
     """The whole configuration, with paths already resolved against the config file's folder."""
 
@@ -231,6 +255,7 @@ class Config(_Model):
     admin: AdminConfig = AdminConfig()
     retention: RetentionConfig = RetentionConfig()
     routing: RoutingConfig = RoutingConfig()
+    auth: AuthConfig = AuthConfig()
     base_dir: str = "."
 
     @model_validator(mode="after")

@@ -59,14 +59,35 @@ class RouteStep:
         self.threads = IndexThreadLookup(engine, client)
         key = secret(config.outbound.secret_env)
         self.verp = partial(_resolve_verp, engine, key.encode()) if key else None
+        self._resolver: Any = None  # sender authentication's DNS resolver, made on first use
 
     def reload(self, config: Config) -> None:
         self.config = config
         self.table = build_table(config)
+        self._resolver = None
+
+    def _authenticate(self, raw: bytes, message: SpooledMessage) -> tuple[str, tuple[str, ...]]:
+        """DMARC verdict and its reasons for the envelope ([auth] enabled). Fails open: errors → temperror."""
+        from gateway.sender_auth import check_from_config, describe, make_resolver
+
+        auth = self.config.auth
+        if self._resolver is None:
+            try:
+                self._resolver = make_resolver(auth.nameservers, port=auth.port, timeout=auth.timeout)
+            except Exception as exc:  # noqa: BLE001 - no resolv.conf: say so, route on
+                log.warning("[auth] no DNS resolver (%s); set [auth] nameservers. Mail routed unauthenticated", exc)
+                return "temperror", (f"sender authentication: no DNS resolver ({exc})",)
+        results = check_from_config(raw, auth, self._resolver, mail_from=message.mail_from,
+                                    client_ip=message.client_addr, helo=message.helo)
+        if results.dmarc == "temperror":
+            log.warning("message %s: DMARC temperror for %s; contact policies not gated (fail open): %s",
+                        message.id, results.from_domain, "; ".join(results.explanation))
+        return results.verdict, describe(results)
 
     def __call__(self, raw: bytes, message: SpooledMessage) -> Decision:
+        dmarc, notes = self._authenticate(raw, message) if self.config.auth.enabled else (None, ())
         envelope = RoutingEnvelope(mail_from=message.mail_from, rcpt_tos=message.rcpt_tos, source=message.source,
-                                   client_addr=message.client_addr)
+                                   client_addr=message.client_addr, dmarc=dmarc, auth_notes=notes)
         _, decision = route_raw(raw, envelope, table=self.table, config=self.config, threads=self.threads,
                                 duplicates=SpoolDuplicateLookup(self.engine, exclude_id=message.id),
                                 verp=self.verp, sha256=message.sha256)

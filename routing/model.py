@@ -182,6 +182,10 @@ class RoutingEnvelope:
     rcpt_tos: tuple[str, ...] = ()
     source: str = "smtp"          # smtp | lmtp | imap:<name> | explain
     client_addr: str | None = None
+    # Sender authentication (gateway.sender_auth), when [auth] is enabled: "pass", "fail:<published policy>"
+    # (fail:reject, fail:quarantine, fail:none), "none", "temperror", "permerror"; None = not checked.
+    dmarc: str | None = None
+    auth_notes: tuple[str, ...] = ()  # how that result was reached, echoed into the explanation
 
 
 @dataclass(frozen=True)

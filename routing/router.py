@@ -120,6 +120,39 @@ def _describe_hit(hit: ThreadHit) -> str:
     return f"{hit.message_id} matches {where} ({src})"
 
 
+#: DMARC results (RoutingEnvelope.dmarc) under which the From is taken as forged: the domain owner asked
+#: receivers to reject or quarantine unauthenticated mail. fail:none is only monitoring; temperror fails open.
+_FORGED = frozenset({"fail:reject", "fail:quarantine"})
+
+
+def _from_domain(parsed: ParsedMail) -> str | None:
+    addr = parsed.from_addr or ""
+    return addr.rsplit("@", 1)[1] if "@" in addr else None
+
+
+def _forged_for_restricted_alias(why: _Why, parsed: ParsedMail, envelope: RoutingEnvelope,
+                                 targets: tuple[Target, ...]) -> bool:
+    """True when new mail would reach an alias with a contact policy but its From fails DMARC (spec §5.9).
+
+    Odoo checks `partners`/`followers`/`employees` against the From address alone; a From that its own
+    domain disowns must not pass. The whole mail is quarantined (not just the restricted targets), so nothing
+    is half-delivered and the operator sees it. Replies are not gated here: they join a known thread.
+    """
+    if envelope.dmarc not in _FORGED:
+        return False
+    restricted = [t for t in targets if t.contact != "everyone"]
+    if not restricted:
+        why(f"DMARC {envelope.dmarc}, but every alias accepts everyone: the contact policy does not gate it")
+        return False
+    published = envelope.dmarc.split(":", 1)[1]
+    domain = _from_domain(parsed) or "(none)"
+    for t in restricted:
+        why(f"From domain {domain} fails DMARC and publishes p={published}; alias {t.alias} accepts only "
+            f"{t.contact}: a forged From cannot pass `{t.contact}`")
+    why("quarantined (reason dmarc): the sender is not who the From says")
+    return True
+
+
 def route(parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases: AliasTable, threads: ThreadLookup,
           duplicates: DuplicateLookup, verp: Callable[[str], VerpHit | None] | None = None, sha256: str,
           detectors: Detectors = DEFAULT_DETECTORS) -> Decision:
@@ -170,6 +203,11 @@ def _route(why: _Why, parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases:
     if parsed.limit_exceeded:
         why(f"message exceeds the parse limits ({parsed.limit_exceeded}); not routed automatically")
         return decide(Action.QUARANTINE, reason=f"limits: {parsed.limit_exceeded}")
+
+    if envelope.dmarc is not None:
+        for line in envelope.auth_notes:
+            why(line)
+        why(f"DMARC for From domain {_from_domain(parsed) or '(none)'}: {envelope.dmarc}")
 
     for r in resolved[:_MAX_LISTED]:
         why(r.describe())
@@ -294,6 +332,8 @@ def _route(why: _Why, parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases:
             why(f"alias {t.alias} → " + (f"update forced thread {t.model} {t.res_id}" if t.res_id
                                           else f"create a {t.model} record") + f" (contact: {t.contact})")
         tag = next((r.tag for r in alias_hits if r.tag), None)
+        if _forged_for_restricted_alias(why, parsed, envelope, targets):
+            return decide(Action.QUARANTINE, reason="dmarc")
         return decide(Action.CREATE, targets=targets, tag=tag, reason="alias")
 
     # 8. domain default alias --------------------------------------------------------------------------
@@ -306,6 +346,8 @@ def _route(why: _Why, parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases:
             target = _alias_target(alias)
             why(f"no alias matched; {r.address} falls to the default alias {alias.address} of {r.domain.name} "
                 f"→ {'update ' + alias.model + ' ' + str(alias.force_thread_id) if alias.force_thread_id else 'create a ' + alias.model + ' record'}")
+            if _forged_for_restricted_alias(why, parsed, envelope, (target,)):
+                return decide(Action.QUARANTINE, reason="dmarc")
             return decide(Action.CREATE, targets=(target,), tag=r.tag, reason="default alias")
 
     # 9. quarantine -----------------------------------------------------------------------------------
