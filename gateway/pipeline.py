@@ -84,10 +84,25 @@ class RouteStep:
                         message.id, results.from_domain, "; ".join(results.explanation))
         return results.verdict, describe(results)
 
+    def _released_from_quarantine(self, message: SpooledMessage) -> bool:
+        """An operator put this quarantined mail back (`quarantine release`): the DMARC gate must not catch it
+        again, or the release could never deliver it. Asked only for a failing verdict (rare)."""
+        from gateway.spool import history
+
+        quarantined = False
+        for entry in history(self.engine, message.id):
+            if entry["state"] == "quarantined":
+                quarantined = True
+            elif quarantined and entry["state"] == "received" and "released" in (entry["note"] or ""):
+                return True
+        return False
+
     def __call__(self, raw: bytes, message: SpooledMessage) -> Decision:
         dmarc, notes = self._authenticate(raw, message) if self.config.auth.enabled else (None, ())
+        released = bool(dmarc and dmarc.startswith("fail:") and self._released_from_quarantine(message))
         envelope = RoutingEnvelope(mail_from=message.mail_from, rcpt_tos=message.rcpt_tos, source=message.source,
-                                   client_addr=message.client_addr, dmarc=dmarc, auth_notes=notes)
+                                   client_addr=message.client_addr, dmarc=dmarc, auth_notes=notes,
+                                   released=released)
         _, decision = route_raw(raw, envelope, table=self.table, config=self.config, threads=self.threads,
                                 duplicates=SpoolDuplicateLookup(self.engine, exclude_id=message.id),
                                 verp=self.verp, sha256=message.sha256)

@@ -186,6 +186,7 @@ class RoutingEnvelope:
     # (fail:reject, fail:quarantine, fail:none), "none", "temperror", "permerror"; None = not checked.
     dmarc: str | None = None
     auth_notes: tuple[str, ...] = ()  # how that result was reached, echoed into the explanation
+    released: bool = False  # an operator released it from quarantine: the DMARC gate no longer holds it
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from gateway.sender_auth import (
     DkimResult, DmarcRecord, DmarcRecordError, aligned, check_sender, evaluate_dmarc, fetch_dmarc,
     organizational_domain, parse_dmarc_record, trusted_results,
 )
-from gateway.spool import Envelope, get_message, spool_one
+from gateway.spool import Envelope, get_message, release, spool_one, transition
 from gateway.store import open_store
 from routing.model import Action, RoutingEnvelope, StaticThreads, ThreadHit
 from routing.model import NoDuplicates
@@ -229,6 +229,22 @@ def test_trusted_upstream_authentication_results(tmp_path: Path, dns_server: DNS
     assert (decision.action, decision.reason) == (Action.QUARANTINE, "dmarc")
     forged_only = _mail("ceo@bank.test", extra="Authentication-Results: evil.test; dmarc=pass\r\n")
     assert trusted_results(forged_only, "mx.trusted.test") is None
+
+
+def test_an_operator_release_lets_the_quarantined_mail_through(tmp_path: Path, dns_server: DNSTestServer):
+    config = _config(tmp_path, dns_server)
+    engine = open_store(config.storage_url())
+    raw = _mail("ceo@bank.test")
+    ident = spool_one(engine, raw, Envelope("ceo@bank.test", ("partners@example.test",), client_addr=FORGER_IP))
+    step = RouteStep(config, engine)
+    first = step(raw, get_message(engine, ident))  # type: ignore[arg-type]
+    assert (first.action, first.reason) == (Action.QUARANTINE, "dmarc")
+    assert transition(engine, ident, "quarantined", note="quarantine: dmarc")
+    assert release(engine, ident, note="released from quarantine by operator; routed again with current config")
+    again = step(raw, get_message(engine, ident))  # type: ignore[arg-type]
+    assert again.action is Action.CREATE
+    assert any("an operator released this mail" in line for line in again.explanation)
+    engine.dispose()
 
 
 # --- replies are not gated ------------------------------------------------------------------------------------
