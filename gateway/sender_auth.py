@@ -474,6 +474,7 @@ def _check(raw: bytes, *, mail_from: str, client_ip: str | None, helo: str | Non
     from_domain = domains[0] if len(domains) == 1 else None
 
     upstream = trusted_results(raw, trusted_authserv_id) if trusted_authserv_id else None
+    spf_unchecked = upstream is None and (bool(trusted_authserv_id) or not client_ip)
     if upstream is not None:
         spf_result, spf_domain = upstream["spf"]
         dkim_results: tuple[DkimResult, ...] = tuple(upstream["dkim"])
@@ -522,6 +523,12 @@ def _check(raw: bytes, *, mail_from: str, client_ip: str | None, helo: str | Non
     result, policy, lines = evaluate_dmarc(from_domain, record, record_domain, spf_result=spf_result,
                                            spf_domain=spf_domain, dkim_results=dkim_results)
     why.extend(lines)
+    if result == "fail" and spf_unchecked:
+        # Without the client IP a sender that relies on SPF alone looks exactly like a forger: not enforced.
+        why.append(f"DMARC would fail for {from_domain} (policy {policy}), but SPF could not be checked here: "
+                   "temperror, not enforced (behind another MTA or for IMAP, set [auth] "
+                   "trust_authentication_results_from)")
+        return done("temperror", policy)
     why.append(f"DMARC {result} for {from_domain}, policy {policy}")
     return done(result, policy)
 

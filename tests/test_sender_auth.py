@@ -231,6 +231,19 @@ def test_trusted_upstream_authentication_results(tmp_path: Path, dns_server: DNS
     assert trusted_results(forged_only, "mx.trusted.test") is None
 
 
+def test_upstream_spf_and_dkim_without_a_dmarc_result_are_evaluated_here(dns_server: DNSTestServer):
+    extra = ("Authentication-Results: mx.trusted.test;\r\n spf=pass (sender ok) smtp.mailfrom=bounce@bank.test;\r\n"
+             " dkim=fail header.d=bank.test header.s=sel\r\n")
+    raw = _mail("ceo@bank.test", extra=extra)
+    parsed = trusted_results(raw, "MX.trusted.test")
+    assert parsed is not None
+    assert parsed["spf"] == ("pass", "bank.test")
+    assert parsed["dkim"] == [DkimResult("bank.test", "sel", "fail")]
+    result = check_sender(raw, mail_from="x@y.test", client_ip="127.0.0.1", helo="localhost",
+                          resolver=dns_server.resolver(), timeout=0.5, trusted_authserv_id="mx.trusted.test")
+    assert (result.spf, result.dmarc, result.policy) == ("pass", "pass", "reject")
+
+
 def test_an_operator_release_lets_the_quarantined_mail_through(tmp_path: Path, dns_server: DNSTestServer):
     config = _config(tmp_path, dns_server)
     engine = open_store(config.storage_url())
@@ -245,6 +258,18 @@ def test_an_operator_release_lets_the_quarantined_mail_through(tmp_path: Path, d
     assert again.action is Action.CREATE
     assert any("an operator released this mail" in line for line in again.explanation)
     engine.dispose()
+
+
+def test_without_a_client_ip_spf_only_mail_is_not_taken_for_a_forgery(tmp_path: Path, dns_server: DNSTestServer,
+                                                                       dkim_key: tuple[bytes, str]):
+    # An IMAP source: no client IP, so SPF cannot be checked; a DKIM-less mail may be SPF-only, not forged.
+    decision = _route(tmp_path, dns_server, _mail("ceo@bank.test"), mail_from="ceo@bank.test", ip=None)
+    assert decision.action is Action.CREATE
+    assert any("SPF could not be checked here" in line for line in decision.explanation)
+    # ... while DKIM still carries DMARC: a signed mail passes.
+    signed = check_sender(_signed(_mail("ceo@bank.test"), dkim_key[0]), mail_from="", client_ip=None, helo=None,
+                          resolver=dns_server.resolver(), timeout=0.5)
+    assert signed.verdict == "pass"
 
 
 # --- replies are not gated ------------------------------------------------------------------------------------
