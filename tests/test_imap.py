@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 
 from gateway.config import ImapSourceConfig
 from gateway.imap import ImapPuller
+from gateway.imap_client import BatchFetchCommand, PullProtocol
 from gateway.imap_envelope import envelope_from_headers
 from gateway.imap_protocol import has_exists, parse_fetch, parse_search, parse_select, uid_set
 from gateway.schema import imap_checkpoints, imap_seen, messages
@@ -169,6 +170,41 @@ def test_envelope_from_configured_headers_first_present_wins():
     assert envelope_from_headers(b"Return-Path: <a@b.test>\r\nTo: A <t@x.test>, t@X.test\r\n\r\n",
                                  ("Delivered-To", "To")) == ("a@b.test", ("t@x.test",))
     assert envelope_from_headers(b"Subject: none\r\n\r\n", ("To",)) == ("", ())
+
+
+def _feed(protocol_cls, stream: bytes, chunk: int):  # type: ignore[no-untyped-def]
+    """Push a FETCH response through a client protocol in `chunk`-byte reads; return the command's lines."""
+    loop = asyncio.new_event_loop()
+    try:
+        proto = protocol_cls(loop, None)
+        proto.state = "SELECTED"
+        cmd = BatchFetchCommand("A1", "1:*", "(UID BODY.PEEK[])", prefix="UID", loop=loop)
+        proto.pending_async_commands["FETCH"] = cmd
+        for start in range(0, len(stream), chunk):
+            proto.data_received(stream[start:start + chunk])
+        return cmd.response
+    finally:
+        loop.close()
+
+
+def test_pull_protocol_reads_responses_like_aioimaplib_at_any_read_boundary():
+    bodies = [b"Subject: a\r\n\r\n(unbalanced ( paren\r\n", b"", b"x" * 3000, b"Subject: {5}\r\n\r\nlit\r\n"]
+    stream = b"".join(
+        b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n" % (i + 1, 10 + i, len(body), body) for i, body in enumerate(bodies)
+    ) + b"* 9 FETCH (FLAGS (\\Seen))\r\n* 5 FETCH (BODY[] {3}\r\nabc UID 99)\r\nA1 OK Fetch completed.\r\n"
+    expected = _feed(aioimaplib.IMAP4ClientProtocol, stream, len(stream))
+    assert expected.result == "OK"
+    assert [(m.uid, m.raw) for m in parse_fetch(expected.lines)] == \
+        [(10 + i, body) for i, body in enumerate(bodies)] + [(99, b"abc")]
+    for chunk in (1, 2, 3, 7, 64, 1000, len(stream)):
+        assert _feed(PullProtocol, stream, chunk) == expected, f"differs with {chunk}-byte reads"
+
+
+def test_pull_protocol_survives_a_response_of_thousands_of_lines():
+    # aioimaplib recurses once per line: ~1,000 lines in one read raised RecursionError.
+    stream = b"".join(b"* %d FETCH (UID %d BODY[] {3}\r\nabc)\r\n" % (i, i) for i in range(1, 3001))
+    response = _feed(PullProtocol, stream + b"A1 OK done\r\n", 256 * 1024)
+    assert len(parse_fetch(response.lines)) == 3000
 
 
 # ---------------------------------------------------------------------------------- against Dovecot
