@@ -343,11 +343,16 @@ def check_spf(*, client_ip: str | None, mail_from: str, helo: str | None, resolv
     return str(result), domain, f"SPF {result} for {sender} from {client_ip}: {text}"
 
 
+#: dkimpy logs every unverifiable signature at ERROR; its reasons are kept in DkimResult.reason instead, so its
+#: logger is detached from the hierarchy (mail from the internet must not fill the operator's error log).
+_DKIMPY_LOG = logging.Logger("mailgate.dkimpy")
+_DKIMPY_LOG.addHandler(logging.NullHandler())
+
+
 def check_dkim(raw: bytes, *, resolver: dns.resolver.Resolver, timeout: float) -> tuple[DkimResult, ...]:
     """Verify every DKIM-Signature (RFC 6376); a key that DNS could not fetch is temperror, not fail."""
-    quiet = logging.getLogger(__name__ + ".dkimpy")
     try:
-        signer = dkim.DKIM(raw, logger=quiet, timeout=timeout)
+        signer = dkim.DKIM(raw, logger=_DKIMPY_LOG, timeout=timeout)
     except Exception as exc:  # noqa: BLE001 - unparsable for dkimpy: nothing verifiable
         log.debug("dkimpy cannot parse the message: %s", exc)
         return ()
