@@ -20,7 +20,7 @@ message_bounce += 1 and the notification marked → False, reply by References (
 only → False, alias by Delivered-To/To/Cc → create + post, fallback model, else "No possible route".
 
 Fault injection (all thread-safe): `go_down()` / `come_up()` (connection refused, same port), `slow(s)`,
-`fail_next(n, kind)`, `fail_nth(n, kind)`, `fail_one_in(n, kind)`; kinds: ``http500`` (HTML 500),
+`fail_next(n, kind)`, `fail_nth(n, kind)`, `fail_one_in(n, kind)` (random, seeded); kinds: ``http500`` (HTML 500),
 ``serialization`` (Odoo's retried-out SerializationFailure), ``drop`` (close the socket, nothing done),
 ``lost_response`` (do the call, then close the socket: the client cannot know it happened).
 """
@@ -310,6 +310,7 @@ class OdooDouble:
         self._thread: threading.Thread | None = None
         self.port = 0
         self.down = False
+        self._fault_rng = random.Random(0)
         self._seed(domain)
 
     # -------------------------------------------------------------------------------- lifecycle
@@ -384,9 +385,13 @@ class OdooDouble:
         with self.lock:
             self.faults.nth[self.call_count + n] = kind
 
-    def fail_one_in(self, n: int, kind: str = "http500") -> None:
-        """Every n-th object call fails (0 turns it off)."""
-        self.faults.one_in, self.faults.one_in_kind = n, kind
+    def fail_one_in(self, n: int, kind: str = "http500", *, seed: int = 0) -> None:
+        """Each object call fails with probability 1/n (0 turns it off). Random, not periodic — a periodic
+        fault would always hit the same step of a retried sequence of calls, which real faults do not —
+        but seeded, so a failing test run can be replayed."""
+        with self.lock:
+            self.faults.one_in, self.faults.one_in_kind = n, kind
+            self._fault_rng = random.Random(seed)
 
     def clear_faults(self) -> None:
         with self.lock:
@@ -403,7 +408,7 @@ class OdooDouble:
                 if m is None or m == method:
                     del self.faults.next_failures[i]
                     return k
-            if self.faults.one_in and n % self.faults.one_in == 0:
+            if self.faults.one_in and self._fault_rng.random() < 1.0 / self.faults.one_in:
                 return self.faults.one_in_kind
         return None
 

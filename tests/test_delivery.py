@@ -632,3 +632,37 @@ def test_internal_followers_are_notified_and_the_author_not_on_create(rig: Rig) 
         # Known limitation of explicit mode on Odoo 17 (spec §6): message_post over RPC skips the RPC user,
         # not the author, so a customer who follows the record gets a copy. Passthrough (default) avoids it.
         assert alice in notified
+
+
+@pytest.mark.parametrize("mode", ["passthrough", "explicit"])
+@pytest.mark.parametrize("kind", ["lost_response", "serialization", "drop"])
+def test_parallel_delivery_under_random_faults_is_exactly_once(tmp_path: Any, mode: str, kind: str) -> None:
+    """4 worker threads, every 3rd RPC failing: each mail retried until delivered → one lead, one post each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with OdooDouble(version="17.0") as d:
+        rig = Rig(tmp_path, d, mode)
+        rig.client.pool_size = 4
+        jobs = []
+        for n in range(24):
+            mid = f"<par-{n}@customer.example>"
+            raw = new_mail(mid, subject=f"Request {n}")
+            jobs.append((rig.spool(raw), raw, create_decision(mid)))
+        d.fail_one_in(3, kind)
+
+        def run(job: Any) -> int:
+            for _attempt in range(80):  # each attempt resumes where the last one stopped (the ledger)
+                try:
+                    return 0 if rig.delivery.deliver(*job).state == "delivered" else 1
+                except TransientError:
+                    continue
+            return 1
+
+        with ThreadPoolExecutor(4) as pool:
+            failures = sum(pool.map(run, jobs))
+        d.fail_one_in(0)
+        assert failures == 0
+        names = sorted(lead["name"] for lead in leads(d))
+        assert names == sorted(f"Request {n}" for n in range(24))       # one lead per mail
+        for n in range(24):
+            assert len(d.records("mail.message", [("message_id", "=", f"<par-{n}@customer.example>")])) == 1
