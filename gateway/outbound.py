@@ -426,6 +426,7 @@ class OutboundWorker:
         self.table = config.alias_table()
         self._queue: asyncio.Queue[QueuedCopy] = asyncio.Queue()
         self._results: asyncio.Queue[tuple[Attempt, asyncio.Future[str]]] = asyncio.Queue()
+        self._recording = False
         self.sent = 0
 
     def submit(self, copies: list[QueuedCopy]) -> None:
@@ -447,6 +448,7 @@ class OutboundWorker:
 
     async def _record_loop(self) -> None:
         """Record finished attempts in batches (one transaction, one events insert per batch)."""
+        self._recording = True
         while True:
             batch = [await self._results.get()]
             while not self._results.empty() and len(batch) < 256:
@@ -502,9 +504,13 @@ class OutboundWorker:
         next_at = now + dt.timedelta(seconds=retry_delay(attempts, self.ob.retry_min_seconds,
                                                           self.ob.retry_max_seconds))
         expired = result.outcome == "deferred" and next_at > horizon
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._results.put_nowait((Attempt(copy, result, attempts, next_at, expired), fut))
-        state = await fut
+        attempt = Attempt(copy, result, attempts, next_at, expired)
+        if self._recording:
+            fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            self._results.put_nowait((attempt, fut))
+            state = await fut
+        else:  # called outside `run` (tests, one-off tools): record it alone
+            state = (await self.batcher.run(lambda conn: record_results(conn, [attempt])))[0]
         self.sent += 1
         if state != "delivered" or result.outcome != "delivered":
             log.info("outbound %s → %s: %s (%s %s)", copy.message_id, copy.recipient, state, result.code,

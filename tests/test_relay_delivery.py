@@ -1,0 +1,190 @@
+"""Delivery details: MX routing with fallback hosts, null MX, give-up horizon, byte-exact DATA with dot-stuffing,
+AUTH over STARTTLS, and restart recovery from the store."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import shutil
+import ssl
+import subprocess
+
+import aiosmtplib
+import pytest
+from sqlalchemy import select, update
+
+from gateway.config import parse_config
+from gateway.outbound import DestinationError, OutboundWorker, SmtpTransport
+from gateway.relay import RelayPlan, Submission, read_submission, record_submissions
+from gateway.relay_batch import TransactionBatcher
+from gateway.relay_service import start_outbound_services
+from gateway.schema import events, outbound_queue, outbound_recipients
+from gateway.store import open_store
+from tests.test_relay_support import SECRET, Smarthost, base_config, free_port, odoo_mail
+
+pytestmark = pytest.mark.events
+
+
+@pytest.fixture
+def engine(tmp_path):
+    eng = open_store(f"sqlite:///{tmp_path / 'd.db'}", synchronous="NORMAL")
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def env(monkeypatch):
+    monkeypatch.setenv("MAILGATE_SECRET", SECRET)
+    monkeypatch.setenv("MG_TEST_SUBMIT_PW", "odoo-pw")
+
+
+def queue_one(engine, config, rcpt: str, raw: bytes | None = None):
+    raw = raw or odoo_mail(to=rcpt)
+    plan = RelayPlan(secret=SECRET.encode(), verp_domain="example.test", track=False, tracking_base="http://t")
+    with engine.begin() as conn:
+        return record_submissions(conn, [Submission(raw, "bounce@example.test", (rcpt,), read_submission(raw),
+                                                    plan)])[0][0]
+
+
+def event_types(engine) -> list[tuple[str, str]]:
+    with engine.connect() as conn:
+        return [(r.type, r.recipient) for r in conn.execute(select(events).order_by(events.c.seq))]
+
+
+async def test_mx_delivery_tries_hosts_by_preference(engine, env):
+    good = await Smarthost().start()
+    dead_port = free_port()  # nothing listens here: the first MX is down
+    seen: list[str] = []
+
+    async def resolver(domain: str):
+        seen.append(domain)
+        if domain == "nomail.test":
+            raise DestinationError("nomail.test has a null MX", permanent=True, status="5.1.10")
+        return [("127.0.0.1", dead_port), ("127.0.0.1", good.port)]
+
+    cfg = parse_config(base_config(smarthost_port=1, tracking_port=free_port(), smarthost=None), base_dir=".")
+    batcher = TransactionBatcher(engine)
+    worker = OutboundWorker(engine, cfg, SECRET.encode(), batcher, transport=SmtpTransport(cfg, resolver=resolver))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        worker.submit([queue_one(engine, cfg, "erin@Customer.test"), queue_one(engine, cfg, "x@nomail.test")])
+        await good.wait_for(1)
+        for _ in range(100):
+            if len(event_types(engine)) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert sorted(event_types(engine)) == [("bounced", "x@nomail.test"), ("delivered", "erin@Customer.test")]
+        assert sorted(seen) == ["customer.test", "nomail.test"]
+        assert good.received[0].mail_from.startswith("bounce+")
+    finally:
+        stop.set()
+        await task
+        await batcher.close()
+        await good.stop()
+
+
+async def test_give_up_after_horizon_is_a_soft_expired_bounce(engine, env):
+    host = await Smarthost().start()
+    host.rcpt_replies["late@customer.test"] = ["451 4.4.1 try later"] * 5
+    cfg = parse_config(base_config(smarthost_port=host.port, tracking_port=free_port(), max_attempts_hours=1),
+                       base_dir=".")
+    batcher = TransactionBatcher(engine)
+    worker = OutboundWorker(engine, cfg, SECRET.encode(), batcher)
+    try:
+        copy = queue_one(engine, cfg, "late@customer.test")
+        assert await worker.deliver(copy) == "deferred"
+        # Pretend the mail has been waiting for almost the whole horizon.
+        old = copy.__class__(**{**copy.__dict__, "created_at": copy.created_at - dt.timedelta(minutes=60),
+                                "attempts": 1})
+        assert await worker.deliver(old) == "bounced"
+        with engine.connect() as conn:
+            rows = conn.execute(select(events.c.type, events.c.data).order_by(events.c.seq)).all()
+            assert conn.execute(select(outbound_queue)).first() is None
+        assert [r.type for r in rows] == ["deferred", "bounced"]
+        assert '"reason": "expired"' in rows[1].data and '"kind": "soft"' in rows[1].data
+    finally:
+        await batcher.close()
+        await host.stop()
+
+
+async def test_queued_copies_survive_a_restart(engine, env):
+    """A copy committed but never sent (crash before delivery) is found by the store poller."""
+    host = await Smarthost().start()
+    cfg = parse_config(base_config(smarthost_port=host.port, tracking_port=free_port()), base_dir=".")
+    queue_one(engine, cfg, "frank@customer.test")
+    with engine.begin() as conn:  # the crashed process's lease has run out
+        conn.execute(update(outbound_queue).values(lease_until=None))
+    stop = asyncio.Event()
+    services = await start_outbound_services(cfg, engine, stop)
+    try:
+        got = await host.wait_for(1)
+        assert got[0].rcpt_tos == ["frank@customer.test"]
+        for _ in range(100):
+            with engine.connect() as conn:
+                state = conn.execute(select(outbound_recipients.c.state)).scalar()
+            if state == "delivered":
+                break
+            await asyncio.sleep(0.05)
+        assert state == "delivered"
+    finally:
+        stop.set()
+        await services.close()
+        await host.stop()
+
+
+async def test_dot_stuffed_lines_and_8bit_bytes_arrive_unchanged(engine, env):
+    host = await Smarthost().start()
+    cfg = parse_config(base_config(smarthost_port=host.port, tracking_port=free_port()), base_dir=".")
+    raw = (b"From: n@example.test\r\nTo: g@customer.test\r\nSubject: dots\r\nMessage-ID: <dots@odoo>\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+           b".leading dot\r\n..two dots\r\n.\r\nnot the end\r\n\xc3\xa9t\xc3\xa9\r\n")
+    stop = asyncio.Event()
+    services = await start_outbound_services(cfg, engine, stop)
+    try:
+        port = services.submission_ports[0]
+        # Two mails on one connection: the DATA reader must not eat the next command.
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port)
+        await smtp.connect()
+        await smtp.sendmail("bounce@example.test", ["g@customer.test"], raw)
+        await smtp.sendmail("bounce@example.test", ["h@customer.test"], raw)
+        await smtp.quit()
+        got = await host.wait_for(2)
+        assert all(r.content == raw for r in got)
+    finally:
+        stop.set()
+        await services.close()
+        await host.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+async def test_auth_over_starttls(engine, env, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    host = await Smarthost().start()
+    data = base_config(smarthost_port=host.port, tracking_port=free_port(), submission_networks=("10.0.0.0/8",),
+                       auth=True)
+    data["listeners"][0].update(tls_cert=str(cert), tls_key=str(key))
+    cfg = parse_config(data, base_dir=".")
+    stop = asyncio.Event()
+    services = await start_outbound_services(cfg, engine, stop)
+    try:
+        port = services.submission_ports[0]
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        # Without TLS, AUTH is refused (credentials never cross in clear).
+        plain = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
+        await plain.connect()
+        with pytest.raises(aiosmtplib.SMTPException):
+            await plain.login("odoo", "odoo-pw")
+        plain.close()
+        await aiosmtplib.send(odoo_mail(to="ivy@customer.test"), sender="bounce@example.test",
+                              recipients=["ivy@customer.test"], hostname="127.0.0.1", port=port,
+                              start_tls=True, tls_context=ctx, username="odoo", password="odoo-pw")
+        assert (await host.wait_for(1))[0].rcpt_tos == ["ivy@customer.test"]
+    finally:
+        stop.set()
+        await services.close()
+        await host.stop()
