@@ -250,44 +250,60 @@ class SmtpTransport:
                        raw: bytes) -> SmtpResult | None:
         """Result of the transaction at one host, or None when the host could not be reached at all."""
         idle = self._host_pools[(host, port)]
-        smtp: aiosmtplib.SMTP | None = None
-        while idle and smtp is None:
-            cand = idle.pop()
-            if cand.is_connected:
-                smtp = cand
-        if smtp is None:
-            try:
-                smtp = await self._connect(host, port)
-            except aiosmtplib.SMTPResponseException as exc:
-                result = classify_reply(exc.code, exc.message, host)
-                return result if result.outcome != "delivered" else None
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
-                log.info("outbound: cannot connect to %s:%s: %s", host, port, exc)
-                return None
+        while idle:
+            smtp = idle.pop()
+            if not smtp.is_connected:
+                continue
+            result = await self._transaction(smtp, host, mail_from, recipient, raw, reused=True)
+            if result is not None:
+                return result
+            # The pooled connection had gone stale (server timeout): fall through to a fresh one.
+        try:
+            smtp = await self._connect(host, port)
+        except aiosmtplib.SMTPResponseException as exc:
+            result = classify_reply(exc.code, exc.message, host)
+            return result if result.outcome != "delivered" else None
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            log.info("outbound: cannot connect to %s:%s: %s", host, port, exc)
+            return None
+        return await self._transaction(smtp, host, mail_from, recipient, raw, reused=False)
+
+    async def _transaction(self, smtp: aiosmtplib.SMTP, host: str, mail_from: str, recipient: str, raw: bytes,
+                           *, reused: bool) -> SmtpResult | None:
+        """One MAIL/RCPT/DATA; None only when a reused connection turned out dead before MAIL was answered."""
         keep = False
         try:
             errors, response = await smtp.sendmail(mail_from, [recipient], raw)
             if errors:  # one recipient only: aiosmtplib reports a refusal here when others were accepted
-                code, text = next(iter(errors.values())).code, next(iter(errors.values())).message
-                return classify_reply(code, text, host)
+                refused = next(iter(errors.values()))
+                return classify_reply(refused.code, refused.message, host)
             keep = True
             return classify_reply(250, response, host)
         except aiosmtplib.SMTPRecipientsRefused as exc:
             refused = exc.recipients[0] if exc.recipients else None
             return classify_reply(refused.code if refused else 550, refused.message if refused else "", host)
+        except aiosmtplib.SMTPSenderRefused as exc:
+            if reused and exc.code == 421:
+                return None
+            return classify_reply(exc.code, exc.message, host)
         except aiosmtplib.SMTPResponseException as exc:
             return classify_reply(exc.code, exc.message, host)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            if reused:
+                return None
+            return SmtpResult("deferred", 451, "4.4.2", f"{host} closed the connection: {exc}", host)
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
             # Lost the connection mid-transaction: the message may or may not have been taken; retrying
             # risks a duplicate, not a loss, which is SMTP's usual trade (RFC 5321 §6.1).
             return SmtpResult("deferred", 451, "4.4.2", f"connection to {host} failed: {exc}", host)
         finally:
+            idle = self._host_pools[(smtp.hostname or host, smtp.port or 0)]
             if keep and len(idle) < self.ob.per_destination_concurrency:
                 idle.append(smtp)
             else:
                 try:
                     smtp.close()
-                except Exception:
+                except Exception:  # closing a dead connection
                     pass
 
 

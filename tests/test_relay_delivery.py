@@ -188,3 +188,19 @@ async def test_auth_over_starttls(engine, env, tmp_path):
         stop.set()
         await services.close()
         await host.stop()
+
+
+async def test_stale_pooled_connection_is_replaced_not_deferred(engine, env):
+    host = await Smarthost(idle_timeout=0.3).start()
+    cfg = parse_config(base_config(smarthost_port=host.port, tracking_port=free_port()), base_dir=".")
+    batcher = TransactionBatcher(engine)
+    worker = OutboundWorker(engine, cfg, SECRET.encode(), batcher)
+    try:
+        assert await worker.deliver(queue_one(engine, cfg, "jo@customer.test")) == "delivered"
+        await asyncio.sleep(0.8)  # the smarthost drops the idle pooled connection
+        assert await worker.deliver(queue_one(engine, cfg, "kim@customer.test")) == "delivered"
+        assert [r.rcpt_tos for r in host.received] == [["jo@customer.test"], ["kim@customer.test"]]
+    finally:
+        await worker.transport.close()
+        await batcher.close()
+        await host.stop()

@@ -42,6 +42,7 @@ class Smarthost:
     server: Any = None
     port: int = 0
     keep: bool = True
+    idle_timeout: float = 300.0
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # type: ignore[no-untyped-def]
         answers = self.rcpt_replies.get(address)
@@ -60,7 +61,8 @@ class Smarthost:
 
     async def start(self) -> "Smarthost":
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: SMTP(self, decode_data=False), "127.0.0.1", 0)
+        self.server = await loop.create_server(lambda: SMTP(self, decode_data=False, timeout=self.idle_timeout),
+                                              "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
