@@ -24,7 +24,7 @@ from email.utils import getaddresses, make_msgid
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from sqlalchemy import Connection, Engine, bindparam, insert, select
+from sqlalchemy import Connection, Engine, insert, select
 
 from aliases.model import AliasTable
 from gateway.config import Config, ListenerConfig, secret as env_secret
