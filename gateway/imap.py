@@ -86,6 +86,7 @@ class ImapPuller:
         self._checkpoint: Checkpoint | None = None
         self._can_idle = False
         self.backoff_initial = 1.0
+        self.fetch_ahead = True
         #: fault injection for tests: called with the batch's UIDs after the spool commit, before the after-action
         self.after_commit_hook: Callable[[Sequence[int]], Any] | None = None
         self._set_state("disconnected")
@@ -233,14 +234,27 @@ class ImapPuller:
 
     async def _pull_uids(self, client: PullClient, uidvalidity: int, uids: Sequence[int],
                          stop: asyncio.Event | None) -> int:
-        """Fetch, commit and act, one batch at a time (fetching the next batch during the commit was
-        measured: no faster, the process is CPU-bound, not waiting)."""
+        """Fetch batch k+1 while batch k commits: the commit waits on the disk (fsync), the fetch on the network.
+
+        Fetching ahead is safe: it only reads (BODY.PEEK), and nothing is acted on before its own commit.
+        """
+        batches = list(chunks(uids, self.cfg.batch_size))
         total = 0
-        for batch in chunks(uids, self.cfg.batch_size):
-            if stop is not None and stop.is_set():
-                break
-            fetched = await self._fetch(client, batch)
-            total += await self._spool_and_act(client, uidvalidity, batch, fetched)
+        ahead: asyncio.Task[list[FetchedMessage]] | None = None
+        try:
+            for i, batch in enumerate(batches):
+                if stop is not None and stop.is_set():
+                    break
+                fetched = await ahead if ahead is not None else await self._fetch(client, batch)
+                ahead = None
+                if self.fetch_ahead and i + 1 < len(batches):
+                    ahead = asyncio.create_task(self._fetch(client, batches[i + 1]))
+                total += await self._spool_and_act(client, uidvalidity, batch, fetched)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await ahead
         return total
 
     async def _fetch(self, client: PullClient, batch: Sequence[int]) -> list[FetchedMessage]:
