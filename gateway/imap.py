@@ -158,8 +158,9 @@ class ImapPuller:
             await client.wait_hello_from_server()
             if cfg.security == "starttls":
                 if not client.has_capability("STARTTLS"):
-                    raise ImapCommandFailed(f"{cfg.host} does not offer STARTTLS: use security = 'ssl' or "
-                                            "'none' (never sends the password in the clear by itself)")
+                    raise ImapCommandFailed(f"{cfg.host}:{cfg.port} does not offer STARTTLS (no fallback to "
+                                            "plaintext): use security = 'ssl' on the implicit-TLS port, or "
+                                            "'none' if the password may cross this network in the clear")
                 await _ok(await client.starttls(self._tls_context(), cfg.host), "STARTTLS")
             resp = await client.login(cfg.login, password or "")
             if resp.result != "OK":
