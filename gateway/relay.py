@@ -90,9 +90,15 @@ def read_submission(raw: bytes) -> SubmissionFacts:
     )
 
 
+_ANGLE_ADDR = re.compile(r"<([^<>@\s]+@[^<>@\s]+)>\s*$")
+
+
 def _first_address(value: str | None) -> str | None:
     if not value:
         return None
+    m = _ANGLE_ADDR.search(value)  # the usual `"Name" <addr>` shape, without the full address parser
+    if m and "," not in value:
+        return m.group(1).lower()
     pairs = getaddresses([value])
     return pairs[0][1].lower() if pairs and pairs[0][1] else None
 
