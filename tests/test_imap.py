@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 
 from gateway.config import ImapSourceConfig
 from gateway.imap import ImapPuller
-from gateway.imap_client import BatchFetchCommand, PullProtocol
+from gateway.imap_client import BatchFetchCommand, PullClient, PullProtocol
 from gateway.imap_envelope import envelope_from_headers
 from gateway.imap_protocol import has_exists, parse_fetch, parse_search, parse_select, uid_set
 from gateway.schema import imap_checkpoints, imap_seen, messages
@@ -494,3 +494,35 @@ async def test_run_imap_sources_reads_the_password_from_the_environment(dovecot,
     await asyncio.wait_for(task, 10)
     assert "MAILGATE_TEST_IMAP_UNSET is not set" in caplog.text
     assert_exactly_once(engine, src, sent)
+
+
+async def test_idle_is_renewed_before_the_server_limit_without_reconnecting(dovecot, engine, caplog,
+                                                                           monkeypatch):
+    caplog.set_level("INFO", logger="gateway.imap")
+    starts = []
+    original = PullClient.idle_start
+
+    async def idle_start(self, timeout):  # type: ignore[no-untyped-def]
+        starts.append(timeout)
+        return await original(self, timeout)
+
+    monkeypatch.setattr(PullClient, "idle_start", idle_start)
+    src = source(dovecot, idle_renew=0.3)
+    run = Running(puller(src, engine))
+    await asyncio.sleep(1.5)  # several IDLE / DONE rounds on one connection
+    await asyncio.to_thread(dovecot.append, USER, [mail(1, tag="renew")])
+    await wait_for(lambda: count(engine, src) == 1, 5, "message after renewals")
+    await run.stop()
+    assert caplog.text.count("connected to") == 1
+    assert len(starts) >= 4 and set(starts) == {0.3}, starts  # IDLE re-issued every idle_renew seconds
+
+
+async def test_starttls_required_but_not_offered_spools_nothing(dovecot, engine, caplog):
+    sent = [mail(1, tag="plain")]
+    await asyncio.to_thread(dovecot.append, USER, sent)
+    src = source(dovecot, security="starttls")
+    run = Running(puller(src, engine))
+    await asyncio.sleep(1.0)
+    await run.stop()
+    assert count(engine, src) == 0
+    assert "does not offer STARTTLS" in caplog.text
