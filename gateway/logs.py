@@ -30,6 +30,7 @@ def setup_logging(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    logging.getLogger("alembic").setLevel(logging.WARNING)   # migrations at every start
 
 
 def mail_context(spool_id: int | None, message_id: str | None) -> dict[str, Any]:

@@ -122,9 +122,21 @@ def build_worker_factory(config: Config, engine: Engine):  # type: ignore[no-unt
     return lambda i: Worker(config, engine, route=route, deliver=delivery)
 
 
+def _die_with_parent() -> None:
+    """Linux: get SIGTERM when the serve process dies (even by SIGKILL), so no orphan worker keeps running."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker_process_main(config_path: str) -> None:  # pragma: no cover - runs in a child process
     from gateway.logs import setup_logging
 
+    _die_with_parent()
     setup_logging()
     config = load_config(config_path)
     engine = open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous, migrate=False)

@@ -73,7 +73,7 @@ def base_config(tmp: Path, *, smtp_port: int, admin_port: int, storage_url: str 
 
 
 class GatewayProcess:
-    """`mailgate serve` as a child process; `kill()` is SIGKILL (no cleanup), `stop()` is SIGTERM."""
+    """`mailgate serve` as a child process group; `kill()` is SIGKILL to all of it, `stop()` is SIGTERM."""
 
     def __init__(self, tmp: Path, config: dict[str, Any], *, env: dict[str, str] | None = None):
         self.tmp = tmp
@@ -96,7 +96,8 @@ class GatewayProcess:
     def start(self, timeout: float = 30) -> "GatewayProcess":
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.path)],
-                                         cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+                                         cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -112,8 +113,12 @@ class GatewayProcess:
         raise RuntimeError(f"gateway did not come up:\n{self.log.read_text()[-3000:]}")
 
     def kill(self) -> None:
+        """SIGKILL the serve process and its worker processes at once (a crash, an OOM kill of the cgroup)."""
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait()
 
     def stop(self, timeout: float = 30) -> int:

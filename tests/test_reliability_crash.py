@@ -45,7 +45,7 @@ def test_sigkill_during_load_loses_and_duplicates_nothing(tmp_path: Path) -> Non
     def chaos() -> None:
         # Kill at random moments while the load runs (accepting, committing, routing and delivering).
         while len(kills) < KILLS and not done.is_set():
-            time.sleep(rng.uniform(1.0, 3.0))
+            time.sleep(rng.uniform(0.3, 1.2))
             if done.is_set():
                 break
             gw.kill()
