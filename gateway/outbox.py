@@ -48,23 +48,26 @@ class EventDraft:
 
 
 def record_events(conn: Connection, drafts: list[EventDraft]) -> int:
-    """Insert drafts not recorded yet (by id); returns how many were new. Call inside a transaction."""
+    """Insert drafts not recorded yet (by id); returns how many were new. Call inside a transaction.
+
+    One multi-row INSERT for the batch (the relay records an event per recipient per result)."""
     if not drafts:
         return 0
-    ids = [d.id for d in drafts]
-    existing = set(conn.execute(select(events.c.id).where(events.c.id.in_(ids))).scalars())
-    new = 0
+    existing = set(conn.execute(select(events.c.id).where(events.c.id.in_({d.id for d in drafts}))).scalars())
     now = utcnow()
+    rows = []
     for d in drafts:
         if d.id in existing:
             continue
         existing.add(d.id)
-        conn.execute(insert(events).values(
-            id=d.id, type=d.type, occurred_at=d.occurred_at or now, message_id=d.message_id, model=d.model,
-            res_id=d.res_id, recipient=d.recipient, data=json.dumps(d.data, sort_keys=True, default=str),
-        ))
-        new += 1
-    return new
+        rows.append({
+            "id": d.id, "type": d.type, "occurred_at": d.occurred_at or now, "message_id": d.message_id,
+            "model": d.model, "res_id": d.res_id, "recipient": d.recipient,
+            "data": json.dumps(d.data, sort_keys=True, default=str),
+        })
+    if rows:
+        conn.execute(insert(events), rows)
+    return len(rows)
 
 
 def event_to_json(row: Any) -> dict[str, Any]:
