@@ -17,7 +17,6 @@ import pwd
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import tempfile
 import time
@@ -286,6 +285,3 @@ def _self_signed(root: Path) -> tuple[Path, Path]:
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
 
-
-def tls_context(cert: Path) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(cert))

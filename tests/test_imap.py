@@ -67,6 +67,14 @@ def engine(tmp_path):  # type: ignore[no-untyped-def]
     eng.dispose()
 
 
+@pytest.fixture
+def any_engine(store_url):  # type: ignore[no-untyped-def]
+    """SQLite, and PostgreSQL when MAILGATE_TEST_PG_URL is set (conftest's `store_url`)."""
+    eng = open_store(store_url)
+    yield eng
+    eng.dispose()
+
+
 def source(server: Dovecot, **kw) -> ImapSourceConfig:  # type: ignore[no-untyped-def]
     values = dict(name=f"t{uuid.uuid4().hex[:8]}", host=server.host, port=server.port, security="none",
                   login=USER, password_env="MAILGATE_TEST_IMAP_PW", batch_size=50, timeout=10.0)
@@ -208,7 +216,8 @@ def test_pull_protocol_survives_a_response_of_thousands_of_lines():
 
 
 # ---------------------------------------------------------------------------------- against Dovecot
-async def test_500_messages_pulled_once_each(dovecot, engine):
+async def test_500_messages_pulled_once_each(dovecot, any_engine):
+    engine = any_engine
     sent = [mail(i, size=2000) for i in range(500)]
     await asyncio.to_thread(dovecot.append, USER, sent)
     src = source(dovecot, batch_size=100)
@@ -319,7 +328,8 @@ async def test_server_crashes_in_the_middle_of_a_fetch(dovecot, engine, monkeypa
     assert dovecot.uids(USER, criteria="UNSEEN") == []
 
 
-async def test_puller_cancelled_between_spool_and_after_action_then_restarted(dovecot, engine):
+async def test_puller_cancelled_between_spool_and_after_action_then_restarted(dovecot, any_engine):
+    engine = any_engine
     sent = [mail(i, tag="cancel") for i in range(120)]
     await asyncio.to_thread(dovecot.append, USER, sent)
     src = source(dovecot, batch_size=20, after="move", move_to="Archive")
@@ -348,7 +358,8 @@ async def test_puller_cancelled_between_spool_and_after_action_then_restarted(do
     assert len(dovecot.uids(USER, mailbox="Archive")) == 120
 
 
-async def test_puller_process_killed_mid_batch_then_restarted(dovecot, engine, tmp_path):
+async def test_puller_process_killed_mid_batch_then_restarted(dovecot, any_engine, tmp_path):
+    engine = any_engine
     sent = [mail(i, tag="kill", size=4000) for i in range(400)]
     await asyncio.to_thread(dovecot.append, USER, sent)
     src = source(dovecot, batch_size=10)
@@ -359,7 +370,7 @@ async def test_puller_process_killed_mid_batch_then_restarted(dovecot, engine, t
         from gateway.imap import ImapPuller
         from gateway.store import open_store
         src = ImapSourceConfig.model_validate_json({src.model_dump_json()!r})
-        engine = open_store({str(engine.url)!r}, synchronous="NORMAL")
+        engine = open_store({engine.url.render_as_string(hide_password=False)!r})
         asyncio.run(ImapPuller(src, engine, password={PASSWORD!r}).run(asyncio.Event()))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -382,7 +393,8 @@ async def test_puller_process_killed_mid_batch_then_restarted(dovecot, engine, t
     assert dovecot.uids(USER, criteria="UNSEEN") == []
 
 
-async def test_uidvalidity_change_does_not_duplicate(dovecot, engine):
+async def test_uidvalidity_change_does_not_duplicate(dovecot, any_engine):
+    engine = any_engine
     box = "Catchall"
     c = dovecot.client(USER)
     c.create(box)
