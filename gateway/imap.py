@@ -357,10 +357,13 @@ class ImapPuller:
                     break  # renew (the server would drop us at 30 min) or fetch the new mail
         finally:
             stopper.cancel()
-            if client.has_pending_idle():
+            transport = client.protocol.transport
+            if transport is not None and not transport.is_closing() and client.has_pending_idle():
                 client.idle_done()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(idle), self.cfg.timeout)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(idle), self.cfg.timeout)
+            else:
+                idle.cancel()  # the connection is gone: no DONE to send, no answer to wait for
 
     # ----------------------------------------------------------------------------------------- misc
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:

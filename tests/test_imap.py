@@ -232,6 +232,7 @@ async def test_500_messages_pulled_once_each(dovecot, any_engine):
     assert row.mail_from.startswith("sender") and row.rcpt_tos == ("catchall@example.test",)
     assert dovecot.uids(USER, criteria="UNSEEN") == []  # after = seen
     assert REGISTRY.get_sample_value("mailgate_imap_pulled_total", {"source": f"imap:{src.name}"}) == 500
+    assert REGISTRY.get_sample_value("mailgate_imap_lag_seconds", {"source": f"imap:{src.name}"}) == 0  # caught up
     # A second pass (a restart) finds nothing new.
     run = Running(puller(src, engine))
     await asyncio.sleep(1.0)
@@ -538,3 +539,16 @@ async def test_starttls_required_but_not_offered_spools_nothing(dovecot, engine,
     await run.stop()
     assert count(engine, src) == 0
     assert "does not offer STARTTLS" in caplog.text
+
+
+async def test_server_restarted_while_idling_reconnects_at_once(dovecot, engine):
+    src = source(dovecot, timeout=20.0)
+    run = Running(puller(src, engine))
+    idle = {"source": f"imap:{src.name}", "mailgate_imap_connection": "idle"}
+    await wait_for(lambda: REGISTRY.get_sample_value("mailgate_imap_connection", idle) == 1, 10, "idle")
+    await asyncio.to_thread(dovecot.restart)
+    await asyncio.to_thread(dovecot.append, USER, [mail(1, tag="after-restart")])
+    # Reconnecting must not wait for the dead IDLE's command timeout (20 s here).
+    elapsed = await wait_for(lambda: count(engine, src) == 1, 20, "the message after the restart")
+    await run.stop()
+    assert elapsed < 5, f"took {elapsed:.1f} s after the restart"
