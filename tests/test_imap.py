@@ -552,3 +552,21 @@ async def test_server_restarted_while_idling_reconnects_at_once(dovecot, engine)
     elapsed = await wait_for(lambda: count(engine, src) == 1, 20, "the message after the restart")
     await run.stop()
     assert elapsed < 5, f"took {elapsed:.1f} s after the restart"
+
+
+async def test_lag_reports_the_age_of_the_oldest_unspooled_message(dovecot, engine):
+    c = dovecot.client(USER)
+    for i in range(3):
+        c.append("INBOX", None, time.time() - 3600, mail(i, tag="old"))
+    c.logout()
+    src = source(dovecot)
+    p = puller(src, engine)
+    seen_lag: list[float] = []
+    p.after_commit_hook = lambda _uids: seen_lag.append(
+        REGISTRY.get_sample_value("mailgate_imap_lag_seconds", {"source": f"imap:{src.name}"}))
+    run = Running(p)
+    await wait_for(lambda: count(engine, src) == 3, 10, "3 spooled")
+    await wait_for(lambda: REGISTRY.get_sample_value(
+        "mailgate_imap_lag_seconds", {"source": f"imap:{src.name}"}) == 0, 5, "lag back to 0")
+    await run.stop()
+    assert seen_lag and 3500 < seen_lag[0] < 3700, seen_lag
