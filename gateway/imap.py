@@ -379,7 +379,7 @@ async def run_imap_sources(config: Config, engine: Engine, writer: Any, stop: as
     The puller writes spool rows itself (spool, seen-list and checkpoint must share a transaction), so
     `writer` is used only to wake the workers through its commit hook, when it has one.
     """
-    on_commit = getattr(writer, "_on_commit", None) if writer is not None else None
+    on_commit = writer.notify_committed if writer is not None else None
     pullers = []
     for src in config.imap:
         try:

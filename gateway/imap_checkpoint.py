@@ -8,14 +8,13 @@ delete) is redone on restart, never the spooling. Synchronous: the puller calls 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, and_, insert, select, update
 
-from gateway.schema import imap_checkpoints, imap_seen, message_bodies, message_log, messages
-from gateway.spool import Envelope, header_facts, sha256_of
+from gateway.schema import imap_checkpoints, imap_seen
+from gateway.spool import Envelope, insert_messages, sha256_of
 from gateway.store import utcnow
 
 
@@ -111,7 +110,8 @@ def spool_pulled(engine: Engine, source: str, uidvalidity: int, items: Sequence[
                 duplicates[p.uid] = int(ident) if ident is not None else 0
             else:
                 fresh.append(p)
-        ids = _insert_messages(conn, [(p.raw, hashes[p.uid], p.envelope) for p in fresh], now)
+        ids = insert_messages(conn, [(p.raw, p.envelope) for p in fresh], hashes=[hashes[p.uid] for p in fresh],
+                              now=now)
         spooled = {p.uid: ident for p, ident in zip(fresh, ids)}
         seen_rows = [dict(source=source, uidvalidity=uidvalidity, uid=uid, sha256=hashes[uid],
                           message=spooled[uid] if uid in spooled else duplicates[uid] or None, after_done=False)
@@ -122,33 +122,6 @@ def spool_pulled(engine: Engine, source: str, uidvalidity: int, items: Sequence[
             imap_checkpoints.c.source == source, imap_checkpoints.c.uidvalidity == uidvalidity,
             imap_checkpoints.c.last_uid < through_uid).values(last_uid=through_uid, updated_at=now))
     return BatchResult(spooled, duplicates, tuple(sorted(present)))
-
-
-def _insert_messages(conn, rows: Sequence[tuple[bytes, str, Envelope]], now) -> list[int]:  # type: ignore[no-untyped-def]
-    """The rows `gateway.spool.spool_many` writes, on the caller's connection (one transaction).
-
-    One multi-row INSERT per table (RETURNING keeps the ids in parameter order): per-row statements cost
-    ≈0.9 ms a message here, which made the store, not IMAP, the puller's bottleneck. Keep in step with
-    `spool_many` (same columns, same thread key), until the spool exposes its insert on a connection.
-    """
-    if not rows:
-        return []
-    params = []
-    for raw, sha, env in rows:
-        mid, thread_key = header_facts(raw)
-        params.append(dict(
-            state="received", message_id=mid, sha256=sha, size=len(raw), mail_from=env.mail_from or "",
-            rcpt_tos=json.dumps(list(env.rcpt_tos)), client_addr=env.client_addr, helo=env.helo,
-            listener=env.listener, source=env.source, received_at=env.received_at, updated_at=now, attempts=0,
-            next_attempt_at=now, raw_purged=False, thread_key=thread_key or None,
-        ))
-    result = conn.execute(insert(messages).returning(messages.c.id, sort_by_parameter_order=True), params)
-    ids = [int(r[0]) for r in result]
-    conn.execute(insert(message_bodies), [dict(message=i, raw=raw) for i, (raw, _, _) in zip(ids, rows)])
-    conn.execute(insert(message_log), [dict(message=i, at=now, state="received",
-                                            note=f"via {env.source} {env.listener}".strip())
-                                       for i, (_, _, env) in zip(ids, rows)])
-    return ids
 
 
 def pending_after(engine: Engine, source: str, uidvalidity: int) -> list[int]:

@@ -31,6 +31,7 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
     logging.getLogger("alembic").setLevel(logging.WARNING)   # migrations at every start
+    logging.getLogger("aioimaplib").setLevel(logging.WARNING)  # "ignored untagged response" per new mail
 
 
 def mail_context(spool_id: int | None, message_id: str | None) -> dict[str, Any]:

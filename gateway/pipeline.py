@@ -49,6 +49,15 @@ def odoo_client(config: Config) -> LazyOdooClient | None:
     return LazyOdooClient(config) if config.odoo.url else None
 
 
+def alias_sync(config: Config, client: Any):  # type: ignore[no-untyped-def]
+    """An `AliasSync` when `[odoo] sync_aliases` is on (None otherwise)."""
+    if client is None or not config.odoo.sync_aliases:
+        return None
+    from gateway.odoo.alias_sync import AliasSync
+
+    return AliasSync(client, config.odoo.sync_interval)
+
+
 class RouteStep:
     """`(raw, spooled message) → Decision` with the thread index, duplicate and VERP lookups of this store."""
 
@@ -56,6 +65,8 @@ class RouteStep:
         self.config = config
         self.engine = engine
         self.table: AliasTable = build_table(config)
+        self.sync = alias_sync(config, client)
+        self._synced_rows: list[dict[str, Any]] = []
         self.threads = IndexThreadLookup(engine, client)
         key = secret(config.outbound.secret_env)
         self.verp = partial(_resolve_verp, engine, key.encode()) if key else None
@@ -63,7 +74,17 @@ class RouteStep:
 
     def reload(self, config: Config) -> None:
         self.config = config
-        self.table = build_table(config)
+        self.table = build_table(config, self._synced_rows)
+
+    def current_table(self) -> AliasTable:
+        """Config aliases merged with Odoo's `mail.alias` (config wins), refreshed every `sync_interval`."""
+        if self.sync is None:
+            return self.table
+        rows = self.sync.rows()
+        if rows != self._synced_rows:
+            self._synced_rows = rows
+            self.table = build_table(self.config, rows)
+        return self.table
         self._resolver = None
 
     def _authenticate(self, raw: bytes, message: SpooledMessage) -> tuple[str, tuple[str, ...]]:
@@ -103,7 +124,7 @@ class RouteStep:
         envelope = RoutingEnvelope(mail_from=message.mail_from, rcpt_tos=message.rcpt_tos, source=message.source,
                                    client_addr=message.client_addr, dmarc=dmarc, auth_notes=notes,
                                    released=released)
-        _, decision = route_raw(raw, envelope, table=self.table, config=self.config, threads=self.threads,
+        _, decision = route_raw(raw, envelope, table=self.current_table(), config=self.config, threads=self.threads,
                                 duplicates=SpoolDuplicateLookup(self.engine, exclude_id=message.id),
                                 verp=self.verp, sha256=message.sha256)
         return decision

@@ -183,6 +183,8 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
         gw.admin_port = server.sockets[0].getsockname()[1] if server and server.sockets else config.admin.port
         log.info("admin HTTP on %s:%s (/healthz, /metrics)", config.admin.host, gw.admin_port)
 
+    if config.odoo.url and config.odoo.sync_aliases:
+        gw.background.append(asyncio.create_task(_sync_rcpt_aliases(gw), name="alias-sync"))
     run_imap = _optional("gateway.imap", "run_imap_sources")
     if config.imap and run_imap:
         gw.background.append(asyncio.create_task(run_imap(config, engine, writer, gw.stop_event), name="imap"))
@@ -201,6 +203,29 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
             gw.worker_threads = run_workers(build_worker_factory(config, engine), config.worker.concurrency,
                                             gw.worker_stop, gw.worker_wake, poll=config.worker.poll_interval)
     return gw
+
+
+async def _sync_rcpt_aliases(gw: Gateway) -> None:
+    """Keep the RCPT-time alias table merged with Odoo's `mail.alias` (config wins), every `sync_interval`."""
+    from aliases.load import build_table
+    from aliases.resolve import rcpt_verdict
+    from gateway.pipeline import alias_sync, odoo_client
+
+    sync = alias_sync(gw.config, odoo_client(gw.config))
+    if sync is None:
+        return
+    while not gw.stop_event.is_set():
+        try:
+            rows = await asyncio.to_thread(sync.rows, force=True)
+            table = build_table(gw.config, rows)
+            for h in gw.handlers:
+                h.set_rcpt_verdict(lambda address, t=table: rcpt_verdict(t, address))
+        except Exception as exc:  # Odoo down or misconfigured: keep the table we have
+            log.warning("alias sync failed; RCPT checks keep the current table: %s", exc)
+        try:
+            await asyncio.wait_for(gw.stop_event.wait(), gw.config.odoo.sync_interval)
+        except asyncio.TimeoutError:
+            pass
 
 
 async def serve_forever(config: Config, config_path: str | None) -> int:

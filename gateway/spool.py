@@ -210,6 +210,12 @@ class SpoolWriter:
         self._task = None
         self._executor.shutdown(wait=True)
 
+    def notify_committed(self, count: int) -> None:
+        """Tell whoever waits on new spool rows (the workers) that `count` messages were committed elsewhere
+        (e.g. by the IMAP puller, which commits its own transactions)."""
+        if self._on_commit:
+            self._on_commit(count)
+
     async def store(self, raw: bytes, envelope: Envelope) -> int:
         """Durably spool one message; raises SpoolError when the store cannot commit."""
         if self._queue is None:
@@ -265,36 +271,45 @@ class SpoolWriter:
 
 
 def spool_many(engine: Engine, items: Sequence[tuple[bytes, Envelope]]) -> list[int]:
-    """Insert messages in one transaction; returns their ids in order. Synchronous (thread or CLI).
+    """Insert messages in one transaction; returns their ids in order. Synchronous (thread or CLI)."""
+    if not items:
+        return []
+    with engine.begin() as conn:
+        return insert_messages(conn, items)
+
+
+def insert_messages(conn: Connection, items: Sequence[tuple[bytes, Envelope]], *,
+                    hashes: Sequence[str] | None = None, now: dt.datetime | None = None) -> list[int]:
+    """The spool rows for `items`, on the caller's connection and transaction (the IMAP puller commits its
+    seen-list and checkpoint with them). Ids come back in order.
 
     One multi-row INSERT … RETURNING per table (SQLAlchemy's insertmanyvalues), not three statements per
     message: per-statement overhead, not fsync, was what bounded group commit.
     """
     if not items:
         return []
-    now = utcnow()
+    now = now or utcnow()
     rows = []
-    for raw, env in items:
+    for k, (raw, env) in enumerate(items):
         mid, thread_key = header_facts(raw)
         rows.append(dict(
-            state="received", message_id=mid, sha256=sha256_of(raw), size=len(raw), mail_from=env.mail_from or "",
-            rcpt_tos=json.dumps(list(env.rcpt_tos)), client_addr=env.client_addr, helo=env.helo,
-            listener=env.listener, source=env.source, received_at=env.received_at, updated_at=now, attempts=0,
-            next_attempt_at=now, raw_purged=False, thread_key=thread_key or None,
+            state="received", message_id=mid, sha256=hashes[k] if hashes else sha256_of(raw), size=len(raw),
+            mail_from=env.mail_from or "", rcpt_tos=json.dumps(list(env.rcpt_tos)), client_addr=env.client_addr,
+            helo=env.helo, listener=env.listener, source=env.source, received_at=env.received_at, updated_at=now,
+            attempts=0, next_attempt_at=now, raw_purged=False, thread_key=thread_key or None,
         ))
-    with engine.begin() as conn:
-        result = conn.execute(insert(messages).returning(messages.c.id, sort_by_parameter_order=True), rows)
-        ids = [int(r[0]) for r in result]
-        small = [(i, raw) for i, (raw, _) in zip(ids, items) if not _stream_blob(conn, raw)]
-        if small:
-            conn.execute(insert(message_bodies), [{"message": i, "raw": raw} for i, raw in small])
-        for i, (raw, _) in zip(ids, items):
-            if _stream_blob(conn, raw):
-                _write_blob_sqlite(conn, i, raw)
-        conn.execute(insert(message_log), [
-            {"message": i, "at": now, "state": "received", "note": f"via {env.source} {env.listener}".strip()}
-            for i, (_, env) in zip(ids, items)
-        ])
+    result = conn.execute(insert(messages).returning(messages.c.id, sort_by_parameter_order=True), rows)
+    ids = [int(r[0]) for r in result]
+    small = [(i, raw) for i, (raw, _) in zip(ids, items) if not _stream_blob(conn, raw)]
+    if small:
+        conn.execute(insert(message_bodies), [{"message": i, "raw": raw} for i, raw in small])
+    for i, (raw, _) in zip(ids, items):
+        if _stream_blob(conn, raw):
+            _write_blob_sqlite(conn, i, raw)
+    conn.execute(insert(message_log), [
+        {"message": i, "at": now, "state": "received", "note": f"via {env.source} {env.listener}".strip()}
+        for i, (_, env) in zip(ids, items)
+    ])
     return ids
 
 

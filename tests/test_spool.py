@@ -173,3 +173,15 @@ def test_migrations_are_idempotent(store_url: str) -> None:
     second = open_store(store_url)  # a restart runs the migrations again
     assert [m.message_id for m in list_messages(second)] == ["<keep@x>"]
     second.dispose()
+
+
+def test_migrations_match_the_schema(engine: Engine) -> None:
+    """A schema change without a migration fails here (Alembic compares the migrated store to the models)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from gateway.schema import metadata
+
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diffs == []
