@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
 
+from gateway.batching import next_batch
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -65,21 +67,7 @@ class TransactionBatcher:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
+            batch = await next_batch(self._queue, max_batch=self.max_batch, max_wait=self.max_wait)
             live = [(fn, fut) for fn, fut in batch if not fut.cancelled()]
             if not live:
                 continue

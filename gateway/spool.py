@@ -24,6 +24,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 
+from gateway.batching import next_batch
 from gateway.schema import message_bodies, message_log, messages
 from gateway.store import as_utc, utcnow
 
@@ -229,23 +230,7 @@ class SpoolWriter:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            first = await self._queue.get()
-            batch = [first]
-            # Take what is already queued; wait a little for more only when the batch is still small.
-            deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
+            batch = await next_batch(self._queue, max_batch=self.max_batch, max_wait=self.max_wait)
             try:
                 ids = await loop.run_in_executor(self._executor, self._commit, batch)
             except Exception as exc:  # every session in the batch answers 451

@@ -12,25 +12,16 @@ import smtplib
 import time
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from tests.gateway_proc import GatewayProcess, base_config, free_port
 from tests.odoo_double import OdooDouble
+from tests.waiting import wait_until
 from tests.postfix import PrivatePostfix, require_postfix
 
 pytestmark = [pytest.mark.postfix, pytest.mark.slow]
-
-
-def wait_until(pred: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def new_lead_mail(n: int = 1) -> bytes:

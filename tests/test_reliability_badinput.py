@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.pipeline import make_route_step
-from gateway.spool import Envelope, get_message, list_messages, spool_many
+from gateway.spool import Envelope, get_message, spool_many
 from gateway.store import open_store
 from gateway.worker import Worker
 from tests.corpus import all_corpus_files

@@ -17,20 +17,12 @@ from gateway.store import open_store
 from tests.gateway_proc import GatewayProcess, base_config, free_port
 from tests.load_client import load_mail, run_load
 from tests.odoo_double import OdooDouble
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 MESSAGES = 2000
 KILLS = 5
-
-
-def _wait(pred, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sigkill_during_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
@@ -62,7 +54,7 @@ def test_sigkill_during_load_loses_and_duplicates_nothing(tmp_path: Path) -> Non
         assert not result.perm_failures
         assert set(result.acked) == {mid for mid, _ in mails}
         # Let the workers drain: every acked message ends in Odoo.
-        _wait(lambda: len({m.get("message_id") for m in odoo.records("mail.message")} & set(result.acked))
+        wait_until(lambda: len({m.get("message_id") for m in odoo.records("mail.message")} & set(result.acked))
               == len(result.acked), timeout=300, what="every acknowledged message in Odoo")
         time.sleep(2)
         per_mid = collections.Counter(m.get("message_id") for m in odoo.records("mail.message")

@@ -19,6 +19,7 @@ from tests.conftest import _pg_database
 from tests.gateway_proc import GatewayProcess, base_config, free_port
 from tests.load_client import run_load
 from tests.odoo_double import OdooDouble
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
@@ -36,15 +37,6 @@ def thread_mail(t: int, k: int) -> tuple[str, bytes]:
     raw = (f"From: Customer {t} <c{t}@client.test>\r\nTo: {to}\r\nSubject: thread {t} step {k}\r\n"
            f"Message-ID: {mid}\r\n{refs}Date: Sun, 22 Nov 2026 10:00:0{k} +0000\r\n\r\nstep {k}\r\n").encode()
     return mid, raw
-
-
-def _wait(pred, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _send_threads(port: int, rcpt_of) -> dict[str, int]:  # type: ignore[no-untyped-def]
@@ -98,7 +90,7 @@ def test_odoo_faults_then_recovery(tmp_path: Path, fault: str) -> None:
             odoo.slow(0)
         elif fault == "http500":
             odoo.clear_faults()
-        _wait(lambda: len([m for m in odoo.records("mail.message")
+        wait_until(lambda: len([m for m in odoo.records("mail.message")
                            if str(m.get("message_id", "")).startswith("<t")]) >= THREADS * DEPTH,
               timeout=240, what="all thread messages in Odoo")
         if fault == "one_in_ten":

@@ -4,8 +4,6 @@ test_relay.py and test_events.py; DMARC against a forged From in test_sender_aut
 
 from __future__ import annotations
 
-import asyncio
-import os
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,7 @@ from __future__ import annotations
 import email.message
 import re
 
-from routing.detectors.base import Hit, clean_address, cut_returned, notice_text, recipient_blocks, sender_addresses
+from routing.detectors.base import Hit, cut_returned, notice_text, recipient_blocks, sender_addresses
 
 _INTRO = re.compile(r"-+\s*the\s+following\s+address(?:es)?\s+(?:had|has|have)\s+(permanent\s+fatal\s+errors?|transient\s+non-fatal\s+errors?|delivery\s+notifications?)\s*-+",
                     re.IGNORECASE)
