@@ -13,6 +13,7 @@ and plain `<local@domain>` addresses take a fast path. aiosmtpd keeps the conver
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
@@ -57,6 +58,11 @@ def peer_allowed(peer: Any, networks: list[Any]) -> bool:
     host = _ip(peer)
     if host is None:
         return True
+    return _host_allowed(host, tuple(networks))
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_allowed(host: str, networks: tuple[Any, ...]) -> bool:
     try:
         addr = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -284,11 +290,25 @@ class _MemberCache:
         return getattr(self._real, name)
 
 
+_DIR_CACHE: dict[type, list[str]] = {}
+
+
+def _class_dir(obj: Any) -> list[str]:
+    """`dir()` for aiosmtpd.smtp, cached per class. `SMTP.__init__` scans `dir(self)` for `smtp_*` and
+    `dir(handler)` for `handle_*` on every connection: both are class attributes, so the names are the same
+    for every instance of a class (values are still looked up on the instance)."""
+    names = _DIR_CACHE.get(type(obj))
+    if names is None:
+        names = _DIR_CACHE[type(obj)] = [n for n in dir(obj) if n.startswith(("smtp_", "handle_"))]
+    return names
+
+
 def _install_member_cache() -> None:
     import aiosmtpd.smtp as smtp_module
 
     if not isinstance(smtp_module.inspect, _MemberCache):
         smtp_module.inspect = _MemberCache(smtp_module.inspect)  # type: ignore[assignment]
+    smtp_module.dir = _class_dir  # type: ignore[attr-defined]  # module global shadows the builtin there
 
 
 _install_member_cache()
@@ -320,7 +340,7 @@ async def start_listener(cfg: ListenerConfig, handler: SpoolHandler, *,
                          hostname: str | None = None) -> asyncio.base_events.Server:
     """Bind one SMTP or LMTP listener; returns the asyncio server (close() it to stop accepting)."""
     loop = asyncio.get_running_loop()
-    networks = cfg.networks()
+    networks = tuple(cfg.networks())
     ctx = tls_context(cfg)
     cls = GatewayLMTP if cfg.kind == "lmtp" else GatewaySMTP
 
