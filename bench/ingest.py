@@ -1,8 +1,9 @@
 """Ingest benchmark (issue 2): SMTP msgs/s and latency into (a) Postfix's smtp-sink, (b) stock aiosmtpd that
 discards, (c) the gateway on SQLite, (d) the gateway on PostgreSQL — all in one run, as ratios.
 
-Load: Postfix's `smtp-source` (C) with 16 sessions, one message per connection (as an MTA without connection
-caching sends). Latency: a Python probe beside the load sends one message at a time on its own connection and
+Load: Postfix's `smtp-source` (C) with 16 sessions; each session sends its messages over one connection
+(`-d`, as Postfix does with connection caching under load). At 4 KB the run is repeated with one message per
+connection, where connection setup dominates. Latency: a Python probe beside the load sends one message at a time on its own connection and
 times DATA-end → reply. Memory: peak RSS growth of the gateway while it receives one 25 MB message.
 
     python bench/ingest.py [--messages 3000] [--sessions 16] [--pg-url postgresql+psycopg2://...]
@@ -98,7 +99,7 @@ async def probe(port: int, size: int, stop: asyncio.Event, out: list[float]) -> 
             await asyncio.sleep(0.05)
 
 
-def run_load(port: int, *, sessions: int, size: int, messages: int) -> tuple[float, list[float]]:
+def run_load(port: int, *, sessions: int, size: int, messages: int, reuse: bool = True) -> tuple[float, list[float]]:
     """(msgs/s, probe latencies) for one smtp-source run."""
     lat: list[float] = []
 
@@ -107,7 +108,7 @@ def run_load(port: int, *, sessions: int, size: int, messages: int) -> tuple[flo
         task = asyncio.create_task(probe(port, size, stop, lat))
         t0 = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
-            "smtp-source", "-s", str(sessions), "-l", str(size), "-m", str(messages), "-f", "alice@client.test",
+            "smtp-source", *(["-d"] if reuse else []), "-s", str(sessions), "-l", str(size), "-m", str(messages), "-f", "alice@client.test",
             "-t", "sales@example.test", f"127.0.0.1:{port}",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         _, err = await proc.communicate()
@@ -167,12 +168,20 @@ def main() -> int:
                 assert t.port is not None
                 run_load(t.port, sessions=args.sessions, size=size, messages=min(200, count))  # warm-up
                 rate, lat = run_load(t.port, sessions=args.sessions, size=size, messages=count)
-            results[(name[0], size)] = rate
-            print(f"{name:<28} {size // 1024:>4}KB {rate:>9.0f} {pct(lat, .5):>8.1f} {pct(lat, .99):>8.1f}", flush=True)
+                results[(name[0], size)] = rate
+                print(f"{name:<28} {size // 1024:>4}KB {rate:>9.0f} {pct(lat, .5):>8.1f} {pct(lat, .99):>8.1f}",
+                      flush=True)
+                if size == 4096:  # one message per connection: connection setup dominates
+                    rate1, lat1 = run_load(t.port, sessions=args.sessions, size=size, messages=count, reuse=False)
+                    results[(name[0], -size)] = rate1
+                    print(f"{name + ' (1 msg/conn)':<28} {size // 1024:>4}KB {rate1:>9.0f} {pct(lat1, .5):>8.1f} "
+                          f"{pct(lat1, .99):>8.1f}", flush=True)
     b4, b100, a4 = results[("b", 4096)], results[("b", 102400)], results[("a", 4096)]
     print(f"ingest ratio vs aiosmtpd (4 KB, {args.sessions} sessions): {results[('c', 4096)] / b4:.2f}")
     print(f"ingest ratio vs aiosmtpd (100 KB, {args.sessions} sessions): {results[('c', 102400)] / b100:.2f}")
     print(f"ingest ratio vs smtp-sink (4 KB, {args.sessions} sessions): {results[('c', 4096)] / a4:.2f}")
+    print(f"ingest ratio vs aiosmtpd (4 KB, {args.sessions} sessions, 1 message per connection): "
+          f"{results[('c', -4096)] / results[('b', -4096)]:.2f}")
     if ("d", 4096) in results:
         print(f"ingest ratio PostgreSQL vs aiosmtpd (4 KB, {args.sessions} sessions): {results[('d', 4096)] / b4:.2f}")
 

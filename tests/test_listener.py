@@ -273,3 +273,32 @@ async def test_concurrent_sessions_group_commit(gw: Gateway) -> None:
     codes = await asyncio.gather(*[one(i) for i in range(40)])
     assert codes == [250] * 40
     assert sorted(m.message_id for m in gw.stored()) == sorted(f"<c{i}@client.test>" for i in range(40))
+
+
+async def test_idle_session_times_out_but_active_one_does_not(tmp_path) -> None:
+    g, server = await _gateway(tmp_path, idle_timeout=0.6)
+    try:
+        active = await g.client()
+        idle = await g.client()
+        for _ in range(6):  # commands keep moving the deadline
+            assert (await active.cmd("NOOP"))[0] == 250
+            await asyncio.sleep(0.25)
+        assert await asyncio.wait_for(idle.reader.read(), 2) == b"421 4.4.2 mx.example.test Error: timeout exceeded\r\n"
+        assert (await active.cmd("NOOP"))[0] == 250
+        await active.close()
+    finally:
+        server.close()
+        await g.writer.close()
+
+
+@pytest.mark.parametrize("line_len, accepted", [(998, True), (999, False), (5000, False)])
+@pytest.mark.parametrize("position", ["first", "middle", "last"])
+async def test_line_length_limit_is_exact(gw: Gateway, line_len: int, accepted: bool, position: str) -> None:
+    line = b"y" * line_len + b"\r\n"
+    body = {"first": line + b"ok\r\n", "middle": b"ok\r\n" + line + b"ok\r\n", "last": b"ok\r\n" + line}[position]
+    raw = body if position == "first" else make_mail(body="") + body
+    c = await gw.client()
+    await _envelope(c, "sales@example.test")
+    code, _ = await c.send_data(raw)
+    await c.close()
+    assert (code == 250) is accepted
