@@ -1,0 +1,127 @@
+"""`mailgate serve` as a sysadmin runs it: admin HTTP, SIGHUP reload, graceful SIGTERM, the CLI contracts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from gateway.logs import setup_logging
+from tests.gateway_proc import ROOT, GatewayProcess, base_config, free_port, to_toml
+from tests.smtp_wire import make_mail
+from tests.waiting import wait_until
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def _rcpt_code(port: int, rcpt: str) -> int:
+    with smtplib.SMTP("127.0.0.1", port) as s:
+        s.ehlo("t.test")
+        s.mail("a@client.test")
+        return s.rcpt(rcpt)[0]
+
+
+def test_admin_endpoints_reload_and_graceful_stop(tmp_path: Path) -> None:
+    cfg = base_config(tmp_path, smtp_port=free_port(), admin_port=free_port())
+    gw = GatewayProcess(tmp_path, cfg).start()
+    try:
+        with urllib.request.urlopen(gw.admin_url + "/healthz", timeout=5) as r:
+            assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
+        with smtplib.SMTP("127.0.0.1", gw.smtp_port) as s:
+            s.sendmail("alice@client.test", ["sales@example.test"], make_mail(message_id="<m1@client.test>"))
+        assert _rcpt_code(gw.smtp_port, "billing@example.test") == 550
+        metrics = gw.metrics()
+        assert 'mailgate_accepted_total{listener="smtp"} 1.0' in metrics
+        assert 'mailgate_refused_total{code="550",listener="smtp"} 1.0' in metrics
+        assert "mailgate_spool_messages{state=" in metrics
+
+        # SIGHUP: a new alias is accepted at RCPT time without a restart; a broken file keeps the old config.
+        cfg["aliases"].append({"address": "billing@example.test", "model": "account.move"})
+        gw.path.write_text(to_toml(cfg))
+        os.kill(gw.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+        wait_until(lambda: _rcpt_code(gw.smtp_port, "billing@example.test") == 250, timeout=10, what="reload")
+        gw.path.write_text("[[aliases]]\naddress = 'broken'\n")
+        os.kill(gw.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+        assert _rcpt_code(gw.smtp_port, "billing@example.test") == 250
+        assert wait_until(lambda: "reload refused" in gw.log.read_text(), timeout=10, what="refusal logged")
+        gw.path.write_text(to_toml(cfg))
+    finally:
+        assert gw.stop() == 0  # SIGTERM: drains and exits cleanly
+    assert "stopped" in gw.log.read_text()
+
+
+def test_messages_cli_contract_and_check_config_errors(tmp_path: Path) -> None:
+    cfg = base_config(tmp_path, smtp_port=free_port(), admin_port=free_port())
+    gw = GatewayProcess(tmp_path, cfg).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", gw.smtp_port) as s:
+            s.sendmail("alice@client.test", ["sales@example.test"], make_mail(message_id="<cli1@client.test>"))
+    finally:
+        gw.stop()
+    out = _cli("messages", "list", "--config", str(gw.path), "--json")
+    assert out.returncode == 0, out.stderr
+    [row] = [json.loads(line) for line in out.stdout.splitlines()]
+    assert {"id", "state", "message_id", "mail_from", "rcpt_tos", "sha256", "size"} <= set(row)
+    assert row["message_id"] == "<cli1@client.test>" and row["rcpt_tos"] == ["sales@example.test"]
+    shown = _cli("messages", "show", str(row["id"]), "--config", str(gw.path), "--json")
+    assert json.loads(shown.stdout)["history"][0]["state"] == "received"
+    raw = subprocess.run([sys.executable, "-m", "gateway.cli", "messages", "show", str(row["id"]), "--raw",
+                          "--config", str(gw.path)], cwd=ROOT, capture_output=True, timeout=60)
+    assert raw.stdout == make_mail(message_id="<cli1@client.test>")
+    assert _cli("messages", "show", "999", "--config", str(gw.path)).returncode == 1
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[listeners]]\nkind = 'smtpx'\n[storage]\nurll = 'x'\n")
+    res = _cli("check-config", "--config", str(bad))
+    assert res.returncode == 1
+    assert f"{bad}: listeners[0].kind:" in res.stderr and f"{bad}: storage.urll: unknown key" in res.stderr
+
+
+def test_log_lines_carry_spool_id_and_message_id(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging("INFO")
+    logging.getLogger("gateway.test").info("delivered", extra={"spool_id": 42, "message_id": "<x@y>"})
+    assert "delivered spool_id=42 message_id=<x@y>" in capsys.readouterr().err
+
+
+def test_example_config_serves_from_a_fresh_copy(tmp_path: Path) -> None:
+    """README's run command: the example config works as it is (ports 2525/2424/8025 must be free)."""
+    import shutil
+    import socket
+
+    for port in (2525, 2424, 8025):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"port {port} is in use on this machine")
+    shutil.copy(ROOT / "config" / "mailgate.toml", tmp_path / "mailgate.toml")
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(tmp_path / "mailgate.toml")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        def up() -> bool:
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:8025/healthz", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until(up, timeout=30, what="the example gateway")
+        with smtplib.SMTP("127.0.0.1", 2525) as s:
+            s.sendmail("a@client.test", ["sales@example.test"], make_mail(message_id="<ex1@client.test>"))
+        assert (tmp_path / "var" / "mailgate.db").exists()
+        out = _cli("messages", "list", "--config", str(tmp_path / "mailgate.toml"), "--json")
+        assert json.loads(out.stdout.splitlines()[0])["message_id"] == "<ex1@client.test>"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
