@@ -70,9 +70,11 @@ class StorageConfig(_Model):
     """Where the spool lives. A relative sqlite path is relative to the config file's folder."""
 
     url: str = "sqlite:///var/mailgate.db"
-    # Group commit: a batch is flushed when it holds this many messages or this many ms have passed.
+    # Group commit: a batch is what queued up while the previous commit ran (up to `group_commit_max`);
+    # `group_commit_ms` > 0 also waits that long for more. Measured (bench/ingest.py, 16 sessions, 4 KB):
+    # 0 ms → 2,080 msgs/s, 0.5 ms → 1,855, 2 ms → 1,707, 5 ms → 1,055: waiting only adds latency.
     group_commit_max: int = Field(64, gt=0)
-    group_commit_ms: float = Field(2.0, ge=0)
+    group_commit_ms: float = Field(0.0, ge=0)
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
 
 

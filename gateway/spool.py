@@ -182,7 +182,7 @@ class SpoolWriter:
     event loop never blocks on fsync. While one batch commits, the next one fills.
     """
 
-    def __init__(self, engine: Engine, *, max_batch: int = 64, max_wait_ms: float = 2.0,
+    def __init__(self, engine: Engine, *, max_batch: int = 64, max_wait_ms: float = 0.0,
                  on_commit: Any = None):
         self.engine = engine
         self.max_batch = max_batch
