@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from routing.arf import parse_arf  # noqa: E402
 from routing.autoreply import detect_auto_reply  # noqa: E402
 from routing.bounce import classify_bounce  # noqa: E402
+from tests.corpus import message_files  # noqa: E402
 
 
 def _labels(folder: Path) -> list[dict]:
@@ -114,17 +115,6 @@ def autoreply(folder: Path) -> tuple[list[str], dict]:
     return misses, {"labelled": n, "addr": ok, "kind": ok}
 
 
-def all_messages(root: Path) -> list[Path]:
-    out = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and path.suffix not in {".json", ".jsonl", ".md", ".sha256"} \
-                    and not path.name.startswith(("LICENSE", "COPYING", "MIT-LICENSE", "README")) \
-                    and "LICENSES" not in path.parts and not path.name.endswith("imaptest-script"):
-                out.append(path)
-    return out
-
-
 def timing(paths: list[Path], repeat: int) -> tuple[float, float, int]:
     """Seconds per message: stdlib compat32 parse, then bounce + auto-reply + ARF on freshly parsed messages
     (each pass parses anew, so no per-message cache carries over between passes)."""
@@ -172,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    miss   {line}")
         for line in stats.get("policy", []) if args.misses else stats.get("policy", [])[:10]:
             print(f"    policy {line}")
-    paths = all_messages(args.corpus)
+    paths = message_files(args.corpus)
     print(f"\ntiming, {args.repeat} pass(es); ratio = classification (bounce + auto-reply + ARF) / stdlib parse")
     for label, subset in (("all corpus", paths),
                           ("NDRs (flufl.bounce)", [p for p in paths if "flufl.bounce" in p.parts]),

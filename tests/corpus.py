@@ -36,11 +36,8 @@ def labels(folder: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def all_corpus_files() -> list[Path]:
-    """Every message file in every corpus folder (mbox files included as whole files)."""
-    root = corpus_root()
-    if root is None:
-        return []
+def message_files(root: Path) -> list[Path]:
+    """Every message file under a corpus root (mbox files included as whole files), labels and licences left out."""
     out: list[Path] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         for path in sorted(folder.rglob("*")):
@@ -49,3 +46,9 @@ def all_corpus_files() -> list[Path]:
                     and "LICENSES" not in path.parts and not path.name.endswith("imaptest-script"):
                 out.append(path)
     return out
+
+
+def all_corpus_files() -> list[Path]:
+    """Every message file in every corpus folder; empty when the corpus is absent."""
+    root = corpus_root()
+    return message_files(root) if root is not None else []
