@@ -26,6 +26,10 @@ def register(sub: Any) -> None:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--raw", action="store_true", help="print the raw message bytes")
     sp.set_defaults(func=cmd_show)
+    pp = msub.add_parser("purge", help="retention: drop raw bodies of finished mail older than N days")
+    add_config_arg(pp)
+    pp.add_argument("--older-than-days", type=int, default=None, help="default: [retention] raw_days")
+    pp.set_defaults(func=cmd_purge)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -77,4 +81,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"{'history':>16}:")
     for h in data["history"]:
         print(f"{'':>16}  {h['at']} {h['state']}: {h['note'] or ''}")
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Bodies go (personal data); rows, decisions, history and events stay."""
+    import datetime as dt
+
+    from gateway.spool import purge_raw
+    from gateway.store import utcnow
+
+    config = load_or_exit(args.config)
+    days = args.older_than_days if args.older_than_days is not None else config.retention.raw_days
+    n = purge_raw(open_engine(config), utcnow() - dt.timedelta(days=days))
+    print(f"purged the raw bodies of {n} message(s) finished more than {days} day(s) ago")
     return 0

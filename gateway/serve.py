@@ -190,6 +190,7 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
         gw.admin_port = server.sockets[0].getsockname()[1] if server and server.sockets else config.admin.port
         log.info("admin HTTP on %s:%s (/healthz, /metrics)", config.admin.host, gw.admin_port)
 
+    gw.background.append(asyncio.create_task(_retention(gw), name="retention"))
     if config.odoo.url and config.odoo.sync_aliases:
         gw.background.append(asyncio.create_task(_sync_rcpt_aliases(gw), name="alias-sync"))
     run_imap = _optional("gateway.imap", "run_imap_sources")
@@ -210,6 +211,27 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
             gw.worker_threads = run_workers(build_worker_factory(config, engine), config.worker.concurrency,
                                             gw.worker_stop, gw.worker_wake, poll=config.worker.poll_interval)
     return gw
+
+
+async def _retention(gw: Gateway, every: float = 3600.0) -> None:
+    """Drop raw bodies of finished mail after `[retention] raw_days` (GDPR); decisions and events stay."""
+    import datetime as dt
+
+    from gateway.spool import purge_raw
+    from gateway.store import utcnow
+
+    while not gw.stop_event.is_set():
+        try:
+            cutoff = utcnow() - dt.timedelta(days=gw.config.retention.raw_days)
+            n = await asyncio.to_thread(purge_raw, gw.engine, cutoff)
+            if n:
+                log.info("retention: purged the raw bodies of %d message(s)", n)
+        except Exception as exc:  # the store is briefly unavailable: try again next round
+            log.warning("retention purge failed: %s", exc)
+        try:
+            await asyncio.wait_for(gw.stop_event.wait(), every)
+        except asyncio.TimeoutError:
+            pass
 
 
 async def _sync_rcpt_aliases(gw: Gateway) -> None:

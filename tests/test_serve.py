@@ -125,3 +125,28 @@ def test_example_config_serves_from_a_fresh_copy(tmp_path: Path) -> None:
         proc.wait(30)
 
 
+
+
+def test_retention_purge_cli(tmp_path: Path) -> None:
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from gateway.schema import messages
+    from gateway.spool import Envelope, get_message, get_raw, spool_one
+    from gateway.store import open_store, utcnow
+
+    cfg = base_config(tmp_path, smtp_port=free_port(), admin_port=free_port())
+    path = tmp_path / "mailgate.toml"
+    path.write_text(to_toml(cfg))
+    engine = open_store(cfg["storage"]["url"])
+    old = spool_one(engine, make_mail(message_id="<old@x>"), Envelope("a@x", ("sales@example.test",)))
+    fresh = spool_one(engine, make_mail(message_id="<fresh@x>"), Envelope("a@x", ("sales@example.test",)))
+    with engine.begin() as conn:
+        conn.execute(update(messages).values(state="delivered"))
+        conn.execute(update(messages).where(messages.c.id == old)
+                     .values(received_at=utcnow() - dt.timedelta(days=31)))
+    res = _cli("messages", "purge", "--config", str(path))
+    assert res.returncode == 0 and "raw bodies of 1 message" in res.stdout
+    assert get_raw(engine, old) is None and get_message(engine, old).state == "delivered"  # type: ignore[union-attr]
+    assert get_raw(engine, fresh) is not None
