@@ -60,17 +60,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     table = config.alias_table()
     problems: list[str] = []
     odoo_report: dict[str, Any] | None = None
-    if args.odoo or config.odoo.url:
-        check = None
-        try:
-            from gateway.odoo.check import check_odoo_access as check  # type: ignore[no-redef]
-        except ImportError:
-            pass
-        if check is not None and config.odoo.url:
-            odoo_report = check(config)
-            problems.extend(odoo_report.get("problems", []))
-        elif args.odoo:
-            problems.append("odoo: no [odoo] url configured")
+    if config.odoo.url:
+        from gateway.odoo.check import check_odoo_access
+
+        odoo_report = check_odoo_access(config)
+        problems.extend(odoo_report.get("problems", []))
+    elif args.odoo:
+        problems.append("odoo: no [odoo] url configured")
     if args.json:
         print(json.dumps({
             "domains": [d.__dict__ for d in table.domains],

@@ -9,7 +9,6 @@ and swaps the alias table used at RCPT time and by routing — listeners keep ru
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 import multiprocessing
 import signal
@@ -28,14 +27,6 @@ from gateway.store import open_store
 from gateway.worker import run_workers
 
 log = logging.getLogger(__name__)
-
-
-def _optional(module: str, attr: str) -> Any:
-    """A component another part of the gateway provides; None when this install lacks it."""
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ModuleNotFoundError, AttributeError):
-        return None
 
 
 def make_rcpt_verdict(config: Config):  # type: ignore[no-untyped-def]
@@ -182,8 +173,9 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
         log.info("%s listener on %s:%d", lc.kind.upper(), lc.host, gw.ports[handler.name])
 
     if config.admin.enabled:
-        extra = _optional("gateway.events", "add_event_routes")
-        app = make_admin_app(engine, extra_routes=(lambda a: extra(a, config, engine)) if extra else None)
+        from gateway.events import add_event_routes
+
+        app = make_admin_app(engine, extra_routes=lambda a: add_event_routes(a, config, engine))
         gw.admin_runner = await start_admin(app, config.admin.host, config.admin.port)
         sites = list(gw.admin_runner.sites)
         server = getattr(sites[0], "_server", None) if sites else None
@@ -193,12 +185,16 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
     gw.background.append(asyncio.create_task(_retention(gw), name="retention"))
     if config.odoo.url and config.odoo.sync_aliases:
         gw.background.append(asyncio.create_task(_sync_rcpt_aliases(gw), name="alias-sync"))
-    run_imap = _optional("gateway.imap", "run_imap_sources")
-    if config.imap and run_imap:
-        gw.background.append(asyncio.create_task(run_imap(config, engine, writer, gw.stop_event), name="imap"))
-    run_outbound = _optional("gateway.relay_service", "run_outbound_services")
-    if run_outbound and (any(lc.kind == "submission" for lc in config.listeners) or config.events.webhooks):
-        gw.background.append(asyncio.create_task(run_outbound(config, engine, gw.stop_event), name="outbound"))
+    if config.imap:
+        from gateway.imap import run_imap_sources
+
+        gw.background.append(asyncio.create_task(run_imap_sources(config, engine, writer, gw.stop_event),
+                                                 name="imap"))
+    if any(lc.kind == "submission" for lc in config.listeners) or config.events.webhooks:
+        from gateway.relay_service import run_outbound_services
+
+        gw.background.append(asyncio.create_task(run_outbound_services(config, engine, gw.stop_event),
+                                                 name="outbound"))
 
     if workers:
         if config.worker.processes and config_path:
