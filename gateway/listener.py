@@ -145,10 +145,13 @@ class SpoolHandler:
         return line
 
 
-class _LeanDataMixin:
-    """DATA reading and address parsing that do their work in C (see module docstring)."""
+class LeanSMTPMixin:
+    """DATA reading and address parsing that do their work in C, one idle timer per connection, replies
+    without a drain each (see module docstring). Used by the inbound listeners and the submission listener;
+    `_check_content` is the hook for content rules (none by default)."""
 
-    policy: ListenerPolicy
+    def _listener_name(self) -> str:
+        return str(getattr(self.event_handler, "name", "smtp"))  # type: ignore[attr-defined]
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         m = _FAST_ADDR.match(arg) or _PATH.match(arg) or _BARE.match(arg)
@@ -193,15 +196,6 @@ class _LeanDataMixin:
         if transport is None or transport.get_write_buffer_size() > 65536:
             await self._writer.drain()  # type: ignore[attr-defined]
 
-    async def _handle_client(self) -> None:
-        if not peer_allowed(self.session.peer, self._networks):  # type: ignore[attr-defined]
-            REFUSED.labels(self.event_handler.name, "554").inc()  # type: ignore[attr-defined]
-            log.warning("refused connection from %s: not in allowed_networks", _ip(self.session.peer))  # type: ignore[attr-defined]
-            await self.push("554 5.7.1 Client host rejected: not in allowed networks")  # type: ignore[attr-defined]
-            self.transport.close()  # type: ignore[attr-defined]
-            return
-        await super()._handle_client()  # type: ignore[misc]
-
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():  # type: ignore[attr-defined]
@@ -233,7 +227,7 @@ class _LeanDataMixin:
         if reply is None:
             reply = self._check_content(data, envelope)
         if reply is not None:
-            REFUSED.labels(self.event_handler.name, reply[:3]).inc()  # type: ignore[attr-defined]
+            REFUSED.labels(self._listener_name(), reply[:3]).inc()
             self._set_post_data_state()  # type: ignore[attr-defined]
             await self.push(reply)  # type: ignore[attr-defined]
             return
@@ -290,6 +284,25 @@ class _LeanDataMixin:
                     reader._buffer[:0] = leftover  # type: ignore[attr-defined]
                 return
             tail = window[-(len(_TERMINATOR) - 1):]
+
+    def _check_content(self, data: bytes, envelope: SmtpEnvelope) -> str | None:
+        """The refusal line for content this listener does not take, or None (default: takes anything)."""
+        return None
+
+
+class _InboundRules:
+    """What the catchall listeners refuse, beyond size: checks at C speed, connection gate by network."""
+
+    policy: ListenerPolicy
+
+    async def _handle_client(self) -> None:
+        if not peer_allowed(self.session.peer, self._networks):  # type: ignore[attr-defined]
+            REFUSED.labels(self.event_handler.name, "554").inc()  # type: ignore[attr-defined]
+            log.warning("refused connection from %s: not in allowed_networks", _ip(self.session.peer))  # type: ignore[attr-defined]
+            await self.push("554 5.7.1 Client host rejected: not in allowed networks")  # type: ignore[attr-defined]
+            self.transport.close()  # type: ignore[attr-defined]
+            return
+        await super()._handle_client()  # type: ignore[misc]
 
     def _check_content(self, data: bytes, envelope: SmtpEnvelope) -> str | None:
         """RFC 5321/5322 checks in single C-speed passes; returns the refusal line or None."""
@@ -373,14 +386,14 @@ def _install_member_cache() -> None:
 _install_member_cache()
 
 
-class GatewaySMTP(_LeanDataMixin, SMTP):
+class GatewaySMTP(_InboundRules, LeanSMTPMixin, SMTP):
     def __init__(self, handler: SpoolHandler, *, networks: list[Any], **kwargs: Any):
         self.policy = handler.policy
         self._networks = networks
         super().__init__(handler, **kwargs)
 
 
-class GatewayLMTP(_LeanDataMixin, LMTP):
+class GatewayLMTP(_InboundRules, LeanSMTPMixin, LMTP):
     def __init__(self, handler: SpoolHandler, *, networks: list[Any], **kwargs: Any):
         self.policy = handler.policy
         self._networks = networks
