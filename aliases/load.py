@@ -71,7 +71,8 @@ def alias_from_odoo_row(row: Mapping[str, Any]) -> Alias:
     bounced = row.get("alias_bounced_content") or None
     return Alias(address=str(full).lower(), model=model, defaults=_defaults(row.get("alias_defaults")),
                  contact=contact, force_thread_id=int(force) if force else None,
-                 bounced_content=bounced if isinstance(bounced, str) else None, source="odoo")
+                 bounced_content=bounced if isinstance(bounced, str) else None, source="odoo",
+                 incoming_local=bool(row.get("alias_incoming_local")))
 
 
 def merge_aliases(config_table: AliasTable, odoo_rows: Iterable[Mapping[str, Any]]) -> MergeResult:
@@ -87,7 +88,8 @@ def merge_aliases(config_table: AliasTable, odoo_rows: Iterable[Mapping[str, Any
         except ValueError as exc:
             warnings.append(f"skipped Odoo alias: {exc}")
             continue
-        if config_table.domain(alias.domain) is None:
+        if config_table.domain(alias.domain) is None and not alias.incoming_local:
+            # (an incoming_local alias still matches by local part in our domains, as in Odoo)
             warnings.append(f"skipped Odoo alias {alias.address}: domain {alias.domain} is not configured here")
             continue
         if alias.address in by_address:
@@ -98,7 +100,8 @@ def merge_aliases(config_table: AliasTable, odoo_rows: Iterable[Mapping[str, Any
             continue
         added.append(alias.address)
         extra.append(alias)
-    table = AliasTable(domains=config_table.domains, aliases=config_table.aliases + tuple(extra))
+    table = AliasTable(domains=config_table.domains, aliases=config_table.aliases + tuple(extra),
+                       incoming_local_domains=config_table.incoming_local_domains)
     return MergeResult(table, tuple(added), tuple(overridden), tuple(warnings))
 
 

@@ -46,6 +46,9 @@ class Alias:
     tracking: bool = True
     bounced_content: str | None = None
     source: Literal["config", "odoo"] = "config"
+    # Odoo's `alias_incoming_local`: the local part matches on any domain allowed by the table's
+    # `incoming_local_domains` (Odoo's `mail.catchall.domain.allowed`; empty = any domain).
+    incoming_local: bool = False
 
     @property
     def local(self) -> str:
@@ -65,12 +68,31 @@ class AliasTable:
 
     domains: tuple[Domain, ...] = ()
     aliases: tuple[Alias, ...] = ()
+    incoming_local_domains: tuple[str, ...] = ()
     _by_address: dict[str, Alias] = field(default_factory=dict, init=False, repr=False, compare=False)
     _by_domain: dict[str, Domain] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _by_local: dict[str, Alias] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_by_address", {a.address.lower(): a for a in self.aliases})
         object.__setattr__(self, "_by_domain", {d.name.lower(): d for d in self.domains})
+        by_local: dict[str, Alias] = {}
+        for a in self.aliases:
+            if a.incoming_local:
+                by_local.setdefault(a.local.lower(), a)
+        object.__setattr__(self, "_by_local", by_local)
+
+    def local_alias(self, local: str, domain: str) -> Alias | None:
+        """An `incoming_local` alias named `local`, when `domain` may use it (Odoo spec §1.7: our alias
+        domains always may; others only when the allowed list is empty or names them)."""
+        alias = self._by_local.get(local.lower())
+        if alias is None:
+            return None
+        domain = domain.lower()
+        allowed = {d.lower() for d in self.incoming_local_domains}
+        if not allowed or domain in allowed or domain in self._by_domain:
+            return alias
+        return None
 
     def domain(self, name: str) -> Domain | None:
         return self._by_domain.get(name.lower())

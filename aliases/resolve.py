@@ -37,12 +37,15 @@ class Resolved:
     alias: Alias | None = None
     tag: str | None = None       # the +tag when subaddressing matched a base alias/catchall/bounce
     domain: Domain | None = None
+    via_local: bool = False      # matched an `incoming_local` alias by its local part only
 
     def describe(self) -> str:
         where = {"rcpt": "envelope RCPT", "delivered-to": "Delivered-To", "x-original-to": "X-Original-To",
                  "to": "To", "cc": "Cc", "resent-to": "Resent-To", "resent-cc": "Resent-Cc"}[self.source]
         if self.kind == "alias" and self.alias is not None:
             what = f"alias {self.alias.address} → {self.alias.model}"
+            if self.via_local:
+                what += " (local part; incoming_local)"
             if self.alias.force_thread_id:
                 what += f" (forced thread {self.alias.force_thread_id})"
         elif self.kind == "foreign":
@@ -70,6 +73,9 @@ def resolve_address(table: AliasTable, address: str, source: Source = "rcpt") ->
     addr = f"{local}@{domain_name}" if domain_name else local
     domain = table.domain(domain_name) if domain_name else None
     if domain is None:
+        local_alias = table.local_alias(local, domain_name) if domain_name else None
+        if local_alias is not None:  # Odoo's alias_incoming_local on another domain
+            return Resolved(addr, source, "alias", alias=local_alias, via_local=True)
         return Resolved(addr, source, "foreign")
     exact = table.alias(addr)
     if exact is not None:
@@ -88,6 +94,9 @@ def resolve_address(table: AliasTable, address: str, source: Source = "rcpt") ->
             return Resolved(addr, source, "alias", alias=based, tag=tag_or_none, domain=domain)
     if domain.catchall and base == domain.catchall.lower():
         return Resolved(addr, source, "catchall", tag=tag_or_none, domain=domain)
+    local_alias = table.local_alias(local, domain_name)
+    if local_alias is not None:
+        return Resolved(addr, source, "alias", alias=local_alias, domain=domain, via_local=True)
     return Resolved(addr, source, "unknown", domain=domain)
 
 
@@ -125,7 +134,9 @@ def rcpt_verdict(table: AliasTable, address: str) -> tuple[Verdict, str]:
     is routable, so refusing it would lose mail the sysadmin asked to keep.
     """
     res = resolve_address(table, address, "rcpt")
-    if res.kind == "foreign":
+    if res.kind == "foreign" or (res.via_local and res.domain is None):
+        # A local-part alias routes mail that reached us for another domain (headers), but RCPT for a domain
+        # we do not serve is still refused: accepting it would make us a sink for anybody's domain.
         return "no_relay", f"{res.address or address!r}: not a domain this gateway accepts mail for"
     if res.kind in ("alias", "catchall", "bounce", "verp"):
         return "accept", res.describe()

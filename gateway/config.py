@@ -102,6 +102,7 @@ class AliasConfig(_Model):
     create_partner: bool = False
     tracking: bool = True
     bounced_content: str | None = None
+    incoming_local: bool = False  # also match the local part on other domains (Odoo's alias_incoming_local)
 
 
 class DomainConfig(_Model):
@@ -214,6 +215,9 @@ class RetentionConfig(_Model):
 
 class RoutingConfig(_Model):
     auto_reply: Literal["drop", "note"] = "drop"
+    # Domains whose mail may match `incoming_local` aliases by local part (Odoo's mail.catchall.domain.allowed);
+    # empty → any domain. Our own domains always may.
+    incoming_local_domains: tuple[str, ...] = ()
     refusal_window_hours: float = Field(24.0, gt=0)
     max_headers: int = Field(1000, gt=0)
     max_mime_depth: int = Field(20, gt=0)
@@ -295,10 +299,11 @@ class Config(_Model):
         aliases = tuple(
             Alias(address=a.address.lower(), model=a.model, defaults=tuple(sorted(a.defaults.items())),
                   contact=a.contact, force_thread_id=a.force_thread_id, create_partner=a.create_partner,
-                  tracking=a.tracking, bounced_content=a.bounced_content)
+                  tracking=a.tracking, bounced_content=a.bounced_content, incoming_local=a.incoming_local)
             for a in self.aliases
         )
-        return AliasTable(domains=domains, aliases=aliases)
+        return AliasTable(domains=domains, aliases=aliases,
+                          incoming_local_domains=tuple(d.lower() for d in self.routing.incoming_local_domains))
 
     def storage_url(self) -> str:
         return resolve_storage_url(self.storage.url, self.base_dir)

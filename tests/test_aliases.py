@@ -119,3 +119,26 @@ def test_build_table_from_the_fixture_config():
     assert table.alias("SALES@example.COM").defaults_dict() == {"team_id": 3}
     assert table.domain("strict.example.org").default_alias == "helpdesk@strict.example.org"
     assert rcpt_verdict(table, "random@strict.example.org")[0] == "accept"  # default alias
+
+
+def test_incoming_local_from_config_and_from_odoo_rows() -> None:
+    from aliases.load import merge_aliases
+    from aliases.resolve import resolve_address
+    from gateway.config import parse_config
+
+    cfg = parse_config({
+        "domains": [{"name": "example.test"}],
+        "aliases": [{"address": "jobs@example.test", "model": "hr.applicant", "incoming_local": True}],
+        "routing": {"incoming_local_domains": ["Partner.Example"]},
+    }, base_dir="/tmp")
+    table = cfg.alias_table()
+    assert resolve_address(table, "jobs@partner.example", "to").alias.address == "jobs@example.test"  # type: ignore[union-attr]
+    assert resolve_address(table, "jobs@elsewhere.example", "to").kind == "foreign"
+    # An Odoo alias on a domain we do not serve is kept when it is incoming_local (it matches by local part)…
+    merged = merge_aliases(table, [
+        {"alias_full_name": "careers@odoo-only.example", "model": "hr.applicant", "alias_incoming_local": True},
+        {"alias_full_name": "other@odoo-only.example", "model": "crm.lead"},
+    ])
+    assert "careers@odoo-only.example" in merged.added
+    assert any("other@odoo-only.example" in w for w in merged.warnings)  # …and skipped otherwise
+    assert resolve_address(merged.table, "careers@example.test", "to").alias.model == "hr.applicant"  # type: ignore[union-attr]

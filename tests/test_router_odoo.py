@@ -242,3 +242,46 @@ def test_bounce_from_mailer_demon():
     real_or_skip(DEFAULT_DETECTORS.classify_bounce, parse_mail(raw).msg, verp=None, to_bounce_address=False)
     d = decide(raw, detectors=DEFAULT_DETECTORS)
     assert d.action == Action.BOUNCE and d.targets == ()
+
+
+# ------------------------------------------------- E. local-part aliases (Odoo's alias_incoming_local)
+def _local_table(allowed: tuple[str, ...] = (), incoming_local: bool = True):  # type: ignore[no-untyped-def]
+    """TABLE with `groups@` as Odoo syncs it, flagged alias_incoming_local, and the allowed-domains list."""
+    from dataclasses import replace
+
+    from aliases.load import alias_from_odoo_row
+
+    odoo_groups = alias_from_odoo_row({"alias_name": "groups", "alias_full_name": GROUPS,
+                                       "model": "mail.test.gateway", "alias_incoming_local": incoming_local})
+    aliases = tuple(odoo_groups if a.address == GROUPS else a for a in TABLE.aliases)
+    return replace(TABLE, aliases=aliases, incoming_local_domains=allowed)
+
+
+def test_route_alias_alias_incoming_local():
+    """`groups@another.domain.com` reaches the `groups` alias when it is incoming_local; not otherwise."""
+    d = decide(mail("To: groups@another.domain.com"), table=_local_table())
+    assert d.action == Action.CREATE and targets(d) == [("mail.test.gateway", None, GROUPS)]
+    assert any("incoming_local" in line for line in d.explanation)
+    d = decide(mail("To: groups@another.domain.com"), table=_local_table(incoming_local=False))
+    assert d.action == Action.QUARANTINE
+
+
+@pytest.mark.parametrize("allowed, matches", [
+    ((), True),                                    # ICP empty: any domain
+    (("another.domain.com",), True),               # ICP lists the domain
+    (("other.example",), False),                   # ICP lists other domains only
+])
+def test_alias_with_allowed_domains(allowed, matches):
+    d = decide(mail("To: groups@another.domain.com"), table=_local_table(allowed))
+    assert (d.action == Action.CREATE) is matches
+    # the full address always matches, whatever the list says
+    full = decide(mail(f"To: {GROUPS}"), table=_local_table(allowed))
+    assert full.action == Action.CREATE and targets(full) == [("mail.test.gateway", None, GROUPS)]
+
+
+def test_incoming_local_never_opens_rcpt_for_foreign_domains():
+    from aliases.resolve import rcpt_verdict
+
+    table = _local_table()
+    assert rcpt_verdict(table, "groups@another.domain.com")[0] == "no_relay"
+    assert rcpt_verdict(table, GROUPS)[0] == "accept"
