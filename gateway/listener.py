@@ -251,6 +251,8 @@ class LeanSMTPMixin:
         while True:
             idx = buf.find(_TERMINATOR, start)
             if idx >= 0:
+                if idx > limit:  # the whole oversize message was already buffered when we first looked
+                    raise asyncio.LimitOverrunError("message exceeds the size limit", idx)
                 break
             if len(buf) > limit:
                 raise asyncio.LimitOverrunError("message exceeds the size limit", len(buf))

@@ -302,3 +302,39 @@ async def test_line_length_limit_is_exact(gw: Gateway, line_len: int, accepted: 
     code, _ = await c.send_data(raw)
     await c.close()
     assert (code == 250) is accepted
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_oversize_refused_whether_it_arrives_at_once_or_in_pieces(gw: Gateway, chunked: bool) -> None:
+    c = await gw.client()
+    await _envelope(c, "sales@example.test")
+    assert (await c.cmd("DATA"))[0] == 354
+    body = make_mail(size=400_000) + b".\r\n"
+    if chunked:
+        for i in range(0, len(body), 50_000):
+            c.writer.write(body[i:i + 50_000])
+            await c.writer.drain()
+            await asyncio.sleep(0.02)
+    else:
+        c.writer.write(body)
+        await c.writer.drain()
+        await asyncio.sleep(0.2)  # let it all land in the server's buffer before the server looks
+    code, text = await c.reply()
+    assert code == 552 and text.startswith("5.3.4")
+    assert (await c.cmd("NOOP"))[0] == 250  # the session goes on after the oversize message
+    await c.close()
+    assert gw.stored() == []
+
+
+async def test_read_data_refuses_an_oversize_message_already_in_the_buffer() -> None:
+    """The race CI hit: the whole message and its terminator were buffered before DATA looked at them."""
+    from gateway.listener import LeanSMTPMixin
+
+    reader = asyncio.StreamReader(limit=1 << 20)
+    reader.feed_data(b"x" * 5000 + b"\r\n.\r\nQUIT\r\n")
+    with pytest.raises(asyncio.LimitOverrunError):
+        await LeanSMTPMixin._read_data(None, reader, 1000)  # type: ignore[arg-type]
+    reader2 = asyncio.StreamReader(limit=1 << 20)
+    reader2.feed_data(b"small\r\n..dot\r\n.\r\nQUIT\r\n")
+    assert await LeanSMTPMixin._read_data(None, reader2, 1000) == b"small\r\n..dot\r\n"  # type: ignore[arg-type]
+    assert await reader2.readline() == b"QUIT\r\n"  # pipelined commands stay for the command loop
