@@ -27,6 +27,7 @@ from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, sele
 from gateway.batching import next_batch
 from gateway.schema import message_bodies, message_log, messages
 from gateway.store import as_utc, utcnow
+from routing.threads import normalize_message_id
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +114,6 @@ def header_block(raw: bytes, limit: int = 256 * 1024) -> bytes:
     head = raw[:limit]
     m = _HEADER_END.search(head)
     return head[: m.start()] if m else head
-
-
-def normalize_message_id(value: str | None) -> str | None:
-    """`<id@host>` stripped of folding and whitespace; bare ids get brackets. Odoo matches byte for byte."""
-    if not value:
-        return None
-    text = re.sub(r"\s+", "", value)
-    m = _ANGLE.search(text)
-    if m:
-        return f"<{m.group(1)}>"
-    text = text.strip("<>")
-    return f"<{text}>" if text else None
 
 
 def _header_value(head: bytes, pattern: re.Pattern[bytes]) -> str | None:

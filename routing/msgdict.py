@@ -29,19 +29,9 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 
+from routing.threads import normalize_message_id
+
 _ANGLE = re.compile(r"<[^<>]+>")
-
-
-def normalize_message_id(value: str | None) -> str | None:
-    """Stripped and bracketed, whitespace removed: Odoo stores and matches Message-IDs byte for byte."""
-    if not value:
-        return None
-    text = re.sub(r"\s+", "", str(value))
-    m = _ANGLE.search(text)
-    if m:
-        return m.group(0)
-    text = text.strip("<>")
-    return f"<{text}>" if text else None
 
 
 def reference_ids(value: str | None) -> list[str]:

@@ -21,8 +21,8 @@ ODOO_LOOP_MARK = "-loop-detection-bounce-email@"
 def normalize_message_id(value: str | None) -> str | None:
     """`<id@host>` stripped of folding and whitespace; bare ids get brackets. Odoo matches byte for byte.
 
-    Same semantics as `gateway.spool.normalize_message_id` (the spool's dedupe key): both must agree, or a
-    redelivery would not be recognised as a duplicate. A test pins the two together.
+    The one normalisation everywhere: the spool's dedupe key, routing's reference lookups and the
+    `message_id` delivery hands Odoo must agree, or a redelivery would not be recognised as a duplicate.
     """
     if not value:
         return None
