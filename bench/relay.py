@@ -143,7 +143,12 @@ def gateway_main(smarthost_port: int, sessions: int, db_dir: str, port_q: "mp.Qu
         import cProfile
         cProfile.runctx("asyncio.run(run())", globals(), {"run": run, "asyncio": asyncio}, profile)
     else:
-        asyncio.run(run())
+        try:
+            import uvloop  # as `mailgate serve` runs
+
+            uvloop.run(run())
+        except ImportError:
+            asyncio.run(run())
 
 
 async def run_gateway(gw_port: int, mails: list[tuple[str, bytes]], sessions: int, count) -> float:  # type: ignore[no-untyped-def]

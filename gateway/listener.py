@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session, syntax
 
 from gateway.config import ListenerConfig
 from gateway.metrics import ACCEPTED, REFUSED
-from gateway.spool import Envelope, SpoolError, SpoolWriter
+from gateway.spool import Envelope, SpoolError, Spooler
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class ListenerPolicy:
 class SpoolHandler:
     """aiosmtpd handler: every hook returns the reply line; nothing here blocks the event loop."""
 
-    def __init__(self, writer: SpoolWriter, policy: ListenerPolicy):
+    def __init__(self, writer: Spooler, policy: ListenerPolicy):
         self.writer = writer
         self.policy = policy
         self.name = policy.config.name or f"{policy.config.kind}:{policy.config.port}"

@@ -20,9 +20,11 @@ from typing import Any
 from sqlalchemy import Engine
 
 from gateway.admin import make_admin_app, start_admin
+from gateway.childproc import die_with_parent
 from gateway.config import Config, ConfigError, load_config
 from gateway.listener import ListenerPolicy, SpoolHandler, bound_port, start_listener
-from gateway.spool import SpoolWriter
+from gateway.spool import Spooler, SpoolWriter
+from gateway.spool_process import ProcessSpoolWriter
 from gateway.store import open_store
 from gateway.worker import run_workers
 
@@ -44,7 +46,7 @@ class Gateway:
     config: Config
     config_path: str | None
     engine: Engine
-    writer: SpoolWriter
+    writer: Spooler
     handlers: list[SpoolHandler] = field(default_factory=list)
     servers: list[asyncio.base_events.Server] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
@@ -114,21 +116,10 @@ def build_worker_factory(config: Config, engine: Engine):  # type: ignore[no-unt
     return lambda i: Worker(config, engine, route=route, deliver=delivery)
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the serve process dies (even by SIGKILL), so no orphan worker keeps running."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _worker_process_main(config_path: str) -> None:  # pragma: no cover - runs in a child process
     from gateway.logs import setup_logging
 
-    _die_with_parent()
+    die_with_parent()
     setup_logging()
     config = load_config(config_path)
     engine = open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous, migrate=False)
@@ -156,8 +147,7 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
         if "gw" in gw_ref:
             gw_ref["gw"].worker_wake.set()
 
-    writer = SpoolWriter(engine, max_batch=config.storage.group_commit_max,
-                         max_wait_ms=config.storage.group_commit_ms, on_commit=on_commit)
+    writer = make_spool_writer(config, engine, on_commit)
     await writer.start()
     gw = Gateway(config=config, config_path=config_path, engine=engine, writer=writer)
     gw_ref["gw"] = gw
@@ -207,6 +197,17 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
             gw.worker_threads = run_workers(build_worker_factory(config, engine), config.worker.concurrency,
                                             gw.worker_stop, gw.worker_wake, poll=config.worker.poll_interval)
     return gw
+
+
+def make_spool_writer(config: Config, engine: Engine, on_commit: Any) -> Spooler:
+    """The listeners' writer: a child process unless the config says thread (or the store is in memory)."""
+    thread = SpoolWriter(engine, max_batch=config.storage.group_commit_max,
+                         max_wait_ms=config.storage.group_commit_ms, on_commit=on_commit)
+    url = engine.url.render_as_string(hide_password=False)
+    if config.storage.writer == "thread" or ":memory:" in url:
+        return thread
+    return ProcessSpoolWriter(url, synchronous=config.storage.sqlite_synchronous,
+                              max_batch=config.storage.group_commit_max, inline=thread, on_commit=on_commit)
 
 
 async def _retention(gw: Gateway, every: float = 3600.0) -> None:

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 
@@ -157,6 +157,16 @@ def sha256_of(raw: bytes) -> str:
 
 
 # -------------------------------------------------------------------------------------------- writer
+class Spooler(Protocol):
+    """What listeners and the IMAP puller need from a writer (this module's thread writer, or
+    `gateway.spool_process.ProcessSpoolWriter`)."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def store(self, raw: bytes, envelope: Envelope) -> int: ...
+    def notify_committed(self, count: int) -> None: ...
+
+
 @dataclass
 class _Pending:
     raw: bytes
