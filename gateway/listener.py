@@ -96,6 +96,7 @@ class SpoolHandler:
         self.writer = writer
         self.policy = policy
         self.name = policy.config.name or f"{policy.config.kind}:{policy.config.port}"
+        self._accepted = ACCEPTED.labels(self.name)  # once: `labels()` takes a lock and a dict lookup
 
     def set_rcpt_verdict(self, verdict: RcptVerdict) -> None:
         """SIGHUP: swap the alias table without restarting the listener."""
@@ -134,7 +135,7 @@ class SpoolHandler:
         except SpoolError as exc:
             REFUSED.labels(self.name, "451").inc()
             return self._per_rcpt(server, envelope, f"451 4.3.0 Temporary failure storing message ({exc.__class__.__name__}); try again later")
-        ACCEPTED.labels(self.name).inc()
+        self._accepted.inc()
         return self._per_rcpt(server, envelope, f"250 2.0.0 Ok: queued as {spool_id}")
 
     @staticmethod

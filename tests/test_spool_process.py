@@ -122,3 +122,70 @@ async def test_fault_injection_answers_without_writing(engine: Engine) -> None:
         await w.store(mail("<nospace@x>"), env())
     await w.close()
     assert list_messages(engine) == []
+
+
+async def test_store_url_is_not_on_the_command_line(engine: Engine) -> None:
+    """A PostgreSQL URL carries the password: `ps` shows every user a process's arguments."""
+    w = writer_for(engine)
+    await w.start()
+    with open(f"/proc/{w.child_pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    await w.close()
+    assert argv[2:4] == [b"gateway.spool_process", b"FULL"]
+    assert not any(str(engine.url.database).encode() in a for a in argv if a)
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.add(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_serve_killed_leaves_no_spool_writer_behind(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL of `mailgate serve` alone (not its process group): its spool writer and workers exit too."""
+    import time
+
+    from tests.gateway_proc import GatewayProcess, base_config, free_port
+    from tests.smtp_wire import WireClient
+
+    async def send_one(port: int) -> int:
+        c = await WireClient.connect("127.0.0.1", port)
+        await c.reply()
+        for line in ("EHLO client.test", "MAIL FROM:<alice@client.test>", "RCPT TO:<sales@example.test>"):
+            await c.cmd(line)
+        code, _ = await c.send_data(mail("<before-kill@x>"))
+        await c.close()
+        return code
+
+    gw = GatewayProcess(tmp_path, base_config(tmp_path, smtp_port=free_port(), admin_port=free_port())).start()
+    assert gw.proc is not None
+    try:
+        assert asyncio.run(send_one(gw.smtp_port)) == 250
+        children = _children(gw.proc.pid)
+        cmdlines = [open(f"/proc/{c}/cmdline", "rb").read() for c in children]
+        assert any(b"gateway.spool_process" in c for c in cmdlines), cmdlines
+        os.kill(gw.proc.pid, signal.SIGKILL)
+        gw.proc.wait()
+        deadline = time.monotonic() + 15
+        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [c for c in children if _alive(c)]
+    finally:
+        gw.kill()
