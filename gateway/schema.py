@@ -21,9 +21,9 @@ Id = BigInteger().with_variant(Integer(), "sqlite")
 messages = Table(
     "messages", metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
-    Column("state", String(16), nullable=False, index=True),  # received|routed|retrying|delivered|quarantined|dead|dropped
+    Column("state", String(16), nullable=False),  # received|routed|retrying|delivered|quarantined|dead|dropped
     Column("message_id", String(998)),                          # normalised <id>, or None when the mail has none
-    Column("sha256", String(64), nullable=False, index=True),
+    Column("sha256", String(64), nullable=False),
     Column("size", Integer, nullable=False),
     Column("mail_from", Text, nullable=False, default=""),
     Column("rcpt_tos", Text, nullable=False),                   # JSON list
@@ -34,7 +34,7 @@ messages = Table(
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
-    Column("next_attempt_at", DateTime(timezone=True), nullable=False, index=True),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
     Column("lease_owner", String(128)),
     Column("lease_until", DateTime(timezone=True)),
     Column("decision", Text),            # JSON Decision
@@ -43,6 +43,8 @@ messages = Table(
     Column("thread_key", String(998)),   # messages sharing a key are delivered in order
     Column("raw_purged", Boolean, nullable=False, default=False),
 )
+# Only these three: each index is pages written by every group commit (migration 0002 dropped `state`,
+# `sha256` and `next_attempt_at` alone, which these cover).
 Index("ix_messages_claim", messages.c.state, messages.c.next_attempt_at)
 Index("ix_messages_thread", messages.c.thread_key)
 Index("ix_messages_dedupe", messages.c.message_id, messages.c.sha256)
