@@ -137,8 +137,8 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
     engine = engine or open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous)
     from gateway.relay_service import tune_interpreter
 
-    # The spool writer thread must get the GIL promptly when its fsync returns: every session in the batch
-    # waits for that commit, so the switch interval is part of every 250's latency.
+    # Store writer threads (the relay's, and the spool's with `writer = "thread"`) must get the GIL promptly
+    # when their fsync returns: every session in the batch waits for that commit.
     tune_interpreter()
     hostname = hostname or socket.getfqdn()  # once: aiosmtpd would resolve it again for every connection
     gw_ref: dict[str, Gateway] = {}
@@ -207,7 +207,8 @@ def make_spool_writer(config: Config, engine: Engine, on_commit: Any) -> Spooler
     if config.storage.writer == "thread" or ":memory:" in url:
         return thread
     return ProcessSpoolWriter(url, synchronous=config.storage.sqlite_synchronous,
-                              max_batch=config.storage.group_commit_max, inline=thread, on_commit=on_commit)
+                              max_batch=config.storage.group_commit_max, max_wait_ms=config.storage.group_commit_ms,
+                              inline=thread, on_commit=on_commit)
 
 
 async def _retention(gw: Gateway, every: float = 3600.0) -> None:

@@ -27,6 +27,7 @@ import os
 import select
 import struct
 import sys
+import time
 from typing import Any
 
 from gateway.spool import Envelope, SpoolError, SpoolWriter
@@ -71,7 +72,7 @@ def take_frames(buf: bytearray, limit: int) -> tuple[list[tuple[bytes, Envelope]
 _URL_ENV = "MAILGATE_SPOOL_WRITER_URL"  # the store URL may hold a password: not on the command line (ps)
 
 
-def child_main(synchronous: str, max_batch: int) -> int:  # pragma: no cover - runs in the child
+def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0) -> int:  # pragma: no cover - child
     from gateway.childproc import die_with_parent
     from gateway.logs import setup_logging
     from gateway.spool import spool_many
@@ -94,8 +95,11 @@ def child_main(synchronous: str, max_batch: int) -> int:  # pragma: no cover - r
                 eof = True
             buf += data
             continue
-        # Company for this commit: whatever else is already waiting in the pipe.
-        while len(items) < max_batch and not eof and select.select([0], [], [], 0)[0]:
+        # Company for this commit: whatever else is already waiting in the pipe (and, with `group_commit_ms`,
+        # what arrives within that long).
+        deadline = time.monotonic() + max_wait_ms / 1000.0
+        while len(items) < max_batch and not eof and \
+                select.select([0], [], [], max(0.0, deadline - time.monotonic()))[0]:
             data = os.read(0, _READ_CHUNK)
             if not data:
                 eof = True
@@ -134,11 +138,12 @@ def _grow_pipe(fd: int) -> None:
 class ProcessSpoolWriter:
     """`SpoolWriter`'s interface, committing in a child process (`python -m gateway.spool_process`)."""
 
-    def __init__(self, url: str, *, synchronous: str = "FULL", max_batch: int = 64,
+    def __init__(self, url: str, *, synchronous: str = "FULL", max_batch: int = 64, max_wait_ms: float = 0.0,
                  inline: SpoolWriter, inline_max: int = 1 << 20, on_commit: Any = None):
         self.url = url
         self.synchronous = synchronous
         self.max_batch = max_batch
+        self.max_wait_ms = max_wait_ms
         self.inline = inline            # large messages, and the fallback's interface for tests
         self.inline_max = inline_max
         self._on_commit = on_commit
@@ -167,6 +172,7 @@ class ProcessSpoolWriter:
                 return self._proc
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway.spool_process", self.synchronous, str(self.max_batch),
+                str(self.max_wait_ms),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=_child_env(self.url))
             self.children_started += 1
             _grow_pipe_transport(self._proc)
@@ -264,4 +270,4 @@ def _grow_pipe_transport(proc: asyncio.subprocess.Process) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(child_main(sys.argv[1], int(sys.argv[2])))
+    sys.exit(child_main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))

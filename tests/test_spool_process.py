@@ -189,3 +189,22 @@ def test_serve_killed_leaves_no_spool_writer_behind(tmp_path) -> None:  # type: 
         assert not [c for c in children if _alive(c)]
     finally:
         gw.kill()
+
+
+async def test_group_commit_wait_gathers_company(engine: Engine) -> None:
+    """`group_commit_ms` in the child: stores arriving within the wait share one commit (one transaction)."""
+    w = writer_for(engine, max_wait_ms=300)
+    await w.start()
+    assert await w.store(mail("<warm@x>"), env()) > 0  # the child is up
+
+    async def late(i: int) -> int:
+        await asyncio.sleep(0.05 * i)
+        return await w.store(mail(f"<w{i}@x>"), env())
+
+    ids = await asyncio.gather(*[late(i) for i in range(4)])
+    await w.close()
+    with engine.connect() as conn:
+        # One transaction: ids are consecutive and the log rows carry one commit timestamp.
+        stamps = {row[0] for row in conn.execute(text(
+            f"SELECT at FROM message_log WHERE message IN ({', '.join(map(str, ids))})"))}
+    assert sorted(ids) == list(range(min(ids), min(ids) + 4)) and len(stamps) == 1
