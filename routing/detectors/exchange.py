@@ -10,7 +10,7 @@ from __future__ import annotations
 import email.message
 import re
 
-from routing.detectors.base import Hit, cut_returned, notice_text, recipient_blocks, sender_addresses
+from routing.detectors.base import Hit, cut_returned, notice_text, recipient_blocks, sender_addresses, section_after
 
 _INTRO = re.compile(r"did\s+not\s+reach\s+the\s+following\s+recipient(?:\(s\)|s)?\s*:?"
                     r"|delivery\s+has\s+failed\s+to\s+these\s+recipients(?:\s+or\s+(?:groups|distribution\s+lists))?\s*:"
@@ -27,10 +27,9 @@ class ExchangeDetector:
 
     def detect(self, msg: email.message.Message) -> tuple[Hit, ...]:
         text = cut_returned(notice_text(msg))
-        m = _INTRO.search(text)
-        if m is None:
+        section = section_after(text, _INTRO)
+        if section is None:
             return ()
-        section = text[m.end():]
         # X.400 originator lines hide the SMTP address inside; bring it to the front of its line.
         section = _X400.sub(lambda x: "\n" + x.group(1) + " ", section)
         section = _BRACKETED.sub(lambda x: x.group(1) + " ", section)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import email.message
 import re
 
-from routing.detectors.base import Hit, cut_returned, notice_text, recipient_blocks, sender_addresses
+from routing.detectors.base import Hit, cut_returned, notice_text, recipient_blocks, sender_addresses, section_after
 
 _INTRO = re.compile(r"could\s+not\s+be\s+delivered\s+to\s+one\s+or\s+more\s+destinations", re.IGNORECASE)
 _SIGNATURE = re.compile(r"^\s*the\s+.{1,60}\s+program\s*$", re.IGNORECASE | re.MULTILINE)
@@ -20,10 +20,9 @@ class PostfixDetector:
 
     def detect(self, msg: email.message.Message) -> tuple[Hit, ...]:
         text = cut_returned(notice_text(msg))
-        m = _INTRO.search(text)
-        if m is None:
+        section = section_after(text, _INTRO)
+        if section is None:
             return ()
-        section = text[m.end():]
         sig = _SIGNATURE.search(section)
         if sig:
             section = section[sig.end():]
