@@ -163,12 +163,12 @@ class ProcessSpoolWriter:
         await self._ensure_child()
 
     async def _ensure_child(self) -> asyncio.subprocess.Process:
-        proc = self._proc
-        if proc is not None and proc.returncode is None and self._reader is not None and not self._reader.done():
-            return proc
+        if self._child_up():
+            assert self._proc is not None
+            return self._proc
         async with self._spawn_lock:
-            if self._proc is not None and self._proc.returncode is None and self._reader is not None \
-                    and not self._reader.done():
+            if self._child_up():  # another store started it while this one waited for the lock
+                assert self._proc is not None
                 return self._proc
             self._proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "gateway.spool_process", self.synchronous, str(self.max_batch),
@@ -179,6 +179,10 @@ class ProcessSpoolWriter:
             self._reader = asyncio.create_task(self._read_replies(self._proc), name="spool-writer-replies")
             log.info("spool writer process %d started", self._proc.pid)
             return self._proc
+
+    def _child_up(self) -> bool:
+        return (self._proc is not None and self._proc.returncode is None and self._reader is not None
+                and not self._reader.done())
 
     async def store(self, raw: bytes, envelope: Envelope) -> int:
         """Durably spool one message; raises SpoolError when the store cannot commit."""
