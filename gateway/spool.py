@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -262,6 +263,27 @@ def spool_many(engine: Engine, items: Sequence[tuple[bytes, Envelope]]) -> list[
         return insert_messages(conn, items)
 
 
+def spool_many_sqlite(dbapi_conn: Any, dialect: Any, items: Sequence[tuple[bytes, Envelope]]) -> list[int]:
+    """`spool_many` on a bare sqlite3 connection (autocommit mode, the store's pragmas applied), for the spool
+    writer process: BEGIN IMMEDIATE … COMMIT without SQLAlchemy's engine and transaction objects.
+
+    Measured in the writer process at 4 KB and 16 sessions: SQLAlchemy's begin/execute/commit machinery was
+    ≈200 µs of CPU per commit — more than SQLite's own work for a batch of four — and group commits here are
+    small (2–6 messages), so that fixed cost was paid almost per message."""
+    if not items:
+        return []
+    rows, logs = _message_rows(items, None, utcnow())
+    dbapi_conn.execute("BEGIN IMMEDIATE")
+    try:
+        ids = _insert_sqlite(dbapi_conn, dialect, rows, items, logs)
+        dbapi_conn.execute("COMMIT")
+    except BaseException:
+        if dbapi_conn.in_transaction:
+            dbapi_conn.execute("ROLLBACK")
+        raise
+    return ids
+
+
 def insert_messages(conn: Connection, items: Sequence[tuple[bytes, Envelope]], *,
                     hashes: Sequence[str] | None = None, now: dt.datetime | None = None) -> list[int]:
     """The spool rows for `items`, on the caller's connection and transaction (the IMAP puller commits its
@@ -272,7 +294,19 @@ def insert_messages(conn: Connection, items: Sequence[tuple[bytes, Envelope]], *
     """
     if not items:
         return []
-    now = now or utcnow()
+    rows, logs = _message_rows(items, hashes, now or utcnow())
+    if conn.dialect.name == "sqlite":
+        return _insert_sqlite(conn.connection.driver_connection, conn.dialect, rows, items, logs)
+    result = conn.execute(insert(messages).returning(messages.c.id, sort_by_parameter_order=True), rows)
+    ids = [int(r[0]) for r in result]
+    conn.execute(insert(message_bodies), [{"message": i, "raw": raw} for i, (raw, _) in zip(ids, items)])
+    conn.execute(insert(message_log), [{"message": i, **log_row} for i, log_row in zip(ids, logs)])
+    return ids
+
+
+def _message_rows(items: Sequence[tuple[bytes, Envelope]], hashes: Sequence[str] | None, now: dt.datetime,
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The `messages` and `message_log` rows of newly received messages."""
     rows = []
     for k, (raw, env) in enumerate(items):
         mid, thread_key = header_facts(raw)
@@ -283,45 +317,43 @@ def insert_messages(conn: Connection, items: Sequence[tuple[bytes, Envelope]], *
             attempts=0, next_attempt_at=now, raw_purged=False, thread_key=thread_key or None,
         ))
     logs = [{"at": now, "state": "received", "note": f"via {env.source} {env.listener}".strip()} for _, env in items]
-    if conn.dialect.name == "sqlite":
-        return _insert_sqlite(conn, rows, items, logs)
-    result = conn.execute(insert(messages).returning(messages.c.id, sort_by_parameter_order=True), rows)
-    ids = [int(r[0]) for r in result]
-    conn.execute(insert(message_bodies), [{"message": i, "raw": raw} for i, (raw, _) in zip(ids, items)])
-    conn.execute(insert(message_log), [{"message": i, **log_row} for i, log_row in zip(ids, logs)])
-    return ids
+    return rows, logs
 
 
 _MESSAGE_COLUMNS = ("state", "message_id", "sha256", "size", "mail_from", "rcpt_tos", "client_addr", "helo",
                     "listener", "source", "received_at", "updated_at", "attempts", "next_attempt_at", "raw_purged",
                     "thread_key")
+_INSERT_MESSAGE = (f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)}) "
+                   f"VALUES ({', '.join('?' for _ in _MESSAGE_COLUMNS)})")
 
 
-def _insert_sqlite(conn: Connection, rows: list[dict[str, Any]], items: Sequence[tuple[bytes, Envelope]],
+@functools.lru_cache(maxsize=8)
+def _binders(dialect: Any) -> tuple[list[Any], Any]:
+    """The dialect's bind processors for `messages` (in column order) and `message_log.at`, built once."""
+    return ([messages.c[c].type.bind_processor(dialect) for c in _MESSAGE_COLUMNS],
+            message_log.c.at.type.bind_processor(dialect))
+
+
+def _insert_sqlite(dbapi: Any, dialect: Any, rows: list[dict[str, Any]], items: Sequence[tuple[bytes, Envelope]],
                    logs: list[dict[str, Any]]) -> list[int]:
-    """The same rows through the sqlite3 driver, inside SQLAlchemy's transaction on this connection.
+    """The same rows through the sqlite3 driver, inside the transaction already open on `dbapi`.
 
     Statement building is the listener's commit latency on SQLite (measured: 1.84 ms vs 0.98 ms for a batch of
     16; 4 KB ingest 1,833–2,007 → 2,377–2,819 msgs/s with 16 sessions). Values go through the dialect's own bind
     processors, so what SQLAlchemy reads back is exactly what it would have written.
     """
-    dialect = conn.dialect
-    procs = {c: messages.c[c].type.bind_processor(dialect) for c in _MESSAGE_COLUMNS}
-    log_at = message_log.c.at.type.bind_processor(dialect)
-    dbapi = conn.connection.driver_connection
-    sql = (f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)}) "
-           f"VALUES ({', '.join('?' for _ in _MESSAGE_COLUMNS)})")
+    procs, log_at = _binders(dialect)
     ids = []
     for row in rows:
-        values = [procs[c](row[c]) if procs[c] else row[c] for c in _MESSAGE_COLUMNS]
-        ids.append(int(dbapi.execute(sql, values).lastrowid))  # type: ignore[union-attr]
+        values = [proc(row[c]) if proc else row[c] for c, proc in zip(_MESSAGE_COLUMNS, procs)]
+        ids.append(int(dbapi.execute(_INSERT_MESSAGE, values).lastrowid))
     small = [(i, raw) for i, (raw, _) in zip(ids, items) if len(raw) < _BLOB_STREAM_MIN]
     if small:
-        dbapi.executemany("INSERT INTO message_bodies (message, raw) VALUES (?, ?)", small)  # type: ignore[union-attr]
+        dbapi.executemany("INSERT INTO message_bodies (message, raw) VALUES (?, ?)", small)
     for i, (raw, _) in zip(ids, items):
         if len(raw) >= _BLOB_STREAM_MIN:
-            _write_blob_sqlite(conn, i, raw)
-    dbapi.executemany("INSERT INTO message_log (message, at, state, note) VALUES (?, ?, ?, ?)",  # type: ignore[union-attr]
+            _write_blob_sqlite(dbapi, i, raw)
+    dbapi.executemany("INSERT INTO message_log (message, at, state, note) VALUES (?, ?, ?, ?)",
                       [(i, log_at(lg["at"]) if log_at else lg["at"], lg["state"], lg["note"]) for i, lg in zip(ids, logs)])
     return ids
 
@@ -330,16 +362,15 @@ _BLOB_STREAM_MIN = 1 << 20
 _BLOB_CHUNK = 1 << 20
 
 
-def _write_blob_sqlite(conn: Connection, ident: int, raw: bytes) -> None:
+def _write_blob_sqlite(dbapi: Any, ident: int, raw: bytes) -> None:
     """Large bodies on SQLite: insert a zeroblob and stream into it (sqlite3 blob I/O).
 
     Binding a 25 MB value makes SQLite copy it twice (the bound value, then the record); streaming keeps the
     peak near one copy of the message — the listener's memory target is 3x the message size.
     """
-    conn.execute(insert(message_bodies).values(message=ident, raw=func.zeroblob(len(raw))))
-    dbapi_conn = conn.connection.driver_connection
+    dbapi.execute("INSERT INTO message_bodies (message, raw) VALUES (?, zeroblob(?))", (ident, len(raw)))
     view = memoryview(raw)
-    with dbapi_conn.blobopen("message_bodies", "raw", ident) as blob:  # type: ignore[union-attr]
+    with dbapi.blobopen("message_bodies", "raw", ident) as blob:
         for offset in range(0, len(raw), _BLOB_CHUNK):
             blob.write(view[offset:offset + _BLOB_CHUNK])
 

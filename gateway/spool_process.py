@@ -75,7 +75,7 @@ _URL_ENV = "MAILGATE_SPOOL_WRITER_URL"  # the store URL may hold a password: not
 def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0) -> int:  # pragma: no cover - child
     from gateway.childproc import die_with_parent
     from gateway.logs import setup_logging
-    from gateway.spool import spool_many
+    from gateway.spool import spool_many, spool_many_sqlite
     from gateway.store import open_store
 
     die_with_parent()
@@ -83,6 +83,15 @@ def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0) -> in
     url = os.environ.pop(_URL_ENV)
     _grow_pipe(0)
     engine = open_store(url, synchronous=synchronous, migrate=False)
+    if engine.dialect.name == "sqlite":  # one connection for the child's life, pragmas applied by the engine
+        raw_conn = engine.raw_connection()
+        dialect = engine.dialect
+
+        def commit(items: list[tuple[bytes, Envelope]]) -> list[int]:
+            return spool_many_sqlite(raw_conn.driver_connection, dialect, items)
+    else:
+        def commit(items: list[tuple[bytes, Envelope]]) -> list[int]:
+            return spool_many(engine, items)
     buf = bytearray()
     eof = False
     while True:
@@ -108,7 +117,7 @@ def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0) -> in
             items, used = take_frames(buf, max_batch)
         del buf[:used]
         try:
-            ids = spool_many(engine, items)
+            ids = commit(items)
             reply = b"".join(_REP.pack(i, 0) for i in ids)
         except Exception as exc:  # every sender in the batch answers 451; nothing of the batch is kept
             log.error("spool commit failed for %d message(s): %s", len(items), exc)

@@ -338,3 +338,41 @@ async def test_read_data_refuses_an_oversize_message_already_in_the_buffer() -> 
     reader2.feed_data(b"small\r\n..dot\r\n.\r\nQUIT\r\n")
     assert await LeanSMTPMixin._read_data(None, reader2, 1000) == b"small\r\n..dot\r\n"  # type: ignore[arg-type]
     assert await reader2.readline() == b"QUIT\r\n"  # pipelined commands stay for the command loop
+
+
+def _line_fault_reference(data: bytes, limit: int) -> str | None:
+    """The plain definition: split on CRLF; a LF left inside a piece is bare; a piece longer than `limit`
+    (bare CRs included) is a long line."""
+    pieces = data.split(b"\r\n")
+    if any(b"\n" in p for p in pieces):
+        return "bare_lf"
+    return "long" if any(len(p) > limit for p in pieces) else None
+
+
+def test_line_fault_agrees_with_the_plain_definition() -> None:
+    """line_fault counts instead of splitting on CRLF; on random messages (mixes of CRLF, bare CR, bare LF and line
+    lengths around the limit) it must give the same answer as the plain definition."""
+    import random
+
+    from gateway.listener import line_fault
+
+    rng = random.Random(20261122)
+    limit = 40
+    seen = {"bare_lf": 0, "long": 0, None: 0}
+    for _ in range(4000):
+        parts = []
+        for _ in range(rng.randint(0, 6)):
+            parts.append(b"x" * rng.choice([0, 1, 20, limit - 1, limit, limit + 1, limit + 2, 90]))
+            parts.append(rng.choice([b"\r\n"] * 6 + [b"\r", b"\n", b"\r\r\n", b"\n\r"]))
+        if parts:  # as DATA hands it over: empty, or ending in the CRLF before the final "."
+            parts.append(b"\r\n")
+        data = b"".join(parts)
+        got = line_fault(data, limit)
+        assert got == _line_fault_reference(data, limit), data
+        seen[got] += 1
+    assert all(n > 100 for n in seen.values()), seen  # every outcome was exercised
+    big = (b"y" * 70 + b"\r\n") * 16000  # over 1 MiB: the path that does not build a list of lines
+    assert line_fault(big, 998) is None
+    assert line_fault(big + b"z" * 999 + b"\r\n", 998) == "long"
+    assert line_fault(b"z" * 999 + b"\r\n" + big, 998) == "long"
+    assert line_fault(big + b"a\nb\r\n", 998) == "bare_lf"

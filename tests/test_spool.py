@@ -185,3 +185,27 @@ def test_migrations_match_the_schema(engine: Engine) -> None:
     with engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diffs == []
+
+
+def test_new_sqlite_spool_uses_large_pages_and_keeps_an_existing_databases_own(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A new database takes PAGE_SIZE (fewer WAL frames per body); one created before keeps its page size
+    and still opens (SQLite ignores page_size on a non-empty database outside VACUUM)."""
+    import sqlite3
+
+    from gateway.store import PAGE_SIZE, open_store
+
+    new = open_store(f"sqlite:///{tmp_path}/new.db")
+    with new.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA page_size").scalar() == PAGE_SIZE
+    new.dispose()
+    old_path = tmp_path / "old.db"
+    raw = sqlite3.connect(old_path)
+    raw.execute("PRAGMA page_size=4096")
+    raw.execute("CREATE TABLE keep (x)")
+    raw.commit()
+    raw.close()
+    old = open_store(f"sqlite:///{old_path}")
+    with old.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA page_size").scalar() == 4096
+    assert spool_one(old, mail("<old@x>"), env()) > 0
+    old.dispose()
