@@ -135,8 +135,10 @@ def gateway_main(smarthost_port: int, sessions: int, db_dir: str, port_q: "mp.Qu
         b = services.batcher
         import resource
         ru = resource.getrusage(resource.RUSAGE_SELF)
-        print(f"gateway process: cpu {ru.ru_utime + ru.ru_stime:.2f} s; writer thread busy {b.busy_seconds:.2f} s, "
-              f"{b.units} units in {b.batches} commits", file=sys.stderr)
+        where = (f"writer thread busy {b.busy_seconds:.2f} s, {b.units} units in {b.batches} commits"
+                 if hasattr(b, "busy_seconds") else f"{b.units} units to the batch process")
+        print(f"gateway process: cpu {ru.ru_utime + ru.ru_stime:.2f} s (user {ru.ru_utime:.2f}, "
+              f"sys {ru.ru_stime:.2f}); {where}", file=sys.stderr)
         await services.close()
 
     if profile:

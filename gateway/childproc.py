@@ -1,9 +1,20 @@
-"""Child processes of `mailgate serve` (workers, the spool writer) must not outlive it."""
+"""Child processes of `mailgate serve`: they must not outlive it (workers, commit helpers), and the commit
+helpers are spoken to over a pipe (`PipeChild`)."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import logging
 import os
+import select
 import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def die_with_parent() -> None:
@@ -17,3 +28,203 @@ def die_with_parent() -> None:
         return
     if os.getppid() == 1:  # the parent died before prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+# ------------------------------------------------------------------------------------------ pipe children
+#: Reads one reply from the child's stdout: (True, value) or (False, error text). Raises
+#: asyncio.IncompleteReadError at EOF.
+ReplyReader = Callable[[asyncio.StreamReader], Awaitable[tuple[bool, Any]]]
+
+
+class PipeChild:
+    """A helper process spoken to over its stdin/stdout: requests go in order, replies come back in the
+    same order, each resolving the oldest pending future.
+
+    The commit helpers (`gateway.spool_process`, `gateway.batch_process`) share this: if the child dies, every
+    request it had not answered fails with `error(text)` (callers answer 451 or retry), and the next request
+    starts a new child. `env` carries what must not show in `ps` (a PostgreSQL password in the store URL).
+    """
+
+    def __init__(self, module: str, args: list[str], env: dict[str, str], read_reply: ReplyReader, *,
+                 error: Callable[[str], Exception], name: str):
+        self.module, self.args, self.env = module, args, env
+        self.read_reply = read_reply
+        self.error = error
+        self.name = name
+        self.on_reply: Callable[[bool], None] | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._spawn_lock = asyncio.Lock()
+        self._entering = 0                 # requests still waiting for the child to start (no future yet)
+        self._entered = asyncio.Event()
+        self._entered.set()
+        self.children_started = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def up(self) -> bool:
+        return (self._proc is not None and self._proc.returncode is None and self._reader is not None
+                and not self._reader.done())
+
+    async def ensure(self) -> asyncio.subprocess.Process:
+        if self.up():
+            assert self._proc is not None
+            return self._proc
+        async with self._spawn_lock:
+            if self.up():  # another request started it while this one waited for the lock
+                assert self._proc is not None
+                return self._proc
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", self.module, *self.args,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self.env)
+            self.children_started += 1
+            grow_pipe_transport(self._proc)
+            self._reader = asyncio.create_task(self._read_replies(self._proc), name=f"{self.name}-replies")
+            log.info("%s process %d started", self.name, self._proc.pid)
+            return self._proc
+
+    async def request(self, frame: bytes) -> Any:
+        """Send one request; return the child's answer to it (or raise `error`)."""
+        self._entering += 1
+        self._entered.clear()
+        try:
+            proc = await self.ensure()
+            assert proc.stdin is not None
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._pending.append(fut)
+            try:
+                proc.stdin.write(frame)
+                if proc.stdin.transport.get_write_buffer_size() > 8 << 20:  # the child is behind: wait for it
+                    await proc.stdin.drain()
+            except (ConnectionError, RuntimeError) as exc:
+                if not fut.done():
+                    fut.set_exception(self.error(f"{self.name} process unavailable: {exc}"))
+        finally:
+            self._entering -= 1
+            if not self._entering:
+                self._entered.set()
+        return await fut
+
+    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        try:
+            while True:
+                ok, value = await self.read_reply(proc.stdout)
+                if not self._pending:
+                    log.error("%s process answered a request nobody sent", self.name)
+                    continue
+                fut = self._pending.popleft()
+                if fut.done():
+                    continue
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(self.error(value or f"{self.name} failed"))
+                if self.on_reply is not None:
+                    self.on_reply(ok)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        code = await proc.wait()
+        if self._pending:
+            log.error("%s process %d exited (code %s) with %d request(s) unanswered; they fail", self.name,
+                      proc.pid, code, len(self._pending))
+        self._fail_pending(self.error(f"{self.name} process exited (code {code})"))
+
+    def _fail_pending(self, err: Exception) -> None:
+        while self._pending:
+            fut = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(err)
+
+    async def close(self) -> None:
+        """Let the child answer everything it was sent, then let it exit (EOF on its stdin)."""
+        await self._entered.wait()  # requests that were waiting for the child to start are sent first
+        if self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), 30)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._reader is not None:
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
+def child_env(extra: dict[str, str]) -> dict[str, str]:
+    """The parent's environment plus `extra`, with this checkout importable (python -m gateway.…)."""
+    env = dict(os.environ)
+    env.update(extra)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def grow_pipe(fd: int) -> None:
+    """A 100 KB request fits a 1 MiB pipe in one write (64 KiB default: several wake-ups per request)."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, 1031, 1 << 20)  # F_SETPIPE_SZ
+    except (OSError, ImportError):
+        pass
+
+
+def grow_pipe_transport(proc: asyncio.subprocess.Process) -> None:
+    transport = proc.stdin.transport if proc.stdin is not None else None
+    pipe = transport.get_extra_info("pipe") if transport is not None else None
+    if pipe is not None:
+        grow_pipe(pipe.fileno())
+
+
+_READ_CHUNK = 1 << 20
+
+
+def serve_batches(take: Callable[[bytearray, int], tuple[list[Any], int]], answer: Callable[[list[Any]], bytes], *,
+                  max_batch: int, max_wait_ms: float = 0.0) -> int:  # pragma: no cover - runs in children
+    """A commit helper's main loop: read requests from stdin, hand each batch to `answer`, write its replies.
+
+    `take(buf, limit)` returns the complete requests at the start of `buf` (at most `limit`) and the bytes
+    they used. A batch is whatever is already waiting in the pipe when the previous commit finished (group
+    commit), plus, with `max_wait_ms`, what arrives within that long. Returns 0 at EOF (the parent closed
+    our stdin: it is shutting down and has nothing more to send)."""
+    buf = bytearray()
+    eof = False
+    while True:
+        items, used = take(buf, max_batch)
+        if not items:
+            if eof:
+                return 0
+            data = os.read(0, _READ_CHUNK)  # block for the next request
+            if not data:
+                eof = True
+            buf += data
+            continue
+        deadline = time.monotonic() + max_wait_ms / 1000.0
+        while len(items) < max_batch and not eof and \
+                select.select([0], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            data = os.read(0, _READ_CHUNK)
+            if not data:
+                eof = True
+                break
+            buf += data
+            items, used = take(buf, max_batch)
+        del buf[:used]
+        write_all(1, answer(items))
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]

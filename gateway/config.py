@@ -76,8 +76,9 @@ class StorageConfig(_Model):
     group_commit_max: int = Field(64, gt=0)
     group_commit_ms: float = Field(0.0, ge=0)
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
-    # Who commits the listeners' spool writes: a child process (default; the listening loop and the commit do
-    # not share a GIL: bench/ingest.py) or a thread of the serve process.
+    # Who commits the listeners' spool writes and the relay's outbound bookkeeping: child processes (default;
+    # the listening loop and the commits do not share a GIL: bench/ingest.py, bench/relay.py) or threads of the
+    # serve process.
     writer: Literal["process", "thread"] = "process"
 
 

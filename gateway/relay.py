@@ -30,7 +30,7 @@ from sqlalchemy import Connection, Engine, insert, select
 from aliases.model import AliasTable
 from gateway.config import Config, ListenerConfig, secret as env_secret
 from gateway.listener import LeanSMTPMixin
-from gateway.relay_batch import TransactionBatcher
+from gateway.relay_batch import Committer
 from gateway.schema import outbound_mails, outbound_queue, outbound_recipients, thread_index
 from gateway.store import utcnow
 from gateway.tracking import click_url, pixel_url
@@ -260,7 +260,7 @@ def _insert_ids(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> lis
 class SubmissionHandler:
     """aiosmtpd handler: who may relay (MAIL), how many recipients (RCPT), durable queueing (DATA)."""
 
-    def __init__(self, listener: ListenerConfig, config: Config, batcher: TransactionBatcher, secret: bytes,
+    def __init__(self, listener: ListenerConfig, config: Config, batcher: Committer, secret: bytes,
                  on_queued: Callable[[list[QueuedCopy]], None] | None = None):
         self.listener = listener
         self.config = config
@@ -357,7 +357,7 @@ class _SubmissionSMTP(LeanSMTPMixin, SMTP):
     needs it (e.g. over-long 7-bit lines become quoted-printable)."""
 
 
-async def start_submission_listener(listener: ListenerConfig, config: Config, batcher: TransactionBatcher,
+async def start_submission_listener(listener: ListenerConfig, config: Config, batcher: Committer,
                                     secret: bytes,
                                     on_queued: Callable[[list[QueuedCopy]], None] | None = None,
                                     ) -> asyncio.base_events.Server:

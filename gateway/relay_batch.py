@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Engine
 
@@ -21,6 +21,15 @@ from gateway.batching import next_batch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Committer(Protocol):
+    """What the submission listener and the delivery worker need from a group committer: this thread-based
+    one, or `gateway.batch_process.ProcessTransactionBatcher` (the default outside tests)."""
+
+    async def run_grouped(self, group: Callable[[Connection, list[Any]], list[Any]], item: Any) -> Any: ...
+
+    async def close(self) -> None: ...
 
 
 class TransactionBatcher:

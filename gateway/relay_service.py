@@ -19,7 +19,8 @@ from gateway.config import Config, ConfigError, secret as env_secret
 from gateway.events import WebhookDispatcher, add_events_routes
 from gateway.outbound import OutboundWorker, SmtpTransport
 from gateway.relay import start_submission_listener
-from gateway.relay_batch import TransactionBatcher
+from gateway.batch_process import ProcessTransactionBatcher
+from gateway.relay_batch import Committer, TransactionBatcher
 from gateway.tracking import make_tracking_app
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class OutboundServices:
 
     worker: OutboundWorker
     dispatcher: WebhookDispatcher
-    batcher: TransactionBatcher
+    batcher: Committer
     smtp_servers: list[asyncio.base_events.Server] = field(default_factory=list)
     http_runner: web.AppRunner | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -87,13 +88,25 @@ def site_secret(config: Config) -> bytes:
     return value.encode()
 
 
+def make_committer(config: Config, engine: Engine) -> Committer:
+    """The outbound store's group committer: a child process (`gateway.batch_process`) unless the config
+    says thread, or the store is in memory (a child could not see it)."""
+    url = engine.url.render_as_string(hide_password=False)
+    storage = config.storage
+    if storage.writer == "thread" or ":memory:" in url:
+        tune_interpreter()
+        return TransactionBatcher(engine, max_batch=storage.group_commit_max, max_wait_ms=storage.group_commit_ms)
+    return ProcessTransactionBatcher(url, synchronous=storage.sqlite_synchronous, max_batch=storage.group_commit_max,
+                                     max_wait_ms=storage.group_commit_ms)
+
+
 async def start_outbound_services(config: Config, engine: Engine, stop: asyncio.Event, *,
                                   transport: SmtpTransport | None = None) -> OutboundServices:
     """Start everything; the worker and dispatcher run as tasks until `stop` is set."""
     secret = site_secret(config)
-    tune_interpreter()
-    batcher = TransactionBatcher(engine, max_batch=config.storage.group_commit_max,
-                                 max_wait_ms=config.storage.group_commit_ms)
+    batcher = make_committer(config, engine)
+    if isinstance(batcher, ProcessTransactionBatcher):
+        await batcher.start()
     dispatcher = WebhookDispatcher(engine, config.events)
     worker = OutboundWorker(engine, config, secret, batcher, transport=transport, on_event=dispatcher.wake)
     services = OutboundServices(worker=worker, dispatcher=dispatcher, batcher=batcher)

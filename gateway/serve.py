@@ -58,6 +58,9 @@ class Gateway:
     worker_threads: list[threading.Thread] = field(default_factory=list)
     worker_processes: list[multiprocessing.process.BaseProcess] = field(default_factory=list)
     background: list[asyncio.Task[Any]] = field(default_factory=list)
+    #: the background tasks that end by themselves once `stop_event` is set (closing their child processes
+    #: and connections on the way out); `stop` lets them finish before it cancels the rest
+    graceful: list[asyncio.Task[Any]] = field(default_factory=list)
     reloaded: int = 0
 
     def reload(self) -> None:
@@ -90,6 +93,8 @@ class Gateway:
         except asyncio.TimeoutError:
             log.warning("some sessions were still open after %.0fs; closing", drain_seconds)
         await self.writer.close()
+        if self.graceful:
+            await asyncio.wait(self.graceful, timeout=max(drain_seconds, 5.0))
         for t in self.background:
             t.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
@@ -185,6 +190,7 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
 
         gw.background.append(asyncio.create_task(run_outbound_services(config, engine, gw.stop_event),
                                                  name="outbound"))
+        gw.graceful.append(gw.background[-1])
 
     if workers:
         if config.worker.processes and config_path:

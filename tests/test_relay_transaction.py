@@ -1,0 +1,132 @@
+"""One outbound SMTP transaction as the delivery worker runs it (MAIL/RCPT/DATA through aiosmtplib's command
+API): what each refusal becomes, the SIZE and SMTPUTF8 parameters, and the DATA payload on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP
+
+from gateway.config import parse_config
+from gateway.outbound import SmtpTransport, wire_payload
+from tests.test_relay_support import base_config, free_port
+
+pytestmark = pytest.mark.events
+
+
+@dataclass
+class ScriptedHost:
+    """An aiosmtpd server whose MAIL/RCPT/DATA answers the test sets; it records what it was sent."""
+
+    mail_reply: str = "250 OK"
+    rcpt_reply: str = "250 OK"
+    data_reply: str = "250 2.0.0 Ok: queued"
+    utf8: bool = False
+    commands: list[str] = field(default_factory=list)
+    received: list[tuple[str, list[str], list[str], bytes]] = field(default_factory=list)
+    server: Any = None
+    port: int = 0
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):  # type: ignore[no-untyped-def]
+        self.commands.append("MAIL")
+        if self.mail_reply.startswith("250"):
+            envelope.mail_from = address
+            envelope.mail_options.extend(mail_options)
+        return self.mail_reply
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):  # type: ignore[no-untyped-def]
+        self.commands.append("RCPT")
+        if self.rcpt_reply.startswith("25"):
+            envelope.rcpt_tos.append(address)
+        return self.rcpt_reply
+
+    async def handle_RSET(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        self.commands.append("RSET")
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        self.commands.append("DATA")
+        self.received.append((envelope.mail_from, list(envelope.mail_options), list(envelope.rcpt_tos),
+                              envelope.original_content))
+        return self.data_reply
+
+    async def start(self) -> "ScriptedHost":
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            lambda: SMTP(self, decode_data=False, enable_SMTPUTF8=self.utf8, hostname="host.test"), "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def send(host: ScriptedHost, mail_from: str, rcpt: str, raw: bytes):  # type: ignore[no-untyped-def]
+    transport = SmtpTransport(parse_config(base_config(smarthost_port=host.port, tracking_port=free_port()),
+                                           base_dir="."))
+    try:
+        return await transport.send(mail_from, rcpt, raw)
+    finally:
+        await transport.close()
+
+
+MAIL = b"Subject: t\r\nMessage-ID: <t@x>\r\n\r\n.leading dot\r\nbody\r\n"
+
+
+async def test_delivered_with_size_and_the_payload_unstuffed_on_arrival() -> None:
+    host = await ScriptedHost().start()
+    try:
+        result = await send(host, "bounce+abc@example.test", "jo@customer.test", MAIL)
+        assert (result.outcome, result.code, result.status) == ("delivered", 250, "2.0.0")
+        mail_from, options, rcpts, content = host.received[0]
+        assert (mail_from, rcpts, content) == ("bounce+abc@example.test", ["jo@customer.test"], MAIL)
+        assert f"SIZE={len(MAIL)}" in options  # RFC 1870: the message size before dot-stuffing
+    finally:
+        await host.stop()
+
+
+@pytest.mark.parametrize("stage,reply,outcome,status", [
+    ("mail_reply", "553 5.1.8 Sender domain rejected", "bounced", "5.1.8"),
+    ("rcpt_reply", "550 5.1.1 No such user", "bounced", "5.1.1"),
+    ("rcpt_reply", "450 4.2.0 Greylisted, come back later", "deferred", "4.2.0"),
+    ("data_reply", "552 5.3.4 Message too big", "bounced", "5.3.4"),
+    ("data_reply", "451 4.3.0 Try again", "deferred", "4.3.0"),
+])
+async def test_each_refusal_becomes_its_outcome(stage: str, reply: str, outcome: str, status: str) -> None:
+    host = await ScriptedHost(**{stage: reply}).start()
+    try:
+        result = await send(host, "bounce@example.test", "jo@customer.test", MAIL)
+        assert (result.outcome, result.code, result.status) == (outcome, int(reply[:3]), status)
+        assert reply[4:] in result.text
+        if stage != "data_reply":  # a refused envelope is reset; nothing was handed over
+            assert host.commands[-1] == "RSET" and not host.received
+    finally:
+        await host.stop()
+
+
+async def test_non_ascii_address_needs_smtputf8() -> None:
+    plain = await ScriptedHost(utf8=False).start()
+    utf8 = await ScriptedHost(utf8=True).start()
+    try:
+        refused = await send(plain, "bounce@example.test", "jörg@customer.test", MAIL)
+        assert (refused.outcome, refused.code, refused.status) == ("bounced", 553, "5.6.7")
+        assert plain.commands == []  # refused before MAIL: the server could not have taken it
+        result = await send(utf8, "bounce@example.test", "jörg@customer.test", MAIL)
+        assert result.outcome == "delivered"
+        _, options, rcpts, _ = utf8.received[0]
+        assert "SMTPUTF8" in options and rcpts == ["jörg@customer.test"]
+    finally:
+        await plain.stop()
+        await utf8.stop()
+
+
+def test_wire_payload_normalises_only_what_needs_it_and_dot_stuffs() -> None:
+    assert wire_payload(b"a\r\nb\r\n") == (b"a\r\nb\r\n.\r\n", 6)
+    assert wire_payload(b"a\nb") == (b"a\r\nb\r\n.\r\n", 6)          # bare LF, no final line break
+    assert wire_payload(b"a\rb\r\n") == (b"a\r\nb\r\n.\r\n", 6)      # bare CR
+    assert wire_payload(b".x\r\n..y\r\n.\r\n") == (b"..x\r\n...y\r\n..\r\n.\r\n", 12)  # size before stuffing
+    assert wire_payload(b"") == (b"\r\n.\r\n", 2)
