@@ -30,6 +30,7 @@ from sqlalchemy import Connection, Engine, and_, bindparam, delete, or_, select,
 
 from aliases.model import AliasTable
 from gateway.config import Config, secret as env_secret
+from gateway.fastsql import execute_many
 from gateway.outbox import EventDraft, record_events
 from gateway.relay import QueuedCopy, verp_domain
 from gateway.relay_batch import Committer
@@ -430,12 +431,10 @@ def record_results(conn: Connection, batch: list[Attempt]) -> list[str]:
             drafts.append(EventDraft(type="bounced", seed=f"out:{copy.rcpt_id}:bounced", **base, data={
                 "kind": bounce_kind(result, reason), "reason": reason, "status": result.status,
                 "diagnostic": result.text, "remote_mta": result.remote_mta, "via": "smtp", "attempts": attempts}))
-    if finals:
-        conn.execute(_SET_STATE, finals)
-        conn.execute(_DROP_COPY, [{"rid": f["rid"]} for f in finals])
-    if deferred:
-        conn.execute(_SET_DEFERRED, deferred)
-        conn.execute(_RELEASE_COPY, [{"rid": d["rid"]} for d in deferred])
+    execute_many(conn, _SET_STATE, finals)
+    execute_many(conn, _DROP_COPY, [{"rid": f["rid"]} for f in finals])
+    execute_many(conn, _SET_DEFERRED, deferred)
+    execute_many(conn, _RELEASE_COPY, [{"rid": d["rid"]} for d in deferred])
     record_events(conn, drafts)
     return states
 

@@ -15,8 +15,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, select
 
+from gateway.fastsql import insert_rows
 from gateway.schema import events
 from gateway.store import utcnow
 
@@ -65,8 +66,7 @@ def record_events(conn: Connection, drafts: list[EventDraft]) -> int:
             "model": d.model, "res_id": d.res_id, "recipient": d.recipient,
             "data": json.dumps(d.data, sort_keys=True, default=str),
         })
-    if rows:
-        conn.execute(insert(events), rows)
+    insert_rows(conn, events, rows)
     return len(rows)
 
 

@@ -25,10 +25,11 @@ from email.utils import getaddresses, make_msgid
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Connection, Engine, select
 
 from aliases.model import AliasTable
 from gateway.config import Config, ListenerConfig, secret as env_secret
+from gateway.fastsql import insert_rows
 from gateway.listener import LeanSMTPMixin
 from gateway.relay_batch import Committer
 from gateway.schema import outbound_mails, outbound_queue, outbound_recipients, thread_index
@@ -205,7 +206,7 @@ def record_submissions(conn: Connection, subs: list[Submission], *, lease: dt.ti
         # Without a Message-ID nothing can thread back to this mail; give it one (the copies carry it).
         raws.append(sub.raw if sub.facts.message_id else f"Message-ID: {mid}\r\n".encode() + sub.raw)
         mids.append(mid)
-    mail_ids = _insert_ids(conn, outbound_mails, [
+    mail_ids = insert_rows(conn, outbound_mails, ids=True, rows=[
         {"message_id": mid, "model": sub.facts.model, "res_id": sub.facts.res_id, "mail_from": sub.mail_from,
          "created_at": now} for mid, sub in zip(mids, subs)])
     known = set(conn.execute(select(thread_index.c.message_id).where(
@@ -216,12 +217,11 @@ def record_submissions(conn: Connection, subs: list[Submission], *, lease: dt.ti
             known.add(mid)
             new_threads.append({"message_id": mid, "model": sub.facts.model, "res_id": sub.facts.res_id,
                                 "outbound": True, "is_internal": False, "outbound_mail": mail_id, "created_at": now})
-    if new_threads:
-        conn.execute(insert(thread_index), new_threads)
+    insert_rows(conn, thread_index, new_threads)
     rcpt_rows = [{"mail": mail_id, "recipient": rcpt, "state": "queued", "attempts": 0, "next_attempt_at": now,
                   "opens": 0, "clicks": 0}
                  for sub, mail_id in zip(subs, mail_ids) for rcpt in sub.rcpt_tos]
-    rcpt_ids = iter(_insert_ids(conn, outbound_recipients, rcpt_rows))
+    rcpt_ids = iter(insert_rows(conn, outbound_recipients, rcpt_rows, ids=True))
     out: list[list[QueuedCopy]] = []
     queue_rows = []
     for sub, mail_id, mid, raw in zip(subs, mail_ids, mids, raws):
@@ -241,19 +241,8 @@ def record_submissions(conn: Connection, subs: list[Submission], *, lease: dt.ti
                 res_id=sub.facts.res_id, mail_from=opts.return_path or sub.mail_from, raw=copy, created_at=now,
             ))
         out.append(copies)
-    if queue_rows:
-        conn.execute(insert(outbound_queue), queue_rows)
+    insert_rows(conn, outbound_queue, queue_rows)
     return out
-
-
-def _insert_ids(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> list[int]:
-    """Insert rows and return their new ids in row order (one multi-row INSERT … RETURNING)."""
-    if not rows:
-        return []
-    if len(rows) == 1:
-        return [conn.execute(insert(table), rows[0]).inserted_primary_key[0]]
-    stmt = insert(table).returning(table.c.id, sort_by_parameter_order=True)
-    return list(conn.execute(stmt, rows).scalars())
 
 
 # ------------------------------------------------------------------------------------------ SMTP
