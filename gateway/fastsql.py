@@ -17,11 +17,17 @@ from sqlalchemy import Connection, Table, insert
 from sqlalchemy.sql import Executable
 
 
-def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *, ids: bool = False) -> list[int]:
-    """INSERT `rows` (all with the same keys); with `ids`, the new primary keys in row order."""
+def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *, ids: bool = False,
+                skip_existing: str | None = None) -> Any:
+    """INSERT `rows` (all with the same keys); with `ids`, the new primary keys in row order (a list).
+
+    With `skip_existing` (a uniquely indexed column), rows whose value is already there — or repeats one
+    earlier in `rows` — are left out (ON CONFLICT DO NOTHING) and the number of rows inserted is returned."""
     if not rows:
-        return []
+        return 0 if skip_existing else []
     if conn.dialect.name != "sqlite":
+        if skip_existing:
+            return _insert_skipping(conn, table, rows, skip_existing)
         if not ids:
             conn.execute(insert(table), list(rows))
             return []
@@ -33,10 +39,21 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
     values = [[proc(v) if proc else v for proc, v in zip(procs, (*(row[c] for c in columns), *defaults))]
               for row in rows]
     dbapi = conn.connection.driver_connection
+    if skip_existing:
+        cur = dbapi.executemany(f"{sql} ON CONFLICT ({skip_existing}) DO NOTHING", values)  # type: ignore[union-attr]
+        return int(cur.rowcount)
     if ids:
         return [int(dbapi.execute(sql, v).lastrowid) for v in values]  # type: ignore[union-attr]
     dbapi.executemany(sql, values)  # type: ignore[union-attr]
     return []
+
+
+def _insert_skipping(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], column: str) -> int:
+    """PostgreSQL's ON CONFLICT DO NOTHING, one row at a time so the count of new rows is exact."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    stmt = pg_insert(table).on_conflict_do_nothing(index_elements=[column])
+    return sum(conn.execute(stmt, dict(row)).rowcount for row in rows)
 
 
 def execute_many(conn: Connection, stmt: Executable, params: Sequence[Mapping[str, Any]]) -> None:

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
 from gateway.fastsql import insert_rows
 from gateway.schema import events
@@ -51,23 +51,17 @@ class EventDraft:
 def record_events(conn: Connection, drafts: list[EventDraft]) -> int:
     """Insert drafts not recorded yet (by id); returns how many were new. Call inside a transaction.
 
-    One multi-row INSERT for the batch (the relay records an event per recipient per result)."""
+    One multi-row INSERT … ON CONFLICT (id) DO NOTHING for the batch (the relay records an event per recipient
+    per result): a fact recorded before — a retried transaction, a duplicate in the batch — stays as it was."""
     if not drafts:
         return 0
-    existing = set(conn.execute(select(events.c.id).where(events.c.id.in_({d.id for d in drafts}))).scalars())
     now = utcnow()
-    rows = []
-    for d in drafts:
-        if d.id in existing:
-            continue
-        existing.add(d.id)
-        rows.append({
-            "id": d.id, "type": d.type, "occurred_at": d.occurred_at or now, "message_id": d.message_id,
-            "model": d.model, "res_id": d.res_id, "recipient": d.recipient,
-            "data": json.dumps(d.data, sort_keys=True, default=str),
-        })
-    insert_rows(conn, events, rows)
-    return len(rows)
+    rows = [{
+        "id": d.id, "type": d.type, "occurred_at": d.occurred_at or now, "message_id": d.message_id,
+        "model": d.model, "res_id": d.res_id, "recipient": d.recipient,
+        "data": json.dumps(d.data, sort_keys=True, default=str),
+    } for d in drafts]
+    return insert_rows(conn, events, rows, skip_existing="id")
 
 
 def event_to_json(row: Any) -> dict[str, Any]:
