@@ -142,8 +142,8 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
     engine = engine or open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous)
     from gateway.relay_service import tune_interpreter
 
-    # Store writer threads (the relay's, and the spool's with `writer = "thread"`) must get the GIL promptly
-    # when their fsync returns: every session in the batch waits for that commit.
+    # Store writer threads (`writer = "thread"`, the in-process writer of ≥ 1 MiB messages, the workers' and
+    # IMAP pullers' commits) must get the GIL promptly when their fsync returns: callers wait for that commit.
     tune_interpreter()
     hostname = hostname or socket.getfqdn()  # once: aiosmtpd would resolve it again for every connection
     gw_ref: dict[str, Gateway] = {}
