@@ -124,7 +124,8 @@ def gateway_main(smarthost_port: int, sessions: int, db_dir: str, port_q: "mp.Qu
         "events": {"api_token_env": None},
         "storage": {"url": f"sqlite:///{db_dir}/bench.db"},
     }, base_dir=db_dir)
-    engine = open_store(cfg.storage_url(), synchronous=cfg.storage.sqlite_synchronous)
+    engine = open_store(cfg.storage_url(), synchronous=cfg.storage.sqlite_synchronous,
+                        page_size=cfg.storage.sqlite_page_size)
 
     async def run() -> None:
         stop = asyncio.Event()

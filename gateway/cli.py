@@ -73,7 +73,8 @@ def load_or_exit(path: str):  # type: ignore[no-untyped-def]
 def open_engine(config):  # type: ignore[no-untyped-def]
     from gateway.store import open_store
 
-    return open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous)
+    return open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous,
+                      page_size=config.storage.sqlite_page_size)
 
 
 if __name__ == "__main__":  # pragma: no cover

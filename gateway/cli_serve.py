@@ -43,7 +43,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from gateway.worker import run_workers
 
     config = load_or_exit(args.config)
-    engine = open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous)
+    engine = open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous,
+                        page_size=config.storage.sqlite_page_size)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -76,6 +76,10 @@ class StorageConfig(_Model):
     group_commit_max: int = Field(64, gt=0)
     group_commit_ms: float = Field(0.0, ge=0)
     sqlite_synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    # Page size of a *new* SQLite store (an existing one keeps its own). 4 KiB suits mail of a few KB (the
+    # usual catchall and Odoo notification); 8–16 KiB costs less per message for stores of mostly 100 KB+
+    # mail: see gateway/store.py for the figures.
+    sqlite_page_size: Literal[4096, 8192, 16384, 32768, 65536] = 4096
     # Who commits the listeners' spool writes and the relay's outbound bookkeeping: child processes (default;
     # the listening loop and the commits do not share a GIL: bench/ingest.py, bench/relay.py) or threads of the
     # serve process.

@@ -127,7 +127,8 @@ def _worker_process_main(config_path: str) -> None:  # pragma: no cover - runs i
     die_with_parent()
     setup_logging()
     config = load_config(config_path)
-    engine = open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous, migrate=False)
+    engine = open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous,
+                        page_size=config.storage.sqlite_page_size, migrate=False)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threads = run_workers(build_worker_factory(config, engine), config.worker.concurrency, stop,
@@ -139,7 +140,8 @@ def _worker_process_main(config_path: str) -> None:  # pragma: no cover - runs i
 async def start_gateway(config: Config, *, config_path: str | None = None, workers: bool = True,
                         engine: Engine | None = None, hostname: str | None = None) -> Gateway:
     """Start everything the config asks for; returns a handle whose `stop()` shuts it down cleanly."""
-    engine = engine or open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous)
+    engine = engine or open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous,
+                                  page_size=config.storage.sqlite_page_size)
     from gateway.relay_service import tune_interpreter
 
     # Store writer threads (`writer = "thread"`, the in-process writer of ≥ 1 MiB messages, the workers' and

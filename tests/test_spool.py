@@ -187,25 +187,32 @@ def test_migrations_match_the_schema(engine: Engine) -> None:
     assert diffs == []
 
 
-def test_new_sqlite_spool_uses_large_pages_and_keeps_an_existing_databases_own(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A new database takes PAGE_SIZE (fewer WAL frames per body); one created before keeps its page size
-    and still opens (SQLite ignores page_size on a non-empty database outside VACUUM)."""
+def test_sqlite_page_size_applies_to_a_new_store_and_an_existing_one_keeps_its_own(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`[storage] sqlite_page_size` sets a new database's pages; one created before keeps its page size and
+    still opens (SQLite ignores page_size on a non-empty database outside VACUUM)."""
     import sqlite3
 
-    from gateway.store import PAGE_SIZE, open_store
+    from gateway.config import parse_config
+    from gateway.store import open_store
 
-    new = open_store(f"sqlite:///{tmp_path}/new.db")
+    cfg = parse_config({"storage": {"url": f"sqlite:///{tmp_path}/new.db", "sqlite_page_size": 16384}},
+                       base_dir=str(tmp_path))
+    new = open_store(cfg.storage_url(), page_size=cfg.storage.sqlite_page_size)
     with new.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA page_size").scalar() == PAGE_SIZE
+        assert conn.exec_driver_sql("PRAGMA page_size").scalar() == 16384
     new.dispose()
+    default = open_store(f"sqlite:///{tmp_path}/default.db")
+    with default.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA page_size").scalar() == 4096
+    default.dispose()
     old_path = tmp_path / "old.db"
     raw = sqlite3.connect(old_path)
-    raw.execute("PRAGMA page_size=4096")
+    raw.execute("PRAGMA page_size=8192")
     raw.execute("CREATE TABLE keep (x)")
     raw.commit()
     raw.close()
-    old = open_store(f"sqlite:///{old_path}")
+    old = open_store(f"sqlite:///{old_path}", page_size=16384)
     with old.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA page_size").scalar() == 4096
+        assert conn.exec_driver_sql("PRAGMA page_size").scalar() == 8192
     assert spool_one(old, mail("<old@x>"), env()) > 0
     old.dispose()
