@@ -216,3 +216,21 @@ def test_sqlite_page_size_applies_to_a_new_store_and_an_existing_one_keeps_its_o
         assert conn.exec_driver_sql("PRAGMA page_size").scalar() == 8192
     assert spool_one(old, mail("<old@x>"), env()) > 0
     old.dispose()
+
+
+def test_history_starts_with_the_receipt_read_from_the_message_row(engine: Engine) -> None:
+    """Spooling writes no log row for the receipt (an insert per message saved); history still starts with
+    it, and a store written before that (its own "received via …" row) does not show it twice."""
+    from sqlalchemy import insert
+
+    from gateway.schema import message_log
+
+    ident = spool_one(engine, mail("<h@x>"), Envelope("a@client.test", ("sales@example.test",), listener="smtp-in"))
+    transition(engine, ident, "routed", note="to crm.lead")
+    got = history(engine, ident)
+    assert [(h["state"], h["note"]) for h in got] == [("received", "via smtp smtp-in"), ("routed", "to crm.lead")]
+    assert dt.datetime.fromisoformat(got[0]["at"]) <= dt.datetime.fromisoformat(got[1]["at"])
+    legacy = spool_one(engine, mail("<old@x>"), env())
+    with engine.begin() as conn:
+        conn.execute(insert(message_log).values(message=legacy, at=utcnow(), state="received", note="via smtp smtp"))
+    assert [h["state"] for h in history(engine, legacy)] == ["received"]

@@ -98,9 +98,9 @@ async def test_commit_failure_fails_each_message_of_the_batch(engine: Engine) ->
     await w.start()
     assert await w.store(mail("<ok@x>"), env()) > 0
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE message_log"))  # every insert of the next batch fails
+        conn.execute(text("DROP TABLE message_bodies"))  # every insert of the next batch fails
     results = await asyncio.gather(*[w.store(mail(f"<x{i}@x>"), env()) for i in range(3)], return_exceptions=True)
-    assert all(isinstance(r, SpoolError) and "message_log" in str(r) for r in results)
+    assert all(isinstance(r, SpoolError) and "message_bodies" in str(r) for r in results)
     assert {m.message_id for m in list_messages(engine)} == {"<ok@x>"}  # nothing half-written
     await w.close()
 
@@ -204,7 +204,7 @@ async def test_group_commit_wait_gathers_company(engine: Engine) -> None:
     ids = await asyncio.gather(*[late(i) for i in range(4)])
     await w.close()
     with engine.connect() as conn:
-        # One transaction: ids are consecutive and the log rows carry one commit timestamp.
+        # One transaction: ids are consecutive and the rows carry one commit timestamp.
         stamps = {row[0] for row in conn.execute(text(
-            f"SELECT at FROM message_log WHERE message IN ({', '.join(map(str, ids))})"))}
+            f"SELECT updated_at FROM messages WHERE id IN ({', '.join(map(str, ids))})"))}
     assert sorted(ids) == list(range(min(ids), min(ids) + 4)) and len(stamps) == 1
