@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection
 
 from gateway.childproc import PipeChild, child_env, die_with_parent, grow_pipe, serve_batches
 
@@ -94,10 +94,13 @@ def run_units(conn: Connection, requests: list[tuple[str, Any]]) -> list[Any]:
     return results
 
 
-def commit_batch(engine: Engine, requests: list[tuple[str, Any]]) -> list[tuple[bool, Any]]:
-    """One transaction for the batch; if it fails, each unit alone (only the culprit fails)."""
+def commit_batch(conn: Connection, requests: list[tuple[str, Any]]) -> list[tuple[bool, Any]]:
+    """One transaction for the batch; if it fails, each unit alone (only the culprit fails).
+
+    `conn` lives as long as the child: checking a connection out of the pool and back (with its reset) for
+    every batch cost ≈40 µs per commit. A connection the database dropped is replaced by SQLAlchemy on next use."""
     try:
-        with engine.begin() as conn:
+        with conn.begin():
             return [(True, value) for value in run_units(conn, requests)]
     except Exception as exc:
         if len(requests) == 1:
@@ -105,7 +108,7 @@ def commit_batch(engine: Engine, requests: list[tuple[str, Any]]) -> list[tuple[
     results: list[tuple[bool, Any]] = []
     for request in requests:
         try:
-            with engine.begin() as conn:
+            with conn.begin():
                 results.append((True, run_units(conn, [request])[0]))
         except Exception as exc:
             results.append((False, _describe(exc)))
@@ -137,8 +140,8 @@ def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0) -> in
     setup_logging()
     url = os.environ.pop(_URL_ENV)
     grow_pipe(0)
-    engine = open_store(url, synchronous=synchronous, migrate=False)
-    return serve_batches(take_requests, lambda reqs: encode_replies(commit_batch(engine, reqs)),
+    conn = open_store(url, synchronous=synchronous, migrate=False).connect()
+    return serve_batches(take_requests, lambda reqs: encode_replies(commit_batch(conn, reqs)),
                          max_batch=max_batch, max_wait_ms=max_wait_ms)
 
 
