@@ -81,14 +81,17 @@ class PipeChild:
             if self.up():  # another request started it while this one waited for the lock
                 assert self._proc is not None
                 return self._proc
-            self._proc = await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", self.module, *self.args,
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=self.env)
+            # Each child answers only the requests it was sent: its own queue of futures, so the reader of a
+            # dead child can fail what that child left unanswered without touching the new child's requests.
+            self._proc, self._pending = proc, collections.deque()
             self.children_started += 1
-            grow_pipe_transport(self._proc)
-            self._reader = asyncio.create_task(self._read_replies(self._proc), name=f"{self.name}-replies")
-            log.info("%s process %d started", self.name, self._proc.pid)
-            return self._proc
+            grow_pipe_transport(proc)
+            self._reader = asyncio.create_task(self._read_replies(proc, self._pending), name=f"{self.name}-replies")
+            log.info("%s process %d started", self.name, proc.pid)
+            return proc
 
     async def request(self, frame: bytes) -> Any:
         """Send one request; return the child's answer to it (or raise `error`)."""
@@ -112,15 +115,16 @@ class PipeChild:
                 self._entered.set()
         return await fut
 
-    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
+    async def _read_replies(self, proc: asyncio.subprocess.Process,
+                            pending: collections.deque[asyncio.Future[Any]]) -> None:
         assert proc.stdout is not None
         try:
             while True:
                 ok, value = await self.read_reply(proc.stdout)
-                if not self._pending:
+                if not pending:
                     log.error("%s process answered a request nobody sent", self.name)
                     continue
-                fut = self._pending.popleft()
+                fut = pending.popleft()
                 if fut.done():
                     continue
                 if ok:
@@ -132,14 +136,12 @@ class PipeChild:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         code = await proc.wait()
-        if self._pending:
+        if pending:
             log.error("%s process %d exited (code %s) with %d request(s) unanswered; they fail", self.name,
-                      proc.pid, code, len(self._pending))
-        self._fail_pending(self.error(f"{self.name} process exited (code {code})"))
-
-    def _fail_pending(self, err: Exception) -> None:
-        while self._pending:
-            fut = self._pending.popleft()
+                      proc.pid, code, len(pending))
+        err = self.error(f"{self.name} process exited (code {code})")
+        while pending:
+            fut = pending.popleft()
             if not fut.done():
                 fut.set_exception(err)
 

@@ -121,3 +121,24 @@ async def test_store_url_is_not_on_the_command_line(batcher_engine: Engine) -> N
     await b.close()
     assert argv[2:4] == [b"gateway.batch_process", b"FULL"]
     assert not any(str(batcher_engine.url.database).encode() in a for a in argv if a)
+
+
+async def test_answers_stay_with_their_requests_across_a_child_restart(batcher_engine: Engine) -> None:
+    """Requests racing a child's death either fail or get *their own* answer from the next child: the dead
+    child's reader fails only what that child was sent (a shared queue of futures would misalign answers)."""
+    b = batcher_for(batcher_engine)
+    try:
+        for round_ in range(3):
+            await b.run_grouped(add_notes, f"warm{round_}")
+            os.kill(b.child_pid or 0, signal.SIGKILL)
+            items = [f"r{round_}-{i}" for i in range(30)]
+            results = await asyncio.wait_for(
+                asyncio.gather(*(b.run_grouped(add_notes, n) for n in items), return_exceptions=True), 30)
+            for item, got in zip(items, results):
+                assert isinstance(got, StoreUnavailable) or got == item.upper()
+            late = await b.run_grouped(add_notes, f"late{round_}")
+            assert late == f"LATE{round_}"
+        stored = notes(batcher_engine)
+        assert {f"late{r}" for r in range(3)} <= stored
+    finally:
+        await b.close()
