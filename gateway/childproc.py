@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from gateway.metrics import HELPER_STARTS
+
 log = logging.getLogger(__name__)
 
 
@@ -88,6 +90,7 @@ class PipeChild:
             # dead child can fail what that child left unanswered without touching the new child's requests.
             self._proc, self._pending = proc, collections.deque()
             self.children_started += 1
+            HELPER_STARTS.labels(self.name).inc()
             grow_pipe_transport(proc)
             self._reader = asyncio.create_task(self._read_replies(proc, self._pending), name=f"{self.name}-replies")
             log.info("%s process %d started", self.name, proc.pid)

@@ -21,6 +21,10 @@ PROCESSING_SECONDS = Histogram(
     "mailgate_processing_seconds", "Time from spool to a final state, per message",
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
 )
+HELPER_STARTS = Counter(
+    "mailgate_helper_process_starts_total",
+    "Commit helper processes started (spool writer, outbound store); more than one each means one died",
+    ["helper"])
 ROUTE_SECONDS = Histogram("mailgate_route_seconds", "Parse + route time per message",
                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1))
 

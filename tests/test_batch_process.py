@@ -73,8 +73,15 @@ async def test_a_failing_unit_fails_alone(batcher_engine: Engine) -> None:
         await b.close()
 
 
+def helper_starts() -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("mailgate_helper_process_starts_total", {"helper": "outbound store"}) or 0.0
+
+
 async def test_child_killed_pending_fail_and_next_call_restarts(batcher_engine: Engine) -> None:
     b = batcher_for(batcher_engine)
+    starts = helper_starts()
     try:
         await b.run_grouped(add_notes, "before")
         pid = b.child_pid
@@ -88,6 +95,7 @@ async def test_child_killed_pending_fail_and_next_call_restarts(batcher_engine: 
         assert all(isinstance(r, StoreUnavailable) for r in results)
         assert await asyncio.wait_for(b.run_grouped(add_notes, "after"), 20) == "AFTER"
         assert b.children_started == 2 and b.child_pid != pid
+        assert helper_starts() == starts + 2  # /metrics shows the restart
     finally:
         await b.close()
     assert notes(batcher_engine) == {"before", "after"}
