@@ -141,8 +141,16 @@ def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0) -> in
     url = os.environ.pop(_URL_ENV)
     grow_pipe(0)
     conn = open_store(url, synchronous=synchronous, migrate=False).connect()
-    return serve_batches(take_requests, lambda reqs: encode_replies(commit_batch(conn, reqs)),
-                         max_batch=max_batch, max_wait_ms=max_wait_ms)
+    stats = {"units": 0, "commits": 0}
+
+    def answer(requests: list[tuple[str, Any]]) -> bytes:
+        stats["units"] += len(requests)
+        stats["commits"] += 1
+        return encode_replies(commit_batch(conn, requests))
+
+    code = serve_batches(take_requests, answer, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    log.info("outbound store process: %d units in %d commits", stats["units"], stats["commits"])
+    return code
 
 
 # ------------------------------------------------------------------------------------------ the parent
