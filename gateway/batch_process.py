@@ -29,7 +29,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from gateway.childproc import PipeChild, child_env, die_with_parent, grow_pipe, serve_batches
+from gateway.childproc import HelperClient, PipeChild, die_with_parent, grow_pipe, serve_batches
 
 log = logging.getLogger(__name__)
 
@@ -154,22 +154,14 @@ def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0) -> in
 
 
 # ------------------------------------------------------------------------------------------ the parent
-class ProcessTransactionBatcher:
+class ProcessTransactionBatcher(HelperClient):
     """`TransactionBatcher.run_grouped` with the transaction in a child process."""
 
     def __init__(self, url: str, *, synchronous: str = "FULL", max_batch: int = 64, max_wait_ms: float = 0.0):
-        self._child = PipeChild("gateway.batch_process", [synchronous, str(max_batch), str(max_wait_ms)],
-                                child_env({_URL_ENV: url}), _read_reply, error=StoreUnavailable,
-                                name="outbound store")
+        self._child = PipeChild.commit_helper(
+            "gateway.batch_process", url=url, url_env=_URL_ENV, synchronous=synchronous, max_batch=max_batch,
+            max_wait_ms=max_wait_ms, read_reply=_read_reply, error=StoreUnavailable, name="outbound store")
         self.units = 0
-
-    @property
-    def child_pid(self) -> int | None:
-        return self._child.pid
-
-    @property
-    def children_started(self) -> int:
-        return self._child.children_started
 
     async def start(self) -> None:
         await self._child.ensure()

@@ -63,6 +63,14 @@ class PipeChild:
         self._entered.set()
         self.children_started = 0
 
+    @classmethod
+    def commit_helper(cls, module: str, *, url: str, url_env: str, synchronous: str, max_batch: int,
+                      max_wait_ms: float, read_reply: ReplyReader, error: Callable[[str], Exception],
+                      name: str) -> "PipeChild":
+        """A store-writing helper: `python -m module SYNC MAXBATCH MAXWAITMS`, the store URL in `url_env`."""
+        return cls(module, [synchronous, str(max_batch), str(max_wait_ms)], child_env({url_env: url}), read_reply,
+                   error=error, name=name)
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
@@ -164,6 +172,21 @@ class PipeChild:
                 await proc.wait()
         if self._reader is not None:
             await asyncio.gather(self._reader, return_exceptions=True)
+
+
+class HelperClient:
+    """What a parent-side commit helper (`ProcessSpoolWriter`, `ProcessTransactionBatcher`) tells about its
+    child process: tests kill it and count restarts."""
+
+    _child: PipeChild
+
+    @property
+    def child_pid(self) -> int | None:
+        return self._child.pid
+
+    @property
+    def children_started(self) -> int:
+        return self._child.children_started
 
 
 def child_env(extra: dict[str, str]) -> dict[str, str]:

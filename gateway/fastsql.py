@@ -35,16 +35,24 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
             return [conn.execute(insert(table), rows[0]).inserted_primary_key[0]]
         stmt = insert(table).returning(table.primary_key.columns.values()[0], sort_by_parameter_order=True)
         return list(conn.execute(stmt, list(rows)).scalars())
-    sql, columns, procs, defaults = _insert_plan(conn.dialect, table, tuple(rows[0]))
+    return driver_insert(conn.connection.driver_connection, conn.dialect, table, rows, ids=ids,
+                         skip_existing=skip_existing)
+
+
+def driver_insert(dbapi: Any, dialect: Any, table: Table, rows: Sequence[Mapping[str, Any]], *, ids: bool = False,
+                  skip_existing: str | None = None) -> Any:
+    """`insert_rows` on a bare sqlite3 connection (the spool writer process holds one), in its open
+    transaction."""
+    if not rows:
+        return 0 if skip_existing else []
+    sql, columns, procs, defaults = _insert_plan(dialect, table, tuple(rows[0]))
     values = [[proc(v) if proc else v for proc, v in zip(procs, (*(row[c] for c in columns), *defaults))]
               for row in rows]
-    dbapi = conn.connection.driver_connection
     if skip_existing:
-        cur = dbapi.executemany(f"{sql} ON CONFLICT ({skip_existing}) DO NOTHING", values)  # type: ignore[union-attr]
-        return int(cur.rowcount)
+        return int(dbapi.executemany(f"{sql} ON CONFLICT ({skip_existing}) DO NOTHING", values).rowcount)
     if ids:
-        return [int(dbapi.execute(sql, v).lastrowid) for v in values]  # type: ignore[union-attr]
-    dbapi.executemany(sql, values)  # type: ignore[union-attr]
+        return [int(dbapi.execute(sql, v).lastrowid) for v in values]
+    dbapi.executemany(sql, values)
     return []
 
 

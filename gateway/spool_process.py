@@ -27,7 +27,7 @@ import struct
 import sys
 from typing import Any
 
-from gateway.childproc import PipeChild, child_env, die_with_parent, grow_pipe, serve_batches
+from gateway.childproc import HelperClient, PipeChild, die_with_parent, grow_pipe, serve_batches
 from gateway.spool import Envelope, SpoolError, SpoolWriter
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0) -> in
 
 
 # ------------------------------------------------------------------------------------------ the parent
-class ProcessSpoolWriter:
+class ProcessSpoolWriter(HelperClient):
     """`SpoolWriter`'s interface, committing in a child process (`python -m gateway.spool_process`)."""
 
     def __init__(self, url: str, *, synchronous: str = "FULL", max_batch: int = 64, max_wait_ms: float = 0.0,
@@ -110,19 +110,12 @@ class ProcessSpoolWriter:
         self.inline = inline            # large messages, and the fallback's interface for tests
         self.inline_max = inline_max
         self._on_commit = on_commit
-        self._child = PipeChild("gateway.spool_process", [synchronous, str(max_batch), str(max_wait_ms)],
-                                child_env({_URL_ENV: url}), _read_reply, error=SpoolError, name="spool writer")
+        self._child = PipeChild.commit_helper(
+            "gateway.spool_process", url=url, url_env=_URL_ENV, synchronous=synchronous, max_batch=max_batch,
+            max_wait_ms=max_wait_ms, read_reply=_read_reply, error=SpoolError, name="spool writer")
         if on_commit is not None:
             self._child.on_reply = lambda ok: on_commit(1) if ok else None
         self.fail_writes: Exception | None = None  # fault injection for tests (disk full and such)
-
-    @property
-    def child_pid(self) -> int | None:
-        return self._child.pid
-
-    @property
-    def children_started(self) -> int:
-        return self._child.children_started
 
     async def start(self) -> None:
         await self.inline.start()

@@ -121,16 +121,6 @@ def test_only_module_level_functions_cross_the_pipe() -> None:
         group_ref(lambda conn, items: items)
 
 
-async def test_store_url_is_not_on_the_command_line(batcher_engine: Engine) -> None:
-    b = batcher_for(batcher_engine)
-    await b.start()
-    with open(f"/proc/{b.child_pid}/cmdline", "rb") as f:
-        argv = f.read().split(b"\0")
-    await b.close()
-    assert argv[2:4] == [b"gateway.batch_process", b"FULL"]
-    assert not any(str(batcher_engine.url.database).encode() in a for a in argv if a)
-
-
 async def test_answers_stay_with_their_requests_across_a_child_restart(batcher_engine: Engine) -> None:
     """Requests racing a child's death either fail or get *their own* answer from the next child: the dead
     child's reader fails only what that child was sent (a shared queue of futures would misalign answers)."""

@@ -124,14 +124,19 @@ async def test_fault_injection_answers_without_writing(engine: Engine) -> None:
     assert list_messages(engine) == []
 
 
-async def test_store_url_is_not_on_the_command_line(engine: Engine) -> None:
-    """A PostgreSQL URL carries the password: `ps` shows every user a process's arguments."""
-    w = writer_for(engine)
-    await w.start()
-    with open(f"/proc/{w.child_pid}/cmdline", "rb") as f:
+@pytest.mark.parametrize("module", ["gateway.spool_process", "gateway.batch_process"])
+async def test_store_url_is_not_on_the_command_line(engine: Engine, module: str) -> None:
+    """A PostgreSQL URL carries the password: `ps` shows every user a process's arguments. Both commit
+    helpers (the spool writer, the outbound store) get it through their environment."""
+    from gateway.batch_process import ProcessTransactionBatcher
+
+    url = engine.url.render_as_string(hide_password=False)
+    helper = writer_for(engine) if module == "gateway.spool_process" else ProcessTransactionBatcher(url)
+    await helper.start()
+    with open(f"/proc/{helper.child_pid}/cmdline", "rb") as f:
         argv = f.read().split(b"\0")
-    await w.close()
-    assert argv[2:4] == [b"gateway.spool_process", b"FULL"]
+    await helper.close()
+    assert argv[2:4] == [module.encode(), b"FULL"]
     assert not any(str(engine.url.database).encode() in a for a in argv if a)
 
 
