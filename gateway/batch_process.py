@@ -51,14 +51,18 @@ def group_ref(group: Group) -> str:
     return f"{group.__module__}:{qualname}"
 
 
-def resolve_group(ref: str, _cache: dict[str, Group] = {}) -> Group:  # noqa: B006 - a deliberate cache
-    fn = _cache.get(ref)
+_groups: dict[str, Group] = {}
+
+
+def resolve_group(ref: str) -> Group:
+    """The function a `group_ref` names (imported once per child)."""
+    fn = _groups.get(ref)
     if fn is None:
         module, _, qualname = ref.partition(":")
         obj: Any = importlib.import_module(module)
         for part in qualname.split("."):
             obj = getattr(obj, part)
-        fn = _cache[ref] = obj
+        fn = _groups[ref] = obj
     return fn
 
 
