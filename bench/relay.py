@@ -113,7 +113,7 @@ def gateway_main(smarthost_port: int, sessions: int, db_dir: str, port_q: "mp.Qu
     os.environ.setdefault("MAILGATE_SECRET", "bench-secret-0123456789abcdef")
     from gateway.config import parse_config
     from gateway.relay_service import start_outbound_services
-    from gateway.store import open_store
+    from gateway.store import open_configured_store
 
     cfg = parse_config({
         "listeners": [{"name": "submission", "kind": "submission", "host": "127.0.0.1", "port": 0}],
@@ -124,8 +124,7 @@ def gateway_main(smarthost_port: int, sessions: int, db_dir: str, port_q: "mp.Qu
         "events": {"api_token_env": None},
         "storage": {"url": f"sqlite:///{db_dir}/bench.db"},
     }, base_dir=db_dir)
-    engine = open_store(cfg.storage_url(), synchronous=cfg.storage.sqlite_synchronous,
-                        page_size=cfg.storage.sqlite_page_size)
+    engine = open_configured_store(cfg)
 
     async def run() -> None:
         stop = asyncio.Event()

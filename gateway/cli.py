@@ -71,10 +71,9 @@ def load_or_exit(path: str):  # type: ignore[no-untyped-def]
 
 
 def open_engine(config):  # type: ignore[no-untyped-def]
-    from gateway.store import open_store
+    from gateway.store import open_configured_store
 
-    return open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous,
-                      page_size=config.storage.sqlite_page_size)
+    return open_configured_store(config)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,12 +39,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import threading
 
     from gateway.serve import build_worker_factory
-    from gateway.store import open_store
+    from gateway.store import open_configured_store
     from gateway.worker import run_workers
 
     config = load_or_exit(args.config)
-    engine = open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous,
-                        page_size=config.storage.sqlite_page_size)
+    engine = open_configured_store(config)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -9,9 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.pool import NullPool
+
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +91,11 @@ def open_store(url: str, *, synchronous: str = "FULL", pool_size: int = 8, migra
 
 def has_schema(engine: Engine) -> bool:
     return inspect(engine).has_table("messages")
+
+
+def open_configured_store(config: Config, *, migrate: bool = True) -> Engine:
+    """The store `config` names, with its `[storage]` durability and page-size settings (every process and
+    command that opens the store goes through here, so a new setting cannot be missed at one of them)."""
+    storage = config.storage
+    return open_store(config.storage_url(), synchronous=storage.sqlite_synchronous,
+                      page_size=storage.sqlite_page_size, migrate=migrate)
