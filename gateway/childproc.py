@@ -189,6 +189,13 @@ class HelperClient:
         return self._child.children_started
 
 
+def helper_store_url(engine: Any, writer: str) -> str | None:
+    """The store URL for a commit helper process, or None when the work stays in the serve process: the config
+    says `writer = "thread"`, or the store is in memory (a child could not see it)."""
+    url = str(engine.url.render_as_string(hide_password=False))
+    return None if writer == "thread" or ":memory:" in url else url
+
+
 def child_env(extra: dict[str, str]) -> dict[str, str]:
     """The parent's environment plus `extra`, with this checkout importable (python -m gateway.…)."""
     env = dict(os.environ)

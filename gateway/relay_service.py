@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from sqlalchemy import Engine
 
+from gateway.batch_process import ProcessTransactionBatcher
+from gateway.childproc import helper_store_url
 from gateway.config import Config, ConfigError, secret as env_secret
 from gateway.events import WebhookDispatcher, add_events_routes
 from gateway.outbound import OutboundWorker, SmtpTransport
 from gateway.relay import start_submission_listener
-from gateway.batch_process import ProcessTransactionBatcher
 from gateway.relay_batch import Committer, TransactionBatcher
 from gateway.tracking import make_tracking_app
 
@@ -91,9 +92,9 @@ def site_secret(config: Config) -> bytes:
 def make_committer(config: Config, engine: Engine) -> Committer:
     """The outbound store's group committer: a child process (`gateway.batch_process`) unless the config
     says thread, or the store is in memory (a child could not see it)."""
-    url = engine.url.render_as_string(hide_password=False)
     storage = config.storage
-    if storage.writer == "thread" or ":memory:" in url:
+    url = helper_store_url(engine, storage.writer)
+    if url is None:
         tune_interpreter()
         return TransactionBatcher(engine, max_batch=storage.group_commit_max, max_wait_ms=storage.group_commit_ms)
     return ProcessTransactionBatcher(url, synchronous=storage.sqlite_synchronous, max_batch=storage.group_commit_max,

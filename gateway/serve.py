@@ -20,12 +20,12 @@ from typing import Any
 from sqlalchemy import Engine
 
 from gateway.admin import make_admin_app, start_admin
-from gateway.childproc import die_with_parent
+from gateway.childproc import die_with_parent, helper_store_url
 from gateway.config import Config, ConfigError, load_config
 from gateway.listener import ListenerPolicy, SpoolHandler, bound_port, start_listener
 from gateway.spool import Spooler, SpoolWriter
 from gateway.spool_process import ProcessSpoolWriter
-from gateway.store import open_store
+from gateway.store import open_configured_store
 from gateway.worker import run_workers
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,7 @@ def _worker_process_main(config_path: str) -> None:  # pragma: no cover - runs i
     die_with_parent()
     setup_logging()
     config = load_config(config_path)
-    engine = open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous,
-                        page_size=config.storage.sqlite_page_size, migrate=False)
+    engine = open_configured_store(config, migrate=False)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     threads = run_workers(build_worker_factory(config, engine), config.worker.concurrency, stop,
@@ -140,8 +139,7 @@ def _worker_process_main(config_path: str) -> None:  # pragma: no cover - runs i
 async def start_gateway(config: Config, *, config_path: str | None = None, workers: bool = True,
                         engine: Engine | None = None, hostname: str | None = None) -> Gateway:
     """Start everything the config asks for; returns a handle whose `stop()` shuts it down cleanly."""
-    engine = engine or open_store(config.storage_url(), synchronous=config.storage.sqlite_synchronous,
-                                  page_size=config.storage.sqlite_page_size)
+    engine = engine or open_configured_store(config)
     from gateway.relay_service import tune_interpreter
 
     # Store writer threads (`writer = "thread"`, the in-process writer of ≥ 1 MiB messages, the workers' and
@@ -211,8 +209,8 @@ def make_spool_writer(config: Config, engine: Engine, on_commit: Any) -> Spooler
     """The listeners' writer: a child process unless the config says thread (or the store is in memory)."""
     thread = SpoolWriter(engine, max_batch=config.storage.group_commit_max,
                          max_wait_ms=config.storage.group_commit_ms, on_commit=on_commit)
-    url = engine.url.render_as_string(hide_password=False)
-    if config.storage.writer == "thread" or ":memory:" in url:
+    url = helper_store_url(engine, config.storage.writer)
+    if url is None:
         return thread
     return ProcessSpoolWriter(url, synchronous=config.storage.sqlite_synchronous,
                               max_batch=config.storage.group_commit_max, max_wait_ms=config.storage.group_commit_ms,
