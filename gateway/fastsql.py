@@ -57,11 +57,12 @@ def driver_insert(dbapi: Any, dialect: Any, table: Table, rows: Sequence[Mapping
 
 
 def _insert_skipping(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], column: str) -> int:
-    """PostgreSQL's ON CONFLICT DO NOTHING, one row at a time so the count of new rows is exact."""
+    """PostgreSQL: one multi-row INSERT … ON CONFLICT DO NOTHING RETURNING; the rows it returns are the new ones."""
     from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-    stmt = pg_insert(table).on_conflict_do_nothing(index_elements=[column])
-    return sum(conn.execute(stmt, dict(row)).rowcount for row in rows)
+    stmt = (pg_insert(table).values([dict(row) for row in rows])
+            .on_conflict_do_nothing(index_elements=[column]).returning(table.c[column]))
+    return len(conn.execute(stmt).all())
 
 
 def execute_many(conn: Connection, stmt: Executable, params: Sequence[Mapping[str, Any]]) -> None:

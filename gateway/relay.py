@@ -215,7 +215,7 @@ def record_submissions(conn: Connection, subs: list[Submission], *, lease: dt.ti
     mail_ids = insert_rows(conn, outbound_mails, ids=True, rows=[
         {"message_id": mid, "model": sub.facts.model, "res_id": sub.facts.res_id, "mail_from": sub.mail_from,
          "created_at": now} for mid, sub in zip(mids, subs)])
-    known = set(conn.execute(_KNOWN_OUTBOUND, {"mids": sorted(set(mids))}).scalars())
+    known = set(conn.execute(_KNOWN_OUTBOUND, {"mids": list(set(mids))}).scalars())
     new_threads = []
     for mid, sub, mail_id in zip(mids, subs, mail_ids):
         if mid not in known:
