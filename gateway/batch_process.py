@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-import os
 import pickle
 import struct
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from gateway.childproc import HelperClient, PipeChild, die_with_parent, grow_pipe, serve_batches
+from gateway.childproc import HelperClient, PipeChild, commit_helper_store, serve_batches
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +136,7 @@ def encode_replies(replies: list[tuple[bool, Any]]) -> bytes:
 
 # ------------------------------------------------------------------------------------------ the child
 def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0) -> int:  # pragma: no cover - child
-    from gateway.logs import setup_logging
-    from gateway.store import open_store
-
-    die_with_parent()
-    setup_logging()
-    url = os.environ.pop(_URL_ENV)
-    grow_pipe(0)
-    conn = open_store(url, synchronous=synchronous, migrate=False).connect()
+    conn = commit_helper_store(_URL_ENV, synchronous).connect()
     stats = {"units": 0, "commits": 0}
 
     def answer(requests: list[tuple[str, Any]]) -> bytes:

@@ -189,6 +189,19 @@ class HelperClient:
         return self._child.children_started
 
 
+def commit_helper_store(url_env: str, synchronous: str) -> Any:  # pragma: no cover - runs in children
+    """A commit helper child's start (the other end of `PipeChild.commit_helper`): die with the parent, log
+    like it, take the store URL out of the environment, widen stdin, open the store (already migrated)."""
+    from gateway.logs import setup_logging
+    from gateway.store import open_store
+
+    die_with_parent()
+    setup_logging()
+    url = os.environ.pop(url_env)
+    grow_pipe(0)
+    return open_store(url, synchronous=synchronous, migrate=False)
+
+
 def helper_store_url(engine: Any, writer: str) -> str | None:
     """The store URL for a commit helper process, or None when the work stays in the serve process: the config
     says `writer = "thread"`, or the store is in memory (a child could not see it)."""

@@ -5,7 +5,7 @@ group commit of ~8 messages took 2.2–2.8 ms, against 0.8 ms for the very same 
 of its own — the writer thread waited for the GIL after each SQLite call while the loop served sessions, and
 every session in the batch waited for that commit before its 250. A child process commits on the other core.
 
-Wire (stdin → child): `!II` meta length, raw length; JSON meta (the envelope); the raw bytes.
+Wire (stdin → child): `!II` meta length, raw length; the envelope as `marshal`; the raw bytes.
 Wire (child → stdout): per request, in request order, `!qI` spool id (or -1), error length; the error text.
 The child batches whatever requests are waiting when it finishes a commit (group commit, as the thread
 writer does) and answers only after that commit returned, so a 250 still means "on disk".
@@ -22,12 +22,11 @@ import asyncio
 import datetime as dt
 import logging
 import marshal
-import os
 import struct
 import sys
 from typing import Any
 
-from gateway.childproc import HelperClient, PipeChild, die_with_parent, grow_pipe, serve_batches
+from gateway.childproc import HelperClient, PipeChild, commit_helper_store, serve_batches
 from gateway.spool import Envelope, SpoolError, SpoolWriter
 
 log = logging.getLogger(__name__)
@@ -70,15 +69,9 @@ _URL_ENV = "MAILGATE_SPOOL_WRITER_URL"  # the store URL may hold a password: not
 
 
 def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0) -> int:  # pragma: no cover - child
-    from gateway.logs import setup_logging
     from gateway.spool import spool_many, spool_many_sqlite
-    from gateway.store import open_store
 
-    die_with_parent()
-    setup_logging()
-    url = os.environ.pop(_URL_ENV)
-    grow_pipe(0)
-    engine = open_store(url, synchronous=synchronous, migrate=False)
+    engine = commit_helper_store(_URL_ENV, synchronous)
     if engine.dialect.name == "sqlite":  # one connection for the child's life, pragmas applied by the engine
         raw_conn = engine.raw_connection()
         dialect = engine.dialect
