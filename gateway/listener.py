@@ -6,7 +6,7 @@ domain) and DATA only once the message is durable in the spool (250), or 451 4.3
 Why a subclass of aiosmtpd's server at all: stock aiosmtpd reads DATA one line at a time in Python and parses
 every address through the email header registry (PERF-NOTES.md: ≈3.4 µs a line, ≈350 µs a message). Here DATA
 is read with one `readuntil(b"\\r\\n.\\r\\n")` (the stream buffer is searched in C), the checks RFC 5321/5322
-ask for (line length, bare LF, NUL, 8-bit without 8BITMIME) are single regex passes over the whole message,
+ask for (line length, bare LF, NUL, 8-bit without 8BITMIME) are searches done in C over the whole message,
 and plain `<local@domain>` addresses take a fast path. aiosmtpd keeps the conversation, EHLO, STARTTLS, AUTH.
 """
 
@@ -43,42 +43,43 @@ _MAILBOX = rf"(?:{_DOT_STRING}|{_QUOTED})@{_DOMAIN}"
 _PATH = re.compile(rf"\s*<(?:@{_DOMAIN}(?:,@{_DOMAIN})*:)?({_MAILBOX}|postmaster|)>(.*)\Z", re.S | re.I)
 _BARE = re.compile(rf"\s*({_MAILBOX})(\s.*|)\Z", re.S)
 
-@functools.lru_cache(maxsize=8)
-def _long_line(limit: int) -> re.Pattern[bytes]:
-    """A line longer than `limit` (plus CR) after a newline. The literal `\n` prefix lets the regex engine
-    skip ahead between line starts: 5x faster than `(?m)^…` (0.19 ms per 100 KB)."""
-    return re.compile(rb"\n[^\n]{%d}" % (limit + 2))
+_BARE_LF = re.compile(rb"\n(?<!\r\n)")
+_STUFFED_DOT = re.compile(rb"\r\n\.\.")
 _TERMINATOR = b"\r\n.\r\n"
-_SPLIT_MAX = 1 << 20  # above this, line checks avoid building a list of lines (memory target for big mail)
 
 
 def line_fault(data: bytes, limit: int) -> str | None:
     """"bare_lf" if a line ends in LF without CR, "long" if a line has more than `limit` characters before its
     CRLF (a bare CR counts as part of its line), else None.
 
-    Messages under 1 MiB are split once: with the counts of CR and LF, the number of line breaks tells bare
-    LFs apart (breaks = CRLFs + bare LFs + bare CRs) and the same list gives the longest line — 140 µs per
-    100 KB against 233 µs for count(CRLF) plus the long-line regex, on the listening loop's one core.
+    Neither check builds a list of lines (memory stays flat for a 25 MB message). Bare LF: one regex pass whose
+    literal `\n` prefix lets the engine jump from newline to newline (54 µs per 100 KB). Long line: a walk
+    that looks, from each line start, for the last LF within `limit + 2` bytes — found, every line up to it is
+    short enough; not found, this line is too long — so it visits one point per ~1,000 bytes instead of every
+    line (16 µs per 100 KB). Together 70 µs, where counting CRs and LFs and splitting took 185 µs on the
+    listening loop's one core.
     """
-    n_lf = data.count(b"\n")
-    if len(data) >= _SPLIT_MAX:
-        if n_lf != data.count(b"\r\n"):
-            return "bare_lf"
-        first_eol = data.find(b"\n")
-        first_len = first_eol if first_eol >= 0 else len(data)
-        return "long" if first_len > limit + 1 or _long_line(limit).search(data) else None
-    if not data:
-        return None
-    n_cr = data.count(b"\r")
-    lines = data.splitlines()
-    breaks = len(lines) if data[-1] in b"\r\n" else len(lines) - 1
-    if breaks != n_cr:  # breaks - n_cr is the number of bare LFs
+    if _BARE_LF.search(data):
         return "bare_lf"
-    if n_lf != n_cr:  # bare CRs: splitlines() cut lines there, the regex does not
-        first_eol = data.find(b"\n")
-        first_len = first_eol if first_eol >= 0 else len(data)
-        return "long" if first_len > limit + 1 or _long_line(limit).search(data) else None
-    return "long" if max(map(len, lines)) > limit else None
+    return "long" if _has_long_line(data, limit) else None
+
+
+def _has_long_line(data: bytes, limit: int) -> bool:
+    """A line of more than `limit` characters before its CRLF (or before the end of `data`), given that every
+    LF in `data` follows a CR."""
+    window = limit + 2  # a line of exactly `limit` characters plus its CR, then its LF
+    size = len(data)
+    rfind = data.rfind
+    start = 0
+    while start + window <= size:
+        last_lf = rfind(b"\n", start, start + window)
+        if last_lf < 0:
+            return True  # no LF within limit + 1 characters of this line's start (its CR included)
+        start = last_lf + 1
+    last_lf = rfind(b"\n", start)  # the tail is shorter than a window: only its last line can be long
+    if last_lf >= 0:
+        start = last_lf + 1
+    return size - start > limit
 
 
 def _ip(peer: Any) -> str | None:
@@ -261,7 +262,8 @@ class LeanSMTPMixin:
             self._set_post_data_state()  # type: ignore[attr-defined]
             await self.push(reply)  # type: ignore[attr-defined]
             return
-        if b"\r\n.." in data or data.startswith(b".."):  # RFC 5321 §4.5.2 transparency
+        if data.startswith(b"..") or _STUFFED_DOT.search(data):  # RFC 5321 §4.5.2 transparency (a regex
+            # with a literal prefix searches 100 KB in 31 µs, `in` took 51 µs)
             data = (data[1:] if data.startswith(b"..") else data).replace(b"\r\n..", b"\r\n.")
         envelope.content = envelope.original_content = data
         status = await self._call_handler_hook("DATA")  # type: ignore[attr-defined]
