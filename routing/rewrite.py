@@ -3,8 +3,8 @@
 Why a byte-level MIME walk instead of `email` parse + re-serialise: the generator rewraps headers, changes
 line endings and re-encodes parts, which breaks signatures and makes every relayed copy differ from what Odoo
 sent in ways nobody asked for. Here only the HTML leaf parts we track are decoded, edited and re-encoded
-with their own transfer encoding; every other byte (headers, boundaries, preambles, attachments, text
-parts) is copied as it was.
+with their own transfer encoding (in a quoted-printable part, only the lines that changed); every other byte
+(headers, boundaries, preambles, attachments, text parts) is copied as it was.
 
 What is never rewritten (the recipient must reach it untouched):
 - mailto:, tel:, anchors and any non-http(s) scheme;
@@ -283,7 +283,7 @@ def _rewrite_html_part(head: bytes, headers: Message, body: bytes, opts: Rewrite
         trailing = body[len(body.rstrip(b"\r\n")):]
         return head, encoded.rstrip(b"\r\n") + (trailing or b"")
     if cte == "quoted-printable":
-        return head, _qp_encode(data, newline)
+        return head, _qp_reencode(body, decoded, data, newline)
     # 7bit/8bit: our URLs can make a line longer than SMTP allows (998); switch the part to
     # quoted-printable rather than emit an illegal line.
     if any(len(line) > 998 for line in data.split(b"\n")):
@@ -297,3 +297,28 @@ def _rewrite_html_part(head: bytes, headers: Message, body: bytes, opts: Rewrite
 def _qp_encode(data: bytes, newline: bytes) -> bytes:
     encoded = binascii.b2a_qp(data.replace(b"\r\n", b"\n"), istext=True)
     return encoded.replace(b"\n", newline) if newline != b"\n" else encoded
+
+
+#: A hard line break in quoted-printable: an LF that does not end a soft break ("=" LF or "=" CR LF).
+_QP_HARD_BREAK = re.compile(rb"\n(?<!=\n)(?<!=\r\n)")  # LF first: the engine jumps from LF to LF
+
+
+def _qp_reencode(body: bytes, old: bytes, new: bytes, newline: bytes) -> bytes:
+    """`new` (the rewritten decoding of the quoted-printable `body`, whose decoding was `old`) encoded again,
+    keeping `body`'s own bytes for every line the rewrite did not touch.
+
+    Quoted-printable encodes each hard line on its own, so a line that decodes the same can keep its encoding:
+    the copy differs from what Odoo sent only in the lines holding a tracked link or the pixel, and only those
+    pass through the encoder (encoding the whole part again was a quarter of a copy's rewrite). When the
+    rewrite changed the number of lines (a link with a line break inside its href), the part is encoded whole.
+    """
+    old_lines = old.split(b"\n")
+    new_lines = new.split(b"\n")
+    encoded = _QP_HARD_BREAK.split(body)
+    if not len(old_lines) == len(new_lines) == len(encoded):
+        return _qp_encode(new, newline)
+    cr = b"\r" if newline == b"\r\n" else b""
+    return b"\n".join([
+        kept if was == now else _qp_encode(now.removesuffix(b"\r"), newline) + cr
+        for kept, was, now in zip(encoded, old_lines, new_lines)
+    ])

@@ -203,3 +203,44 @@ def test_retry_schedule_and_mx_order():
     assert [retry_delay(n, 300, 4000) for n in (1, 2, 3, 4, 5)] == [300, 600, 1200, 2400, 4000]
     assert order_mx([(20, "b.mx.test."), (10, "a.mx.test."), (20, "b.mx.test.")]) == ["a.mx.test", "b.mx.test"]
     assert order_mx([(0, ".")]) is None
+
+
+def test_quoted_printable_part_keeps_the_encoding_of_lines_it_did_not_change():
+    """Only lines holding a tracked link or the pixel are encoded again; every other line of the HTML part is
+    byte-for-byte what Odoo sent (here: the email package's own quoted-printable, soft breaks included)."""
+    from email.message import EmailMessage
+
+    filler = "".join(f"<p>Line {i}: {'lorem ipsum dolor sit amet ' * 5}= é</p>\n" for i in range(12))
+    html = (f"<html><body>\n{filler}<p><a href=\"https://shop.example.com/q?a=1&amp;b=2\">shop</a></p>\n"
+            f"{filler}<p>Bye</p>\n</body></html>\n")
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "a@example.test", "b@customer.test", "x"
+    msg.set_content(html, subtype="html", cte="quoted-printable")
+    raw = msg.as_bytes(policy=policy.SMTP)
+    out = rewrite_message(raw, opts())
+    part = message_from_bytes(out, policy=policy.default)
+    assert part.get_content().replace("\r\n", "\n") == rewrite_html(html, opts())  # exactly the rewritten HTML
+    body_in = raw.split(b"\r\n\r\n", 1)[1].split(b"\r\n")
+    body_out = out.split(b"\r\n\r\n", 1)[1].split(b"\r\n")
+    untouched = [line for line in body_in if b"href" not in line and b"</body>" not in line]
+    assert len(untouched) > 50 and sum(line.endswith(b"=") for line in untouched) > 20  # soft breaks in play
+    assert [line for line in body_out if line in set(untouched)] == untouched
+
+
+@pytest.mark.parametrize("newline", [b"\r\n", b"\n"])
+def test_quoted_printable_reencode_matches_a_full_encode_when_every_line_changed(newline):
+    import random
+
+    from routing.rewrite import _qp_encode, _qp_reencode
+
+    rng = random.Random(5)
+    alphabet = [b"a", b" ", b"\t", b"=", b"\xc3\xa9", b".", b"x" * 90]
+    for _ in range(300):
+        lines = [b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(rng.randint(1, 6))]
+        old = newline.join(lines) + newline
+        new = newline.join(b"<" + line + b">" for line in lines) + newline
+        body = _qp_encode(old, newline)
+        assert _qp_reencode(body, old, new, newline) == _qp_encode(new, newline)
+        assert quopri.decodestring(_qp_reencode(body, old, new, newline)) == quopri.decodestring(_qp_encode(new, newline))
+        half = newline.join(b"<" + line + b">" if i % 2 else line for i, line in enumerate(lines)) + newline
+        assert quopri.decodestring(_qp_reencode(body, old, half, newline)) == half
