@@ -6,9 +6,11 @@ Load: Postfix's `smtp-source` (C) with 16 sessions; each session sends its messa
 connection, where connection setup dominates. Latency: a Python probe beside the load sends one message at a time on its own connection and
 times DATA-end → reply. Memory: peak RSS growth of the gateway while it receives one 25 MB message.
 
-    python bench/ingest.py [--messages 3000] [--sessions 16] [--pg-url postgresql+psycopg2://...]
+    python bench/ingest.py [--messages 3000] [--rounds 3] [--sessions 16] [--pg-url postgresql+psycopg2://...]
 
-Machines here are noisy (±30 %): read the ratios, not the absolute numbers.
+Machines here are noisy (±30 %): read the ratios, not the absolute numbers. Every target runs once per round
+and each ratio line is the median of its per-round ratios: with one run per target, the same build measured
+1.26–2.08 at 4 KB depending on which minute each target happened to run in.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,6 +146,7 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--big-messages", type=int, default=600, help="messages at 100 KB")
     ap.add_argument("--sessions", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="every target once per round; ratios are medians")
     ap.add_argument("--pg-url", default=os.environ.get("MAILGATE_TEST_PG_URL"))
     ap.add_argument("--rss-mb", type=int, default=25, help="size of the one-message RSS test")
     args = ap.parse_args()
@@ -157,33 +161,43 @@ def main() -> int:
     targets.append(("c gateway SQLite", [PY, "-m", "bench._gateway_ingest", f"sqlite:///{tmp}/bench.db"], None))
     if args.pg_url:
         targets.append(("d gateway PostgreSQL", [PY, "-m", "bench._gateway_ingest", args.pg_url], None))
-    results: dict[tuple[str, int], float] = {}
-    print(f"{'target':<28} {'size':>6} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
-    for name, argv, port in targets:
-        for size, count in ((4096, args.messages), (100 * 1024, args.big_messages)):
-            if name.startswith("c") or name.startswith("d"):
-                for f in tmp.glob("bench.db*"):
-                    f.unlink()
-            with Target(name, argv, port) as t:
-                assert t.port is not None
-                run_load(t.port, sessions=args.sessions, size=size, messages=min(200, count))  # warm-up
-                rate, lat = run_load(t.port, sessions=args.sessions, size=size, messages=count)
-                results[(name[0], size)] = rate
-                print(f"{name:<28} {size // 1024:>4}KB {rate:>9.0f} {pct(lat, .5):>8.1f} {pct(lat, .99):>8.1f}",
-                      flush=True)
-                if size == 4096:  # one message per connection: connection setup dominates
-                    rate1, lat1 = run_load(t.port, sessions=args.sessions, size=size, messages=count, reuse=False)
-                    results[(name[0], -size)] = rate1
-                    print(f"{name + ' (1 msg/conn)':<28} {size // 1024:>4}KB {rate1:>9.0f} {pct(lat1, .5):>8.1f} "
-                          f"{pct(lat1, .99):>8.1f}", flush=True)
-    b4, b100, a4 = results[("b", 4096)], results[("b", 102400)], results[("a", 4096)]
-    print(f"ingest ratio vs aiosmtpd (4 KB, {args.sessions} sessions): {results[('c', 4096)] / b4:.2f}")
-    print(f"ingest ratio vs aiosmtpd (100 KB, {args.sessions} sessions): {results[('c', 102400)] / b100:.2f}")
-    print(f"ingest ratio vs smtp-sink (4 KB, {args.sessions} sessions): {results[('c', 4096)] / a4:.2f}")
-    print(f"ingest ratio vs aiosmtpd (4 KB, {args.sessions} sessions, 1 message per connection): "
-          f"{results[('c', -4096)] / results[('b', -4096)]:.2f}")
-    if ("d", 4096) in results:
-        print(f"ingest ratio PostgreSQL vs aiosmtpd (4 KB, {args.sessions} sessions): {results[('d', 4096)] / b4:.2f}")
+    rounds: list[dict[tuple[str, int], float]] = []
+    print(f"{'round':<6} {'target':<28} {'size':>6} {'msgs/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    for r in range(1, args.rounds + 1):
+        results: dict[tuple[str, int], float] = {}
+        rounds.append(results)
+        for name, argv, port in targets:
+            for size, count in ((4096, args.messages), (100 * 1024, args.big_messages)):
+                if name.startswith("c") or name.startswith("d"):
+                    for f in tmp.glob("bench.db*"):
+                        f.unlink()
+                with Target(name, argv, port) as t:
+                    assert t.port is not None
+                    run_load(t.port, sessions=args.sessions, size=size, messages=min(200, count))  # warm-up
+                    rate, lat = run_load(t.port, sessions=args.sessions, size=size, messages=count)
+                    results[(name[0], size)] = rate
+                    print(f"{r:<6} {name:<28} {size // 1024:>4}KB {rate:>9.0f} {pct(lat, .5):>8.1f} "
+                          f"{pct(lat, .99):>8.1f}", flush=True)
+                    if size == 4096:  # one message per connection: connection setup dominates
+                        rate1, lat1 = run_load(t.port, sessions=args.sessions, size=size, messages=count,
+                                               reuse=False)
+                        results[(name[0], -size)] = rate1
+                        print(f"{r:<6} {name + ' (1 msg/conn)':<28} {size // 1024:>4}KB {rate1:>9.0f} "
+                              f"{pct(lat1, .5):>8.1f} {pct(lat1, .99):>8.1f}", flush=True)
+
+    def ratio(label: str, num: tuple[str, int], den: tuple[str, int]) -> None:
+        """The median over rounds of the within-round ratio (each round's targets ran minutes apart at most)."""
+        if num not in rounds[0]:
+            return
+        values = sorted(res[num] / res[den] for res in rounds)
+        print(f"{label}: {statistics.median(values):.2f} (rounds: {', '.join(f'{v:.2f}' for v in values)})")
+
+    n = args.sessions
+    ratio(f"ingest ratio vs aiosmtpd (4 KB, {n} sessions)", ("c", 4096), ("b", 4096))
+    ratio(f"ingest ratio vs aiosmtpd (100 KB, {n} sessions)", ("c", 102400), ("b", 102400))
+    ratio(f"ingest ratio vs smtp-sink (4 KB, {n} sessions)", ("c", 4096), ("a", 4096))
+    ratio(f"ingest ratio vs aiosmtpd (4 KB, {n} sessions, 1 message per connection)", ("c", -4096), ("b", -4096))
+    ratio(f"ingest ratio PostgreSQL vs aiosmtpd (4 KB, {n} sessions)", ("d", 4096), ("b", 4096))
 
     size = args.rss_mb * 1024 * 1024
     with Target("c", [PY, "-m", "bench._gateway_ingest", f"sqlite:///{tmp}/rss.db"]) as t:
