@@ -50,17 +50,7 @@ def pixel_url(base: str, secret: bytes, rcpt_id: int) -> str:
 
 def click_url(base: str, secret: bytes, rcpt_id: int, url: str) -> str:
     token = make_token(secret, "click", rcpt_id, url.encode("utf-8", "surrogatepass"))
-    return f"{base.rstrip('/')}{CLICK_PATH}{token}?u={quote_component(url)}"
-
-
-_UNRESERVED = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~"
-_QUOTE_ASCII = {c: f"%{c:02X}" for c in range(128) if chr(c) not in _UNRESERVED}
-
-
-def quote_component(text: str) -> str:
-    """`urllib.parse.quote(text, safe="")`, with ASCII text done by one `str.translate` (the standard library
-    quotes byte by byte in a Python list comprehension: 7 µs a link, four links in a typical copy)."""
-    return text.translate(_QUOTE_ASCII) if text.isascii() else quote(text, safe="")
+    return f"{base.rstrip('/')}{CLICK_PATH}{token}?u={quote(url, safe='')}"
 
 
 def read_pixel_token(secret: bytes, name: str) -> int | None:

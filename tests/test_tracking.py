@@ -108,20 +108,3 @@ async def test_pixel_click_and_counts(engine):
     assert json.loads(evs[1].data)["machine"] is True
     assert json.loads(evs[2].data)["url"] == url
     assert evs[0].message_id == "<m1@odoo>" and evs[0].model == "crm.lead" and evs[0].res_id == 3
-
-
-def test_quote_component_is_urllib_quote_with_nothing_safe() -> None:
-    """The fast path spells every character as `quote(text, safe="")` does (the redirect reads `u=` back)."""
-    import random
-    from urllib.parse import quote
-
-    from gateway.tracking import quote_component
-
-    for code in range(0x300):
-        assert quote_component(chr(code)) == quote(chr(code), safe=""), code
-    rng = random.Random(3)
-    alphabet = [chr(c) for c in range(128)] + ["é", "€", "😀"]
-    for _ in range(500):
-        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
-        assert quote_component(text) == quote(text, safe=""), text
-    assert quote_component("https://example.com/a b?c=d&e=ü") == quote("https://example.com/a b?c=d&e=ü", safe="")
