@@ -218,6 +218,9 @@ class ImapPuller:
 
         Searches again until a search finds nothing: mail that arrived during a FETCH or STORE was announced
         in that command's response (which aioimaplib does not surface), and IDLE would not announce it again.
+        For the same reason a search that finds nothing but whose own response announces new mail (it arrived
+        after the server answered the search) is not the last one: otherwise that mail would wait for the
+        next IDLE renewal, up to `idle_renew` (25 min).
         """
         total = 0
         while stop is None or not stop.is_set():
@@ -228,6 +231,8 @@ class ImapPuller:
             # `n:*` always matches the highest UID, even below n.
             uids = [u for u in parse_search(resp.lines) if u > cp.last_uid]
             if not uids:
+                if has_exists(resp.lines):
+                    continue
                 break
             total += await self._pull_uids(client, cp.uidvalidity, uids, stop)
         LAG.labels(self.name).set(0)

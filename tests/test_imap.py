@@ -570,3 +570,40 @@ async def test_lag_reports_the_age_of_the_oldest_unspooled_message(dovecot, engi
         "mailgate_imap_lag_seconds", {"source": f"imap:{src.name}"}) == 0, 5, "lag back to 0")
     await run.stop()
     assert seen_lag and 3500 < seen_lag[0] < 3700, seen_lag
+
+
+async def test_a_search_that_announces_new_mail_is_not_the_last_one(engine, monkeypatch) -> None:
+    """Mail that lands after the server answered a UID SEARCH is announced (`* n EXISTS`) in that search's own
+    response, which aioimaplib hands back with the result; IDLE will not announce it again. `sync` must search
+    once more instead of going to IDLE (the lost wake-up left such mail waiting for the IDLE renewal: 25 min)."""
+    src = ImapSourceConfig(name="lost-wakeup", login=USER, password_env="MAILGATE_TEST_IMAP_PW", security="none")
+    puller = ImapPuller(src, engine, password=PASSWORD)
+    from gateway.imap_checkpoint import Checkpoint
+
+    puller._checkpoint = Checkpoint(puller.name, 7, 0)
+    answers = [
+        aioimaplib.Response("OK", [b"SEARCH", b"1 EXISTS", b"Search completed"]),  # found nothing, but mail came
+        aioimaplib.Response("OK", [b"SEARCH 1", b"Search completed"]),
+        aioimaplib.Response("OK", [b"SEARCH", b"Search completed"]),
+    ]
+    searches: list[str] = []
+
+    class Client:
+        async def uid_search(self, criteria: str, charset: str | None = None) -> aioimaplib.Response:
+            searches.append(criteria)
+            return answers[len(searches) - 1]
+
+    pulled: list[list[int]] = []
+
+    async def pull(client, uidvalidity, uids, stop):  # type: ignore[no-untyped-def]
+        pulled.append(list(uids))
+        puller._checkpoint = Checkpoint(puller.name, uidvalidity, max(uids))
+        return len(uids)
+
+    monkeypatch.setattr(puller, "_pull_uids", pull)
+    try:
+        assert await puller.sync(Client()) == 1  # type: ignore[arg-type]
+    finally:
+        puller.close()
+    assert pulled == [[1]]
+    assert searches == ["UID 1:*", "UID 1:*", "UID 2:*"]
