@@ -31,11 +31,13 @@ from gateway.worker import run_workers
 log = logging.getLogger(__name__)
 
 
-def make_rcpt_verdict(config: Config):  # type: ignore[no-untyped-def]
+def make_rcpt_verdict(config: Config, synced: list[dict[str, Any]] | None = None):  # type: ignore[no-untyped-def]
+    """The RCPT-time check: the config's aliases, merged with rows synced from Odoo's `mail.alias` (config
+    wins) when `[odoo] sync_aliases` is on."""
     from aliases.load import build_table
     from aliases.resolve import rcpt_verdict
 
-    table = build_table(config)
+    table = build_table(config, synced if synced and config.odoo.sync_aliases else ())
     return lambda address: rcpt_verdict(table, address)
 
 
@@ -62,6 +64,9 @@ class Gateway:
     #: and connections on the way out); `stop` lets them finish before it cancels the rest
     graceful: list[asyncio.Task[Any]] = field(default_factory=list)
     reloaded: int = 0
+    #: the last `mail.alias` rows synced from Odoo: a reload merges them into the new file's table, so an
+    #: Odoo-only alias is not refused (550 5.1.1, permanent) until the next sync succeeds
+    synced_alias_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file; swap aliases. A broken file keeps the old config (logged)."""
@@ -72,7 +77,7 @@ class Gateway:
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", exc)
             return
-        verdict = make_rcpt_verdict(new)
+        verdict = make_rcpt_verdict(new, self.synced_alias_rows)
         for h in self.handlers:
             h.set_rcpt_verdict(verdict)
         self.config = new
@@ -240,8 +245,6 @@ async def _retention(gw: Gateway, every: float = 3600.0) -> None:
 
 async def _sync_rcpt_aliases(gw: Gateway) -> None:
     """Keep the RCPT-time alias table merged with Odoo's `mail.alias` (config wins), every `sync_interval`."""
-    from aliases.load import build_table
-    from aliases.resolve import rcpt_verdict
     from gateway.pipeline import alias_sync, odoo_client
 
     sync = alias_sync(gw.config, odoo_client(gw.config))
@@ -250,9 +253,10 @@ async def _sync_rcpt_aliases(gw: Gateway) -> None:
     while not gw.stop_event.is_set():
         try:
             rows = await asyncio.to_thread(sync.rows, force=True)
-            table = build_table(gw.config, rows)
+            verdict = make_rcpt_verdict(gw.config, rows)
+            gw.synced_alias_rows = rows
             for h in gw.handlers:
-                h.set_rcpt_verdict(lambda address, t=table: rcpt_verdict(t, address))
+                h.set_rcpt_verdict(verdict)
         except Exception as exc:  # Odoo down or misconfigured: keep the table we have
             log.warning("alias sync failed; RCPT checks keep the current table: %s", exc)
         try:

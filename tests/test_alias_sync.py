@@ -4,19 +4,25 @@ routed, config wins on conflict, and Odoo being down keeps the last known table.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from gateway.config import parse_config
+from gateway.config import load_config, parse_config
 from gateway.pipeline import make_route_step, odoo_client
 from gateway.serve import start_gateway
 from gateway.spool import Envelope, get_message, spool_one
 from gateway.store import open_store
 from routing.model import Action
+from tests.gateway_proc import to_toml
 from tests.odoo_double import OdooDouble
 from tests.smtp_wire import WireClient, make_mail
 
 
 def _config(tmp_path, odoo: OdooDouble, port: int = 0):  # type: ignore[no-untyped-def]
-    return parse_config({
+    return parse_config(_config_dict(tmp_path, odoo, port), base_dir=str(tmp_path))
+
+
+def _config_dict(tmp_path, odoo: OdooDouble, port: int = 0) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    return {
         "listeners": [{"name": "smtp", "kind": "smtp", "host": "127.0.0.1", "port": port}],
         "storage": {"url": f"sqlite:///{tmp_path}/sync.db"},
         "admin": {"enabled": False},
@@ -25,7 +31,7 @@ def _config(tmp_path, odoo: OdooDouble, port: int = 0):  # type: ignore[no-untyp
         "odoo": {"url": odoo.url, "db": "mailgate", "login": "admin", "protocol": "jsonrpc", "sync_aliases": True,
                  "sync_interval": 0.2},
         "worker": {"processes": 0},
-    }, base_dir=str(tmp_path))
+    }
 
 
 def test_route_step_uses_odoo_aliases_and_config_wins(tmp_path, monkeypatch) -> None:
@@ -50,6 +56,27 @@ def test_route_step_uses_odoo_aliases_and_config_wins(tmp_path, monkeypatch) -> 
         odoo.stop()
 
 
+async def _rcpt(port: int, address: str) -> int:
+    c = await WireClient.connect("127.0.0.1", port)
+    try:
+        await c.reply()
+        await c.cmd("EHLO t.test")
+        await c.cmd("MAIL FROM:<a@client.test>")
+        return (await c.cmd(f"RCPT TO:<{address}>"))[0]
+    finally:
+        await c.close()
+
+
+async def _until_accepted(port: int, address: str) -> int:
+    """The first sync runs in the background: RCPT until it is taken (or 5 s passed)."""
+    for _ in range(50):
+        code = await _rcpt(port, address)
+        if code == 250:
+            break
+        await asyncio.sleep(0.1)
+    return code
+
+
 async def test_rcpt_time_table_includes_synced_aliases(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("MAILGATE_ODOO_PASSWORD", "admin")
     odoo = OdooDouble().start()
@@ -57,23 +84,36 @@ async def test_rcpt_time_table_includes_synced_aliases(tmp_path, monkeypatch) ->
     gw = await start_gateway(_config(tmp_path, odoo), workers=False)
     try:
         port = gw.ports["smtp"]
-        for _ in range(50):  # the first sync runs in the background
-            c = await WireClient.connect("127.0.0.1", port)
-            await c.reply()
-            await c.cmd("EHLO t.test")
-            await c.cmd("MAIL FROM:<a@client.test>")
-            code, _ = await c.cmd("RCPT TO:<billing@example.test>")
-            await c.close()
-            if code == 250:
-                break
-            await asyncio.sleep(0.1)
-        assert code == 250
-        c = await WireClient.connect("127.0.0.1", port)
-        await c.reply()
-        await c.cmd("EHLO t.test")
-        await c.cmd("MAIL FROM:<a@client.test>")
-        assert (await c.cmd("RCPT TO:<nobody@example.test>"))[0] == 550  # still strict
-        await c.close()
+        assert await _until_accepted(port, "billing@example.test") == 250
+        assert await _rcpt(port, "nobody@example.test") == 550  # still strict
+    finally:
+        await gw.stop(drain_seconds=1)
+        odoo.stop()
+
+
+async def test_sighup_keeps_the_synced_aliases(tmp_path, monkeypatch) -> None:
+    """A reload rebuilds the RCPT table from the new file *and* the last rows synced from Odoo. Rebuilding it
+    from the file alone answered 550 5.1.1 (permanent: senders give up) to every Odoo-only alias until the
+    next successful sync — for as long as Odoo stayed down."""
+    monkeypatch.setenv("MAILGATE_ODOO_PASSWORD", "admin")
+    odoo = OdooDouble().start()
+    odoo.add_alias("billing", "helpdesk.ticket")
+    cfg = _config_dict(tmp_path, odoo)
+    path = tmp_path / "mailgate.toml"
+    path.write_text(to_toml(cfg))
+    gw = await start_gateway(load_config(str(path)), config_path=str(path), workers=False)
+    try:
+        port = gw.ports["smtp"]
+        assert await _until_accepted(port, "billing@example.test") == 250
+        odoo.go_down()  # no sync can refresh the table after the reload
+        cfg["aliases"].append({"address": "orders@example.test", "model": "sale.order"})
+        path.write_text(to_toml(cfg))
+        reloads = gw.reloaded
+        gw.reload()
+        assert gw.reloaded == reloads + 1
+        assert await _rcpt(port, "orders@example.test") == 250   # the file's new alias
+        assert await _rcpt(port, "billing@example.test") == 250  # Odoo's, from the last sync
+        assert await _rcpt(port, "nobody@example.test") == 550
     finally:
         await gw.stop(drain_seconds=1)
         odoo.stop()
