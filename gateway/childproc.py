@@ -11,7 +11,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from gateway.metrics import HELPER_STARTS
@@ -66,10 +66,11 @@ class PipeChild:
     @classmethod
     def commit_helper(cls, module: str, *, url: str, url_env: str, synchronous: str, max_batch: int,
                       max_wait_ms: float, read_reply: ReplyReader, error: Callable[[str], Exception],
-                      name: str) -> "PipeChild":
-        """A store-writing helper: `python -m module SYNC MAXBATCH MAXWAITMS`, the store URL in `url_env`."""
-        return cls(module, [synchronous, str(max_batch), str(max_wait_ms)], child_env({url_env: url}), read_reply,
-                   error=error, name=name)
+                      name: str, extra_args: Sequence[str] = ()) -> "PipeChild":
+        """A store-writing helper: `python -m module SYNC MAXBATCH MAXWAITMS [EXTRA…]`, the store URL in
+        `url_env`."""
+        return cls(module, [synchronous, str(max_batch), str(max_wait_ms), *extra_args], child_env({url_env: url}),
+                   read_reply, error=error, name=name)
 
     @property
     def pid(self) -> int | None:

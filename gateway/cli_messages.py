@@ -48,6 +48,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from gateway.body_log import BodyLogError
     from gateway.spool import get_message, get_raw, history
 
     engine = open_engine(load_or_exit(args.config))
@@ -56,7 +57,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"no message {args.id}", file=sys.stderr)
         return 1
     if args.raw:
-        raw = get_raw(engine, args.id)
+        try:
+            raw = get_raw(engine, args.id)
+        except BodyLogError as exc:
+            print(f"message {args.id}: {exc}", file=sys.stderr)
+            return 1
         if raw is None:
             print(f"message {args.id}: raw body purged", file=sys.stderr)
             return 1

@@ -135,6 +135,7 @@ def _headers_of(raw: bytes | None) -> str:
 
 
 def cmd_quarantine_show(args: argparse.Namespace) -> int:
+    from gateway.body_log import BodyLogError
     from gateway.spool import get_raw, history
 
     config = load_or_exit(args.config)
@@ -142,7 +143,11 @@ def cmd_quarantine_show(args: argparse.Namespace) -> int:
     msg = _get_quarantined(engine, args.id)
     if msg is None:
         return 1
-    raw = None if msg.raw_purged else get_raw(engine, msg.id)
+    try:
+        raw = None if msg.raw_purged else get_raw(engine, msg.id)
+    except BodyLogError as exc:  # show what the row knows, and why the bytes are not there
+        print(f"message {msg.id}: {exc}", file=sys.stderr)
+        raw = None
     if args.json:
         out = msg.to_json()
         out["history"] = history(engine, msg.id)

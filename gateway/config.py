@@ -80,6 +80,10 @@ class StorageConfig(_Model):
     # usual catchall and Odoo notification); 8–16 KiB costs less per message for stores of mostly 100 KB+
     # mail: see gateway/store.py for the figures.
     sqlite_page_size: Literal[4096, 8192, 16384, 32768, 65536] = 4096
+    # SQLite file stores: bodies of at least this many bytes go to append-only segment files in
+    # `<database>-bodies/` (gateway/body_log.py) instead of the database; 0 keeps every body in SQLite.
+    # Smaller bodies share pages with their row, where a second fsync per commit would cost more than it saves.
+    body_log_min: int = Field(64 * 1024, ge=0)
     # Who commits the listeners' spool writes and the relay's outbound bookkeeping: child processes (default;
     # the listening loop and the commits do not share a GIL: bench/ingest.py, bench/relay.py) or threads of the
     # serve process.

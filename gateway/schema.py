@@ -55,6 +55,16 @@ message_bodies = Table(
     Column("raw", LargeBinary, nullable=False),
 )
 
+# Bodies of SQLite spools kept in segment files (`gateway.body_log`): a row here instead of one in
+# `message_bodies`. Indexed by segment so retention can tell when a segment file holds nothing live.
+message_body_refs = Table(
+    "message_body_refs", metadata,
+    Column("message", Id, ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True),
+    Column("segment", String(128), nullable=False, index=True),
+    Column("byte_offset", BigInteger, nullable=False),
+    Column("byte_length", BigInteger, nullable=False),
+)
+
 message_log = Table(
     "message_log", metadata,
     Column("id", Id, primary_key=True, autoincrement=True),

@@ -23,7 +23,7 @@ from gateway.admin import make_admin_app, start_admin
 from gateway.childproc import die_with_parent, helper_store_url
 from gateway.config import Config, ConfigError, load_config
 from gateway.listener import ListenerPolicy, SpoolHandler, bound_port, start_listener
-from gateway.spool import Spooler, SpoolWriter
+from gateway.spool import Spooler, SpoolWriter, make_body_log
 from gateway.spool_process import ProcessSpoolWriter
 from gateway.store import open_configured_store
 from gateway.worker import run_workers
@@ -212,13 +212,14 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
 
 def make_spool_writer(config: Config, engine: Engine, on_commit: Any) -> Spooler:
     """The listeners' writer: a child process unless the config says thread (or the store is in memory)."""
-    thread = SpoolWriter(engine, max_batch=config.storage.group_commit_max,
-                         max_wait_ms=config.storage.group_commit_ms, on_commit=on_commit)
-    url = helper_store_url(engine, config.storage.writer)
+    storage = config.storage
+    thread = SpoolWriter(engine, max_batch=storage.group_commit_max, max_wait_ms=storage.group_commit_ms,
+                         on_commit=on_commit, body_log=make_body_log(engine, storage.body_log_min))
+    url = helper_store_url(engine, storage.writer)
     if url is None:
         return thread
-    return ProcessSpoolWriter(url, synchronous=config.storage.sqlite_synchronous,
-                              max_batch=config.storage.group_commit_max, max_wait_ms=config.storage.group_commit_ms,
+    return ProcessSpoolWriter(url, synchronous=storage.sqlite_synchronous, max_batch=storage.group_commit_max,
+                              max_wait_ms=storage.group_commit_ms, body_log_min=storage.body_log_min,
                               inline=thread, on_commit=on_commit)
 
 
@@ -226,7 +227,7 @@ async def _retention(gw: Gateway, every: float = 3600.0) -> None:
     """Drop raw bodies of finished mail after `[retention] raw_days` (GDPR); decisions and events stay."""
     import datetime as dt
 
-    from gateway.spool import purge_raw
+    from gateway.spool import collect_segments, purge_raw
     from gateway.store import utcnow
 
     while not gw.stop_event.is_set():
@@ -235,6 +236,8 @@ async def _retention(gw: Gateway, every: float = 3600.0) -> None:
             n = await asyncio.to_thread(purge_raw, gw.engine, cutoff)
             if n:
                 log.info("retention: purged the raw bodies of %d message(s)", n)
+            # segments whose collection a crash interrupted, or holding only a failed batch's bodies
+            await asyncio.to_thread(collect_segments, gw.engine)
         except Exception as exc:  # the store is briefly unavailable: try again next round
             log.warning("retention purge failed: %s", exc)
         try:

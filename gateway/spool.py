@@ -20,13 +20,17 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 
 from gateway.batching import next_batch
+from gateway.body_log import (
+    BodyLog, BodyLogError, BodyRef, body_log_dir, drop_unreferenced, erase, read_body, segment_names,
+)
 from gateway.fastsql import driver_insert
-from gateway.schema import message_bodies, message_log, messages
+from gateway.schema import message_bodies, message_body_refs, message_log, messages
 from gateway.store import as_utc, utcnow
 from routing.threads import normalize_message_id
 
@@ -183,8 +187,9 @@ class SpoolWriter:
     """
 
     def __init__(self, engine: Engine, *, max_batch: int = 64, max_wait_ms: float = 0.0,
-                 on_commit: Any = None):
+                 on_commit: Any = None, body_log: BodyLog | None = None):
         self.engine = engine
+        self.body_log = body_log  # used by the writer thread only
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self._queue: asyncio.Queue[_Pending] | None = None
@@ -210,6 +215,8 @@ class SpoolWriter:
             pass
         self._task = None
         self._executor.shutdown(wait=True)
+        if self.body_log is not None:
+            self.body_log.close()
 
     def notify_committed(self, count: int) -> None:
         """Tell whoever waits on new spool rows (the workers) that `count` messages were committed elsewhere
@@ -252,18 +259,27 @@ class SpoolWriter:
     def _commit(self, batch: Sequence[_Pending]) -> list[int]:
         if self.fail_writes is not None:
             raise self.fail_writes
-        return spool_many(self.engine, [(p.raw, p.envelope) for p in batch])
+        return spool_many(self.engine, [(p.raw, p.envelope) for p in batch], body_log=self.body_log)
 
 
-def spool_many(engine: Engine, items: Sequence[tuple[bytes, Envelope]]) -> list[int]:
+def make_body_log(engine: Engine, min_size: int) -> BodyLog | None:
+    """The body log of a SQLite file store (`[storage] body_log_min` > 0); None otherwise."""
+    directory = body_log_dir(engine.url.render_as_string(hide_password=False)) if min_size > 0 else None
+    return BodyLog(directory, min_size=min_size) if directory is not None else None
+
+
+def spool_many(engine: Engine, items: Sequence[tuple[bytes, Envelope]], *,
+               body_log: BodyLog | None = None) -> list[int]:
     """Insert messages in one transaction; returns their ids in order. Synchronous (thread or CLI)."""
     if not items:
         return []
+    refs = _log_bodies(body_log, items) if engine.dialect.name == "sqlite" else None
     with engine.begin() as conn:
-        return insert_messages(conn, items)
+        return insert_messages(conn, items, refs=refs)
 
 
-def spool_many_sqlite(dbapi_conn: Any, dialect: Any, items: Sequence[tuple[bytes, Envelope]]) -> list[int]:
+def spool_many_sqlite(dbapi_conn: Any, dialect: Any, items: Sequence[tuple[bytes, Envelope]], *,
+                      body_log: BodyLog | None = None) -> list[int]:
     """`spool_many` on a bare sqlite3 connection (autocommit mode, the store's pragmas applied), for the spool
     writer process: BEGIN IMMEDIATE … COMMIT without SQLAlchemy's engine and transaction objects.
 
@@ -273,9 +289,10 @@ def spool_many_sqlite(dbapi_conn: Any, dialect: Any, items: Sequence[tuple[bytes
     if not items:
         return []
     rows = _message_rows(items, None, utcnow())
+    refs = _log_bodies(body_log, items)  # durable before the write lock is taken, and before the COMMIT
     dbapi_conn.execute("BEGIN IMMEDIATE")
     try:
-        ids = _insert_sqlite(dbapi_conn, dialect, rows, items)
+        ids = _insert_sqlite(dbapi_conn, dialect, rows, items, refs)
         dbapi_conn.execute("COMMIT")
     except BaseException:
         if dbapi_conn.in_transaction:
@@ -285,18 +302,20 @@ def spool_many_sqlite(dbapi_conn: Any, dialect: Any, items: Sequence[tuple[bytes
 
 
 def insert_messages(conn: Connection, items: Sequence[tuple[bytes, Envelope]], *,
-                    hashes: Sequence[str] | None = None, now: dt.datetime | None = None) -> list[int]:
+                    hashes: Sequence[str] | None = None, now: dt.datetime | None = None,
+                    refs: Sequence[BodyRef | None] | None = None) -> list[int]:
     """The spool rows for `items`, on the caller's connection and transaction (the IMAP puller commits its
     seen-list and checkpoint with them). Ids come back in order.
 
     One multi-row INSERT … RETURNING per table (SQLAlchemy's insertmanyvalues), not three statements per
-    message: per-statement overhead, not fsync, was what bounded group commit.
+    message: per-statement overhead, not fsync, was what bounded group commit. `refs` (SQLite only): where
+    `_log_bodies` already put some of the bodies.
     """
     if not items:
         return []
     rows = _message_rows(items, hashes, now or utcnow())
     if conn.dialect.name == "sqlite":
-        return _insert_sqlite(conn.connection.driver_connection, conn.dialect, rows, items)
+        return _insert_sqlite(conn.connection.driver_connection, conn.dialect, rows, items, refs)
     result = conn.execute(insert(messages).returning(messages.c.id, sort_by_parameter_order=True), rows)
     ids = [int(r[0]) for r in result]
     conn.execute(insert(message_bodies), [{"message": i, "raw": raw} for i, (raw, _) in zip(ids, items)])
@@ -323,7 +342,7 @@ def _message_rows(items: Sequence[tuple[bytes, Envelope]], hashes: Sequence[str]
 
 
 def _insert_sqlite(dbapi: Any, dialect: Any, rows: list[dict[str, Any]], items: Sequence[tuple[bytes, Envelope]],
-                   ) -> list[int]:
+                   refs: Sequence[BodyRef | None] | None = None) -> list[int]:
     """The same rows through the sqlite3 driver (`fastsql.driver_insert`), inside the transaction already
     open on `dbapi`.
 
@@ -332,13 +351,30 @@ def _insert_sqlite(dbapi: Any, dialect: Any, rows: list[dict[str, Any]], items: 
     processors, so what SQLAlchemy reads back is exactly what it would have written.
     """
     ids = driver_insert(dbapi, dialect, messages, rows, ids=True)
-    small = [(i, raw) for i, (raw, _) in zip(ids, items) if len(raw) < _BLOB_STREAM_MIN]
+    refs = refs or [None] * len(items)
+    logged = [(i, r.segment, r.offset, r.length) for i, r in zip(ids, refs) if r is not None]
+    if logged:
+        dbapi.executemany("INSERT INTO message_body_refs (message, segment, byte_offset, byte_length) "
+                          "VALUES (?, ?, ?, ?)", logged)
+    small = [(i, raw) for i, (raw, _), r in zip(ids, items, refs) if r is None and len(raw) < _BLOB_STREAM_MIN]
     if small:
         dbapi.executemany("INSERT INTO message_bodies (message, raw) VALUES (?, ?)", small)
-    for i, (raw, _) in zip(ids, items):
-        if len(raw) >= _BLOB_STREAM_MIN:
+    for i, (raw, _), r in zip(ids, items, refs):
+        if r is None and len(raw) >= _BLOB_STREAM_MIN:
             _write_blob_sqlite(dbapi, i, raw)
     return ids
+
+
+def _log_bodies(body_log: BodyLog | None, items: Sequence[tuple[bytes, Envelope]]) -> list[BodyRef | None] | None:
+    """Append the batch's large bodies to the body log and sync it (before their rows are committed); the
+    refs line up with `items` (None: the body goes into `message_bodies`)."""
+    if body_log is None:
+        return None
+    big = [raw for raw, _ in items if body_log.wants(raw)]
+    if not big:
+        return None
+    it = iter(body_log.append_all(big))
+    return [next(it) if body_log.wants(raw) else None for raw, _ in items]
 
 
 _BLOB_STREAM_MIN = 1 << 20
@@ -370,8 +406,35 @@ def get_message(engine: Engine, ident: int) -> SpooledMessage | None:
 
 
 def get_raw(engine: Engine, ident: int) -> bytes | None:
+    """The message's bytes as received; None when retention purged them. Raises BodyLogError when they are
+    in a body log segment that cannot be read back intact."""
     with engine.connect() as conn:
-        return conn.execute(select(message_bodies.c.raw).where(message_bodies.c.message == ident)).scalar()
+        raw = conn.execute(select(message_bodies.c.raw).where(message_bodies.c.message == ident)).scalar()
+        if raw is not None:
+            return raw
+        logged = _logged_bodies(conn, [ident])
+    if not logged:
+        return None
+    ref, sha = logged[ident]
+    return read_body(_body_dir(engine), ref, sha)
+
+
+def _logged_bodies(conn: Connection, ids: Sequence[int]) -> dict[int, tuple[BodyRef, str]]:
+    """Body log references (and the sha256 to check them against) of these messages."""
+    if conn.dialect.name != "sqlite" or not ids:
+        return {}
+    q = (select(message_body_refs.c.message, message_body_refs.c.segment, message_body_refs.c.byte_offset,
+                message_body_refs.c.byte_length, messages.c.sha256)
+         .join(messages, messages.c.id == message_body_refs.c.message)
+         .where(message_body_refs.c.message.in_(list(ids))))
+    return {r[0]: (BodyRef(r[1], r[2], r[3]), r[4]) for r in conn.execute(q)}
+
+
+def _body_dir(engine: Engine) -> Path:
+    directory = body_log_dir(engine.url.render_as_string(hide_password=False))
+    if directory is None:  # refs exist only in SQLite file stores
+        raise BodyLogError(f"store {engine.url!r} has body log references but no body log directory")
+    return directory
 
 
 def list_messages(engine: Engine, *, states: Iterable[str] | None = None, limit: int = 100,
@@ -415,6 +478,8 @@ class Claimed:
 
     message: SpooledMessage
     raw: bytes | None
+    #: why `raw` is None although the message was not purged (its body log segment is missing or damaged)
+    raw_error: str | None = None
 
 
 def claim(engine: Engine, owner: str, *, limit: int = 1, lease_seconds: float = 120.0,
@@ -458,7 +523,17 @@ def claim(engine: Engine, owner: str, *, limit: int = 1, lease_seconds: float = 
                                                    messages.c.lease_until == until)).all()
         bodies = dict(conn.execute(select(message_bodies.c.message, message_bodies.c.raw)
                                    .where(message_bodies.c.message.in_([r.id for r in rows]))).all())
-    return [Claimed(_row_to_message(r), bodies.get(r.id)) for r in rows]
+        logged = _logged_bodies(conn, [r.id for r in rows if r.id not in bodies])
+    out = []
+    for r in rows:
+        raw, error = bodies.get(r.id), None
+        if r.id in logged:
+            try:
+                raw = read_body(_body_dir(engine), *logged[r.id])
+            except BodyLogError as exc:
+                error = str(exc)
+        out.append(Claimed(_row_to_message(r), raw, error))
+    return out
 
 
 def transition(engine: Engine, ident: int, state: str, *, owner: str | None = None, note: str | None = None,
@@ -517,9 +592,12 @@ def release(engine: Engine, ident: int, *, note: str = "released by operator") -
 
 def delete_message(engine: Engine, ident: int) -> bool:
     with engine.begin() as conn:
+        refs = _drop_refs(conn, [ident])
         conn.execute(delete(message_bodies).where(message_bodies.c.message == ident))
         conn.execute(delete(message_log).where(message_log.c.message == ident))
-        return conn.execute(delete(messages).where(messages.c.id == ident)).rowcount == 1
+        deleted = conn.execute(delete(messages).where(messages.c.id == ident)).rowcount == 1
+    _forget_bodies(engine, refs)
+    return deleted
 
 
 def purge_raw(engine: Engine, older_than: dt.datetime) -> int:
@@ -531,8 +609,49 @@ def purge_raw(engine: Engine, older_than: dt.datetime) -> int:
             messages.c.raw_purged.is_(False)))]
         if not ids:
             return 0
+        refs = _drop_refs(conn, ids)
         conn.execute(delete(message_bodies).where(message_bodies.c.message.in_(ids)))
         conn.execute(update(messages).where(messages.c.id.in_(ids)).values(raw_purged=True))
+    _forget_bodies(engine, refs)
     return len(ids)
+
+
+def _drop_refs(conn: Connection, ids: Sequence[int]) -> list[BodyRef]:
+    """Delete these messages' body log references; returns them."""
+    if conn.dialect.name != "sqlite":
+        return []
+    refs = [BodyRef(r[0], r[1], r[2]) for r in conn.execute(
+        select(message_body_refs.c.segment, message_body_refs.c.byte_offset, message_body_refs.c.byte_length)
+        .where(message_body_refs.c.message.in_(list(ids))))]
+    if refs:
+        conn.execute(delete(message_body_refs).where(message_body_refs.c.message.in_(list(ids))))
+    return refs
+
+
+def _forget_bodies(engine: Engine, refs: list[BodyRef]) -> None:
+    """After the commit that dropped their references: erase the bodies, delete segments left empty."""
+    directory = body_log_dir(engine.url.render_as_string(hide_password=False)) if refs else None
+    if directory is None:
+        return
+    erase(directory, refs)
+    collect_segments(engine, {r.segment for r in refs})
+
+
+def collect_segments(engine: Engine, segments: Iterable[str] | None = None) -> list[str]:
+    """Delete body log segments nothing refers to any more (all of them when `segments` is None: a sweep
+    that also finds segments left by a crash between a delete's commit and its collection)."""
+    directory = body_log_dir(engine.url.render_as_string(hide_password=False))
+    if directory is None:
+        return []
+    names = segment_names(directory) if segments is None else list(segments)
+    if not names:
+        return []
+
+    def still_referenced(name: str) -> bool:
+        with engine.connect() as conn:
+            return conn.execute(select(message_body_refs.c.message)
+                                .where(message_body_refs.c.segment == name).limit(1)).first() is not None
+
+    return drop_unreferenced(directory, names, still_referenced)
 
 

@@ -27,7 +27,7 @@ import sys
 from typing import Any
 
 from gateway.childproc import HelperClient, PipeChild, commit_helper_store, serve_batches
-from gateway.spool import Envelope, SpoolError, SpoolWriter
+from gateway.spool import Envelope, SpoolError, SpoolWriter, make_body_log
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +68,18 @@ def take_frames(buf: bytearray, limit: int) -> tuple[list[tuple[bytes, Envelope]
 _URL_ENV = "MAILGATE_SPOOL_WRITER_URL"  # the store URL may hold a password: not on the command line (ps)
 
 
-def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0) -> int:  # pragma: no cover - child
+def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0,
+               body_log_min: int = 0) -> int:  # pragma: no cover - child
     from gateway.spool import spool_many, spool_many_sqlite
 
     engine = commit_helper_store(_URL_ENV, synchronous)
     if engine.dialect.name == "sqlite":  # one connection for the child's life, pragmas applied by the engine
         raw_conn = engine.raw_connection()
         dialect = engine.dialect
+        body_log = make_body_log(engine, body_log_min)
 
         def commit(items: list[tuple[bytes, Envelope]]) -> list[int]:
-            return spool_many_sqlite(raw_conn.driver_connection, dialect, items)
+            return spool_many_sqlite(raw_conn.driver_connection, dialect, items, body_log=body_log)
     else:
         def commit(items: list[tuple[bytes, Envelope]]) -> list[int]:
             return spool_many(engine, items)
@@ -98,14 +100,15 @@ class ProcessSpoolWriter(HelperClient):
     """`SpoolWriter`'s interface, committing in a child process (`python -m gateway.spool_process`)."""
 
     def __init__(self, url: str, *, synchronous: str = "FULL", max_batch: int = 64, max_wait_ms: float = 0.0,
-                 inline: SpoolWriter, inline_max: int = 1 << 20, on_commit: Any = None):
+                 body_log_min: int = 0, inline: SpoolWriter, inline_max: int = 1 << 20, on_commit: Any = None):
         self.url = url
         self.inline = inline            # large messages, and the fallback's interface for tests
         self.inline_max = inline_max
         self._on_commit = on_commit
         self._child = PipeChild.commit_helper(
             "gateway.spool_process", url=url, url_env=_URL_ENV, synchronous=synchronous, max_batch=max_batch,
-            max_wait_ms=max_wait_ms, read_reply=_read_reply, error=SpoolError, name="spool writer")
+            max_wait_ms=max_wait_ms, extra_args=[str(body_log_min)], read_reply=_read_reply, error=SpoolError,
+            name="spool writer")
         if on_commit is not None:
             self._child.on_reply = lambda ok: on_commit(1) if ok else None
         self.fail_writes: Exception | None = None  # fault injection for tests (disk full and such)
@@ -139,4 +142,4 @@ async def _read_reply(stdout: asyncio.StreamReader) -> tuple[bool, Any]:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(child_main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
+    sys.exit(child_main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])))

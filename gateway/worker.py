@@ -110,7 +110,8 @@ class Worker:
         msg = item.message
         ctx = mail_context(msg.id, msg.message_id)
         if item.raw is None:
-            self._finish(msg, "dead", note="raw body missing (purged by retention?)", error="raw body missing")
+            why = item.raw_error or "raw body missing (purged by retention?)"
+            self._finish(msg, "dead", note=why, error=item.raw_error or "raw body missing")
             return
         try:
             decision = self._decision(msg, item.raw)

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import func, select
 
+from gateway.schema import message_body_refs
 from gateway.spool import counts_by_state
 from gateway.store import open_store
 from tests.gateway_proc import GatewayProcess, base_config, free_port
@@ -30,7 +32,8 @@ def test_sigkill_during_load_loses_and_duplicates_nothing(tmp_path: Path) -> Non
     odoo = OdooDouble().start()
     cfg = base_config(tmp_path, smtp_port=free_port(), admin_port=free_port(), odoo_url=odoo.url)
     gw = GatewayProcess(tmp_path, cfg).start()
-    mails = [load_mail(i) for i in range(MESSAGES)]
+    # every third mail is over `body_log_min` (64 KiB): its body goes to a body log segment, the rest to SQLite
+    mails = [load_mail(i, size=2048 if i % 3 else 70_000) for i in range(MESSAGES)]
     kills: list[float] = []
     done = threading.Event()
 
@@ -70,6 +73,9 @@ def test_sigkill_during_load_loses_and_duplicates_nothing(tmp_path: Path) -> Non
         assert len(leads) == MESSAGES and max(leads.values()) == 1
         engine = open_store(cfg["storage"]["url"], migrate=False)
         states = counts_by_state(engine)
+        with engine.connect() as conn:  # the big third went through the body log, and was read back from it
+            logged = conn.execute(select(func.count()).select_from(message_body_refs)).scalar_one()
+        assert logged >= len([m for m in mails if len(m[1]) > 65536]), logged
         assert states["received"] == states["routed"] == states["retrying"] == states["dead"] == 0, states
         assert states["quarantined"] == 0
         print(f"\nkills={len(kills)} during_load={sum(during_load)} acked={len(result.acked)} resent_after_error={result.connection_errors} "

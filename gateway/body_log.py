@@ -1,0 +1,249 @@
+"""Large message bodies of a SQLite spool, in append-only segment files next to the database.
+
+Why: a 100 KB body stored in SQLite is 25 WAL frames written at commit and the same 25 pages copied again into
+the database at checkpoint — in the spool writer that was ≈370 µs of system time per message, more than half
+its cost (`bench/ingest.py`, 16 sessions). Appended to a segment file it is one `write` and a share of one
+`fdatasync`. Bodies under `[storage] body_log_min` stay in `message_bodies` (a few KB share pages with the
+row; an extra fsync per commit would cost them more than it saves).
+
+Durability: a writer appends a batch's bodies, fdatasyncs the segment, and only then commits the rows that
+point at them (`message_body_refs`: segment, offset, length). A crash in between leaves unreferenced bytes,
+never a reference to bytes that are not on disk. Readers check the length and the message's sha256.
+
+Segments: each writer process creates its own (no shared append offset between processes), holds a shared
+`flock` on it while it may still append, and starts a new one past `segment_bytes`, only between batches —
+so a segment whose lock is free will never gain a reference again. A segment is deleted when no reference to
+it remains (retention, `delete_message`) and no writer holds it: `drop_unreferenced`.
+
+PostgreSQL stores every body in `message_bodies` (the database may be on another host and shared by nodes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import errno
+import fcntl
+import hashlib
+import itertools
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SEGMENT_SUFFIX = ".seg"
+_counter = itertools.count()
+
+
+class BodyLogError(Exception):
+    """A referenced body cannot be read back as it was stored (segment missing, short or altered)."""
+
+
+@dataclass(frozen=True)
+class BodyRef:
+    """Where one body lives: `length` bytes at `offset` of segment file `segment` (a name, not a path)."""
+
+    segment: str
+    offset: int
+    length: int
+
+
+def body_log_dir(url: str) -> Path | None:
+    """`<database file>-bodies/` for a SQLite file store; None for PostgreSQL and in-memory stores."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:" \
+            or parsed.database.startswith("file:"):
+        return None
+    return Path(os.path.abspath(parsed.database) + "-bodies")
+
+
+class BodyLog:
+    """One writer's append side. Not thread-safe: one writer (process or thread) owns it."""
+
+    def __init__(self, directory: Path, *, min_size: int, segment_bytes: int = 256 << 20):
+        self.directory = Path(directory)
+        self.min_size = min_size
+        self.segment_bytes = segment_bytes
+        self._fd: int | None = None
+        self._name = ""
+        self._end = 0
+        self._dirty = False
+
+    def wants(self, raw: bytes) -> bool:
+        return len(raw) >= self.min_size
+
+    def append_all(self, bodies: Iterable[bytes]) -> list[BodyRef]:
+        """Append a batch's bodies and make them durable (one fdatasync); call before committing their refs.
+
+        A new segment is started only here, before the batch: the previous segment's references were all
+        committed (or their batch failed) by then, so releasing its lock cannot expose a body that is about
+        to be referenced."""
+        if self._fd is None or self._end >= self.segment_bytes:
+            self._open_segment()
+        assert self._fd is not None
+        refs = []
+        try:
+            for raw in bodies:
+                refs.append(BodyRef(self._name, self._end, len(raw)))
+                _write_all(self._fd, raw)
+                self._end += len(raw)
+                self._dirty = True
+            if self._dirty:
+                os.fdatasync(self._fd)
+                self._dirty = False
+        except BaseException:
+            # A short write leaves the file's end unknown, a failed fdatasync leaves its pages unknown: the
+            # batch fails (451) and the next one starts a fresh segment.
+            self.close()
+            raise
+        return refs
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock: the segment is now immutable
+            self._fd = None
+
+    def _open_segment(self) -> None:
+        """Create a segment under a temporary name, lock it, then give it its name: a collector only looks at
+        named segments, so it can never see one that is not locked yet. The directory is synced so the name
+        is durable before any committed row points at it."""
+        self.close()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        name = f"{stamp}-{os.getpid()}-{next(_counter)}{SEGMENT_SUFFIX}"
+        tmp = self.directory / (name + ".new")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            os.rename(tmp, self.directory / name)
+            _sync_dir(self.directory)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._name, self._end, self._dirty = fd, name, 0, False
+        log.info("body log: new segment %s", self.directory / name)
+
+
+def read_body(directory: Path, ref: BodyRef, sha256: str | None = None) -> bytes:
+    """The stored bytes, checked against the reference's length and (when given) the message's sha256."""
+    path = directory / ref.segment
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BodyLogError(f"body log segment {path} is missing (restore it, then release the message)") from None
+    try:
+        chunks = []
+        got = 0
+        while got < ref.length:
+            chunk = os.pread(fd, min(ref.length - got, 1 << 24), ref.offset + got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    finally:
+        os.close(fd)
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if len(data) != ref.length:
+        raise BodyLogError(f"body log segment {path} ends before byte {ref.offset + ref.length} "
+                           f"(has {ref.offset + len(data)}): truncated")
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise BodyLogError(f"body at {path}:{ref.offset} does not match the message's sha256: altered")
+    return data
+
+
+def drop_unreferenced(directory: Path, segments: Iterable[str], still_referenced: Any) -> list[str]:
+    """Delete the named segments that no row references and no writer holds; returns the deleted names.
+
+    `still_referenced(name) -> bool` asks the store. It is asked while we hold the segment's exclusive lock,
+    which a writer's shared lock excludes: a segment that can still gain references is never deleted."""
+    dropped = []
+    for name in sorted(set(segments)):
+        if not name.endswith(SEGMENT_SUFFIX) or "/" in name or name.startswith("."):
+            continue
+        path = directory / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    continue  # a writer's current segment
+                raise
+            if still_referenced(name):
+                continue
+            os.unlink(path)
+            dropped.append(name)
+        finally:
+            os.close(fd)
+    if dropped:
+        _sync_dir(directory)
+        log.info("body log: deleted %d segment(s) no message refers to: %s", len(dropped), ", ".join(dropped))
+    return dropped
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def erase(directory: Path, refs: Iterable[BodyRef]) -> int:
+    """Punch holes where these (no longer referenced) bodies were: the bytes read back as zeros and their
+    blocks are freed now, not when the last message of the segment goes. Retention is a privacy promise
+    (`[retention] raw_days`), and one unfinished message can keep a segment alive for a long time.
+    Returns how many were erased; on a filesystem without hole punching they stay until the segment goes."""
+    by_segment: dict[str, list[BodyRef]] = {}
+    for ref in refs:
+        by_segment.setdefault(ref.segment, []).append(ref)
+    erased = 0
+    for name, items in by_segment.items():
+        try:
+            fd = os.open(directory / name, os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            for ref in items:
+                if _LIBC.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ref.offset, ref.length):
+                    log.warning("body log: cannot punch holes in %s (%s); purged bodies stay on disk until "
+                                "nothing in the segment is referenced", directory / name,
+                                os.strerror(ctypes.get_errno()))
+                    break
+                erased += 1
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    return erased
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_LIBC = ctypes.CDLL(None, use_errno=True)  # fallocate(2) with flags; os.posix_fallocate only allocates
+_LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def segment_names(directory: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in directory.iterdir() if p.name.endswith(SEGMENT_SUFFIX))
+    except FileNotFoundError:
+        return []
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _sync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
