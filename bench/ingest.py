@@ -169,8 +169,8 @@ def main() -> int:
         for name, argv, port in targets:
             for size, count in ((4096, args.messages), (100 * 1024, args.big_messages)):
                 if name.startswith("c") or name.startswith("d"):
-                    for f in tmp.glob("bench.db*"):
-                        f.unlink()
+                    for f in tmp.glob("bench.db*"):  # the database, its WAL and its body log folder
+                        shutil.rmtree(f) if f.is_dir() else f.unlink()
                 with Target(name, argv, port) as t:
                     assert t.port is not None
                     run_load(t.port, sessions=args.sessions, size=size, messages=min(200, count))  # warm-up

@@ -44,7 +44,7 @@ _PATH = re.compile(rf"\s*<(?:@{_DOMAIN}(?:,@{_DOMAIN})*:)?({_MAILBOX}|postmaster
 _BARE = re.compile(rf"\s*({_MAILBOX})(\s.*|)\Z", re.S)
 
 _BARE_LF = re.compile(rb"\n(?<!\r\n)")
-_STUFFED_DOT = re.compile(rb"\r\n\.\.")
+_DOT_LINE = re.compile(rb"\r\n\.")  # a line starting with a dot: the terminator, or one to un-stuff
 _TERMINATOR = b"\r\n.\r\n"
 
 
@@ -248,11 +248,11 @@ class LeanSMTPMixin:
         reader._limit = limit + 2 * len(_TERMINATOR)  # type: ignore[attr-defined]
         try:
             try:
-                data = await self._read_data(reader, limit)
+                data, dot_lines = await self._read_data(reader, limit)
             except asyncio.LimitOverrunError:
                 await self._drain_data(reader)
                 reply = f"552 5.3.4 Message size exceeds fixed maximum message size ({limit} bytes)"
-                data = b""
+                data, dot_lines = b"", False
         finally:
             reader._limit = saved_limit  # type: ignore[attr-defined]
         if reply is None:
@@ -262,27 +262,38 @@ class LeanSMTPMixin:
             self._set_post_data_state()  # type: ignore[attr-defined]
             await self.push(reply)  # type: ignore[attr-defined]
             return
-        if data.startswith(b"..") or _STUFFED_DOT.search(data):  # RFC 5321 §4.5.2 transparency (a regex
-            # with a literal prefix searches 100 KB in 31 µs, `in` took 51 µs)
+        if dot_lines:  # RFC 5321 §4.5.2 transparency; `_read_data` saw the lines starting with a dot
             data = (data[1:] if data.startswith(b"..") else data).replace(b"\r\n..", b"\r\n.")
         envelope.content = envelope.original_content = data
         status = await self._call_handler_hook("DATA")  # type: ignore[attr-defined]
         self._set_post_data_state()  # type: ignore[attr-defined]
         await self.push(status)  # type: ignore[attr-defined]
 
-    async def _read_data(self, reader: asyncio.StreamReader, limit: int) -> bytes:
-        """Everything up to CRLF.CRLF, copied out of the stream buffer exactly once.
+    async def _read_data(self, reader: asyncio.StreamReader, limit: int) -> tuple[bytes, bool]:
+        """Everything up to CRLF.CRLF, copied out of the stream buffer exactly once, and whether any other line
+        starts with a dot (dot-stuffing to undo).
 
+        One regex pass over lines that start with a dot finds both: the terminator is such a line with
+        nothing after the dot. `bytes.find` of the terminator alone took 42 µs per 100 KB (CRLF every 72
+        bytes keeps its skip short) and a separate search for stuffed dots 30 µs more; this pass takes 30 µs.
         `readuntil()` would copy the message out and a slice would copy it again; then the emptied buffer keeps
         its allocation for the life of the connection. Here the message is copied once and the big buffer is
         dropped at once, so a 25 MB message costs ~2x its size at the peak, not 4x.
         """
         buf: bytearray = reader._buffer  # type: ignore[attr-defined]
-        buf[:0] = b"\r\n"  # lets one search find the terminator even for an empty message (".\r\n")
+        buf[:0] = b"\r\n"  # the first line is a line like the others (and an empty message is just ".\r\n")
         start = 0
+        dot_lines = False
+        search = _DOT_LINE.search
         while True:
-            idx = buf.find(_TERMINATOR, start)
-            if idx >= 0:
+            m = search(buf, start)
+            while m is not None and len(buf) - m.end() >= 2:  # what follows the dot is here: decide
+                if buf[m.end()] == 13 and buf[m.end() + 1] == 10:
+                    break
+                dot_lines = True
+                m = search(buf, m.end())
+            if m is not None and len(buf) - m.end() >= 2:
+                idx = m.start()
                 if idx > limit:  # the whole oversize message was already buffered when we first looked
                     raise asyncio.LimitOverrunError("message exceeds the size limit", idx)
                 break
@@ -290,13 +301,14 @@ class LeanSMTPMixin:
                 raise asyncio.LimitOverrunError("message exceeds the size limit", len(buf))
             if reader.at_eof():
                 raise asyncio.IncompleteReadError(bytes(buf), None)
-            start = max(0, len(buf) - len(_TERMINATOR) + 1)
+            # next time, look again at an undecided dot line, or at a CRLF split across reads
+            start = m.start() if m is not None else max(0, len(buf) - 2)
             await reader._wait_for_data("readuntil")  # type: ignore[attr-defined]
         data = bytes(memoryview(buf)[2:idx + 2])
         reader._buffer = bytearray(memoryview(buf)[idx + len(_TERMINATOR):])  # type: ignore[attr-defined]
         del buf
         reader._maybe_resume_transport()  # type: ignore[attr-defined]
-        return data
+        return data, dot_lines
 
     async def _drain_data(self, reader: asyncio.StreamReader) -> None:
         """Swallow an oversize DATA up to its terminator without keeping it (bounded memory)."""

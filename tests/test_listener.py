@@ -336,8 +336,45 @@ async def test_read_data_refuses_an_oversize_message_already_in_the_buffer() -> 
         await LeanSMTPMixin._read_data(None, reader, 1000)  # type: ignore[arg-type]
     reader2 = asyncio.StreamReader(limit=1 << 20)
     reader2.feed_data(b"small\r\n..dot\r\n.\r\nQUIT\r\n")
-    assert await LeanSMTPMixin._read_data(None, reader2, 1000) == b"small\r\n..dot\r\n"  # type: ignore[arg-type]
+    assert await LeanSMTPMixin._read_data(None, reader2, 1000) == (b"small\r\n..dot\r\n", True)  # type: ignore[arg-type]
     assert await reader2.readline() == b"QUIT\r\n"  # pipelined commands stay for the command loop
+
+
+async def test_read_data_finds_the_terminator_and_dot_lines_however_the_bytes_arrive() -> None:
+    """Against the plain definition (the first CRLF.CRLF after a leading CRLF; any other line starting with a
+    dot), with messages made of dot-heavy pieces, cut into random reads — a cut may fall inside the
+    terminator, inside a CRLF, or right after a dot."""
+    import random
+
+    from gateway.listener import LeanSMTPMixin
+
+    rng = random.Random(11)
+    pieces = [b"\r\n", b".", b"..", b"x", b"\r", b"\n", b"\r\n.", b".\r\n", b"ab"]
+    for _ in range(3000):
+        body = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 14)))
+        wire = body + rng.choice([b"\r\n.\r\n", b".\r\n"]) + rng.choice([b"", b"QUIT\r\n", b".\r\n"])
+        framed = b"\r\n" + wire
+        idx = framed.find(b"\r\n.\r\n")
+        if idx < 0:
+            continue
+        want = framed[2:idx + 2]
+        want_dots = any(line.startswith(b".") for line in (b"\r\n" + want).split(b"\r\n")[1:])
+        reader = asyncio.StreamReader(limit=1 << 20)
+        cuts = sorted(rng.sample(range(1, len(wire)), min(len(wire) - 1, rng.randrange(0, 4)))) if len(wire) > 1 else []
+
+        async def feed() -> None:
+            last = 0
+            for cut in [*cuts, len(wire)]:
+                reader.feed_data(wire[last:cut])
+                last = cut
+                await asyncio.sleep(0)
+            reader.feed_eof()  # a missed terminator fails the read instead of waiting for ever
+
+        feeder = asyncio.ensure_future(feed())
+        got = await LeanSMTPMixin._read_data(None, reader, 1 << 20)  # type: ignore[arg-type]
+        await feeder
+        assert got == (want, want_dots), (wire, cuts)
+        assert bytes(reader._buffer) == framed[idx + 5:]  # type: ignore[attr-defined]
 
 
 def _line_fault_reference(data: bytes, limit: int) -> str | None:
