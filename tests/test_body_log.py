@@ -247,3 +247,31 @@ def test_messages_show_raw_names_a_missing_segment(tmp_path: Path, capsysbinary:
         p.unlink()
     assert main(["messages", "show", str(ident), "--raw", "--config", str(cfg)]) == 1
     assert b"is missing" in capsysbinary.readouterr().err
+
+
+async def test_a_failed_segment_sync_fails_the_batch_and_the_next_starts_a_new_segment(
+        sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk trouble while appending: the senders get an error (451 at the listener), no row points at the
+    unsynced bytes, and the next batch does not trust the damaged segment's end."""
+    from gateway import body_log as body_log_module
+    from gateway.spool import SpoolError, list_messages
+
+    log = make_body_log(sqlite_engine, BIG)
+    assert log is not None
+    writer = SpoolWriter(sqlite_engine, body_log=log)
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(body_log_module.os, "fdatasync", failing)
+    with pytest.raises(SpoolError, match="No space left"):
+        await writer.store(mail("<full@x>", 9_000), env())
+    assert list_messages(sqlite_engine) == [] and where_bodies(sqlite_engine) == (0, 0)
+    (broken,) = segment_names(log.directory)
+    monkeypatch.setattr(body_log_module.os, "fdatasync", real)
+    ident = await writer.store(mail("<next@x>", 9_000), env())
+    await writer.close()
+    assert get_raw(sqlite_engine, ident) == mail("<next@x>", 9_000)
+    assert [n for n in segment_names(log.directory) if n != broken]  # written to a fresh segment
+    assert collect_segments(sqlite_engine) == [broken]  # nothing refers to the broken one
