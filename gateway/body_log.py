@@ -210,10 +210,11 @@ def erase(directory: Path, refs: Iterable[BodyRef]) -> int:
             continue
         try:
             for ref in items:
-                if _LIBC.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, ref.offset, ref.length):
+                if _FALLOCATE is None or _FALLOCATE(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                                                    ref.offset, ref.length):
+                    why = os.strerror(ctypes.get_errno()) if _FALLOCATE is not None else "no fallocate(2)"
                     log.warning("body log: cannot punch holes in %s (%s); purged bodies stay on disk until "
-                                "nothing in the segment is referenced", directory / name,
-                                os.strerror(ctypes.get_errno()))
+                                "nothing in the segment is referenced", directory / name, why)
                     break
                 erased += 1
             os.fdatasync(fd)
@@ -224,8 +225,19 @@ def erase(directory: Path, refs: Iterable[BodyRef]) -> int:
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_LIBC = ctypes.CDLL(None, use_errno=True)  # fallocate(2) with flags; os.posix_fallocate only allocates
-_LIBC.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def _fallocate() -> Any:
+    """fallocate(2) with flags (Linux; os.posix_fallocate only allocates), or None where libc has none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fn
+
+
+_FALLOCATE = _fallocate()
 
 
 def segment_names(directory: Path) -> list[str]:
