@@ -71,6 +71,7 @@ class BodyLog:
         self.min_size = min_size
         self.segment_bytes = segment_bytes
         self._fd: int | None = None
+        self._retired: int | None = None  # the previous segment, still locked (see `append_all`)
         self._name = ""
         self._end = 0
         self._dirty = False
@@ -81,9 +82,10 @@ class BodyLog:
     def append_all(self, bodies: Iterable[bytes]) -> list[BodyRef]:
         """Append a batch's bodies and make them durable (one fdatasync); call before committing their refs.
 
-        A new segment is started only here, before the batch: the previous segment's references were all
-        committed (or their batch failed) by then, so releasing its lock cannot expose a body that is about
-        to be referenced."""
+        A new segment is started only here, before a batch. The full one keeps its lock until the segment
+        after it fills up too: the spool process commits a batch's rows while it already appends the next
+        batch's bodies, so the last batches of a segment may not be committed when the next one starts;
+        they are long committed when the one after starts, and only then may a collector look at it."""
         if self._fd is None or self._end >= self.segment_bytes:
             self._open_segment()
         assert self._fd is not None
@@ -100,20 +102,29 @@ class BodyLog:
         except BaseException:
             # A short write leaves the file's end unknown, a failed fdatasync leaves its pages unknown: the
             # batch fails (451) and the next one starts a fresh segment.
-            self.close()
+            self._retire_current()
             raise
         return refs
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # releases the flock: the segment is now immutable
-            self._fd = None
+        for fd in (self._retired, self._fd):
+            if fd is not None:
+                os.close(fd)  # releases the flock: the segment is now immutable
+        self._fd = self._retired = None
+
+    def _retire_current(self) -> None:
+        """Stop appending to the current segment; keep its lock until the next one is retired."""
+        if self._fd is None:
+            return
+        if self._retired is not None:
+            os.close(self._retired)
+        self._retired, self._fd = self._fd, None
 
     def _open_segment(self) -> None:
         """Create a segment under a temporary name, lock it, then give it its name: a collector only looks at
         named segments, so it can never see one that is not locked yet. The directory is synced so the name
         is durable before any committed row points at it."""
-        self.close()
+        self._retire_current()
         self.directory.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
         name = f"{stamp}-{os.getpid()}-{next(_counter)}{SEGMENT_SUFFIX}"

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from gateway.metrics import HELPER_STARTS
@@ -239,37 +240,62 @@ def grow_pipe_transport(proc: asyncio.subprocess.Process) -> None:
 _READ_CHUNK = 1 << 20
 
 
-def serve_batches(take: Callable[[bytearray, int], tuple[list[Any], int]], answer: Callable[[list[Any]], bytes], *,
-                  max_batch: int, max_wait_ms: float = 0.0) -> int:  # pragma: no cover - runs in children
+def serve_batches(take: Callable[[bytearray, int], tuple[list[Any], int]], answer: Callable[..., bytes], *,
+                  max_batch: int, max_wait_ms: float = 0.0,
+                  prepare: Callable[[list[Any]], Any] | None = None) -> int:  # pragma: no cover - children
     """A commit helper's main loop: read requests from stdin, hand each batch to `answer`, write its replies.
 
     `take(buf, limit)` returns the complete requests at the start of `buf` (at most `limit`) and the bytes
     they used. A batch is whatever is already waiting in the pipe when the previous commit finished (group
     commit), plus, with `max_wait_ms`, what arrives within that long. Returns 0 at EOF (the parent closed
-    our stdin: it is shutting down and has nothing more to send)."""
+    our stdin: it is shutting down and has nothing more to send).
+
+    With `prepare`, a batch goes through two stages: `prepare(items)` in a thread of its own, then
+    `answer(items, future_of_prepare)` here, and the next batch's prepare overlaps this batch's answer (the
+    spool writer syncs the next batch's body log appends while it commits this batch's rows)."""
     buf = bytearray()
     eof = False
-    while True:
-        items, used = take(buf, max_batch)
-        if not items:
-            if eof:
-                return 0
-            data = os.read(0, _READ_CHUNK)  # block for the next request
-            if not data:
-                eof = True
-            buf += data
-            continue
-        deadline = time.monotonic() + max_wait_ms / 1000.0
-        while len(items) < max_batch and not eof and \
-                select.select([0], [], [], max(0.0, deadline - time.monotonic()))[0]:
-            data = os.read(0, _READ_CHUNK)
-            if not data:
-                eof = True
-                break
-            buf += data
+    stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") if prepare is not None else None
+    pending: tuple[list[Any], Future[Any]] | None = None  # prepared (or being prepared), not answered yet
+    try:
+        while True:
+            if pending is not None and not eof and select.select([0], [], [], 0)[0]:
+                data = os.read(0, _READ_CHUNK)  # whatever arrived, without waiting: the pending batch must go on
+                eof = not data
+                buf += data
             items, used = take(buf, max_batch)
-        del buf[:used]
-        write_all(1, answer(items))
+            if not items:
+                if pending is not None:
+                    write_all(1, answer(*pending))
+                    pending = None
+                    continue
+                if eof:
+                    return 0
+                data = os.read(0, _READ_CHUNK)  # block for the next request
+                if not data:
+                    eof = True
+                buf += data
+                continue
+            deadline = time.monotonic() + max_wait_ms / 1000.0
+            while len(items) < max_batch and not eof and \
+                    select.select([0], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                data = os.read(0, _READ_CHUNK)
+                if not data:
+                    eof = True
+                    break
+                buf += data
+                items, used = take(buf, max_batch)
+            del buf[:used]
+            if stage is None:
+                write_all(1, answer(items))
+                continue
+            prepared = (items, stage.submit(prepare, items))  # type: ignore[arg-type]
+            if pending is not None:
+                write_all(1, answer(*pending))
+            pending = prepared
+    finally:
+        if stage is not None:
+            stage.shutdown(wait=True)
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -273,13 +273,13 @@ def spool_many(engine: Engine, items: Sequence[tuple[bytes, Envelope]], *,
     """Insert messages in one transaction; returns their ids in order. Synchronous (thread or CLI)."""
     if not items:
         return []
-    refs = _log_bodies(body_log, items) if engine.dialect.name == "sqlite" else None
+    refs = log_bodies(body_log, items) if engine.dialect.name == "sqlite" else None
     with engine.begin() as conn:
         return insert_messages(conn, items, refs=refs)
 
 
 def spool_many_sqlite(dbapi_conn: Any, dialect: Any, items: Sequence[tuple[bytes, Envelope]], *,
-                      body_log: BodyLog | None = None) -> list[int]:
+                      body_log: BodyLog | None = None, refs: Sequence[BodyRef | None] | None = None) -> list[int]:
     """`spool_many` on a bare sqlite3 connection (autocommit mode, the store's pragmas applied), for the spool
     writer process: BEGIN IMMEDIATE … COMMIT without SQLAlchemy's engine and transaction objects.
 
@@ -289,7 +289,8 @@ def spool_many_sqlite(dbapi_conn: Any, dialect: Any, items: Sequence[tuple[bytes
     if not items:
         return []
     rows = _message_rows(items, None, utcnow())
-    refs = _log_bodies(body_log, items)  # durable before the write lock is taken, and before the COMMIT
+    if refs is None:  # else `log_bodies` already ran (the spool process does it a batch ahead, in a thread)
+        refs = log_bodies(body_log, items)  # durable before the write lock is taken, and before the COMMIT
     dbapi_conn.execute("BEGIN IMMEDIATE")
     try:
         ids = _insert_sqlite(dbapi_conn, dialect, rows, items, refs)
@@ -309,7 +310,7 @@ def insert_messages(conn: Connection, items: Sequence[tuple[bytes, Envelope]], *
 
     One multi-row INSERT … RETURNING per table (SQLAlchemy's insertmanyvalues), not three statements per
     message: per-statement overhead, not fsync, was what bounded group commit. `refs` (SQLite only): where
-    `_log_bodies` already put some of the bodies.
+    `log_bodies` already put some of the bodies.
     """
     if not items:
         return []
@@ -365,7 +366,7 @@ def _insert_sqlite(dbapi: Any, dialect: Any, rows: list[dict[str, Any]], items: 
     return ids
 
 
-def _log_bodies(body_log: BodyLog | None, items: Sequence[tuple[bytes, Envelope]]) -> list[BodyRef | None] | None:
+def log_bodies(body_log: BodyLog | None, items: Sequence[tuple[bytes, Envelope]]) -> list[BodyRef | None] | None:
     """Append the batch's large bodies to the body log and sync it (before their rows are committed); the
     refs line up with `items` (None: the body goes into `message_bodies`)."""
     if body_log is None:

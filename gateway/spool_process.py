@@ -24,6 +24,7 @@ import logging
 import marshal
 import struct
 import sys
+from concurrent.futures import Future
 from typing import Any
 
 from gateway.childproc import HelperClient, PipeChild, commit_helper_store, serve_batches
@@ -70,29 +71,45 @@ _URL_ENV = "MAILGATE_SPOOL_WRITER_URL"  # the store URL may hold a password: not
 
 def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0,
                body_log_min: int = 0) -> int:  # pragma: no cover - child
-    from gateway.spool import spool_many, spool_many_sqlite
+    from gateway.spool import log_bodies, spool_many, spool_many_sqlite
 
     engine = commit_helper_store(_URL_ENV, synchronous)
-    if engine.dialect.name == "sqlite":  # one connection for the child's life, pragmas applied by the engine
-        raw_conn = engine.raw_connection()
-        dialect = engine.dialect
-        body_log = make_body_log(engine, body_log_min)
+    if engine.dialect.name != "sqlite":
+        def answer(items: list[tuple[bytes, Envelope]]) -> bytes:
+            return _answer(items, lambda: spool_many(engine, items))
 
-        def commit(items: list[tuple[bytes, Envelope]]) -> list[int]:
-            return spool_many_sqlite(raw_conn.driver_connection, dialect, items, body_log=body_log)
-    else:
-        def commit(items: list[tuple[bytes, Envelope]]) -> list[int]:
-            return spool_many(engine, items)
+        return serve_batches(take_frames, answer, max_batch=max_batch, max_wait_ms=max_wait_ms)
 
-    def answer(items: list[tuple[bytes, Envelope]]) -> bytes:
-        try:
-            return b"".join(_REP.pack(i, 0) for i in commit(items))
-        except Exception as exc:  # every sender in the batch answers 451; nothing of the batch is kept
-            log.error("spool commit failed for %d message(s): %s", len(items), exc)
-            err = str(exc).encode("utf-8", "replace")[:2000]
-            return b"".join(_REP.pack(-1, len(err)) + err for _ in items)
+    raw_conn = engine.raw_connection()  # one connection for the child's life, pragmas applied by the engine
+    dialect = engine.dialect
+    body_log = make_body_log(engine, body_log_min)
 
-    return serve_batches(take_frames, answer, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    def prepare(items: list[tuple[bytes, Envelope]]) -> Any:
+        """Stage one, in a thread: large bodies appended to the body log and synced."""
+        return log_bodies(body_log, items)
+
+    def answer_prepared(items: list[tuple[bytes, Envelope]], refs: Future[Any]) -> bytes:
+        """Stage two: the rows, committed only once their bodies are durable (`refs.result()` re-raises a
+        failed append or sync, and the whole batch answers 451)."""
+        return _answer(items, lambda: spool_many_sqlite(raw_conn.driver_connection, dialect, items,
+                                                        refs=refs.result()))
+
+    if body_log is None:
+        def answer(items: list[tuple[bytes, Envelope]]) -> bytes:
+            return _answer(items, lambda: spool_many_sqlite(raw_conn.driver_connection, dialect, items))
+
+        return serve_batches(take_frames, answer, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    return serve_batches(take_frames, answer_prepared, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                         prepare=prepare)
+
+
+def _answer(items: list[tuple[bytes, Envelope]], commit: Any) -> bytes:
+    try:
+        return b"".join(_REP.pack(i, 0) for i in commit())
+    except Exception as exc:  # every sender in the batch answers 451; nothing of the batch is kept
+        log.error("spool commit failed for %d message(s): %s", len(items), exc)
+        err = str(exc).encode("utf-8", "replace")[:2000]
+        return b"".join(_REP.pack(-1, len(err)) + err for _ in items)
 
 
 # ------------------------------------------------------------------------------------------ the parent

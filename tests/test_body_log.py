@@ -8,6 +8,8 @@ import asyncio
 import datetime as dt
 import fcntl
 import os
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -76,26 +78,32 @@ def test_append_read_back_and_damage_is_named(tmp_path: Path) -> None:
         read_body(tmp_path / "b", ra)
 
 
-def test_new_segment_only_between_batches_and_only_named_once_locked(tmp_path: Path) -> None:
+def test_new_segment_only_between_batches_and_the_full_one_stays_locked_one_segment_longer(tmp_path: Path) -> None:
+    """The spool process commits a batch's rows while it appends the next batch: a full segment keeps its
+    lock until the next one fills too, so a collector cannot delete it before its last rows are committed."""
     log = BodyLog(tmp_path, min_size=1, segment_bytes=100)
     first = log.append_all([b"x" * 80, b"y" * 80])  # past the limit within a batch: same segment
     assert first[0].segment == first[1].segment
-    second = log.append_all([b"z"])
-    assert second[0].segment != first[0].segment
-    assert segment_names(tmp_path) == sorted({first[0].segment, second[0].segment})
+    second = log.append_all([b"z" * 120])
+    third = log.append_all([b"w"])
+    names = [first[0].segment, second[0].segment, third[0].segment]
+    assert len(set(names)) == 3 and segment_names(tmp_path) == sorted(names)
     assert not list(tmp_path.glob("*.new"))
-    # the writer holds its current segment: an exclusive lock on it fails, on the previous one it succeeds
-    for name, held in ((second[0].segment, True), (first[0].segment, False)):
-        fd = os.open(tmp_path / name, os.O_RDONLY)
-        try:
-            if held:
-                with pytest.raises(BlockingIOError):
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            else:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        finally:
-            os.close(fd)
+    held = [_locked(tmp_path / name) for name in names]
+    assert held == [False, True, True]  # current and previous held, the one before free
     log.close()
+    assert [_locked(tmp_path / name) for name in names] == [False, False, False]
+
+
+def _locked(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def test_only_sqlite_file_stores_have_a_body_log(tmp_path: Path) -> None:
@@ -275,3 +283,55 @@ async def test_a_failed_segment_sync_fails_the_batch_and_the_next_starts_a_new_s
     assert get_raw(sqlite_engine, ident) == mail("<next@x>", 9_000)
     assert [n for n in segment_names(log.directory) if n != broken]  # written to a fresh segment
     assert collect_segments(sqlite_engine) == [broken]  # nothing refers to the broken one
+
+
+def test_two_stage_batches_answer_in_order_and_a_failed_prepare_fails_only_its_batch(tmp_path: Path) -> None:
+    """`serve_batches` with a prepare stage (the spool process: body log sync in a thread, rows committed
+    here) in a real child: every request answered once, in order, each batch's answer seeing its own
+    prepare's result, and a prepare that raises failing its own batch only."""
+    import subprocess
+    import sys
+
+    child = textwrap.dedent("""
+        import itertools, sys, time
+        from gateway.childproc import serve_batches
+        batches = itertools.count()
+        def take(buf, limit):
+            text = bytes(buf)
+            end = text.rfind(b"\\n") + 1
+            items = text[:end].split()[:limit]
+            used = sum(len(i) + 1 for i in items)
+            return [i.decode() for i in items], used
+        def prepare(items):
+            time.sleep(0.002)
+            if "boom" in items:
+                raise OSError("disk trouble")
+            return [i.upper() for i in items]
+        def answer(items, prepared):
+            n = next(batches)
+            try:
+                done = prepared.result()
+            except OSError as exc:
+                return "".join(f"{i} err {n} {exc}\\n" for i in items).encode()
+            return "".join(f"{i} ok {n} {d}\\n" for i, d in zip(items, done)).encode()
+        sys.exit(serve_batches(take, answer, max_batch=8, prepare=prepare))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            cwd=str(Path(__file__).resolve().parents[1]))
+    assert proc.stdin is not None and proc.stdout is not None
+    sent = [f"m{i}" if i != 57 else "boom" for i in range(120)]
+    for k in range(0, len(sent), 7):  # bursts: batches of varying size form
+        proc.stdin.write("".join(f"{m}\n" for m in sent[k:k + 7]).encode())
+        proc.stdin.flush()
+        time.sleep(0.001)
+    proc.stdin.close()
+    lines = proc.stdout.read().decode().splitlines()
+    assert proc.wait(timeout=10) == 0
+    got = [line.split(" ", 3) for line in lines]
+    assert [g[0] for g in got] == sent  # once each, in order
+    boom_batch = next(g[2] for g in got if g[0] == "boom")
+    for item, verdict, batch, rest in got:
+        if batch == boom_batch:
+            assert verdict == "err" and rest == "disk trouble"
+        else:
+            assert verdict == "ok" and rest == item.upper()
