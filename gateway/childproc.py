@@ -242,7 +242,9 @@ _READ_CHUNK = 1 << 20
 
 def serve_batches(take: Callable[[bytearray, int], tuple[list[Any], int]], answer: Callable[..., bytes], *,
                   max_batch: int, max_wait_ms: float = 0.0,
-                  prepare: Callable[[list[Any]], Any] | None = None) -> int:  # pragma: no cover - children
+                  prepare: Callable[[list[Any]], Any] | None = None,
+                  wants_prepare: Callable[[list[Any]], bool] = lambda items: True,
+                  ) -> int:  # pragma: no cover - children
     """A commit helper's main loop: read requests from stdin, hand each batch to `answer`, write its replies.
 
     `take(buf, limit)` returns the complete requests at the start of `buf` (at most `limit`) and the bytes
@@ -252,7 +254,8 @@ def serve_batches(take: Callable[[bytearray, int], tuple[list[Any], int]], answe
 
     With `prepare`, a batch goes through two stages: `prepare(items)` in a thread of its own, then
     `answer(items, future_of_prepare)` here, and the next batch's prepare overlaps this batch's answer (the
-    spool writer syncs the next batch's body log appends while it commits this batch's rows)."""
+    spool writer syncs the next batch's body log appends while it commits this batch's rows). A batch for
+    which `wants_prepare` is false skips the thread (its future is already done, with None)."""
     buf = bytearray()
     eof = False
     stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") if prepare is not None else None
@@ -289,13 +292,17 @@ def serve_batches(take: Callable[[bytearray, int], tuple[list[Any], int]], answe
             if stage is None:
                 write_all(1, answer(items))
                 continue
-            prepared = (items, stage.submit(prepare, items))  # type: ignore[arg-type]
+            prepared = (items, stage.submit(prepare, items) if wants_prepare(items) else _NOTHING_TO_PREPARE)
             if pending is not None:
                 write_all(1, answer(*pending))
             pending = prepared
     finally:
         if stage is not None:
             stage.shutdown(wait=True)
+
+
+_NOTHING_TO_PREPARE: Future[Any] = Future()
+_NOTHING_TO_PREPARE.set_result(None)
 
 
 def write_all(fd: int, data: bytes) -> None:

@@ -100,7 +100,7 @@ def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0,
 
         return serve_batches(take_frames, answer, max_batch=max_batch, max_wait_ms=max_wait_ms)
     return serve_batches(take_frames, answer_prepared, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                         prepare=prepare)
+                         prepare=prepare, wants_prepare=lambda items: any(body_log.wants(raw) for raw, _ in items))
 
 
 def _answer(items: list[tuple[bytes, Envelope]], commit: Any) -> bytes:
