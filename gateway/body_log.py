@@ -76,6 +76,19 @@ class BodyLog:
         self._end = 0
         self._dirty = False
 
+    def check_writable(self) -> None:
+        """At start-up, not at the first large mail (which would get 451 until someone reads the logs):
+        create the folder and a file in it, or raise an error that says what to change."""
+        probe = self.directory / f".probe-{os.getpid()}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            raise BodyLogError(f"body log folder {self.directory} is not writable ({exc.strerror}): fix its "
+                               "permissions, or set [storage] body_log_min = 0 to keep every body in the "
+                               "database") from None
+
     def wants(self, raw: bytes) -> bool:
         return len(raw) >= self.min_size
 

@@ -213,8 +213,11 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
 def make_spool_writer(config: Config, engine: Engine, on_commit: Any) -> Spooler:
     """The listeners' writer: a child process unless the config says thread (or the store is in memory)."""
     storage = config.storage
+    body_log = make_body_log(engine, storage.body_log_min)
+    if body_log is not None:
+        body_log.check_writable()
     thread = SpoolWriter(engine, max_batch=storage.group_commit_max, max_wait_ms=storage.group_commit_ms,
-                         on_commit=on_commit, body_log=make_body_log(engine, storage.body_log_min))
+                         on_commit=on_commit, body_log=body_log)
     url = helper_store_url(engine, storage.writer)
     if url is None:
         return thread

@@ -335,3 +335,17 @@ def test_two_stage_batches_answer_in_order_and_a_failed_prepare_fails_only_its_b
             assert verdict == "err" and rest == "disk trouble"
         else:
             assert verdict == "ok" and rest == item.upper()
+
+
+def test_serve_refuses_to_start_with_a_body_log_folder_it_cannot_write(tmp_path: Path) -> None:
+    """At start-up, with what to change — not a 451 for every large mail later."""
+    from gateway.config import parse_config
+    from gateway.serve import make_spool_writer
+
+    (tmp_path / "s.db-bodies").write_text("a file where the folder should be")
+    config = parse_config({"storage": {"url": f"sqlite:///{tmp_path}/s.db", "writer": "thread"}},
+                          base_dir=str(tmp_path))
+    engine = open_store(config.storage_url())
+    with pytest.raises(BodyLogError, match=r"s\.db-bodies is not writable .*body_log_min = 0"):
+        make_spool_writer(config, engine, None)
+    engine.dispose()
