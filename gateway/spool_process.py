@@ -94,13 +94,11 @@ def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0,
         return _answer(items, lambda: spool_many_sqlite(raw_conn.driver_connection, dialect, items,
                                                         refs=refs.result()))
 
-    if body_log is None:
-        def answer(items: list[tuple[bytes, Envelope]]) -> bytes:
-            return _answer(items, lambda: spool_many_sqlite(raw_conn.driver_connection, dialect, items))
+    def wants_prepare(items: list[tuple[bytes, Envelope]]) -> bool:
+        return body_log is not None and any(body_log.wants(raw) for raw, _ in items)
 
-        return serve_batches(take_frames, answer, max_batch=max_batch, max_wait_ms=max_wait_ms)
     return serve_batches(take_frames, answer_prepared, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                         prepare=prepare, wants_prepare=lambda items: any(body_log.wants(raw) for raw, _ in items))
+                         prepare=prepare, wants_prepare=wants_prepare)
 
 
 def _answer(items: list[tuple[bytes, Envelope]], commit: Any) -> bytes:
