@@ -56,6 +56,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.body_log import body_log_dir
+
     config = load_or_exit(args.config)
     table = config.alias_table()
     problems: list[str] = []
@@ -76,6 +78,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     else:
         print(f"{args.config}: OK" if not problems else f"{args.config}: {len(problems)} problem(s)")
         print(f"storage: {config.storage_url()}")
+        bodies = body_log_dir(config.storage_url()) if config.storage.body_log_min else None
+        if bodies is not None:
+            print(f"body log: bodies of {config.storage.body_log_min} bytes and more in {bodies}/ "
+                  "(back it up with the database)")
         for lc in config.listeners:
             print(f"listener {lc.name or lc.kind}: {lc.kind} on {lc.host}:{lc.port} "
                   f"(max {lc.max_message_size} bytes, {lc.max_recipients} rcpts)")

@@ -81,6 +81,10 @@ def test_messages_cli_contract_and_check_config_errors(tmp_path: Path) -> None:
     assert raw.stdout == make_mail(message_id="<cli1@client.test>")
     assert _cli("messages", "show", "999", "--config", str(gw.path)).returncode == 1
 
+    res = _cli("check-config", "--config", str(ROOT / "config" / "mailgate.toml"))
+    assert res.returncode == 0
+    assert f"body log: bodies of 65536 bytes and more in {ROOT / 'config' / 'var' / 'mailgate.db-bodies'}/" in res.stdout
+
     bad = tmp_path / "bad.toml"
     bad.write_text("[[listeners]]\nkind = 'smtpx'\n[storage]\nurll = 'x'\n")
     res = _cli("check-config", "--config", str(bad))
