@@ -1,4 +1,4 @@
-"""`mailgate messages list|show`: what is in the spool, where each message is, and why."""
+"""`mailgate messages list|show|verify|purge`: what is in the spool, where each message is, and why."""
 
 from __future__ import annotations
 
@@ -26,10 +26,28 @@ def register(sub: Any) -> None:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--raw", action="store_true", help="print the raw message bytes")
     sp.set_defaults(func=cmd_show)
+    vp = msub.add_parser("verify", help="read back every body kept in body log segment files and check it "
+                                        "(after restoring a backup); exit 1 if any is missing or damaged")
+    add_config_arg(vp)
+    vp.add_argument("--json", action="store_true", help="one JSON object per problem, then a summary")
+    vp.set_defaults(func=cmd_verify)
     pp = msub.add_parser("purge", help="retention: drop raw bodies of finished mail older than N days")
     add_config_arg(pp)
     pp.add_argument("--older-than-days", type=int, default=None, help="default: [retention] raw_days")
     pp.set_defaults(func=cmd_purge)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from gateway.spool import verify_logged_bodies
+
+    checked, problems = verify_logged_bodies(open_engine(load_or_exit(args.config)))
+    for ident, problem in problems:
+        print(json.dumps({"id": ident, "problem": problem}) if args.json else f"message {ident}: {problem}")
+    if args.json:
+        print(json.dumps({"checked": checked, "problems": len(problems)}))
+    else:
+        print(f"{checked} bodies in the body log checked, {len(problems)} missing or damaged")
+    return 1 if problems else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -420,15 +420,39 @@ def get_raw(engine: Engine, ident: int) -> bytes | None:
     return read_body(_body_dir(engine), ref, sha)
 
 
+_LOGGED = (select(message_body_refs.c.message, message_body_refs.c.segment, message_body_refs.c.byte_offset,
+                  message_body_refs.c.byte_length, messages.c.sha256)
+           .join(messages, messages.c.id == message_body_refs.c.message))
+
+
 def _logged_bodies(conn: Connection, ids: Sequence[int]) -> dict[int, tuple[BodyRef, str]]:
     """Body log references (and the sha256 to check them against) of these messages."""
     if conn.dialect.name != "sqlite" or not ids:
         return {}
-    q = (select(message_body_refs.c.message, message_body_refs.c.segment, message_body_refs.c.byte_offset,
-                message_body_refs.c.byte_length, messages.c.sha256)
-         .join(messages, messages.c.id == message_body_refs.c.message)
-         .where(message_body_refs.c.message.in_(list(ids))))
+    q = _LOGGED.where(message_body_refs.c.message.in_(list(ids)))
     return {r[0]: (BodyRef(r[1], r[2], r[3]), r[4]) for r in conn.execute(q)}
+
+
+def verify_logged_bodies(engine: Engine, *, chunk: int = 500) -> tuple[int, list[tuple[int, str]]]:
+    """Read back every body kept in the body log and check its length and sha256 — after restoring a backup,
+    or when a disk misbehaved. Returns how many were checked and (message id, problem) for each bad one."""
+    if engine.dialect.name != "sqlite":
+        return 0, []
+    checked, problems, after = 0, [], 0
+    while True:
+        with engine.connect() as conn:
+            rows = conn.execute(_LOGGED.where(message_body_refs.c.message > after)
+                                .order_by(message_body_refs.c.message).limit(chunk)).all()
+        if not rows:
+            return checked, problems
+        directory = _body_dir(engine)
+        for ident, segment, offset, length, sha in rows:
+            checked += 1
+            try:
+                read_body(directory, BodyRef(segment, offset, length), sha)
+            except BodyLogError as exc:
+                problems.append((ident, str(exc)))
+        after = rows[-1][0]
 
 
 def _body_dir(engine: Engine) -> Path:

@@ -349,3 +349,34 @@ def test_serve_refuses_to_start_with_a_body_log_folder_it_cannot_write(tmp_path:
     with pytest.raises(BodyLogError, match=r"s\.db-bodies is not writable .*body_log_min = 0"):
         make_spool_writer(config, engine, None)
     engine.dispose()
+
+
+def test_messages_verify_reads_back_every_logged_body(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """After a restore: every body in the body log read back and checked; missing or damaged ones named,
+    exit 1."""
+    import json
+
+    from gateway.cli import main
+
+    cfg = tmp_path / "mailgate.toml"
+    cfg.write_text('[storage]\nurl = "sqlite:///spool.db"\nbody_log_min = 4096\n')
+    engine = open_store(f"sqlite:///{tmp_path}/spool.db")
+    log = make_body_log(engine, BIG)
+    assert log is not None
+    first = spool_many(engine, [(mail(f"<v{i}@x>", 9_000), env()) for i in range(3)], body_log=log)
+    log.close()
+    second = spool_many(engine, [(mail("<w@x>", 9_000), env()), (mail("<small@x>", 100), env())], body_log=log)
+    log.close()
+    assert main(["messages", "verify", "--config", str(cfg)]) == 0
+    assert "4 bodies in the body log checked, 0 missing or damaged" in capsys.readouterr().out
+    old, new = sorted(segment_names(log.directory), key=lambda n: -(log.directory / n).stat().st_size)  # 3 bodies, 1
+    path = log.directory / old
+    data = bytearray(path.read_bytes())
+    data[9_000 + 50] ^= 1  # inside the second message's body
+    path.write_bytes(bytes(data))
+    (log.directory / new).unlink()
+    assert main(["messages", "verify", "--json", "--config", str(cfg)]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(d["id"], "sha256" in d["problem"] or "missing" in d["problem"]) for d in lines[:-1]] == [
+        (first[1], True), (second[0], True)]
+    assert lines[-1] == {"checked": 4, "problems": 2}
