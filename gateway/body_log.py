@@ -40,7 +40,8 @@ _counter = itertools.count()
 
 
 class BodyLogError(Exception):
-    """A referenced body cannot be read back as it was stored (segment missing, short or altered)."""
+    """A referenced body cannot be read back as it was stored (segment missing, short or altered), or the
+    body log's folder cannot be written."""
 
 
 @dataclass(frozen=True)
