@@ -264,8 +264,13 @@ class SpoolWriter:
 
 def make_body_log(engine: Engine, min_size: int) -> BodyLog | None:
     """The body log of a SQLite file store (`[storage] body_log_min` > 0); None otherwise."""
-    directory = body_log_dir(engine.url.render_as_string(hide_password=False)) if min_size > 0 else None
+    directory = store_body_dir(engine) if min_size > 0 else None
     return BodyLog(directory, min_size=min_size) if directory is not None else None
+
+
+def store_body_dir(engine: Engine) -> Path | None:
+    """This store's body log folder (`<database file>-bodies/`); None unless it is a SQLite file store."""
+    return body_log_dir(engine.url.render_as_string(hide_password=False))
 
 
 def spool_many(engine: Engine, items: Sequence[tuple[bytes, Envelope]], *,
@@ -279,18 +284,17 @@ def spool_many(engine: Engine, items: Sequence[tuple[bytes, Envelope]], *,
 
 
 def spool_many_sqlite(dbapi_conn: Any, dialect: Any, items: Sequence[tuple[bytes, Envelope]], *,
-                      body_log: BodyLog | None = None, refs: Sequence[BodyRef | None] | None = None) -> list[int]:
+                      refs: Sequence[BodyRef | None] | None = None) -> list[int]:
     """`spool_many` on a bare sqlite3 connection (autocommit mode, the store's pragmas applied), for the spool
     writer process: BEGIN IMMEDIATE … COMMIT without SQLAlchemy's engine and transaction objects.
 
     Measured in the writer process at 4 KB and 16 sessions: SQLAlchemy's begin/execute/commit machinery was
     ≈200 µs of CPU per commit — more than SQLite's own work for a batch of four — and group commits here are
-    small (2–6 messages), so that fixed cost was paid almost per message."""
+    small (2–6 messages), so that fixed cost was paid almost per message. `refs`: where `log_bodies` put the
+    large bodies, already durable (the spool process runs it a batch ahead, in a thread)."""
     if not items:
         return []
     rows = _message_rows(items, None, utcnow())
-    if refs is None:  # else `log_bodies` already ran (the spool process does it a batch ahead, in a thread)
-        refs = log_bodies(body_log, items)  # durable before the write lock is taken, and before the COMMIT
     dbapi_conn.execute("BEGIN IMMEDIATE")
     try:
         ids = _insert_sqlite(dbapi_conn, dialect, rows, items, refs)
@@ -456,7 +460,7 @@ def verify_logged_bodies(engine: Engine, *, chunk: int = 500) -> tuple[int, list
 
 
 def _body_dir(engine: Engine) -> Path:
-    directory = body_log_dir(engine.url.render_as_string(hide_password=False))
+    directory = store_body_dir(engine)
     if directory is None:  # refs exist only in SQLite file stores
         raise BodyLogError(f"store {engine.url!r} has body log references but no body log directory")
     return directory
@@ -655,7 +659,7 @@ def _drop_refs(conn: Connection, ids: Sequence[int]) -> list[BodyRef]:
 
 def _forget_bodies(engine: Engine, refs: list[BodyRef]) -> None:
     """After the commit that dropped their references: erase the bodies, delete segments left empty."""
-    directory = body_log_dir(engine.url.render_as_string(hide_password=False)) if refs else None
+    directory = store_body_dir(engine) if refs else None
     if directory is None:
         return
     erase(directory, refs)
@@ -665,7 +669,7 @@ def _forget_bodies(engine: Engine, refs: list[BodyRef]) -> None:
 def collect_segments(engine: Engine, segments: Iterable[str] | None = None) -> list[str]:
     """Delete body log segments nothing refers to any more (all of them when `segments` is None: a sweep
     that also finds segments left by a crash between a delete's commit and its collection)."""
-    directory = body_log_dir(engine.url.render_as_string(hide_password=False))
+    directory = store_body_dir(engine)
     if directory is None:
         return []
     names = segment_names(directory) if segments is None else list(segments)
