@@ -75,7 +75,6 @@ class BodyLog:
         self._retired: int | None = None  # the previous segment, still locked (see `append_all`)
         self._name = ""
         self._end = 0
-        self._dirty = False
 
     def check_writable(self) -> None:
         """At start-up, not at the first large mail (which would get 451 until someone reads the logs):
@@ -109,10 +108,8 @@ class BodyLog:
                 refs.append(BodyRef(self._name, self._end, len(raw)))
                 _write_all(self._fd, raw)
                 self._end += len(raw)
-                self._dirty = True
-            if self._dirty:
+            if refs:
                 os.fdatasync(self._fd)
-                self._dirty = False
         except BaseException:
             # A short write leaves the file's end unknown, a failed fdatasync leaves its pages unknown: the
             # batch fails (451) and the next one starts a fresh segment.
@@ -151,7 +148,7 @@ class BodyLog:
         except BaseException:
             os.close(fd)
             raise
-        self._fd, self._name, self._end, self._dirty = fd, name, 0, False
+        self._fd, self._name, self._end = fd, name, 0
         log.info("body log: new segment %s", self.directory / name)
 
 
