@@ -260,17 +260,12 @@ def serve_batches(take: Callable[[bytearray, int], tuple[list[Any], int]], answe
     eof = False
     stage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") if prepare is not None else None
     pending: tuple[list[Any], Future[Any]] | None = None  # prepared (or being prepared), not answered yet
-
-    def read_more() -> None:  # one read of stdin (blocks if nothing is there); EOF: the parent is done
-        nonlocal eof
-        data = os.read(0, _READ_CHUNK)
-        eof = not data
-        buf.extend(data)
-
     try:
         while True:
             if pending is not None and not eof and select.select([0], [], [], 0)[0]:
-                read_more()  # whatever arrived, without waiting: the pending batch must go on
+                data = os.read(0, _READ_CHUNK)  # whatever arrived, without waiting: the pending batch must go on
+                eof = not data
+                buf += data
             items, used = take(buf, max_batch)
             if not items:
                 if pending is not None:
@@ -279,14 +274,19 @@ def serve_batches(take: Callable[[bytearray, int], tuple[list[Any], int]], answe
                     continue
                 if eof:
                     return 0
-                read_more()  # block for the next request
+                data = os.read(0, _READ_CHUNK)  # block for the next request
+                if not data:
+                    eof = True
+                buf += data
                 continue
             deadline = time.monotonic() + max_wait_ms / 1000.0
             while len(items) < max_batch and not eof and \
                     select.select([0], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                read_more()
-                if eof:
+                data = os.read(0, _READ_CHUNK)
+                if not data:
+                    eof = True
                     break
+                buf += data
                 items, used = take(buf, max_batch)
             del buf[:used]
             if stage is None:
