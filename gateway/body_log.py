@@ -71,10 +71,11 @@ class BodyLog:
         self.directory = Path(directory)
         self.min_size = min_size
         self.segment_bytes = segment_bytes
-        self._fd: int | None = None
-        self._retired: int | None = None  # the previous segment, still locked (see `append_all`)
+        self._fd: int | None = None  # the segment appended to, while it takes more
         self._name = ""
         self._end = 0
+        self._held: dict[str, int] = {}  # every segment this writer locks, by name (see `append_all`)
+        self._last: str | None = None    # where the last batch that succeeded went
 
     def check_writable(self) -> None:
         """At start-up, not at the first large mail (which would get 451 until someone reads the logs):
@@ -95,10 +96,12 @@ class BodyLog:
     def append_all(self, bodies: Iterable[bytes]) -> list[BodyRef]:
         """Append a batch's bodies and make them durable (one fdatasync); call before committing their refs.
 
-        A new segment is started only here, before a batch. The full one keeps its lock until the segment
-        after it fills up too: the spool process commits a batch's rows while it already appends the next
-        batch's bodies, so the last batches of a segment may not be committed when the next one starts;
-        they are long committed when the one after starts, and only then may a collector look at it."""
+        A segment stays locked while a batch appended to it may still be uncommitted. The spool process
+        commits a batch's rows while it already appends the next batch's bodies, and it calls this only after
+        the batch before the previous one was answered: so at entry only the previous batch's segment
+        (`_last`) and the current one need their locks. A new segment is started only here, before a batch.
+        """
+        self._release_settled()
         if self._fd is None or self._end >= self.segment_bytes:
             self._open_segment()
         assert self._fd is not None
@@ -112,30 +115,30 @@ class BodyLog:
                 os.fdatasync(self._fd)
         except BaseException:
             # A short write leaves the file's end unknown, a failed fdatasync leaves its pages unknown: the
-            # batch fails (451) and the next one starts a fresh segment.
-            self._retire_current()
+            # batch fails (451) and the next one starts a fresh segment. This one stays locked until then, and
+            # so does `_last`, whose batch may still be committing.
+            self._fd = None
             raise
+        if refs:
+            self._last = self._name
         return refs
 
     def close(self) -> None:
-        for fd in (self._retired, self._fd):
-            if fd is not None:
-                os.close(fd)  # releases the flock: the segment is now immutable
-        self._fd = self._retired = None
+        for fd in self._held.values():
+            os.close(fd)  # releases the flock: the segment is now immutable
+        self._held.clear()
+        self._fd, self._last = None, None
 
-    def _retire_current(self) -> None:
-        """Stop appending to the current segment; keep its lock until the next one is retired."""
-        if self._fd is None:
-            return
-        if self._retired is not None:
-            os.close(self._retired)
-        self._retired, self._fd = self._fd, None
+    def _release_settled(self) -> None:
+        """Unlock the segments no uncommitted batch can be in: all but the current one and `_last`."""
+        keep = {self._last, self._name if self._fd is not None else None}
+        for name in [n for n in self._held if n not in keep]:
+            os.close(self._held.pop(name))
 
     def _open_segment(self) -> None:
         """Create a segment under a temporary name, lock it, then give it its name: a collector only looks at
         named segments, so it can never see one that is not locked yet. The directory is synced so the name
         is durable before any committed row points at it."""
-        self._retire_current()
         self.directory.mkdir(parents=True, exist_ok=True)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
         name = f"{stamp}-{os.getpid()}-{next(_counter)}{SEGMENT_SUFFIX}"
@@ -149,6 +152,7 @@ class BodyLog:
             os.close(fd)
             raise
         self._fd, self._name, self._end = fd, name, 0
+        self._held[name] = fd
         log.info("body log: new segment %s", self.directory / name)
 
 
@@ -210,10 +214,6 @@ def drop_unreferenced(directory: Path, segments: Iterable[str], still_referenced
         _sync_dir(directory)
         log.info("body log: deleted %d segment(s) no message refers to: %s", len(dropped), ", ".join(dropped))
     return dropped
-
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 def erase(directory: Path, refs: Iterable[BodyRef]) -> int:

@@ -95,6 +95,32 @@ def test_new_segment_only_between_batches_and_the_full_one_stays_locked_one_segm
     assert [_locked(tmp_path / name) for name in names] == [False, False, False]
 
 
+def test_a_failed_new_segment_keeps_the_lock_of_the_segment_the_previous_batch_went_to(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The previous batch filled segment A and its rows may still be committing when the next batch's new
+    segment B fails (disk full): A must stay locked, or a collector could delete it under those rows."""
+    import gateway.body_log as body_log
+
+    log = BodyLog(tmp_path, min_size=1, segment_bytes=100)
+    seg_a = log.append_all([b"x" * 120])[0].segment
+
+    def disk_full(fd: int, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(body_log, "_write_all", disk_full)
+    with pytest.raises(OSError):
+        log.append_all([b"y"])
+    seg_b = next(n for n in segment_names(tmp_path) if n != seg_a)
+    assert _locked(tmp_path / seg_a) and _locked(tmp_path / seg_b)
+    monkeypatch.undo()
+    seg_c = log.append_all([b"z"])[0].segment  # by now the batch in A was answered
+    assert seg_c not in (seg_a, seg_b)
+    assert [_locked(tmp_path / n) for n in (seg_a, seg_b, seg_c)] == [True, False, True]
+    log.append_all([b"w"])
+    assert [_locked(tmp_path / n) for n in (seg_a, seg_b, seg_c)] == [False, False, True]
+    log.close()
+
+
 def _locked(path: Path) -> bool:
     fd = os.open(path, os.O_RDONLY)
     try:
