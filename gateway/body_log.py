@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +261,30 @@ def _fallocate() -> Any:
 
 
 _FALLOCATE = _fallocate()
+
+
+def sweep_leftovers(directory: Path, *, older_than: float = 3600.0) -> list[str]:
+    """Delete what a crash can leave besides segments: a `.seg.new` created but not yet renamed (a writer
+    renames it microseconds later, so one an hour old has no writer) and a start-up `.probe-*` file. Neither
+    is ever referenced. Returns the deleted names."""
+    cutoff = time.time() - older_than
+    gone = []
+    try:
+        entries = list(directory.iterdir())
+    except FileNotFoundError:
+        return []
+    for path in entries:
+        if not (path.name.endswith(SEGMENT_SUFFIX + ".new") or path.name.startswith(".probe-")):
+            continue
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                gone.append(path.name)
+        except FileNotFoundError:
+            continue
+    if gone:
+        log.info("body log: deleted %d file(s) left by a crash: %s", len(gone), ", ".join(sorted(gone)))
+    return gone
 
 
 def segment_names(directory: Path) -> list[str]:

@@ -28,6 +28,7 @@ from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, sele
 from gateway.batching import next_batch
 from gateway.body_log import (
     BodyLog, BodyLogError, BodyRef, body_log_dir, drop_unreferenced, erase, read_body, segment_names,
+    sweep_leftovers,
 )
 from gateway.fastsql import driver_insert
 from gateway.schema import message_bodies, message_body_refs, message_log, messages
@@ -672,6 +673,8 @@ def collect_segments(engine: Engine, segments: Iterable[str] | None = None) -> l
     directory = store_body_dir(engine)
     if directory is None:
         return []
+    if segments is None:
+        sweep_leftovers(directory)
     names = segment_names(directory) if segments is None else list(segments)
     if not names:
         return []

@@ -192,6 +192,25 @@ def test_worker_parks_a_message_whose_body_cannot_be_read_with_the_reason(sqlite
     assert m is not None and m.state == "dead" and "segment" in (m.last_error or "") and "missing" in m.last_error
 
 
+def test_the_sweep_deletes_what_a_crash_left_but_not_a_segment_being_created(sqlite_engine: Engine) -> None:
+    """A crash between creating a segment and renaming it leaves `<name>.seg.new`; one at start-up leaves a
+    `.probe-<pid>`. The sweep deletes them once they are an hour old, never a fresh one (a writer is between
+    its create and its rename) and never a segment."""
+    log = make_body_log(sqlite_engine, BIG)
+    assert log is not None
+    kept = log.append_all([mail("<k@x>", BIG)])[0].segment
+    old_new, fresh_new, old_probe = (log.directory / n for n in ("a.seg.new", "b.seg.new", ".probe-1"))
+    for path in (old_new, fresh_new, old_probe):
+        path.write_bytes(b"")
+    two_hours_ago = time.time() - 7200
+    for path in (old_new, old_probe):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    log.close()  # the segment is unreferenced and unlocked: the sweep deletes it too
+    collect_segments(sqlite_engine)
+    assert sorted(p.name for p in log.directory.iterdir()) == ["b.seg.new"]
+    assert kept not in segment_names(log.directory)
+
+
 def test_retention_and_delete_remove_a_segment_once_nothing_refers_to_it(sqlite_engine: Engine) -> None:
     log = make_body_log(sqlite_engine, BIG)
     assert log is not None
