@@ -630,20 +630,28 @@ def delete_message(engine: Engine, ident: int) -> bool:
     return deleted
 
 
-def purge_raw(engine: Engine, older_than: dt.datetime) -> int:
-    """Retention: drop raw bodies of finished messages older than the cutoff; keep rows and decisions."""
+def purge_raw(engine: Engine, older_than: dt.datetime, *, chunk: int = 500) -> int:
+    """Retention: drop raw bodies of finished messages older than the cutoff; keep rows and decisions.
+
+    In transactions of `chunk` messages, walking the ids upwards: one transaction over every message due
+    (the first pass after retention is turned on, or after a long outage, can be hundreds of thousands) would
+    exceed SQLite's limit on bound variables, and it would hold the write lock for as long as it ran while
+    the spool writer, waiting for that lock, answers 451 to every sender."""
     done = ["delivered", "dropped", "dead", "quarantined"]
-    with engine.begin() as conn:
-        ids = [r[0] for r in conn.execute(select(messages.c.id).where(
-            messages.c.received_at < older_than, messages.c.state.in_(done),
-            messages.c.raw_purged.is_(False)))]
-        if not ids:
-            return 0
-        refs = _drop_refs(conn, ids)
-        conn.execute(delete(message_bodies).where(message_bodies.c.message.in_(ids)))
-        conn.execute(update(messages).where(messages.c.id.in_(ids)).values(raw_purged=True))
-    _forget_bodies(engine, refs)
-    return len(ids)
+    purged, after = 0, 0
+    while True:
+        with engine.begin() as conn:
+            ids = list(conn.execute(select(messages.c.id).where(
+                messages.c.id > after, messages.c.received_at < older_than, messages.c.state.in_(done),
+                messages.c.raw_purged.is_(False)).order_by(messages.c.id).limit(chunk)).scalars())
+            if not ids:
+                return purged
+            refs = _drop_refs(conn, ids)
+            conn.execute(delete(message_bodies).where(message_bodies.c.message.in_(ids)))
+            conn.execute(update(messages).where(messages.c.id.in_(ids)).values(raw_purged=True))
+        _forget_bodies(engine, refs)
+        purged += len(ids)
+        after = ids[-1]
 
 
 def _drop_refs(conn: Connection, ids: Sequence[int]) -> list[BodyRef]:

@@ -136,6 +136,29 @@ def test_retention_purges_bodies_keeps_decisions(engine: Engine) -> None:
     assert get_raw(engine, new) is not None and get_raw(engine, pending) is not None  # unfinished mail is kept
 
 
+def test_retention_purges_in_short_transactions(engine: Engine) -> None:
+    """Every due body goes, a chunk per transaction (the spool writer waits for the lock between them)."""
+    from sqlalchemy import event
+
+    ids = [spool_one(engine, mail(f"<r{i}@x>"), env()) for i in range(8)]
+    with engine.begin() as conn:
+        conn.execute(update(messages).where(messages.c.id.in_(ids[:7]))
+                     .values(state="delivered", received_at=utcnow() - dt.timedelta(days=40)))
+    commits: list[int] = []
+
+    def count(conn: object) -> None:
+        commits.append(1)
+
+    event.listen(engine, "commit", count)
+    try:
+        assert purge_raw(engine, utcnow() - dt.timedelta(days=30), chunk=3) == 7
+    finally:
+        event.remove(engine, "commit", count)
+    assert len(commits) == 4  # 3 + 3 + 1, then the query that finds nothing more
+    assert [get_raw(engine, i) is None for i in ids] == [True] * 7 + [False]
+    assert purge_raw(engine, utcnow() - dt.timedelta(days=30), chunk=3) == 0
+
+
 def test_events_outbox_ids_stable_and_idempotent(engine: Engine) -> None:
     draft = EventDraft(type="bounced", seed="spool:1:bounced:bob@example.test", message_id="<m@x>",
                        recipient="bob@example.test", data={"kind": "hard"})
