@@ -25,6 +25,9 @@ from gateway.store import utcnow
 from routing.model import ThreadHit
 
 
+MAX_REFERENCES = 100  # newest ids of a reference chain that `find` looks up (see its docstring)
+
+
 class IndexThreadLookup:
     """The newest known message among reference ids: thread index first, then Odoo (cached)."""
 
@@ -40,7 +43,12 @@ class IndexThreadLookup:
         self.odoo_lookups = 0  # observable in tests and metrics
 
     def find(self, message_ids: list[str]) -> ThreadHit | None:
-        ids = [m for m in dict.fromkeys(message_ids) if m]
+        """The record the newest known id of `message_ids` (oldest first, as in References) belongs to.
+
+        Only the newest `MAX_REFERENCES` ids are looked up: a References header can hold any number (a
+        crafted one, tens of thousands), and one query or RPC with all of them fails on SQLite's bound-variable
+        limit — the message would be retried until it went dead. A real thread's parent is the last id."""
+        ids = [m for m in dict.fromkeys(message_ids) if m][-MAX_REFERENCES:]
         if not ids:
             return None
         hit = self._from_index(ids)

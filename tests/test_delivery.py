@@ -447,6 +447,21 @@ def test_thread_lookup_index_then_odoo_cached(tmp_path: Any, double: OdooDouble)
     assert lookup.find(["<nothing@x>"]) is None
 
 
+def test_thread_lookup_reads_only_the_newest_references(tmp_path: Any, double: OdooDouble) -> None:
+    """A crafted References header with 300,000 ids is not a query with 300,000 parameters (over SQLite's
+    limit: the message would fail until it went dead); the newest ids, where a reply's parent is, still match."""
+    from gateway.thread_lookup import MAX_REFERENCES
+
+    rig = Rig(tmp_path, double, "explicit")
+    lead = double.store.create("crm.lead", {"name": "Deal"})
+    index_message(rig.engine, "<parent@x>", "crm.lead", lead)
+    junk = [f"<junk-{i}@x>" for i in range(300_000)]
+    lookup = IndexThreadLookup(rig.engine, rig.client)
+    hit = lookup.find([*junk, "<parent@x>"])
+    assert hit is not None and hit.res_id == lead
+    assert lookup.find(["<parent@x>", *junk[:MAX_REFERENCES]]) is None  # an id older than the newest 100
+
+
 def test_duplicate_lookup_needs_same_id_and_hash_and_a_final_state(tmp_path: Any, double: OdooDouble) -> None:
     from gateway.spool import transition
 
