@@ -48,6 +48,10 @@ class ListenerConfig(_Model):
     # AUTH PLAIN/LOGIN for submission: login → name of the env var holding its password.
     auth_users_env: dict[str, str] = Field(default_factory=dict)
     idle_timeout: float = Field(300.0, gt=0)
+    # Open sessions: past either limit a new connection is answered 421 4.7.0 and closed (the sending MTA
+    # retries later), so a flood or a runaway client cannot use up the file descriptors the spool needs too.
+    max_connections: int = Field(500, gt=0)
+    max_connections_per_client: int = Field(100, gt=0)
 
     @field_validator("allowed_networks")
     @classmethod

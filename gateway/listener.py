@@ -176,10 +176,59 @@ class SpoolHandler:
         return line
 
 
+class SessionLimits:
+    """How many sessions one listener has open, in all and per client address (`max_connections`,
+    `max_connections_per_client`). Shared by the listener's connections; the event loop is their one thread."""
+
+    def __init__(self, total: int, per_client: int):
+        self.total = total
+        self.per_client = per_client
+        self.open = 0
+        self.by_client: dict[str | None, int] = {}
+
+    def admit(self, client: str | None) -> str | None:
+        """Count a new session in, or say why not (it is not counted then)."""
+        if self.open >= self.total:
+            return f"too many connections ({self.total})"
+        if self.by_client.get(client, 0) >= self.per_client:
+            return f"too many connections from {client} ({self.per_client})"
+        self.open += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+        return None
+
+    def leave(self, client: str | None) -> None:
+        self.open -= 1
+        left = self.by_client[client] - 1
+        if left:
+            self.by_client[client] = left
+        else:
+            del self.by_client[client]
+
+
 class LeanSMTPMixin:
     """DATA reading and address parsing that do their work in C, one idle timer per connection, replies
-    without a drain each (see module docstring). Used by the inbound listeners and the submission listener;
-    `_check_content` is the hook for content rules (none by default)."""
+    without a drain each (see module docstring), and the listener's session limits. Used by the inbound
+    listeners and the submission listener; `_check_content` is the hook for content rules (none by default)."""
+
+    limits: SessionLimits | None = None  # set by the listener's protocol factory
+
+    async def _handle_client(self) -> None:
+        limits = self.limits
+        if limits is None:
+            await super()._handle_client()  # type: ignore[misc]
+            return
+        client = _ip(self.session.peer)  # type: ignore[attr-defined]
+        refusal = limits.admit(client)
+        if refusal is not None:
+            REFUSED.labels(self._listener_name(), "421").inc()
+            log.warning("refused connection from %s: %s", client, refusal)
+            await self.push(f"421 4.7.0 {self.hostname} Error: {refusal}; try again later")  # type: ignore[attr-defined]
+            self.transport.close()  # type: ignore[attr-defined]
+            return
+        try:
+            await super()._handle_client()  # type: ignore[misc]
+        finally:
+            limits.leave(client)
 
     def _listener_name(self) -> str:
         return str(getattr(self.event_handler, "name", "smtp"))  # type: ignore[attr-defined]
@@ -461,11 +510,14 @@ async def start_listener(cfg: ListenerConfig, handler: SpoolHandler, *,
     networks = tuple(cfg.networks())
     ctx = tls_context(cfg)
     cls = GatewayLMTP if cfg.kind == "lmtp" else GatewaySMTP
+    limits = SessionLimits(cfg.max_connections, cfg.max_connections_per_client)
 
     def factory() -> SMTP:
-        return cls(handler, networks=networks, data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True,
-                   decode_data=False, hostname=hostname, tls_context=ctx, require_starttls=cfg.require_tls,
-                   timeout=cfg.idle_timeout, loop=loop)
+        protocol = cls(handler, networks=networks, data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True,
+                       decode_data=False, hostname=hostname, tls_context=ctx, require_starttls=cfg.require_tls,
+                       timeout=cfg.idle_timeout, loop=loop)
+        protocol.limits = limits
+        return protocol
 
     server = await loop.create_server(factory, host=cfg.host, port=cfg.port, reuse_address=True)
     return server

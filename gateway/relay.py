@@ -30,7 +30,7 @@ from sqlalchemy import Connection, Engine, bindparam, select
 from aliases.model import AliasTable
 from gateway.config import Config, ListenerConfig, secret as env_secret
 from gateway.fastsql import insert_rows
-from gateway.listener import LeanSMTPMixin
+from gateway.listener import LeanSMTPMixin, SessionLimits
 from gateway.relay_batch import Committer
 from gateway.schema import outbound_mails, outbound_queue, outbound_recipients, thread_index
 from gateway.store import utcnow
@@ -363,15 +363,18 @@ async def start_submission_listener(listener: ListenerConfig, config: Config, ba
                     listener.host, listener.port)
     authenticator = make_authenticator(listener) if listener.auth_users_env else None
     hostname = socket.getfqdn()  # once: aiosmtpd would look it up for every connection
+    limits = SessionLimits(listener.max_connections, listener.max_connections_per_client)
 
     def factory() -> SMTP:
-        return _SubmissionSMTP(
+        protocol = _SubmissionSMTP(
             handler, hostname=hostname, data_size_limit=listener.max_message_size, enable_SMTPUTF8=True,
             decode_data=False,
             tls_context=ctx, require_starttls=bool(ctx) and listener.require_tls,
             auth_require_tls=ctx is not None, authenticator=authenticator, timeout=listener.idle_timeout,
             ident="mailgate submission",
         )
+        protocol.limits = limits
+        return protocol
 
     loop = asyncio.get_running_loop()
     return await loop.create_server(factory, host=listener.host, port=listener.port)

@@ -290,7 +290,31 @@ def engine_label(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
 
+def raise_fd_limit(config: Config, *, reserve: int = 256) -> str | None:
+    """Raise the soft limit on open files to the hard one, as MTAs do: every session is a descriptor, and the
+    spool (database, WAL, body log segments, helper pipes) needs its own beside them. The default soft limit
+    (often 1,024) is below the listeners' default `max_connections` (500 each). Returns a warning when the
+    limits still do not fit, for the log."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    needed = sum(listener.max_connections for listener in config.listeners) + reserve
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        return (f"open files limit is {soft}, below the listeners' max_connections plus {reserve} for the spool "
+                f"({needed}): raise it (ulimit -n, LimitNOFILE=) or lower max_connections")
+    return None
+
+
 def run(config: Config, config_path: str | None) -> int:
+    warning = raise_fd_limit(config)
+    if warning:
+        log.warning("%s", warning)
     try:
         import uvloop  # optional: ≈2× the SMTP rate on the same CPU (PERF-NOTES.md)
 

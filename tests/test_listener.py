@@ -262,6 +262,40 @@ async def test_client_outside_allowed_networks_refused_at_connect(tmp_path) -> N
         await g.writer.close()
 
 
+async def _greeting(port: int, local: str = "127.0.0.1") -> tuple[WireClient, int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
+    c = WireClient(reader, writer)
+    code, text = await c.reply()
+    return c, code, text
+
+
+async def test_sessions_past_the_listeners_limits_get_421_and_a_freed_slot_is_reused(tmp_path) -> None:
+    g, server = await _gateway(tmp_path, max_connections=3, max_connections_per_client=2)
+    try:
+        a, code_a, _ = await _greeting(g.port)
+        b, code_b, _ = await _greeting(g.port)
+        c, code_c, text_c = await _greeting(g.port)  # a third from 127.0.0.1
+        assert (code_a, code_b, code_c) == (220, 220, 421) and "from 127.0.0.1 (2)" in text_c
+        assert await asyncio.wait_for(c.reader.read(), 2) == b""  # closed
+        d, code_d, _ = await _greeting(g.port, "127.0.0.2")  # another client still gets in ...
+        e, code_e, text_e = await _greeting(g.port, "127.0.0.3")  # ... up to the listener's total
+        assert (code_d, code_e) == (220, 421) and "too many connections (3)" in text_e
+        await _envelope(a, "sales@example.test")  # the admitted sessions are served as usual
+        assert (await a.send_data(make_mail(message_id="<limits@client.test>")))[0] == 250
+        await b.close()
+        for _ in range(50):  # the server sees the QUIT and frees b's slot
+            f, code_f, _ = await _greeting(g.port)
+            if code_f == 220:
+                break
+            await asyncio.sleep(0.05)
+        assert code_f == 220
+        for client in (a, d, f):
+            await client.close()
+    finally:
+        server.close()
+        await g.writer.close()
+
+
 async def test_concurrent_sessions_group_commit(gw: Gateway) -> None:
     async def one(i: int) -> int:
         c = await gw.client()

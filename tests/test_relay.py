@@ -191,6 +191,29 @@ async def test_auth_required_outside_allowed_networks(env, engine):
         await smarthost.stop()
 
 
+async def test_submission_sessions_past_the_limit_get_421(env, engine):
+    smarthost = await Smarthost().start()
+    cfg = base_config(smarthost_port=smarthost.port, tracking_port=free_port())
+    cfg["listeners"][0]["max_connections"] = 1
+    try:
+        async with Gateway(engine, cfg) as gw:
+            first = await asyncio.open_connection("127.0.0.1", gw.port)
+            assert (await first[0].readline()).startswith(b"220")
+            second = await asyncio.open_connection("127.0.0.1", gw.port)
+            assert (await second[0].readline()).startswith(b"421 4.7.0")
+            assert await asyncio.wait_for(second[0].read(), 2) == b""
+            first[1].close()
+            for _ in range(50):  # once the server has seen the first one go, Odoo's next mail gets through
+                try:
+                    await gw.send(odoo_mail(), ["alice@customer.test"])
+                    break
+                except aiosmtplib.SMTPConnectResponseError:
+                    await asyncio.sleep(0.05)
+            assert len(await smarthost.wait_for(1)) == 1
+    finally:
+        await smarthost.stop()
+
+
 async def test_smarthost_4xx_defers_and_retries_5xx_bounces(env, engine):
     smarthost = await Smarthost().start()
     smarthost.rcpt_replies["slow@customer.test"] = ["451 4.7.1 Greylisted, try again later"]

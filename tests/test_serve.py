@@ -154,3 +154,24 @@ def test_retention_purge_cli(tmp_path: Path) -> None:
     assert res.returncode == 0 and "raw bodies of 1 message" in res.stdout
     assert get_raw(engine, old) is None and get_message(engine, old).state == "delivered"  # type: ignore[union-attr]
     assert get_raw(engine, fresh) is not None
+
+
+def test_serve_raises_the_open_files_limit_and_says_when_the_listeners_still_do_not_fit(tmp_path) -> None:
+    import resource
+
+    from gateway.config import parse_config
+    from gateway.serve import raise_fd_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fits = parse_config({"listeners": [{"name": "smtp", "kind": "smtp", "port": 0, "max_connections": 10}]},
+                        base_dir=str(tmp_path))
+    too_many = parse_config({"listeners": [{"name": "smtp", "kind": "smtp", "port": 0,
+                                            "max_connections": 10**9}]}, base_dir=str(tmp_path))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(64, hard), hard))
+        assert raise_fd_limit(fits) is None
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
+        warning = raise_fd_limit(too_many)
+        assert warning is not None and "max_connections" in warning and str(hard) in warning
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
