@@ -12,7 +12,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from sqlalchemy import Engine, text
 
-from gateway.metrics import SpoolDepthCollector
+from gateway.disk_space import FreeSpace
+from gateway.metrics import SPOOL_FREE_BYTES, SpoolDepthCollector
 
 _collectors: dict[int, SpoolDepthCollector] = {}
 
@@ -31,8 +32,13 @@ def _register_depth(engine: Engine) -> None:
         _collectors[key] = collector
 
 
-def make_admin_app(engine: Engine, *, extra_routes: Callable[[web.Application], None] | None = None) -> web.Application:
+def make_admin_app(engine: Engine, *, free_space: FreeSpace | None = None,
+                   extra_routes: Callable[[web.Application], None] | None = None) -> web.Application:
+    """`free_space`: a store that answers reads but has no room to write is refusing mail (452 4.3.1 at MAIL
+    FROM), so it is unhealthy too."""
     _register_depth(engine)
+    if free_space is not None:
+        SPOOL_FREE_BYTES.set_function(free_space.free)
 
     async def healthz(_request: web.Request) -> web.Response:
         def probe() -> None:
@@ -43,7 +49,12 @@ def make_admin_app(engine: Engine, *, extra_routes: Callable[[web.Application], 
             await asyncio.get_running_loop().run_in_executor(None, probe)
         except Exception as exc:
             return web.json_response({"status": "unhealthy", "store": str(exc.__class__.__name__)}, status=503)
-        return web.json_response({"status": "ok"})
+        if free_space is None:
+            return web.json_response({"status": "ok"})
+        disk = {"path": str(free_space.path), "free_bytes": free_space.free(), "min_free_bytes": free_space.min_free}
+        if free_space.refusal() is not None:
+            return web.json_response({"status": "unhealthy", "disk": disk}, status=503)
+        return web.json_response({"status": "ok", "disk": disk})
 
     async def metrics(_request: web.Request) -> web.Response:
         body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, REGISTRY)

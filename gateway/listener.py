@@ -26,6 +26,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session, syntax
 
 from gateway.config import ListenerConfig
+from gateway.disk_space import FreeSpace, declared_size
 from gateway.metrics import ACCEPTED, REFUSED
 from gateway.spool import Envelope, SpoolError, Spooler
 
@@ -117,6 +118,18 @@ class ListenerPolicy:
     config: ListenerConfig
     rcpt_verdict: RcptVerdict
     accept_8bit_without_8bitmime: bool = True
+    free_space: FreeSpace | None = None  # SQLite file stores: refuse at MAIL FROM when the disk is nearly full
+
+
+def storage_refusal(free_space: FreeSpace | None, mail_options: list[str]) -> str | None:
+    """452 4.3.1 when the spool's disk cannot take this message (its declared SIZE), else None."""
+    if free_space is None:
+        return None
+    refusal = free_space.refusal(declared_size(mail_options))
+    if refusal is not None:
+        log.warning("refusing new mail: %d bytes free where the spool lives (%s)", free_space.free(),
+                    free_space.path)
+    return refusal
 
 
 class SpoolHandler:
@@ -131,6 +144,16 @@ class SpoolHandler:
     def set_rcpt_verdict(self, verdict: RcptVerdict) -> None:
         """SIGHUP: swap the alias table without restarting the listener."""
         self.policy.rcpt_verdict = verdict
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str,
+                          mail_options: list[str]) -> str:
+        refusal = storage_refusal(self.policy.free_space, mail_options)
+        if refusal is not None:
+            REFUSED.labels(self.name, "452").inc()
+            return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str,
                           rcpt_options: list[str]) -> str:

@@ -30,7 +30,8 @@ from sqlalchemy import Connection, Engine, bindparam, select
 from aliases.model import AliasTable
 from gateway.config import Config, ListenerConfig, secret as env_secret
 from gateway.fastsql import insert_rows
-from gateway.listener import LeanSMTPMixin, SessionLimits
+from gateway.disk_space import spool_free_space
+from gateway.listener import LeanSMTPMixin, SessionLimits, storage_refusal
 from gateway.relay_batch import Committer
 from gateway.schema import outbound_mails, outbound_queue, outbound_recipients, thread_index
 from gateway.store import utcnow
@@ -263,6 +264,7 @@ class SubmissionHandler:
         self.on_queued = on_queued
         self.networks = listener.networks()
         self.table = config.alias_table()
+        self.free_space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
 
     def client_allowed(self, session: Session) -> bool:
         peer = session.peer[0] if isinstance(session.peer, tuple) else None
@@ -278,6 +280,9 @@ class SubmissionHandler:
                           mail_options: list[str]) -> str:
         if not session.authenticated and not self.client_allowed(session):
             return "530 5.7.0 Authentication required (relaying only for allowed networks or after AUTH)"
+        refusal = storage_refusal(self.free_space, mail_options)
+        if refusal is not None:
+            return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"

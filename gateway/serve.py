@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from gateway.admin import make_admin_app, start_admin
+from gateway.disk_space import spool_free_space
 from gateway.childproc import die_with_parent, helper_store_url
 from gateway.config import Config, ConfigError, load_config
 from gateway.listener import ListenerPolicy, SpoolHandler, bound_port, start_listener
@@ -162,10 +163,11 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
     gw = Gateway(config=config, config_path=config_path, engine=engine, writer=writer)
     gw_ref["gw"] = gw
     verdict = make_rcpt_verdict(config)
+    free_space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
     for lc in config.listeners:
         if lc.kind == "submission":
             continue  # Odoo's outgoing mail: the outbound relay owns it
-        handler = SpoolHandler(writer, ListenerPolicy(lc, verdict))
+        handler = SpoolHandler(writer, ListenerPolicy(lc, verdict, free_space=free_space))
         server = await start_listener(lc, handler, hostname=hostname)
         gw.handlers.append(handler)
         gw.servers.append(server)
@@ -175,7 +177,8 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
     if config.admin.enabled:
         from gateway.events import add_event_routes
 
-        app = make_admin_app(engine, extra_routes=lambda a: add_event_routes(a, config, engine))
+        app = make_admin_app(engine, free_space=free_space,
+                             extra_routes=lambda a: add_event_routes(a, config, engine))
         gw.admin_runner = await start_admin(app, config.admin.host, config.admin.port)
         sites = list(gw.admin_runner.sites)
         server = getattr(sites[0], "_server", None) if sites else None

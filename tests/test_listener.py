@@ -49,8 +49,10 @@ async def _gateway(tmp_path, **overrides) -> tuple[Gateway, asyncio.base_events.
     params = dict(name="test", kind="smtp", host="127.0.0.1", port=0, max_message_size=200_000, max_recipients=3)
     params.update(overrides)
     accept_8bit = params.pop("accept_8bit", True)
+    free_space = params.pop("free_space", None)
     cfg = ListenerConfig(**params)
-    handler = SpoolHandler(writer, ListenerPolicy(cfg, simple_verdict, accept_8bit_without_8bitmime=accept_8bit))
+    handler = SpoolHandler(writer, ListenerPolicy(cfg, simple_verdict, accept_8bit_without_8bitmime=accept_8bit,
+                                                  free_space=free_space))
     server = await start_listener(cfg, handler, hostname="mx.example.test")
     return Gateway(engine, writer, bound_port(server), handler), server
 

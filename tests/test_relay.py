@@ -214,6 +214,19 @@ async def test_submission_sessions_past_the_limit_get_421(env, engine):
         await smarthost.stop()
 
 
+async def test_submission_is_refused_at_mail_from_when_the_spool_disk_is_full(env, engine, tmp_path):
+    smarthost = await Smarthost().start()
+    cfg = base_config(smarthost_port=smarthost.port, tracking_port=free_port())
+    cfg["storage"].update(url=f"sqlite:///{tmp_path}/spool.db", min_free_mb=1 << 40)  # 1 EiB of headroom
+    try:
+        async with Gateway(engine, cfg) as gw:
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await gw.send(odoo_mail(), ["alice@customer.test"])
+            assert refused.value.code == 452 and "4.3.1" in refused.value.message
+    finally:
+        await smarthost.stop()
+
+
 async def test_smarthost_4xx_defers_and_retries_5xx_bounces(env, engine):
     smarthost = await Smarthost().start()
     smarthost.rcpt_replies["slow@customer.test"] = ["451 4.7.1 Greylisted, try again later"]

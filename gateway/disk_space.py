@@ -1,0 +1,79 @@
+"""Free space where a SQLite spool lives: refuse new mail at MAIL FROM, before a write would fail.
+
+Without this, a full disk shows up as a 451 after the client has sent the whole message, for every message,
+while `/healthz` (a read) still says "ok". Postfix refuses at MAIL FROM instead (`queue_minfree`, and 1.5 times
+the declared SIZE): the client learns it before DATA, and tries another MX or later. Here the same, with
+`[storage] min_free_mb` of headroom kept for what the workers still have to write.
+
+PostgreSQL stores are not checked: the database's disk is not this host's to see.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REFUSAL = "452 4.3.1 Insufficient system storage; try again later"
+
+
+def _available(path: Path) -> int:
+    """What an unprivileged process may still use; unknown (the folder is gone, say) counts as plenty: the
+    check then refuses nothing, and a write that fails still answers 451 and loses nothing."""
+    try:
+        st = os.statvfs(path)
+    except OSError as exc:
+        log.warning("cannot see the free space of %s: %s", path, exc)
+        return sys.maxsize
+    return st.f_bavail * st.f_frsize
+
+
+@dataclass
+class FreeSpace:
+    """The filesystem holding `path`, looked at no more than once per `ttl` seconds (MAIL FROM is per message)."""
+
+    path: Path
+    min_free: int
+    ttl: float = 1.0
+    available: Callable[[Path], int] = _available
+    _at: float = field(default=-math.inf, init=False)
+    _free: int = field(default=0, init=False)
+
+    def free(self) -> int:
+        now = time.monotonic()
+        if now - self._at >= self.ttl:
+            self._free, self._at = self.available(self.path), now
+        return self._free
+
+    def refusal(self, declared_size: int = 0) -> str | None:
+        """The reply that refuses a new transaction, or None. A declared SIZE must fit 1.5 times over: the body
+        is written once, and once more where SQLite copies its pages at checkpoint."""
+        if self.free() < self.min_free + declared_size * 3 // 2:
+            return REFUSAL
+        return None
+
+
+def declared_size(mail_options: list[str]) -> int:
+    """The SIZE= parameter of MAIL FROM (RFC 1870), 0 when absent or not a number."""
+    for option in mail_options:
+        if option[:5].upper() == "SIZE=" and option[5:].isdigit():
+            return int(option[5:])
+    return 0
+
+
+def spool_free_space(storage_url: str, min_free_mb: int) -> FreeSpace | None:
+    """The check for a SQLite file store (its folder also holds the body log); None for other stores or 0."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(storage_url)
+    if not min_free_mb or parsed.get_backend_name() != "sqlite" or not parsed.database \
+            or parsed.database == ":memory:" or parsed.database.startswith("file:"):
+        return None
+    return FreeSpace(Path(os.path.abspath(parsed.database)).parent, min_free_mb * 1024 * 1024)
