@@ -320,7 +320,7 @@ class LeanSMTPMixin:
         reader._limit = limit + 2 * len(_TERMINATOR)  # type: ignore[attr-defined]
         try:
             try:
-                data, dot_lines = await self._read_data(reader, limit)
+                data, dot_lines = await self._read_data(reader, limit, self._reset_timeout)
             except asyncio.LimitOverrunError:
                 await self._drain_data(reader)
                 reply = f"552 5.3.4 Message size exceeds fixed maximum message size ({limit} bytes)"
@@ -341,7 +341,8 @@ class LeanSMTPMixin:
         self._set_post_data_state()  # type: ignore[attr-defined]
         await self.push(status)  # type: ignore[attr-defined]
 
-    async def _read_data(self, reader: asyncio.StreamReader, limit: int) -> tuple[bytes, bool]:
+    async def _read_data(self, reader: asyncio.StreamReader, limit: int,
+                         progress: Callable[[], None] | None = None) -> tuple[bytes, bool]:
         """Everything up to CRLF.CRLF, copied out of the stream buffer exactly once, and whether any other line
         starts with a dot (dot-stuffing to undo).
 
@@ -351,6 +352,9 @@ class LeanSMTPMixin:
         `readuntil()` would copy the message out and a slice would copy it again; then the emptied buffer keeps
         its allocation for the life of the connection. Here the message is copied once and the big buffer is
         dropped at once, so a 25 MB message costs ~2x its size at the peak, not 4x.
+
+        `progress` is called whenever more bytes arrived (the session's idle timer: RFC 5321 §4.5.3.2 times
+        out a DATA transfer per receive, not as a whole).
         """
         buf: bytearray = reader._buffer  # type: ignore[attr-defined]
         buf[:0] = b"\r\n"  # the first line is a line like the others (and an empty message is just ".\r\n")
@@ -376,6 +380,8 @@ class LeanSMTPMixin:
             # next time, look again at an undecided dot line, or at a CRLF split across reads
             start = m.start() if m is not None else max(0, len(buf) - 2)
             await reader._wait_for_data("readuntil")  # type: ignore[attr-defined]
+            if progress is not None:
+                progress()
         data = bytes(memoryview(buf)[2:idx + 2])
         reader._buffer = bytearray(memoryview(buf)[idx + len(_TERMINATOR):])  # type: ignore[attr-defined]
         del buf
@@ -394,6 +400,7 @@ class LeanSMTPMixin:
                 chunk = await reader.read(65536)
                 if not chunk:
                     raise asyncio.IncompleteReadError(b"", None)
+                self._reset_timeout()  # still arriving: inactivity, not the transfer's length, times out
             window = tail + chunk
             idx = window.find(_TERMINATOR)
             if idx >= 0:

@@ -327,6 +327,29 @@ async def test_idle_session_times_out_but_active_one_does_not(tmp_path) -> None:
         await g.writer.close()
 
 
+async def test_a_slow_but_steady_data_transfer_is_not_cut_off_by_the_idle_timeout(tmp_path) -> None:
+    """The idle timeout is inactivity (RFC 5321 §4.5.3.2: per receive during DATA), not the length of a
+    transfer: a large message over a slow link keeps arriving and must not be answered 421 half-way."""
+    g, server = await _gateway(tmp_path, idle_timeout=0.6)
+    try:
+        c = await g.client()
+        await _envelope(c, "sales@example.test")
+        assert (await c.cmd("DATA"))[0] == 354
+        body = make_mail(message_id="<slow@client.test>")
+        pieces = [body[i:i + len(body) // 6 + 1] for i in range(0, len(body), len(body) // 6 + 1)]
+        for piece in pieces:  # about 2 s in all, never 0.6 s without a byte
+            c.writer.write(piece)
+            await c.writer.drain()
+            await asyncio.sleep(0.3)
+        c.writer.write(b".\r\n")
+        assert (await c.reply())[0] == 250
+        await c.close()
+        assert [m.message_id for m in g.stored()] == ["<slow@client.test>"]
+    finally:
+        server.close()
+        await g.writer.close()
+
+
 @pytest.mark.parametrize("line_len, accepted", [(998, True), (999, False), (5000, False)])
 @pytest.mark.parametrize("position", ["first", "middle", "last"])
 async def test_line_length_limit_is_exact(gw: Gateway, line_len: int, accepted: bool, position: str) -> None:
