@@ -43,8 +43,11 @@ class FreeSpace:
     min_free: int
     ttl: float = 1.0
     available: Callable[[Path], int] = _available
+    warn_every: float = 60.0
     _at: float = field(default=-math.inf, init=False)
     _free: int = field(default=0, init=False)
+    _refused: int = field(default=0, init=False)
+    _warned_at: float = field(default=-math.inf, init=False)
 
     def free(self) -> int:
         now = time.monotonic()
@@ -56,8 +59,18 @@ class FreeSpace:
         """The reply that refuses a new transaction, or None. A declared SIZE must fit 1.5 times over: the body
         is written once, and once more where SQLite copies its pages at checkpoint."""
         if self.free() < self.min_free + declared_size * 3 // 2:
+            self._warn()
             return REFUSAL
         return None
+
+    def _warn(self) -> None:
+        """Once per `warn_every` seconds, with the count: while the disk is full every sender is refused."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._warned_at >= self.warn_every:
+            log.warning("refusing new mail (%d time(s) since the last warning): %d bytes free in %s, "
+                        "[storage] min_free_mb keeps %d", self._refused, self._free, self.path, self.min_free)
+            self._refused, self._warned_at = 0, now
 
 
 def declared_size(mail_options: list[str]) -> int:
@@ -66,6 +79,11 @@ def declared_size(mail_options: list[str]) -> int:
         if option[:5].upper() == "SIZE=" and option[5:].isdigit():
             return int(option[5:])
     return 0
+
+
+def storage_refusal(free_space: FreeSpace | None, mail_options: list[str]) -> str | None:
+    """452 4.3.1 when the spool's disk cannot take this message (its declared SIZE), else None."""
+    return free_space.refusal(declared_size(mail_options)) if free_space is not None else None
 
 
 def spool_free_space(storage_url: str, min_free_mb: int) -> FreeSpace | None:

@@ -26,8 +26,9 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session, syntax
 
 from gateway.config import ListenerConfig
-from gateway.disk_space import FreeSpace, declared_size
+from gateway.disk_space import FreeSpace, storage_refusal
 from gateway.metrics import ACCEPTED, REFUSED
+from gateway.session_limits import SessionLimits
 from gateway.spool import Envelope, SpoolError, Spooler
 
 log = logging.getLogger(__name__)
@@ -121,17 +122,6 @@ class ListenerPolicy:
     free_space: FreeSpace | None = None  # SQLite file stores: refuse at MAIL FROM when the disk is nearly full
 
 
-def storage_refusal(free_space: FreeSpace | None, mail_options: list[str]) -> str | None:
-    """452 4.3.1 when the spool's disk cannot take this message (its declared SIZE), else None."""
-    if free_space is None:
-        return None
-    refusal = free_space.refusal(declared_size(mail_options))
-    if refusal is not None:
-        log.warning("refusing new mail: %d bytes free where the spool lives (%s)", free_space.free(),
-                    free_space.path)
-    return refusal
-
-
 class SpoolHandler:
     """aiosmtpd handler: every hook returns the reply line; nothing here blocks the event loop."""
 
@@ -199,35 +189,6 @@ class SpoolHandler:
         return line
 
 
-class SessionLimits:
-    """How many sessions one listener has open, in all and per client address (`max_connections`,
-    `max_connections_per_client`). Shared by the listener's connections; the event loop is their one thread."""
-
-    def __init__(self, total: int, per_client: int):
-        self.total = total
-        self.per_client = per_client
-        self.open = 0
-        self.by_client: dict[str | None, int] = {}
-
-    def admit(self, client: str | None) -> str | None:
-        """Count a new session in, or say why not (it is not counted then)."""
-        if self.open >= self.total:
-            return f"too many connections ({self.total})"
-        if self.by_client.get(client, 0) >= self.per_client:
-            return f"too many connections from {client} ({self.per_client})"
-        self.open += 1
-        self.by_client[client] = self.by_client.get(client, 0) + 1
-        return None
-
-    def leave(self, client: str | None) -> None:
-        self.open -= 1
-        left = self.by_client[client] - 1
-        if left:
-            self.by_client[client] = left
-        else:
-            del self.by_client[client]
-
-
 class LeanSMTPMixin:
     """DATA reading and address parsing that do their work in C, one idle timer per connection, replies
     without a drain each (see module docstring), and the listener's session limits. Used by the inbound
@@ -244,7 +205,6 @@ class LeanSMTPMixin:
         refusal = limits.admit(client)
         if refusal is not None:
             REFUSED.labels(self._listener_name(), "421").inc()
-            log.warning("refused connection from %s: %s", client, refusal)
             await self.push(f"421 4.7.0 {self.hostname} Error: {refusal}; try again later")  # type: ignore[attr-defined]
             self.transport.close()  # type: ignore[attr-defined]
             return
@@ -540,7 +500,7 @@ async def start_listener(cfg: ListenerConfig, handler: SpoolHandler, *,
     networks = tuple(cfg.networks())
     ctx = tls_context(cfg)
     cls = GatewayLMTP if cfg.kind == "lmtp" else GatewaySMTP
-    limits = SessionLimits(cfg.max_connections, cfg.max_connections_per_client)
+    limits = SessionLimits(cfg.max_connections, cfg.max_connections_per_client, name=cfg.name or cfg.kind)
 
     def factory() -> SMTP:
         protocol = cls(handler, networks=networks, data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True,

@@ -30,8 +30,9 @@ from sqlalchemy import Connection, Engine, bindparam, select
 from aliases.model import AliasTable
 from gateway.config import Config, ListenerConfig, secret as env_secret
 from gateway.fastsql import insert_rows
-from gateway.disk_space import spool_free_space
-from gateway.listener import LeanSMTPMixin, SessionLimits, storage_refusal
+from gateway.disk_space import spool_free_space, storage_refusal
+from gateway.listener import LeanSMTPMixin
+from gateway.session_limits import SessionLimits
 from gateway.relay_batch import Committer
 from gateway.schema import outbound_mails, outbound_queue, outbound_recipients, thread_index
 from gateway.store import utcnow
@@ -368,7 +369,8 @@ async def start_submission_listener(listener: ListenerConfig, config: Config, ba
                     listener.host, listener.port)
     authenticator = make_authenticator(listener) if listener.auth_users_env else None
     hostname = socket.getfqdn()  # once: aiosmtpd would look it up for every connection
-    limits = SessionLimits(listener.max_connections, listener.max_connections_per_client)
+    limits = SessionLimits(listener.max_connections, listener.max_connections_per_client,
+                           name=listener.name or "submission")
 
     def factory() -> SMTP:
         protocol = _SubmissionSMTP(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import aiohttp
@@ -128,3 +129,10 @@ async def test_serve_wires_the_check_to_its_listeners(tmp_path: Path) -> None:
             await c.close()
     finally:
         await gw.stop(drain_seconds=1)
+
+
+def test_while_the_disk_is_full_the_log_says_so_once_a_minute(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    space = FreeSpace(tmp_path, 256 * MB, ttl=0, available=Disk(MB))
+    with caplog.at_level(logging.WARNING, logger="gateway.disk_space"):
+        assert {space.refusal() for _ in range(500)} == {REFUSAL}
+    assert len(caplog.records) == 1 and "1048576 bytes free" in caplog.records[0].getMessage()

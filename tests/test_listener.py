@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -296,6 +297,21 @@ async def test_sessions_past_the_listeners_limits_get_421_and_a_freed_slot_is_re
     finally:
         server.close()
         await g.writer.close()
+
+
+def test_session_limits_count_per_client_and_a_flood_of_refusals_is_one_warning(caplog) -> None:
+    from gateway.session_limits import SessionLimits
+
+    limits = SessionLimits(3, 2, name="smtp", warn_every=60)
+    assert [limits.admit(c) for c in ("a", "a", "b")] == [None, None, None]
+    with caplog.at_level(logging.WARNING, logger="gateway.session_limits"):
+        refusals = [limits.admit("c") for _ in range(1000)]
+    assert set(refusals) == {"too many connections (3)"} and len(caplog.records) == 1
+    limits.leave("b")
+    assert limits.admit("a") == "too many connections from a (2)" and limits.admit("c") is None
+    limits.leave("a")
+    limits.leave("a")
+    assert limits.by_client == {"c": 1} and limits.open == 1
 
 
 async def test_concurrent_sessions_group_commit(gw: Gateway) -> None:

@@ -1,0 +1,56 @@
+"""How many SMTP/LMTP sessions one listener has open, in all and per client address.
+
+`max_connections` and `max_connections_per_client` (config): past either, a new connection gets 421 4.7.0
+and is closed, so the sending MTA retries later and a flood cannot use up the file descriptors the spool
+needs too. The refusals are logged at most once per `warn_every` seconds, with how many there were: a flood
+is exactly when one line per refusal would bury everything else in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+log = logging.getLogger(__name__)
+
+
+class SessionLimits:
+    """Shared by one listener's connections; the event loop is their only thread."""
+
+    def __init__(self, total: int, per_client: int, *, name: str = "", warn_every: float = 10.0):
+        self.total = total
+        self.per_client = per_client
+        self.name = name
+        self.warn_every = warn_every
+        self.open = 0
+        self.by_client: dict[str | None, int] = {}
+        self._refused = 0
+        self._warned_at = -math.inf
+
+    def admit(self, client: str | None) -> str | None:
+        """Count a new session in, or say why not (it is not counted then)."""
+        if self.open >= self.total:
+            return self._refuse(client, f"too many connections ({self.total})")
+        if self.by_client.get(client, 0) >= self.per_client:
+            return self._refuse(client, f"too many connections from {client} ({self.per_client})")
+        self.open += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+        return None
+
+    def leave(self, client: str | None) -> None:
+        self.open -= 1
+        left = self.by_client[client] - 1
+        if left:
+            self.by_client[client] = left
+        else:
+            del self.by_client[client]
+
+    def _refuse(self, client: str | None, reason: str) -> str:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._warned_at >= self.warn_every:
+            log.warning("%s: refused %d connection(s) since the last warning, the latest from %s: %s",
+                        self.name or "listener", self._refused, client, reason)
+            self._refused, self._warned_at = 0, now
+        return reason
