@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from gateway.cli import add_config_arg, load_or_exit
+from gateway.disk_space import spool_free_space
 
 
 def register(sub: Any) -> None:
@@ -69,6 +70,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         problems.extend(odoo_report.get("problems", []))
     elif args.odoo:
         problems.append("odoo: no [odoo] url configured")
+    problems.extend(_host_problems(config))
     if args.json:
         print(json.dumps({
             "domains": [d.__dict__ for d in table.domains],
@@ -82,9 +84,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if bodies is not None:
             print(f"body log: bodies of {config.storage.body_log_min} bytes and more in {bodies}/ "
                   "(back it up with the database)")
+        space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
+        if space is not None:
+            print(f"disk: {space.free() >> 20} MiB free in {space.path} (new mail is refused below "
+                  f"{config.storage.min_free_mb} MiB)")
         for lc in config.listeners:
             print(f"listener {lc.name or lc.kind}: {lc.kind} on {lc.host}:{lc.port} "
-                  f"(max {lc.max_message_size} bytes, {lc.max_recipients} rcpts)")
+                  f"(max {lc.max_message_size} bytes, {lc.max_recipients} rcpts, {lc.max_connections} sessions)")
         for d in table.domains:
             print(f"domain {d.name}: catchall={d.catchall_address} bounce={d.bounce_address} "
                   f"strict={d.strict} default_alias={d.default_alias}")
@@ -97,3 +103,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"{args.config}: {p}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _host_problems(config: Any) -> list[str]:
+    """What this host would make `serve` refuse: too little disk where the spool lives (every MAIL FROM would
+    get 452), or an open-files hard limit below the listeners' `max_connections` (serve can raise only the soft
+    limit, up to the hard one)."""
+    import resource
+
+    from gateway.serve import fd_shortfall
+
+    problems = []
+    space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
+    if space is not None and space.refusal() is not None:
+        problems.append(f"storage: min_free_mb: only {space.free() >> 20} MiB free in {space.path}; every "
+                        "listener would answer 452 4.3.1 to new mail")
+    shortfall = fd_shortfall(config, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    if shortfall:
+        problems.append(f"listeners: max_connections: {shortfall}")
+    return problems

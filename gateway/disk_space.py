@@ -25,8 +25,11 @@ REFUSAL = "452 4.3.1 Insufficient system storage; try again later"
 
 
 def _available(path: Path) -> int:
-    """What an unprivileged process may still use; unknown (the folder is gone, say) counts as plenty: the
-    check then refuses nothing, and a write that fails still answers 451 and loses nothing."""
+    """What an unprivileged process may still use on the filesystem that holds (or will hold: the store's
+    folder is created at the first start) `path`. Unknown counts as plenty: the check then refuses nothing,
+    and a write that fails still answers 451 and loses nothing."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
     try:
         st = os.statvfs(path)
     except OSError as exc:

@@ -293,11 +293,22 @@ def engine_label(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
 
-def raise_fd_limit(config: Config, *, reserve: int = 256) -> str | None:
+def fd_shortfall(config: Config, limit: int, *, reserve: int = 256) -> str | None:
+    """Why `limit` open files are too few for the listeners' `max_connections` plus `reserve` for the spool
+    (database, WAL, body log segments, helper pipes), or None."""
+    import resource
+
+    needed = sum(listener.max_connections for listener in config.listeners) + reserve
+    if limit == resource.RLIM_INFINITY or limit >= needed:
+        return None
+    return (f"open files limit is {limit}, below the listeners' max_connections plus {reserve} for the spool "
+            f"({needed}): raise it (ulimit -n, LimitNOFILE=) or lower max_connections")
+
+
+def raise_fd_limit(config: Config) -> str | None:
     """Raise the soft limit on open files to the hard one, as MTAs do: every session is a descriptor, and the
-    spool (database, WAL, body log segments, helper pipes) needs its own beside them. The default soft limit
-    (often 1,024) is below the listeners' default `max_connections` (500 each). Returns a warning when the
-    limits still do not fit, for the log."""
+    spool needs its own beside them. The default soft limit (often 1,024) is below the listeners' default
+    `max_connections` (500 each). Returns a warning when the limits still do not fit, for the log."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -307,11 +318,7 @@ def raise_fd_limit(config: Config, *, reserve: int = 256) -> str | None:
             soft = hard
         except (ValueError, OSError):
             pass
-    needed = sum(listener.max_connections for listener in config.listeners) + reserve
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        return (f"open files limit is {soft}, below the listeners' max_connections plus {reserve} for the spool "
-                f"({needed}): raise it (ulimit -n, LimitNOFILE=) or lower max_connections")
-    return None
+    return fd_shortfall(config, soft)
 
 
 def run(config: Config, config_path: str | None) -> int:

@@ -104,9 +104,30 @@ async def test_healthz_is_503_while_mail_is_refused_for_space(tmp_path: Path) ->
         engine.dispose()
 
 
-def test_a_folder_that_cannot_be_looked_at_refuses_nothing(tmp_path: Path) -> None:
-    assert FreeSpace(tmp_path / "gone", 256 * MB).refusal() is None
-    assert FreeSpace(tmp_path, 1 << 62).refusal() == REFUSAL  # the real filesystem, asked for 4 EiB
+def test_a_folder_not_created_yet_is_judged_by_the_filesystem_that_will_hold_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    asked: list[object] = []
+    real = os.statvfs
+
+    def statvfs(path: object) -> os.statvfs_result:
+        asked.append(path)
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    assert FreeSpace(tmp_path / "var" / "spool", 256 * MB).free() > 0 and asked == [tmp_path]
+    assert FreeSpace(tmp_path / "var", 1 << 62).refusal() == REFUSAL  # the real filesystem, asked for 4 EiB
+
+
+def test_a_folder_that_cannot_be_looked_at_refuses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    def unreadable(path: object) -> os.statvfs_result:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "statvfs", unreadable)
+    assert FreeSpace(tmp_path, 256 * MB).refusal() is None
 
 
 async def test_serve_wires_the_check_to_its_listeners(tmp_path: Path) -> None:

@@ -93,6 +93,22 @@ def test_messages_cli_contract_and_check_config_errors(tmp_path: Path) -> None:
     assert f"{bad}: listeners[0].kind:" in res.stderr and f"{bad}: storage.urll: unknown key" in res.stderr
 
 
+def test_check_config_names_a_host_that_would_refuse_mail(tmp_path: Path) -> None:
+    """Too little disk where the spool lives (every MAIL FROM would get 452) and an open-files hard limit
+    below the listeners' caps are problems check-config reports, with the key to change."""
+    import resource
+
+    cfg = tmp_path / "host.toml"
+    cfg.write_text("[[listeners]]\nkind = 'smtp'\nmax_connections = 1000000000\n"
+                   f"[storage]\nurl = 'sqlite:///{tmp_path}/var/s.db'\nmin_free_mb = {1 << 40}\n")
+    res = _cli("check-config", "--config", str(cfg))
+    assert res.returncode == 1
+    assert f"{cfg}: storage: min_free_mb: only " in res.stderr and "452 4.3.1" in res.stderr
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert f"{cfg}: listeners: max_connections: open files limit is {hard}" in res.stderr
+    assert f"MiB free in {tmp_path / 'var'}" in res.stdout
+
+
 def test_log_lines_carry_spool_id_and_message_id(capsys: pytest.CaptureFixture[str]) -> None:
     setup_logging("INFO")
     logging.getLogger("gateway.test").info("delivered", extra={"spool_id": 42, "message_id": "<x@y>"})
