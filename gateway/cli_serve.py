@@ -115,7 +115,7 @@ def _host_problems(config: Any) -> list[str]:
 
     problems = []
     space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
-    if space is not None and space.refusal() is not None:
+    if space is not None and space.free() < space.min_free:
         problems.append(f"storage: min_free_mb: only {space.free() >> 20} MiB free in {space.path}; every "
                         "listener would answer 452 4.3.1 to new mail")
     shortfall = fd_shortfall(config, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
