@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from sqlalchemy import Connection, Engine, and_, exists, insert, select, update
+from sqlalchemy import Connection, Engine, String, and_, cast, exists, func, insert, select, update
 
 from gateway.config import Config, EventsConfig, WebhookConfig, secret as env_secret
 from gateway.outbox import EVENT_TYPES, event_to_json
@@ -116,26 +116,28 @@ class Delivery:
 
 
 def due_heads(conn: Connection, subscriber: str, *, limit: int = PENDING_SCAN) -> list[Delivery]:
-    """The earliest pending event of each mail, when it is due (per-mail ordering lives here)."""
+    """The earliest pending event of each mail, when it is due (per-mail ordering lives here); at most `limit`.
+
+    The heads are found first (the lowest pending sequence number per mail), and only then filtered by due
+    time. Scanning the oldest pending rows instead let mails whose heads were backing off (a receiver failing
+    some events, for up to the horizon) fill the scan, and every other mail's events waited behind them."""
     now = utcnow()
+    mail = func.coalesce(events.c.message_id, cast(events.c.seq, String))  # no Message-ID: a mail of its own
+    heads = (select(func.min(webhook_deliveries.c.event_seq))
+             .join(events, events.c.seq == webhook_deliveries.c.event_seq)
+             .where(webhook_deliveries.c.subscriber == subscriber, webhook_deliveries.c.state == "pending")
+             .group_by(mail))
     rows = conn.execute(
         select(webhook_deliveries.c.id.label("delivery_id"), webhook_deliveries.c.attempts.label("delivery_attempts"),
-               webhook_deliveries.c.next_attempt_at.label("delivery_due"), events)
+               events)
         .join(events, events.c.seq == webhook_deliveries.c.event_seq)
-        .where(webhook_deliveries.c.subscriber == subscriber, webhook_deliveries.c.state == "pending")
+        .where(webhook_deliveries.c.subscriber == subscriber, webhook_deliveries.c.state == "pending",
+               webhook_deliveries.c.next_attempt_at <= now, webhook_deliveries.c.event_seq.in_(heads))
         .order_by(webhook_deliveries.c.event_seq).limit(limit)
     ).all()
-    seen: set[str] = set()
-    heads: list[Delivery] = []
-    for r in rows:
-        key = r.message_id or f"seq:{r.seq}"
-        if key in seen:
-            continue
-        seen.add(key)
-        if as_utc(r.delivery_due) <= now:
-            body = json.dumps(event_to_json(r), sort_keys=True, separators=(",", ":")).encode()
-            heads.append(Delivery(r.delivery_id, r.seq, r.delivery_attempts, as_utc(r.occurred_at), body))
-    return heads
+    return [Delivery(r.delivery_id, r.seq, r.delivery_attempts, as_utc(r.occurred_at),
+                     json.dumps(event_to_json(r), sort_keys=True, separators=(",", ":")).encode())
+            for r in rows]
 
 
 def mark_sent(conn: Connection, delivery_id: int) -> None:
