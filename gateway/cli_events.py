@@ -55,7 +55,7 @@ def format_line(event: dict[str, Any]) -> str:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from gateway.events import read_events
+    from gateway.events import GapWatch, read_events, read_settled
     from gateway.schema import events
 
     config = load_or_exit(args.config)
@@ -69,12 +69,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
         rows = rows[-args.lines:] if args.lines else []
     cursor = top
     _print(rows, args.json)
+    gaps = GapWatch()
     while args.follow:
         time.sleep(args.interval)
-        rows = read_events(engine, after=cursor, types=types, limit=1000)
-        if rows:
-            cursor = rows[-1]["seq"]
-            _print(rows, args.json)
+        rows, cursor = read_settled(engine, gaps, after=cursor, types=types, limit=1000)
+        _print(rows, args.json)
     return 0
 
 

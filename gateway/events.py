@@ -260,8 +260,61 @@ def read_events(engine: Engine, *, after: int = 0, types: Sequence[str] = (), li
         return [event_to_json(r) for r in conn.execute(q)]
 
 
+class GapWatch:
+    """Sequence numbers found missing below a reader's position, and since when (this process's view).
+
+    On PostgreSQL a transaction can commit a lower `seq` after a higher one was read (the spool's workers and
+    the relay's store process record events concurrently). A number missing now is either still in flight or
+    gone for good (a batch rolled back); one that stays missing for `settle` seconds counts as gone."""
+
+    def __init__(self, settle: float = 30.0):
+        self.settle = settle
+        self._seen: dict[int, float] = {}
+
+    def settled(self, seq: int) -> bool:
+        now = time.monotonic()
+        first = self._seen.setdefault(seq, now)
+        if len(self._seen) > 10_000:  # gaps long settled need not be remembered
+            self._seen = {k: t for k, t in self._seen.items() if now - t < 2 * self.settle}
+        return now - first >= self.settle
+
+
+def _first_gap(conn: Connection, after: int, last: int) -> int | None:
+    """The lowest sequence number in (after, last] that no committed event has (`last` is one that has)."""
+    if conn.execute(select(func.count()).where(events.c.seq > after, events.c.seq <= last)).scalar() == last - after:
+        return None  # the usual case, and SQLite's always: one writer, and a rolled-back rowid is reused
+    if conn.execute(select(events.c.seq).where(events.c.seq == after + 1)).first() is None:
+        return after + 1
+    following = events.alias("following")
+    return int(conn.execute(select(func.min(events.c.seq) + 1).where(
+        events.c.seq > after, events.c.seq < last,
+        ~exists().where(following.c.seq == events.c.seq + 1))).scalar())
+
+
+def read_settled(engine: Engine, gaps: GapWatch, *, after: int = 0, types: Sequence[str] = (), limit: int = 100,
+                 ) -> tuple[list[dict], int]:  # type: ignore[type-arg]
+    """`read_events` for a reader that comes back with a cursor: the events before the first missing sequence
+    number that may still commit, and the cursor to come back with. A reader that passes the cursor back never
+    skips an event, and still gets each mail's events in order."""
+    q = select(events).where(events.c.seq > after).order_by(events.c.seq).limit(limit)
+    if types:
+        q = q.where(events.c.type.in_(list(types)))
+    with engine.connect() as conn:
+        rows = conn.execute(q).all()
+        if not rows:
+            return [], after
+        last = rows[-1].seq
+        gap = _first_gap(conn, after, last)
+        while gap is not None and gaps.settled(gap):
+            gap = _first_gap(conn, gap, last)
+    if gap is None:
+        return [event_to_json(r) for r in rows], last
+    return [event_to_json(r) for r in rows if r.seq < gap], gap - 1
+
+
 def add_events_routes(app: web.Application, engine: Engine, token: str | None, *, path: str = "/events") -> None:
     """Mount `GET /events` (bearer token) on an aiohttp app; without a token the route answers 503."""
+    gaps = GapWatch()
 
     async def handler(request: web.Request) -> web.Response:
         if not token:
@@ -280,8 +333,7 @@ def add_events_routes(app: web.Application, engine: Engine, token: str | None, *
         unknown = [t for t in types if t not in EVENT_TYPES]
         if unknown:
             return web.json_response({"error": f"unknown event types: {', '.join(unknown)}"}, status=400)
-        rows = await asyncio.to_thread(read_events, engine, after=after, types=types, limit=limit)
-        nxt = rows[-1]["seq"] if rows else after
+        rows, nxt = await asyncio.to_thread(read_settled, engine, gaps, after=after, types=types, limit=limit)
         return web.json_response({"events": rows, "next": nxt})
 
     app.router.add_get(path, handler)

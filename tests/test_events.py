@@ -154,6 +154,45 @@ def test_read_events_cursor_and_types(engine):
     assert len(read_events(engine, limit=2)) == 2
 
 
+def test_pulling_with_the_cursor_never_skips_an_event_that_commits_late(any_engine):
+    """PostgreSQL hands out sequence numbers at insert, so a transaction still open holds a lower `seq` than
+    one that already committed. The cursor stops before that number until it commits, or until it has been
+    missing for `settle` seconds (a rolled-back batch leaves a number that never comes)."""
+    import time
+
+    from gateway.events import GapWatch, read_settled
+
+    gaps = GapWatch(settle=0.3)
+    late = any_engine.connect()
+    open_tx = late.begin()
+    record_events(late, [ev("delivered", "<late>", 1)])
+    if any_engine.dialect.name == "sqlite":  # one writer: the open transaction holds the lock
+        open_tx.commit()
+        late.close()
+        add(any_engine, ev("opened", "<next>", 2))
+        rows, cursor = read_settled(any_engine, gaps)
+        assert [e["mail"]["message_id"] for e in rows] == ["<late>", "<next>"] and cursor == rows[-1]["seq"]
+        return
+    add(any_engine, ev("opened", "<next>", 2))
+    assert read_settled(any_engine, gaps) == ([], 0)  # <next> committed, <late> still open: hold at 0
+    open_tx.commit()
+    late.close()
+    rows, cursor = read_settled(any_engine, gaps)
+    assert [e["mail"]["message_id"] for e in rows] == ["<late>", "<next>"] and cursor == rows[-1]["seq"]
+    with any_engine.connect() as conn:  # a batch that rolls back leaves its number unused for good
+        with conn.begin() as tx:
+            record_events(conn, [ev("bounced", "<gone>", 3)])
+            tx.rollback()
+    add(any_engine, ev("clicked", "<after>", 4))
+    assert read_settled(any_engine, gaps, after=cursor) == ([], cursor)
+    time.sleep(0.35)
+    rows, cursor2 = read_settled(any_engine, gaps, after=cursor)
+    assert [e["mail"]["message_id"] for e in rows] == ["<after>"] and cursor2 == rows[0]["seq"]
+    # a reader starting further back meets the same gap in the middle of its page (a watch of its own)
+    rows, held = read_settled(any_engine, GapWatch(settle=60))
+    assert [e["mail"]["message_id"] for e in rows] == ["<late>", "<next>"] and held == cursor
+
+
 def test_cli_tail_and_replay(engine, tmp_path, capsys):
     from gateway.cli import main
 
