@@ -189,6 +189,16 @@ class TrackingConfig(_Model):
     port: int = Field(8026, ge=0, le=65535)
     secret_env: str = "MAILGATE_SECRET"
     prefetch_seconds: float = Field(10.0, ge=0)
+    # Reverse proxies (TLS in front of the tracking server) whose X-Forwarded-For is believed: the opener's
+    # address decides machine opens (Apple's and Microsoft's proxy ranges). Others' headers are ignored.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for net in value:
+            ipaddress.ip_network(net, strict=False)
+        return value
 
 
 class WebhookConfig(_Model):

@@ -123,7 +123,7 @@ async def start_outbound_services(config: Config, engine: Engine, stop: asyncio.
                      services.submission_ports[-1])
         if config.tracking.enabled or config.events.api_token_env:
             app = make_tracking_app(engine, secret, prefetch_seconds=config.tracking.prefetch_seconds,
-                                    on_event=dispatcher.wake)
+                                    on_event=dispatcher.wake, trusted_proxies=config.tracking.trusted_proxies)
             add_events_routes(app, engine, env_secret(config.events.api_token_env))
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()

@@ -17,7 +17,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
@@ -99,6 +99,28 @@ def is_machine_open(user_agent: str | None, client_ip: str | None, delivered_at:
     return False
 
 
+def client_address(peer: str | None, forwarded_for: str | None,
+                   trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str | None:
+    """The opener's address: the peer, or, when the peer is a trusted reverse proxy, the last address in
+    X-Forwarded-For that is not itself a trusted proxy (proxies append; what a client wrote comes first and
+    cannot be believed)."""
+    if not peer or not forwarded_for or not _in(peer, trusted):
+        return peer
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not _in(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _in(address: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
+
+
 # ------------------------------------------------------------------------------------------ recording
 @dataclass(frozen=True)
 class Hit:
@@ -141,9 +163,14 @@ def record_hit(engine: Engine, hit: Hit, prefetch_seconds: float) -> bool:
 
 # ------------------------------------------------------------------------------------------ HTTP
 def make_tracking_app(engine: Engine, secret: bytes, *, prefetch_seconds: float = 10.0,
-                      on_event: Callable[[], None] | None = None) -> web.Application:
+                      on_event: Callable[[], None] | None = None,
+                      trusted_proxies: Sequence[str] = ("127.0.0.0/8", "::1/128")) -> web.Application:
     """The tracking aiohttp app: `GET /t/o/<token>.gif` and `GET /t/c/<token>?u=<url>`."""
     app = web.Application()
+    trusted = [ipaddress.ip_network(n, strict=False) for n in trusted_proxies]
+
+    def opener(request: web.Request) -> str | None:
+        return client_address(request.remote, request.headers.get("X-Forwarded-For"), trusted)
 
     async def _record(hit: Hit) -> None:
         try:
@@ -155,7 +182,7 @@ def make_tracking_app(engine: Engine, secret: bytes, *, prefetch_seconds: float 
     async def pixel(request: web.Request) -> web.Response:
         rid = read_pixel_token(secret, request.match_info["name"])
         if rid is not None:
-            await _record(Hit("open", rid, request.headers.get("User-Agent"), request.remote))
+            await _record(Hit("open", rid, request.headers.get("User-Agent"), opener(request)))
         return web.Response(body=PIXEL_GIF, content_type="image/gif", headers=NO_CACHE)
 
     async def click(request: web.Request) -> web.Response:
@@ -163,7 +190,7 @@ def make_tracking_app(engine: Engine, secret: bytes, *, prefetch_seconds: float 
         rid = read_click_token(secret, request.match_info["token"], url) if url else None
         if rid is None:
             return web.Response(status=404, text="Unknown or altered link.\n", headers=NO_CACHE)
-        await _record(Hit("click", rid, request.headers.get("User-Agent"), request.remote, url))
+        await _record(Hit("click", rid, request.headers.get("User-Agent"), opener(request), url))
         raise web.HTTPFound(location=url, headers=NO_CACHE)
 
     app.router.add_get(PIXEL_PATH + "{name}", pixel)

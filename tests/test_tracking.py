@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
+import json
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -66,6 +68,32 @@ def test_tokens_are_bound_to_row_and_url():
 def test_machine_open_detection(ua, ip, age, machine):
     now = utcnow()
     assert is_machine_open(ua, ip, now - dt.timedelta(seconds=age), now, 10.0) is machine
+
+
+@pytest.mark.parametrize("peer, forwarded, expect", [
+    ("127.0.0.1", "17.58.1.1", "17.58.1.1"),                        # our nginx in front: the opener
+    ("127.0.0.1", "6.6.6.6, 17.58.1.1", "17.58.1.1"),               # what the client wrote itself is not believed
+    ("127.0.0.1", "17.58.1.1, 10.0.0.2", "17.58.1.1"),              # through two trusted proxies
+    ("203.0.113.9", "17.58.1.1", "203.0.113.9"),                    # not a proxy of ours: its header is ignored
+    ("127.0.0.1", None, "127.0.0.1"),
+    ("127.0.0.1", "garbage", "garbage"),
+])
+def test_client_address_believes_only_trusted_proxies(peer, forwarded, expect):
+    from gateway.tracking import client_address
+
+    trusted = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("10.0.0.0/8")]
+    assert client_address(peer, forwarded, trusted) == expect
+
+
+async def test_an_apple_proxy_open_behind_our_reverse_proxy_is_a_machine_open(engine):
+    app = make_tracking_app(engine, KEY, prefetch_seconds=0)
+    async with TestClient(TestServer(app)) as client:  # the test client connects from 127.0.0.1
+        human_ua = {"User-Agent": "Mozilla/5.0 (Macintosh) AppleWebKit/605.1.15"}
+        await client.get(pixel_url("", KEY, 11), headers={**human_ua, "X-Forwarded-For": "17.58.1.1"})
+        await client.get(pixel_url("", KEY, 12), headers={**human_ua, "X-Forwarded-For": "198.51.100.7"})
+    with engine.connect() as conn:
+        machine = {e.recipient: json.loads(e.data)["machine"] for e in conn.execute(select(events))}
+    assert machine == {"carol@customer.test": True, "dave@customer.test": False}
 
 
 async def test_pixel_click_and_counts(engine):
