@@ -11,9 +11,9 @@ import ipaddress
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aliases.model import Alias, AliasTable, ContactPolicy, Domain
 
@@ -31,6 +31,16 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_networks(value: tuple[str, ...]) -> tuple[str, ...]:
+    """Every entry parses as an IP network ("10.0.0.0/8", "::1/128"); the error names the bad one."""
+    for net in value:
+        ipaddress.ip_network(net, strict=False)
+    return value
+
+
+Networks = Annotated[tuple[str, ...], AfterValidator(_check_networks)]
+
+
 class ListenerConfig(_Model):
     """One SMTP/LMTP/submission listener. Submission is Odoo's outgoing server (see gateway.relay)."""
 
@@ -38,7 +48,7 @@ class ListenerConfig(_Model):
     kind: Literal["smtp", "lmtp", "submission"] = "smtp"
     host: str = "127.0.0.1"
     port: int = Field(2525, ge=0, le=65535)
-    allowed_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    allowed_networks: Networks = ("127.0.0.0/8", "::1/128")
     max_message_size: int = Field(35 * 1024 * 1024, gt=0)
     max_recipients: int = Field(100, gt=0)
     max_line_length: int = Field(998, gt=0)
@@ -52,13 +62,6 @@ class ListenerConfig(_Model):
     # retries later), so a flood or a runaway client cannot use up the file descriptors the spool needs too.
     max_connections: int = Field(500, gt=0)
     max_connections_per_client: int = Field(100, gt=0)
-
-    @field_validator("allowed_networks")
-    @classmethod
-    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for net in value:
-            ipaddress.ip_network(net, strict=False)
-        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ListenerConfig":
@@ -191,14 +194,7 @@ class TrackingConfig(_Model):
     prefetch_seconds: float = Field(10.0, ge=0)
     # Reverse proxies (TLS in front of the tracking server) whose X-Forwarded-For is believed: the opener's
     # address decides machine opens (Apple's and Microsoft's proxy ranges). Others' headers are ignored.
-    trusted_proxies: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for net in value:
-            ipaddress.ip_network(net, strict=False)
-        return value
+    trusted_proxies: Networks = ("127.0.0.0/8", "::1/128")
 
 
 class WebhookConfig(_Model):
