@@ -56,13 +56,10 @@ class BodyRef:
 
 def body_log_dir(url: str) -> Path | None:
     """`<database file>-bodies/` for a SQLite file store; None for PostgreSQL and in-memory stores."""
-    from sqlalchemy.engine import make_url
+    from gateway.store import sqlite_file
 
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:" \
-            or parsed.database.startswith("file:"):
-        return None
-    return Path(os.path.abspath(parsed.database) + "-bodies")
+    database = sqlite_file(url)
+    return database.with_name(database.name + "-bodies") if database is not None else None
 
 
 class BodyLog:

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from gateway.cli import add_config_arg, load_or_exit
-from gateway.disk_space import spool_free_space
+from gateway.disk_space import FreeSpace, spool_free_space
 
 
 def register(sub: Any) -> None:
@@ -70,7 +70,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         problems.extend(odoo_report.get("problems", []))
     elif args.odoo:
         problems.append("odoo: no [odoo] url configured")
-    problems.extend(_host_problems(config))
+    space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
+    problems.extend(_host_problems(config, space))
     if args.json:
         print(json.dumps({
             "domains": [d.__dict__ for d in table.domains],
@@ -84,7 +85,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if bodies is not None:
             print(f"body log: bodies of {config.storage.body_log_min} bytes and more in {bodies}/ "
                   "(back it up with the database)")
-        space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
         if space is not None:
             print(f"disk: {space.free() >> 20} MiB free in {space.path} (new mail is refused below "
                   f"{config.storage.min_free_mb} MiB)")
@@ -105,7 +105,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _host_problems(config: Any) -> list[str]:
+def _host_problems(config: Any, space: FreeSpace | None) -> list[str]:
     """What this host would make `serve` refuse: too little disk where the spool lives (every MAIL FROM would
     get 452), or an open-files hard limit below the listeners' `max_connections` (serve can raise only the soft
     limit, up to the hard one)."""
@@ -114,7 +114,6 @@ def _host_problems(config: Any) -> list[str]:
     from gateway.serve import fd_shortfall
 
     problems = []
-    space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
     if space is not None and space.free() < space.min_free:
         problems.append(f"storage: min_free_mb: only {space.free() >> 20} MiB free in {space.path}; every "
                         "listener would answer 452 4.3.1 to new mail")

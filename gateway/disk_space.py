@@ -91,10 +91,7 @@ def storage_refusal(free_space: FreeSpace | None, mail_options: list[str]) -> st
 
 def spool_free_space(storage_url: str, min_free_mb: int) -> FreeSpace | None:
     """The check for a SQLite file store (its folder also holds the body log); None for other stores or 0."""
-    from sqlalchemy.engine import make_url
+    from gateway.store import sqlite_file
 
-    parsed = make_url(storage_url)
-    if not min_free_mb or parsed.get_backend_name() != "sqlite" or not parsed.database \
-            or parsed.database == ":memory:" or parsed.database.startswith("file:"):
-        return None
-    return FreeSpace(Path(os.path.abspath(parsed.database)).parent, min_free_mb * 1024 * 1024)
+    database = sqlite_file(storage_url) if min_free_mb else None
+    return FreeSpace(database.parent, min_free_mb * 1024 * 1024) if database is not None else None

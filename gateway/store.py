@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,18 @@ def as_utc(value: dt.datetime | None) -> dt.datetime | None:
 
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite file store (absolute); None for PostgreSQL and in-memory stores. What
+    lives beside the file (the body log, the disk it shares) is found from here."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:" \
+            or parsed.database.startswith("file:"):
+        return None
+    return Path(os.path.abspath(parsed.database))
 
 
 def make_engine(url: str, *, synchronous: str = "FULL", pool_size: int = 8, page_size: int = 4096) -> Engine:
