@@ -11,7 +11,9 @@ Odoo's fetchmail polls every 5 minutes for UNSEEN mail and loses a message whene
 * a UIDVALIDITY change restarts the UID checkpoint, and message hashes keep the renumbered mailbox from
   being spooled twice;
 * IDLE where the server offers it (re-issued every `idle_renew`, under the 29-minute limit), polling
-  otherwise; a lost connection is retried with exponential backoff.
+  otherwise; a lost connection is retried with exponential backoff;
+* while the spool's disk is below `[storage] min_free_mb` nothing is fetched (the listeners answer 452 at
+  MAIL FROM for the same reason): the mail waits on the server, and the puller backs off and looks again.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from prometheus_client import Counter, Enum, Gauge
 from sqlalchemy import Engine
 
 from gateway.config import Config, ConfigError, ImapSourceConfig, secret
+from gateway.disk_space import FreeSpace, spool_free_space
 from gateway.imap_client import PullClient
 from gateway.imap_checkpoint import (
     BatchResult, Checkpoint, Pulled, begin_validity, mark_after_done, pending_after, spool_pulled,
@@ -67,6 +70,13 @@ class ImapCommandFailed(ImapError):
     """The server answered NO/BAD to a command we need."""
 
 
+class StorageLow(ImapError):
+    """The spool's disk is below `[storage] min_free_mb`: fetch nothing, the mail waits safely on the server.
+
+    The listeners refuse MAIL FROM with 452 for the same reason (gateway/disk_space.py); a puller that went on
+    fetching would fill the last of the disk that the workers still need, and its commits would fail anyway."""
+
+
 class ImapPuller:
     """One IMAP source: `await puller.run(stop)` pulls until `stop` is set.
 
@@ -75,8 +85,9 @@ class ImapPuller:
     """
 
     def __init__(self, source: ImapSourceConfig, engine: Engine, *, password: str | None = None,
-                 on_spooled: Callable[[int], Any] | None = None):
+                 on_spooled: Callable[[int], Any] | None = None, free_space: FreeSpace | None = None):
         self.cfg = source
+        self.free_space = free_space
         self.engine = engine
         self.name = f"imap:{source.name}"
         self._password = password
@@ -224,6 +235,7 @@ class ImapPuller:
         """
         total = 0
         while stop is None or not stop.is_set():
+            self._check_storage()
             assert self._checkpoint is not None
             cp = self._checkpoint
             resp = await client.uid_search(f"UID {cp.last_uid + 1}:*", charset=None)
@@ -253,6 +265,7 @@ class ImapPuller:
                     break
                 fetched = await ahead if ahead is not None else await self._fetch(client, batch)
                 ahead = None
+                self._check_storage()  # before each commit: one batch can be large, and the disk is shared
                 if self.fetch_ahead and i + 1 < len(batches):
                     ahead = asyncio.create_task(self._fetch(client, batches[i + 1]))
                 total += await self._spool_and_act(client, uidvalidity, batch, fetched)
@@ -371,6 +384,12 @@ class ImapPuller:
                 idle.cancel()  # the connection is gone: no DONE to send, no answer to wait for
 
     # ----------------------------------------------------------------------------------------- misc
+    def _check_storage(self) -> None:
+        """Raise StorageLow while the spool's disk is below its headroom; `run` backs off and tries again."""
+        if self.free_space is not None and self.free_space.refusal() is not None:
+            raise StorageLow(f"{self.free_space.free()} bytes free in {self.free_space.path}, below [storage] "
+                             f"min_free_mb; nothing fetched, the mail stays on the server")
+
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.wrap_future(self._executor.submit(fn, *args))
 
@@ -385,6 +404,7 @@ async def run_imap_sources(config: Config, engine: Engine, writer: Any, stop: as
     `writer` is used only to wake the workers through its commit hook, when it has one.
     """
     on_commit = writer.notify_committed if writer is not None else None
+    free_space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
     pullers = []
     for src in config.imap:
         try:
@@ -392,7 +412,7 @@ async def run_imap_sources(config: Config, engine: Engine, writer: Any, stop: as
         except ConfigError as exc:  # one source's missing secret must not stop the others
             log.error("imap:%s not started: %s", src.name, exc)
             continue
-        pullers.append(ImapPuller(src, engine, password=password, on_spooled=on_commit))
+        pullers.append(ImapPuller(src, engine, password=password, on_spooled=on_commit, free_space=free_space))
     if not pullers:
         return
     try:

@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
 from gateway.config import ImapSourceConfig
+from gateway.disk_space import FreeSpace
 from gateway.imap import ImapPuller
 from gateway.imap_client import BatchFetchCommand, PullClient, PullProtocol
 from gateway.imap_envelope import envelope_from_headers
@@ -441,6 +442,48 @@ async def test_wrong_password_backs_off_and_spools_nothing(dovecot, engine, capl
     await run.stop()
     assert count(engine, src) == 0
     assert "LOGIN as 'catchall' refused" in caplog.text
+
+
+async def test_low_disk_fetches_nothing_until_space_is_back(dovecot, engine, caplog, tmp_path):
+    """Below [storage] min_free_mb the puller leaves the mail on the server (nothing fetched, flagged or
+    moved) and backs off; once there is room again it pulls everything, once."""
+    sent = [mail(i, tag="disk") for i in range(5)]
+    await asyncio.to_thread(dovecot.append, USER, sent)
+    free = {"bytes": 10 * 2**20}
+    space = FreeSpace(tmp_path, min_free=100 * 2**20, ttl=0.0, available=lambda _path: free["bytes"])
+    src = source(dovecot, after="delete")
+    p = ImapPuller(src, engine, password=PASSWORD, free_space=space)
+    p.backoff_initial = 0.1
+    run = Running(p)
+    await asyncio.sleep(1.0)
+    assert count(engine, src) == 0
+    assert len(dovecot.uids(USER)) == 5, "mail was acted on while it could not be spooled"
+    assert "StorageLow" in caplog.text and "nothing fetched" in caplog.text
+    free["bytes"] = 500 * 2**20
+    await wait_for(lambda: count(engine, src) == 5 and all_after_done(engine, src), 10, "5 spooled")
+    await run.stop()
+    assert dovecot.uids(USER) == []
+    assert_exactly_once(engine, src, sent)
+
+
+async def test_run_imap_sources_applies_the_storage_headroom(dovecot, engine, monkeypatch, caplog, tmp_path):
+    """`[storage] min_free_mb` reaches the pullers `serve` starts (here 1 EiB: no disk has that much)."""
+    from gateway.config import parse_config
+    from gateway.imap import run_imap_sources
+
+    monkeypatch.setenv("MAILGATE_TEST_IMAP_PW", PASSWORD)
+    config = parse_config({
+        "storage": {"url": f"sqlite:///{tmp_path}/s.db", "min_free_mb": 1 << 40},
+        "imap": [{"name": "full", "host": dovecot.host, "port": dovecot.port, "security": "none",
+                  "login": USER, "password_env": "MAILGATE_TEST_IMAP_PW"}]}, base_dir=".")
+    await asyncio.to_thread(dovecot.append, USER, [mail(1, tag="full")])
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_imap_sources(config, engine, None, stop))
+    await wait_for(lambda: "StorageLow" in caplog.text, 10, "the storage warning")
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert count(engine, config.imap[0]) == 0
+    assert len(dovecot.uids(USER)) == 1
 
 
 @pytest.mark.parametrize("security", ["ssl", "starttls"])
