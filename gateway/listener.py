@@ -493,14 +493,15 @@ def tls_context(cfg: ListenerConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-async def start_listener(cfg: ListenerConfig, handler: SpoolHandler, *,
-                         hostname: str | None = None) -> asyncio.base_events.Server:
-    """Bind one SMTP or LMTP listener; returns the asyncio server (close() it to stop accepting)."""
+async def start_listener(cfg: ListenerConfig, handler: SpoolHandler, *, hostname: str | None = None,
+                         limits: SessionLimits | None = None) -> asyncio.base_events.Server:
+    """Bind one SMTP or LMTP listener; returns the asyncio server (close() it to stop accepting). `limits`:
+    its session caps, when the caller keeps them to change on reload."""
     loop = asyncio.get_running_loop()
     networks = tuple(cfg.networks())
     ctx = tls_context(cfg)
     cls = GatewayLMTP if cfg.kind == "lmtp" else GatewaySMTP
-    limits = SessionLimits(cfg.max_connections, cfg.max_connections_per_client, name=cfg.name or cfg.kind)
+    limits = limits or SessionLimits.of(cfg)
 
     def factory() -> SMTP:
         protocol = cls(handler, networks=networks, data_size_limit=cfg.max_message_size, enable_SMTPUTF8=True,

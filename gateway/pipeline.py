@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from functools import partial
 from typing import Any
 
@@ -136,22 +137,27 @@ def _resolve_verp(engine: Engine, key: bytes, address: str):  # type: ignore[no-
     return resolve_verp(engine, key, address)
 
 
-_steps: list[RouteStep] = []
+#: What SIGHUP reloads in this process: every route step and delivery built here. Weakly held: one that is no
+#: longer used (tests build many) is not kept alive, nor reloaded.
+_reloadable: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def make_route_step(config: Config, engine: Engine, client: Any = None) -> RouteStep:
     step = RouteStep(config, engine, client)
-    _steps.append(step)
+    _reloadable.add(step)
     return step
 
 
 def reload_aliases(config: Config) -> None:
-    """SIGHUP: routing uses the new alias table for the next message."""
-    for step in _steps:
-        step.reload(config)
+    """SIGHUP: routing and delivery use the new aliases (model, defaults, contact policy) for the next
+    message. Delivery must follow too: it looks up the alias a decision names to create the record."""
+    for part in list(_reloadable):
+        part.reload(config)
 
 
 def make_delivery(config: Config, engine: Engine, client: Any = None):  # type: ignore[no-untyped-def]
     from gateway.delivery import Delivery
 
-    return Delivery(config, engine, client)
+    delivery = Delivery(config, engine, client)
+    _reloadable.add(delivery)
+    return delivery

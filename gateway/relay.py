@@ -359,8 +359,8 @@ class _SubmissionSMTP(LeanSMTPMixin, SMTP):
 
 async def start_submission_listener(listener: ListenerConfig, config: Config, batcher: Committer,
                                     secret: bytes,
-                                    on_queued: Callable[[list[QueuedCopy]], None] | None = None,
-                                    ) -> asyncio.base_events.Server:
+                                    on_queued: Callable[[list[QueuedCopy]], None] | None = None, *,
+                                    limits: SessionLimits | None = None) -> asyncio.base_events.Server:
     """Start one submission listener on the running loop; returns the asyncio server (port 0 → see sockets)."""
     handler = SubmissionHandler(listener, config, batcher, secret, on_queued)
     ctx = tls_context(listener)
@@ -369,8 +369,7 @@ async def start_submission_listener(listener: ListenerConfig, config: Config, ba
                     listener.host, listener.port)
     authenticator = make_authenticator(listener) if listener.auth_users_env else None
     hostname = socket.getfqdn()  # once: aiosmtpd would look it up for every connection
-    limits = SessionLimits(listener.max_connections, listener.max_connections_per_client,
-                           name=listener.name or "submission")
+    limits = limits or SessionLimits.of(listener)
 
     def factory() -> SMTP:
         protocol = _SubmissionSMTP(

@@ -21,6 +21,7 @@ from gateway.config import Config, ConfigError, secret as env_secret
 from gateway.events import WebhookDispatcher, add_events_routes
 from gateway.outbound import OutboundWorker, SmtpTransport
 from gateway.relay import start_submission_listener
+from gateway.session_limits import SessionLimits, listener_key
 from gateway.relay_batch import Committer, TransactionBatcher
 from gateway.tracking import make_tracking_app
 
@@ -102,8 +103,10 @@ def make_committer(config: Config, engine: Engine) -> Committer:
 
 
 async def start_outbound_services(config: Config, engine: Engine, stop: asyncio.Event, *,
-                                  transport: SmtpTransport | None = None) -> OutboundServices:
-    """Start everything; the worker and dispatcher run as tasks until `stop` is set."""
+                                  transport: SmtpTransport | None = None,
+                                  session_limits: dict[str, SessionLimits] | None = None) -> OutboundServices:
+    """Start everything; the worker and dispatcher run as tasks until `stop` is set. `session_limits`: where
+    to keep each submission listener's caps (by `listener_key`), for `serve` to change them on reload."""
     secret = site_secret(config)
     batcher = make_committer(config, engine)
     if isinstance(batcher, ProcessTransactionBatcher):
@@ -117,7 +120,11 @@ async def start_outbound_services(config: Config, engine: Engine, stop: asyncio.
         for listener in config.listeners:
             if listener.kind != "submission":
                 continue
-            server = await start_submission_listener(listener, config, batcher, secret, worker.submit)
+            limits = SessionLimits.of(listener)
+            if session_limits is not None:
+                session_limits[listener_key(listener)] = limits
+            server = await start_submission_listener(listener, config, batcher, secret, worker.submit,
+                                                     limits=limits)
             services.smtp_servers.append(server)
             log.info("submission listener %s on %s:%s", listener.name or "-", listener.host,
                      services.submission_ports[-1])
@@ -137,9 +144,10 @@ async def start_outbound_services(config: Config, engine: Engine, stop: asyncio.
     return services
 
 
-async def run_outbound_services(config: Config, engine: Engine, stop: asyncio.Event) -> None:
+async def run_outbound_services(config: Config, engine: Engine, stop: asyncio.Event,
+                                session_limits: dict[str, SessionLimits] | None = None) -> None:
     """What `mailgate serve` awaits: run the outbound side until `stop` is set, then shut it down."""
-    services = await start_outbound_services(config, engine, stop)
+    services = await start_outbound_services(config, engine, stop, session_limits=session_limits)
     try:
         await stop.wait()
     finally:

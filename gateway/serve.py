@@ -3,7 +3,9 @@ threads or processes that route and deliver.
 
 Signals: SIGTERM/SIGINT stop accepting (close listening sockets), let sessions in DATA finish (bounded by
 `drain_seconds`), flush the spool writer, stop workers at a message boundary. SIGHUP re-reads the config file
-and swaps the alias table used at RCPT time and by routing — listeners keep running.
+and swaps the alias table used at RCPT time, by routing and by delivery — in this process and in the worker
+processes — and the listeners' session limits; listeners keep running. A worker process that dies is started
+again (its claimed messages come back when their lease expires).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from gateway.disk_space import spool_free_space
 from gateway.childproc import die_with_parent, helper_store_url
 from gateway.config import Config, ConfigError, load_config
 from gateway.listener import ListenerPolicy, SpoolHandler, bound_port, start_listener
+from gateway.metrics import HELPER_STARTS
+from gateway.session_limits import SessionLimits, listener_key
 from gateway.spool import Spooler, SpoolWriter, make_body_log
 from gateway.spool_process import ProcessSpoolWriter
 from gateway.store import open_configured_store
@@ -68,9 +72,16 @@ class Gateway:
     #: the last `mail.alias` rows synced from Odoo: a reload merges them into the new file's table, so an
     #: Odoo-only alias is not refused (550 5.1.1, permanent) until the next sync succeeds
     synced_alias_rows: list[dict[str, Any]] = field(default_factory=list)
+    #: bumped at each reload; worker processes poll it and re-read the config file (no signal to race their
+    #: start-up: a SIGHUP before a child installed its handler would kill it)
+    reload_generation: Any = None
+    #: starts worker process i (set when the config asks for worker processes)
+    spawn_worker: Any = None
+    session_limits: dict[str, SessionLimits] = field(default_factory=dict)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file; swap aliases. A broken file keeps the old config (logged)."""
+        """SIGHUP: re-read the config file; swap aliases (here and in the worker processes) and the listeners'
+        session limits. A broken file keeps the old config (logged)."""
         if not self.config_path:
             return
         try:
@@ -86,6 +97,13 @@ class Gateway:
         from gateway.pipeline import reload_aliases
 
         reload_aliases(new)
+        if self.reload_generation is not None:
+            with self.reload_generation.get_lock():
+                self.reload_generation.value += 1
+        for lc in new.listeners:
+            limits = self.session_limits.get(listener_key(lc))
+            if limits is not None:
+                limits.total, limits.per_client = lc.max_connections, lc.max_connections_per_client
         log.info("configuration reloaded: %d domain(s), %d alias(es)", len(new.domains), len(new.aliases))
 
     async def stop(self, drain_seconds: float = 30.0) -> None:
@@ -127,8 +145,9 @@ def build_worker_factory(config: Config, engine: Engine):  # type: ignore[no-unt
     return lambda i: Worker(config, engine, route=route, deliver=delivery)
 
 
-def _worker_process_main(config_path: str) -> None:  # pragma: no cover - runs in a child process
+def _worker_process_main(config_path: str, reload_generation: Any) -> None:  # pragma: no cover - child
     from gateway.logs import setup_logging
+    from gateway.pipeline import reload_aliases
 
     die_with_parent()
     setup_logging()
@@ -136,10 +155,41 @@ def _worker_process_main(config_path: str) -> None:  # pragma: no cover - runs i
     engine = open_configured_store(config, migrate=False)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    seen = reload_generation.value
     threads = run_workers(build_worker_factory(config, engine), config.worker.concurrency, stop,
                           poll=config.worker.poll_interval)
+    while not stop.wait(0.5):
+        if reload_generation.value != seen:  # serve got SIGHUP and accepted the new file
+            seen = reload_generation.value
+            try:
+                reload_aliases(load_config(config_path))
+            except ConfigError as exc:  # changed again since serve read it: keep ours until the next reload
+                log.error("worker: reload refused, keeping the running config: %s", exc)
     for t in threads:
         t.join()
+
+
+async def _supervise_workers(gw: Gateway, every: float = 1.0, backoff_max: float = 60.0) -> None:
+    """Start again a worker process that died (the OOM killer, a crash in a C extension): without it the
+    listeners went on accepting mail that nothing routed. Its claimed messages come back when their lease
+    expires. A worker that keeps dying is restarted at most every `backoff_max` seconds."""
+    import time
+
+    delay = [every] * len(gw.worker_processes)
+    not_before = [0.0] * len(gw.worker_processes)
+    while not gw.stop_event.is_set():
+        now = time.monotonic()
+        for i, p in enumerate(gw.worker_processes):
+            if p.exitcode is None or gw.stop_event.is_set() or now < not_before[i]:
+                continue
+            log.error("worker process %s exited (code %s); starting it again", p.name, p.exitcode)
+            p.close()
+            gw.worker_processes[i] = gw.spawn_worker(i)
+            not_before[i], delay[i] = now + delay[i], min(delay[i] * 2, backoff_max)
+        try:
+            await asyncio.wait_for(gw.stop_event.wait(), every)
+        except asyncio.TimeoutError:
+            pass
 
 
 async def start_gateway(config: Config, *, config_path: str | None = None, workers: bool = True,
@@ -168,7 +218,8 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
         if lc.kind == "submission":
             continue  # Odoo's outgoing mail: the outbound relay owns it
         handler = SpoolHandler(writer, ListenerPolicy(lc, verdict, free_space=free_space))
-        server = await start_listener(lc, handler, hostname=hostname)
+        limits = gw.session_limits[listener_key(lc)] = SessionLimits.of(lc)
+        server = await start_listener(lc, handler, hostname=hostname, limits=limits)
         gw.handlers.append(handler)
         gw.servers.append(server)
         gw.ports[handler.name] = bound_port(server)
@@ -196,17 +247,26 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
     if any(lc.kind == "submission" for lc in config.listeners) or config.events.webhooks:
         from gateway.relay_service import run_outbound_services
 
-        gw.background.append(asyncio.create_task(run_outbound_services(config, engine, gw.stop_event),
+        gw.background.append(asyncio.create_task(run_outbound_services(config, engine, gw.stop_event,
+                                                                       gw.session_limits),
                                                  name="outbound"))
         gw.graceful.append(gw.background[-1])
 
     if workers:
         if config.worker.processes and config_path:
             ctx = multiprocessing.get_context("spawn")
-            for i in range(config.worker.processes):
-                p = ctx.Process(target=_worker_process_main, args=(config_path,), name=f"mailgate-worker-{i}")
+            gw.reload_generation = ctx.Value("i", 0)
+
+            def spawn_worker(i: int) -> multiprocessing.process.BaseProcess:
+                p = ctx.Process(target=_worker_process_main, args=(config_path, gw.reload_generation),
+                                name=f"mailgate-worker-{i}")
                 p.start()
-                gw.worker_processes.append(p)
+                HELPER_STARTS.labels("worker").inc()
+                return p
+
+            gw.spawn_worker = spawn_worker
+            gw.worker_processes = [spawn_worker(i) for i in range(config.worker.processes)]
+            gw.background.append(asyncio.create_task(_supervise_workers(gw), name="worker-supervisor"))
         else:
             gw.worker_threads = run_workers(build_worker_factory(config, engine), config.worker.concurrency,
                                             gw.worker_stop, gw.worker_wake, poll=config.worker.poll_interval)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,12 @@ class SessionLimits:
         self.by_client: dict[str | None, int] = {}
         self._refused = 0
         self._warned_at = -math.inf
+
+    @classmethod
+    def of(cls, listener: Any) -> "SessionLimits":
+        """The caps a `ListenerConfig` sets."""
+        return cls(listener.max_connections, listener.max_connections_per_client,
+                   name=listener.name or listener.kind)
 
     def admit(self, client: str | None) -> str | None:
         """Count a new session in, or say why not (it is not counted then)."""
@@ -54,3 +61,8 @@ class SessionLimits:
                         self.name or "listener", self._refused, client, reason)
             self._refused, self._warned_at = 0, now
         return reason
+
+
+def listener_key(listener: Any) -> str:
+    """Which listener a reloaded config's entry is: its name, else where it listens (names are optional)."""
+    return listener.name or f"{listener.kind}:{listener.host}:{listener.port}"

@@ -9,6 +9,7 @@ import signal
 import smtplib
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -192,3 +193,59 @@ def test_serve_raises_the_open_files_limit_and_says_when_the_listeners_still_do_
         assert warning is not None and "max_connections" in warning and str(hard) in warning
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _worker_pids(serve_pid: int) -> list[int]:
+    """The worker processes `serve` spawned (multiprocessing's spawn start method names itself in argv)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == serve_pid and b"spawn_main" in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_sighup_reaches_worker_processes_and_a_dead_worker_is_started_again(tmp_path: Path) -> None:
+    """With worker processes (the default), SIGHUP must reach the routing and delivery there too: a new alias
+    was accepted at RCPT but routed with the old table. And a worker process that dies (OOM killer) is started
+    again: the listeners kept accepting mail that nothing routed."""
+    from tests.odoo_double import OdooDouble
+
+    odoo = OdooDouble().start()
+    cfg = base_config(tmp_path, smtp_port=free_port(), admin_port=free_port(), odoo_url=odoo.url)
+    cfg["worker"]["processes"] = 1
+    gw = GatewayProcess(tmp_path, cfg).start()
+    try:
+        [worker] = wait_until(lambda: _worker_pids(gw.proc.pid), what="the worker process")  # type: ignore[union-attr]
+        with smtplib.SMTP("127.0.0.1", gw.smtp_port) as s:  # the worker is up, with the file as it was
+            s.sendmail("carol@client.test", ["sales@example.test"], make_mail(message_id="<lead1@client.test>"))
+        wait_until(lambda: odoo.records("crm.lead"), timeout=30, what="a lead")
+        cfg["aliases"].append({"address": "help@example.test", "model": "helpdesk.ticket"})
+        cfg["listeners"][0]["max_connections_per_client"] = 1
+        gw.path.write_text(to_toml(cfg))
+        os.kill(gw.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+        wait_until(lambda: "configuration reloaded" in gw.log.read_text(), timeout=10, what="reload")
+        time.sleep(1.5)  # the worker process looks for a reload twice a second
+        with smtplib.SMTP("127.0.0.1", gw.smtp_port) as s:
+            s.sendmail("carol@client.test", ["help@example.test"],
+                       make_mail(message_id="<help1@client.test>").replace(b"To: sales@", b"To: help@"))
+            # the reloaded per-client cap (1): a second session from here is turned away while this one is open
+            with pytest.raises(smtplib.SMTPConnectError) as refused:
+                smtplib.SMTP("127.0.0.1", gw.smtp_port, timeout=5)
+            assert refused.value.smtp_code == 421
+        wait_until(lambda: odoo.records("helpdesk.ticket"), timeout=20, what="a ticket for the new alias")
+
+        os.kill(worker, signal.SIGKILL)
+        wait_until(lambda: 'mailgate_helper_process_starts_total{helper="worker"} 2.0' in gw.metrics(),
+                   timeout=15, what="the worker started again")
+        with smtplib.SMTP("127.0.0.1", gw.smtp_port) as s:
+            s.sendmail("carol@client.test", ["sales@example.test"], make_mail(message_id="<lead9@client.test>"))
+        wait_until(lambda: len(odoo.records("crm.lead")) == 2, timeout=30, what="a lead routed by the new worker")
+        assert "worker process mailgate-worker-0 exited (code -9); starting it again" in gw.log.read_text()
+    finally:
+        assert gw.stop() == 0
+        odoo.stop()
