@@ -519,12 +519,15 @@ class Delivery:
 
     # --------------------------------------------------------------------------------- bounces
     def _bounce(self, message: SpooledMessage, decision: Decision) -> DeliveryOutcome:
+        if not decision.bounces:
+            # Nothing to count and nobody to tell: kept where an operator sees it (a decision stored before the
+            # router quarantined these, or a detector that names no one), never dropped silently.
+            return DeliveryOutcome("quarantined", "bounce with no identifiable recipient")
         events = self._bounce_events(message, decision, "bounced")
         hard = [b for b in decision.bounces if b.kind == "hard" and b.action == "failed"]
         if not hard:
-            what = "soft bounce: events only, not sent to Odoo (it would count it as hard)" if decision.bounces \
-                else "bounce with no failed recipient: nothing to count"
-            return DeliveryOutcome("dropped", what, events=events)
+            return DeliveryOutcome("dropped", "soft bounce: events only, not sent to Odoo (it would count it as hard)",
+                                   events=events)
         client = self._odoo()
         ledger = WriteLedger(self.engine, message.id)
         address = self._bounce_address(message)

@@ -38,13 +38,16 @@ class VerpHit:
 class BounceReport:
     """What `classify_bounce` found.
 
-    `results` may be empty: the message is unmistakably an NDR (mailer-daemon sender, DSN content type…)
-    but names no recipient we can read. The router should record and drop it, never route it as mail.
+    `results` may be empty: the message looks like an NDR (mailer-daemon sender, DSN content type…) but names
+    no recipient we can read. The router quarantines it with that reason, never routes it as mail.
     """
 
     results: tuple[BounceResult, ...]
     via: str                      # "dsn", "verp", a detector's name, "bounce-address", "ndr-unattributed"
     explanation: tuple[str, ...] = ()
+    #: the only sign of an NDR was the Subject: people write "not delivered" too, so the router takes this
+    #: report only when the envelope shows a machine sent it (null sender, bounce or VERP address)
+    subject_only: bool = False
 
     @property
     def deferred_only(self) -> bool:
@@ -87,7 +90,24 @@ def decoded_header(msg: email.message.Message, name: str) -> str:
 
 
 def ndr_indicator(msg: email.message.Message) -> str | None:
-    """Why the message looks like a non-delivery report, or None. Headers only; cheap."""
+    """Why the message looks like a non-delivery report, or None. Headers only; cheap.
+
+    A Subject alone is the weakest answer ("Subject: …"): see `machine_indicator` for the others."""
+    found = machine_indicator(msg)
+    if found:
+        return found
+    try:
+        subject = decoded_header(msg, "Subject")
+        if _NDR_SUBJECT.search(subject):
+            return f"Subject: {subject[:80]}"
+    except Exception:  # noqa: BLE001
+        return None
+    return None
+
+
+def machine_indicator(msg: email.message.Message) -> str | None:
+    """An NDR sign only a machine writes (report content type, X-Failed-Recipients, an NDR sender,
+    Auto-Submitted failure), or None. Headers only; cheap."""
     try:
         ctype = msg.get_content_type()
         raw_ctype = str(msg.get("Content-Type") or "").lower()
@@ -106,11 +126,25 @@ def ndr_indicator(msg: email.message.Message) -> str | None:
         auto = str(msg.get("Auto-Submitted") or "").lower()
         if "failure" in auto:
             return f"Auto-Submitted: {auto}"
-        subject = decoded_header(msg, "Subject")
-        if _NDR_SUBJECT.search(subject):
-            return f"Subject: {subject[:80]}"
     except Exception:  # noqa: BLE001
         return None
+    return None
+
+
+def null_return_path(msg: email.message.Message) -> str | None:
+    """The delivering MTA recorded a null or NDR envelope sender (Return-Path <>, <MAILER-DAEMON@…>): not a sign
+    of an NDR by itself (auto-replies use it too), but proof that no person sent the mail. None otherwise."""
+    try:
+        values = msg.get_all("Return-Path") or []
+    except Exception:  # noqa: BLE001
+        return None
+    for value in values:
+        text = " ".join(str(value).split())
+        if text.replace(" ", "") == "<>":
+            return "Return-Path: <>"
+        for addr in addresses_in(text):
+            if _NDR_LOCALS.match(addr.rpartition("@")[0]):
+                return f"Return-Path: <{addr}>"
     return None
 
 
@@ -248,8 +282,14 @@ def _classify(msg: email.message.Message, *, verp: VerpHit | None, to_bounce_add
         return None  # ordinary mail: the cheap checks above are all a non-bounce pays for
     original_id = original_message_id(msg)
     explanation: list[str] = []
+    subject_only = False
     if indicator:
         explanation.append(f"looks like an NDR ({indicator})")
+        if indicator.startswith("Subject:") and not rows and verp is None and not to_bounce_address:
+            confirmed = null_return_path(msg)
+            if confirmed:
+                explanation.append(f"{confirmed}: no person sent it")
+            subject_only = confirmed is None
 
     via = ""
     results: list[BounceResult] = []
@@ -279,9 +319,9 @@ def _classify(msg: email.message.Message, *, verp: VerpHit | None, to_bounce_add
             return BounceReport((result,), via="verp", explanation=tuple(explanation))
         return None
     if results:
-        return BounceReport(tuple(results), via=via, explanation=tuple(explanation))
+        return BounceReport(tuple(results), via=via, explanation=tuple(explanation), subject_only=subject_only)
     if indicator:
         explanation.append("no failed recipient could be read")
         return BounceReport((), via="bounce-address" if to_bounce_address else "ndr-unattributed",
-                            explanation=tuple(explanation))
+                            explanation=tuple(explanation), subject_only=subject_only)
     return None

@@ -178,7 +178,7 @@ class Decision:
 class RoutingEnvelope:
     """What the transport knew: envelope sender and the recipients that were accepted."""
 
-    mail_from: str = ""
+    mail_from: str | None = None  # MAIL FROM, "" for the null sender <>; None: not known (explain, tests)
     rcpt_tos: tuple[str, ...] = ()
     source: str = "smtp"          # smtp | lmtp | imap:<name> | explain
     client_addr: str | None = None
@@ -187,6 +187,17 @@ class RoutingEnvelope:
     dmarc: str | None = None
     auth_notes: tuple[str, ...] = ()  # how that result was reached, echoed into the explanation
     released: bool = False  # an operator released it from quarantine: the DMARC gate no longer holds it
+
+    @property
+    def null_sender(self) -> bool:
+        """MAIL FROM was <> (bounces, auto-replies). Only an SMTP/LMTP envelope says so: a pulled mail's
+        "" may just lack a Return-Path (the message's own `Return-Path: <>` is checked where it matters)."""
+        return is_null_sender(self.mail_from, self.source)
+
+
+def is_null_sender(mail_from: str | None, source: str) -> bool:
+    """True when a transport envelope (smtp, lmtp) carried MAIL FROM:<>."""
+    return mail_from is not None and mail_from.strip() in ("", "<>") and source in ("smtp", "lmtp")
 
 
 @dataclass(frozen=True)

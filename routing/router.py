@@ -241,10 +241,18 @@ def _route(why: _Why, parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases:
     report: BounceReport | None = None
     if not is_feedback:
         report = _safe(why, "bounce", detectors.classify_bounce, msg, verp=verp_hit, to_bounce_address=to_bounce)
+    if report is not None and report.subject_only and not to_bounce:
+        # "My parcel was not delivered" is a customer, not an NDR: a subject needs a machine-written sign
+        if envelope.null_sender:
+            why("MAIL FROM:<> (null sender): no person sent it")
+        else:
+            why(f"{report.explanation[0] if report.explanation else 'the subject looks like an NDR'}, but "
+                "nothing machine-written backs it (null sender, NDR sender, DSN, X-Failed-Recipients, bounce "
+                "address): a person can write that subject; not a bounce")
+            report = None
     if report is not None:
         for line in report.explanation:
             why(line)
-        failed = [b for b in report.results if b.action != "delayed"]
         for b in report.results:
             why(f"{b.action} recipient {b.recipient}: {b.kind} ({b.reason}, status {b.status or '?'}) "
                 f"via {report.via}")
@@ -253,9 +261,9 @@ def _route(why: _Why, parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases:
             return decide(Action.DEFERRED, bounces=report.results, reason="delayed")
         if not report.results:
             why(f"recognised as a bounce via {report.via}, but no failed recipient could be extracted; "
-                "nothing is counted")
-        return decide(Action.BOUNCE, bounces=report.results, reason=f"bounce via {report.via}"
-                      + ("" if failed else " (no recipient)"))
+                "quarantined so an operator can see whose address failed")
+            return decide(Action.QUARANTINE, reason="bounce with no identifiable recipient")
+        return decide(Action.BOUNCE, bounces=report.results, reason=f"bounce via {report.via}")
 
     # 4. ARF complaint ---------------------------------------------------------------------------------
     complaint: Complaint | None = _safe(why, "ARF", detectors.parse_arf, msg)
@@ -294,10 +302,10 @@ def _route(why: _Why, parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases:
 
     if to_bounce:
         # Mail to the bounce address that is neither a recognisable bounce nor an auto-reply: Odoo drops it
-        # (test process_bounce_alias); we record it as a bounce with nothing to count.
-        why("sent to the bounce address but not recognised as a bounce, complaint or auto-reply; recorded, "
+        # silently (test process_bounce_alias); we keep it in quarantine, nothing counted, nothing lost.
+        why("sent to the bounce address but not recognised as a bounce, complaint or auto-reply; quarantined, "
             "nothing counted")
-        return decide(Action.BOUNCE, reason="bounce address, unrecognised")
+        return decide(Action.QUARANTINE, reason="bounce address, unrecognised: no identifiable recipient")
 
     # 6. reply -------------------------------------------------------------------------------------------
     forward_only: list[Resolved] = []

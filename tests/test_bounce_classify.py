@@ -135,3 +135,14 @@ def test_human_mail_to_a_verp_address_quoting_ndr_shapes_is_not_a_bounce():
     raw = (b"From: Rita <rita@example.org>\nTo: bounce+tok@mail.example.com\nSubject: Re: your newsletter\n\n"
            b"Why do I get this? I was told:\n\n<rita@example.org>:\nSorry, no mailbox here by that name.\n")
     assert classify_bounce(email.message_from_bytes(raw), verp=VerpHit(recipient="rita@example.org")) is None
+
+
+def test_a_subject_alone_is_flagged_so_the_router_can_ask_the_envelope():
+    human = email.message_from_string(
+        "From: Alice <alice@customer.example>\nTo: sales@example.com\nSubject: Delivery failure for order 77\n\n"
+        "The following address failed:\n\n   bob@client.net\n\nYour server said: 550 5.1.1 user unknown\n")
+    assert classify_bounce(human).subject_only
+    assert not classify_bounce(human, to_bounce_address=True).subject_only
+    human["Return-Path"] = "<>"
+    assert not classify_bounce(human).subject_only  # the delivering MTA saw a null sender
+    assert not classify_bounce(fixture("exim.eml")).subject_only

@@ -296,6 +296,16 @@ def test_soft_bounce_reaches_odoo_not_at_all(rig: Rig) -> None:
     assert [e.type for e in out.events] == ["bounced"] and out.events[0].data["kind"] == "soft"
 
 
+def test_a_bounce_naming_no_recipient_is_quarantined_never_dropped(rig: Rig) -> None:
+    d = rig.double
+    before = d.call_count
+    raw = b"From: MAILER-DAEMON@mx.example\r\nTo: sales@example.test\r\nSubject: failure\r\n\r\nx\r\n"
+    decision = Decision(action=Action.BOUNCE, explanation=("ndr",), reason="bounce via ndr-unattributed")
+    _m, out = rig.deliver(raw, decision)
+    assert (out.state, out.note, out.events) == ("quarantined", "bounce with no identifiable recipient", ())
+    assert d.call_count == before
+
+
 def test_odoo_down_then_back_transient_then_once(rig: Rig) -> None:
     d = rig.double
     mid = "<new-9@customer.example>"

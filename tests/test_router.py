@@ -208,3 +208,49 @@ def test_long_recipient_lists_are_summarised_in_the_explanation():
     assert d.action == Action.CREATE
     assert "… and 31 more recipient(s)" in d.explanation
     assert len(d.explanation) < 30
+
+
+# ------------------------------------------------------------ a delivery complaint is not a bounce
+COMPLAINTS = ["My parcel was not delivered", "Order 1234: delivery delayed", "Paket unzustellbar?",
+              "Re: Undelivered Mail Returned to Sender"]
+
+
+@pytest.mark.parametrize("subject", COMPLAINTS)
+def test_a_customer_writing_about_a_delivery_is_routed_like_any_mail(subject):
+    """A person's subject alone never makes a bounce: the mail goes where it would go without that subject."""
+    from routing.router import DEFAULT_DETECTORS
+
+    thread = hit("<known@test>", "mail.test.gateway", 3)
+    for extra, threads in ((f"\nIn-Reply-To: <known@test>", thread), ("", None)):
+        def route_with(subj):
+            raw = mail(f"From: Alice <alice@customer.example>\nTo: {ALIAS}\nSubject: {subj}{extra}",
+                       "Hi,\nmy order to bob@client.net could not be delivered.\n"
+                       "Your server said: 550 5.1.1 user unknown\n")
+            return decide(raw, threads=threads, detectors=DEFAULT_DETECTORS, mail_from="alice@customer.example")
+
+        d, plain = route_with(subject), route_with("Question about my order")
+        assert d.action == plain.action == (Action.REPLY if threads else Action.CREATE)
+        assert d.targets == plain.targets and d.bounces == ()
+        assert any("a person can write that subject" in line for line in d.explanation)
+
+
+def test_the_same_subject_from_a_null_sender_is_a_bounce():
+    from routing.router import DEFAULT_DETECTORS
+
+    raw = mail(f"From: mailer@isp.example.net\nTo: {ALIAS}\nSubject: Mail could not be delivered",
+               "The following address failed:\n\n   bob@client.net\n\n550 5.1.1 user unknown\n")
+    assert decide(raw, detectors=DEFAULT_DETECTORS, mail_from="alice@isp.example.net").action == Action.CREATE
+    d = decide(raw, detectors=DEFAULT_DETECTORS, mail_from="")
+    assert d.action == Action.BOUNCE and [b.recipient for b in d.bounces] == ["bob@client.net"]
+    d = decide(raw.replace(b"From: ", b"Return-Path: <>\r\nFrom: ", 1), detectors=DEFAULT_DETECTORS)
+    assert d.action == Action.BOUNCE
+
+
+def test_a_bounce_naming_no_recipient_is_quarantined_not_dropped():
+    from routing.router import DEFAULT_DETECTORS
+
+    raw = mail(f"From: MAILER-DAEMON@mx.other.net\nTo: {ALIAS}\nSubject: Warning: could not send message",
+               "Some text only.\n")
+    d = decide(raw, detectors=DEFAULT_DETECTORS)
+    assert d.action == Action.QUARANTINE and d.reason == "bounce with no identifiable recipient"
+    assert d.targets == () and d.bounces == ()

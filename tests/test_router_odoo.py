@@ -83,20 +83,23 @@ def test_alias_multiple_new():
 
 
 # ---------------------------------------------------------------------------------- F. bounces, catchall
+# Odoo drops mail to its bounce address that names no bounced recipient; we never drop silently: it is
+# quarantined with the reason, never routed to a record, nothing counted.
 def test_route_bounce():
     d = decide(mail(f"To: {BOUNCE}\nSubject: whatever"))
-    assert d.action == Action.BOUNCE and d.targets == () and d.bounces == ()
+    assert d.action == Action.QUARANTINE and d.targets == () and d.bounces == ()
+    assert "no identifiable recipient" in (d.reason or "")
 
 
 def test_route_bounce_other_recipients():
     d = decide(mail(f"To: {GROUPS}, {BOUNCE}"))
-    assert d.action == Action.BOUNCE and d.targets == ()
+    assert d.action == Action.QUARANTINE and d.targets == ()
 
 
 def test_process_bounce_alias():
-    """A plain (non-DSN) mail to the bounce address: dropped by Odoo; recorded here, nothing counted."""
+    """A plain (non-DSN) mail to the bounce address: dropped by Odoo; quarantined here, nothing counted."""
     d = decide(mail(f"To: {BOUNCE}\nSubject: plain"), rcpt=(BOUNCE,))
-    assert d.action == Action.BOUNCE and d.bounces == () and "unrecognised" in (d.reason or "")
+    assert d.action == Action.QUARANTINE and d.bounces == () and "unrecognised" in (d.reason or "")
 
 
 def test_bounce_address_in_cc_only_is_not_a_bounce():

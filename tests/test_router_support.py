@@ -85,9 +85,10 @@ class SeenOnce:
 
 def decide(raw: bytes, *, rcpt: tuple[str, ...] = (), threads: dict[str, ThreadHit] | None = None,
            duplicates: Any = None, verp: Any = None, table: AliasTable = TABLE,
-           detectors: Detectors = FAKE, **limits: int) -> Decision:
+           detectors: Detectors = FAKE, mail_from: str | None = None, **limits: int) -> Decision:
+    """Route `raw`; `mail_from` is the SMTP envelope sender ("" for <>; None: not known)."""
     parsed = parse_mail(raw, **limits)
-    return route(parsed, RoutingEnvelope(rcpt_tos=rcpt), aliases=table,
+    return route(parsed, RoutingEnvelope(mail_from=mail_from, rcpt_tos=rcpt), aliases=table,
                  threads=StaticThreads(threads) if threads else NoThreads(),
                  duplicates=duplicates or NoDuplicates(), verp=verp, sha256=hashlib.sha256(raw).hexdigest(),
                  detectors=detectors)
