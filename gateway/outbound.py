@@ -41,6 +41,9 @@ from routing.tokens import verp_address
 log = logging.getLogger(__name__)
 
 DB_LEASE = dt.timedelta(minutes=15)
+#: How often the worker extends the leases of the copies it holds: well inside DB_LEASE (and the relay's
+#: FAST_PATH_LEASE), so a backlog that outlasts a lease is not claimed by another node and sent twice.
+LEASE_RENEWAL = DB_LEASE / 3
 
 
 # ------------------------------------------------------------------------------------------ pure decisions
@@ -446,8 +449,11 @@ def record_result(conn: Connection, copy: QueuedCopy, result: SmtpResult, *, att
 
 
 def claim_due(conn: Connection, *, limit: int, secret: bytes, table: AliasTable, verp: bool,
-              lease: dt.timedelta = DB_LEASE) -> list[QueuedCopy]:
-    """Lease queued copies whose retry is due and whose lease (if any) expired."""
+              lease: dt.timedelta = DB_LEASE, exclude: frozenset[int] = frozenset()) -> list[QueuedCopy]:
+    """Lease queued copies whose retry is due and whose lease (if any) expired.
+
+    `exclude`: recipient ids this process already holds (queued in memory or being sent); an expired lease
+    on one of those means a slow backlog, not a crashed node, and claiming it again would send it twice."""
     now = utcnow()
     q = (select(outbound_queue.c.recipient, outbound_queue.c.raw, outbound_recipients.c.recipient.label("rcpt"),
                 outbound_recipients.c.attempts, outbound_recipients.c.mail, outbound_mails.c.message_id,
@@ -458,6 +464,7 @@ def claim_due(conn: Connection, *, limit: int, secret: bytes, table: AliasTable,
          .where(or_(outbound_queue.c.lease_until.is_(None), outbound_queue.c.lease_until < now))
          .where(or_(outbound_recipients.c.next_attempt_at.is_(None), outbound_recipients.c.next_attempt_at <= now))
          .where(outbound_recipients.c.state.in_(("queued", "deferred")))
+         .where(outbound_queue.c.recipient.not_in(exclude))
          .order_by(outbound_recipients.c.next_attempt_at)
          .limit(limit))
     if conn.dialect.name == "postgresql":
@@ -480,6 +487,19 @@ def claim_due(conn: Connection, *, limit: int, secret: bytes, table: AliasTable,
     return copies
 
 
+def renew_leases(conn: Connection, rcpt_ids: list[int], *, lease: dt.timedelta = DB_LEASE) -> None:
+    """Extend the leases of copies this process holds, so no poller (here or on another node) claims them.
+
+    A copy whose lease was released (a deferral just recorded: NULL) is left alone: renewing it would
+    postpone its retry by a whole lease."""
+    until = utcnow() + lease
+    for i in range(0, len(rcpt_ids), 500):
+        conn.execute(update(outbound_queue)
+                     .where(outbound_queue.c.recipient.in_(rcpt_ids[i:i + 500]),
+                            outbound_queue.c.lease_until.is_not(None))
+                     .values(lease_until=until))
+
+
 # ------------------------------------------------------------------------------------------ worker
 class OutboundWorker:
     """Delivers queued copies with `concurrency` tasks; records each result (group-committed)."""
@@ -497,11 +517,19 @@ class OutboundWorker:
         self._queue: asyncio.Queue[QueuedCopy] = asyncio.Queue()
         self._records: set[asyncio.Task[str]] = set()
         self._recording = asyncio.Semaphore(1024)  # results sent but not yet committed, at most
+        # Recipient ids of the copies this worker holds: queued in memory, being sent, or being recorded.
+        # The poller never claims these, and their leases are renewed every `lease_renewal`.
+        self._held: set[int] = set()
+        self.lease_renewal = LEASE_RENEWAL.total_seconds()
         self.sent = 0
 
     def submit(self, copies: list[QueuedCopy]) -> None:
-        """Fast path from the submission listener (copies are already committed and leased)."""
+        """Fast path from the submission listener (copies are already committed and leased); a copy this
+        worker already holds is not queued twice."""
         for copy in copies:
+            if copy.rcpt_id in self._held:
+                continue
+            self._held.add(copy.rcpt_id)
             self._queue.put_nowait(copy)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -518,22 +546,36 @@ class OutboundWorker:
             await self.transport.close()
 
     async def _poll_loop(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        renewed_at = float("-inf")
         while not stop.is_set():
             try:
                 if self._queue.qsize() < self.ob.concurrency * 4:
-                    copies = await asyncio.to_thread(self._claim)
+                    copies = await asyncio.to_thread(self._claim, frozenset(self._held))
                     self.submit(copies)
             except Exception as exc:
                 log.error("outbound: claiming queued copies failed (will retry): %s", exc)
+            if self._held and loop.time() - renewed_at >= self.lease_renewal:
+                renewed_at = loop.time()
+                try:
+                    await asyncio.to_thread(self._renew, sorted(self._held))
+                except Exception as exc:
+                    log.error("outbound: renewing the leases of %d copies failed (will retry): %s",
+                              len(self._held), exc)
+                    renewed_at = float("-inf")
             try:
                 await asyncio.wait_for(stop.wait(), self.ob.poll_interval)
             except asyncio.TimeoutError:
                 pass
 
-    def _claim(self) -> list[QueuedCopy]:
+    def _claim(self, held: frozenset[int]) -> list[QueuedCopy]:
         with self.engine.begin() as conn:
             return claim_due(conn, limit=self.ob.concurrency * 8, secret=self.secret, table=self.table,
-                             verp=self.ob.verp)
+                             verp=self.ob.verp, exclude=held)
+
+    def _renew(self, rcpt_ids: list[int]) -> None:
+        with self.engine.begin() as conn:
+            renew_leases(conn, rcpt_ids)
 
     async def _deliver_loop(self) -> None:
         while True:
@@ -544,18 +586,20 @@ class OutboundWorker:
                 raise
             except Exception as exc:  # the copy keeps its lease and comes back via the poller
                 log.exception("outbound: delivering recipient row %s failed: %s", copy.rcpt_id, exc)
+                self._held.discard(copy.rcpt_id)
                 continue
             # The slot moves on to the next copy while the result is recorded: a delivery task that waited for
-            # that commit sat idle through it (and the commits stayed small). The copy stays leased until
-            # its result is committed; if recording fails, the lease runs out and the poller retries it.
+            # that commit sat idle through it (and the commits stayed small). The copy stays held and leased
+            # until its result is committed; if recording fails, the lease runs out and the poller retries it.
             await self._recording.acquire()
             task = asyncio.create_task(self.record(attempt))
             self._records.add(task)
-            task.add_done_callback(self._record_done)
+            task.add_done_callback(lambda t, rid=copy.rcpt_id: self._record_done(t, rid))
 
-    def _record_done(self, task: asyncio.Task[str]) -> None:
+    def _record_done(self, task: asyncio.Task[str], rcpt_id: int) -> None:
         self._records.discard(task)
         self._recording.release()
+        self._held.discard(rcpt_id)
         if not task.cancelled() and task.exception() is not None:
             log.error("outbound: recording a delivery result failed (the copy will be retried): %s",
                       task.exception())

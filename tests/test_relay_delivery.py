@@ -8,13 +8,14 @@ import datetime as dt
 import shutil
 import ssl
 import subprocess
+from collections import Counter
 
 import aiosmtplib
 import pytest
 from sqlalchemy import select, update
 
 from gateway.config import parse_config
-from gateway.outbound import DestinationError, OutboundWorker, SmtpTransport
+from gateway.outbound import DestinationError, OutboundWorker, SmtpResult, SmtpTransport
 from gateway.relay import RelayPlan, Submission, read_submission, record_submissions
 from gateway.relay_batch import TransactionBatcher
 from gateway.relay_service import start_outbound_services
@@ -204,3 +205,81 @@ async def test_stale_pooled_connection_is_replaced_not_deferred(engine, env):
         await worker.transport.close()
         await batcher.close()
         await host.stop()
+
+
+class SlowTransport:
+    """Takes `seconds` per send and always delivers; counts the sends per recipient."""
+
+    def __init__(self, seconds: float, sends: Counter[str]):
+        self.seconds = seconds
+        self.sends = sends
+
+    async def send(self, mail_from: str, recipient: str, raw: bytes) -> SmtpResult:
+        self.sends[recipient] += 1
+        await asyncio.sleep(self.seconds)
+        return SmtpResult("delivered", 250, "2.0.0", "ok", "mx.test")
+
+    async def close(self) -> None:
+        pass
+
+
+def queue_leased(engine, rcpts: list[str], lease: dt.timedelta):
+    """Queue one copy per recipient as the submission listener does, with a fast-path lease of `lease`."""
+    plan = RelayPlan(secret=SECRET.encode(), verp_domain="example.test", track=False, tracking_base="http://t")
+    subs = [Submission(odoo_mail(to=r), "bounce@example.test", (r,), read_submission(odoo_mail(to=r)), plan)
+            for r in rcpts]
+    with engine.begin() as conn:
+        return [c for copies in record_submissions(conn, subs, lease=lease) for c in copies]
+
+
+async def wait_for_events(engine, n: int, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if len(event_types(engine)) >= n:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"expected {n} events, got {event_types(engine)}")
+
+
+async def test_a_backlog_outlasting_its_lease_is_sent_once(engine, env):
+    """The poller must not claim copies this worker still holds (in memory or being sent) when their lease
+    runs out during a long backlog: it did, and sent 3 of 4 recipients two copies."""
+    cfg = parse_config(base_config(smarthost_port=1, tracking_port=free_port(), concurrency=1), base_dir=".")
+    sends: Counter[str] = Counter()
+    batcher = TransactionBatcher(engine)
+    worker = OutboundWorker(engine, cfg, SECRET.encode(), batcher, transport=SlowTransport(0.6, sends))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    rcpts = [f"u{i}@customer.test" for i in range(4)]
+    try:
+        worker.submit(queue_leased(engine, rcpts, dt.timedelta(seconds=1)))
+        await wait_for_events(engine, 4)
+        await asyncio.sleep(0.5)  # room for a duplicate to show up
+        assert sends == {r: 1 for r in rcpts}
+        assert sorted(event_types(engine)) == [("delivered", r) for r in rcpts]
+    finally:
+        stop.set()
+        await task
+        await batcher.close()
+
+
+async def test_held_copies_keep_their_lease_against_another_node(engine, env):
+    """Two nodes share the store: the one holding a backlog renews its leases, so the other never claims
+    (and re-sends) those copies however long the backlog takes."""
+    cfg = parse_config(base_config(smarthost_port=1, tracking_port=free_port(), concurrency=1), base_dir=".")
+    sends: Counter[str] = Counter()
+    batcher = TransactionBatcher(engine)
+    holder = OutboundWorker(engine, cfg, SECRET.encode(), batcher, transport=SlowTransport(0.6, sends))
+    holder.lease_renewal = 0.2
+    other = OutboundWorker(engine, cfg, SECRET.encode(), batcher, transport=SlowTransport(0.6, sends))
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(holder.run(stop)), asyncio.create_task(other.run(stop))]
+    rcpts = [f"v{i}@customer.test" for i in range(4)]
+    try:
+        holder.submit(queue_leased(engine, rcpts, dt.timedelta(seconds=1)))
+        await wait_for_events(engine, 4)
+        await asyncio.sleep(0.5)
+        assert sends == {r: 1 for r in rcpts}
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+        await batcher.close()
