@@ -132,6 +132,10 @@ class DestinationError(Exception):
         self.status = status
 
 
+class SmarthostLoginError(Exception):
+    """The smarthost refused our credentials (or offers no AUTH): our configuration, not the mail, is wrong."""
+
+
 Resolver = Callable[[str], Awaitable[list[tuple[str, int]]]]
 
 
@@ -232,8 +236,20 @@ class SmtpTransport:
             except aiosmtplib.SMTPHeloError:
                 await smtp.helo()
         if via_smarthost and self.ob.smarthost_login and self.password:
-            await smtp.login(self.ob.smarthost_login, self.password)
+            await self._login(smtp, host)
         return smtp
+
+    async def _login(self, smtp: aiosmtplib.SMTP, host: str) -> None:
+        """AUTH at the smarthost. A refusal says nothing about the mail (an expired password, a locked
+        account), so it must not bounce it: `_send_to` defers it, like Postfix's smtp_sasl_auth_soft_bounce."""
+        assert self.ob.smarthost_login is not None and self.password is not None
+        try:
+            await smtp.login(self.ob.smarthost_login, self.password)
+        except aiosmtplib.SMTPException as exc:
+            smtp.close()
+            detail = f"{exc.code} {exc.message}" if isinstance(exc, aiosmtplib.SMTPResponseException) else str(exc)
+            raise SmarthostLoginError(f"smarthost {host} refused the login as {self.ob.smarthost_login!r}: "
+                                      f"{detail}") from exc
 
     async def _hosts(self, recipient: str) -> list[tuple[str, int]]:
         if self.smarthost:
@@ -271,6 +287,9 @@ class SmtpTransport:
             # The pooled connection had gone stale (server timeout): fall through to a fresh one.
         try:
             smtp = await self._connect(host, port)
+        except SmarthostLoginError as exc:
+            log.warning("outbound: %s", exc)
+            return SmtpResult("deferred", 454, "4.7.0", str(exc), host)
         except aiosmtplib.SMTPResponseException as exc:
             result = classify_reply(exc.code, exc.message, host)
             return result if result.outcome != "delivered" else None

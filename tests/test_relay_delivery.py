@@ -21,7 +21,7 @@ from gateway.relay_batch import TransactionBatcher
 from gateway.relay_service import start_outbound_services
 from gateway.schema import events, outbound_queue, outbound_recipients
 from gateway.store import open_store
-from tests.test_relay_support import SECRET, Smarthost, base_config, free_port, odoo_mail
+from tests.test_relay_support import SECRET, RawSmtpServer, Smarthost, base_config, free_port, odoo_mail
 
 pytestmark = pytest.mark.events
 
@@ -283,3 +283,23 @@ async def test_held_copies_keep_their_lease_against_another_node(engine, env):
         stop.set()
         await asyncio.gather(*tasks)
         await batcher.close()
+
+
+async def test_a_refused_smarthost_login_defers_instead_of_bouncing(engine, env, monkeypatch):
+    """An expired smarthost password answered 535 to AUTH, which bounced every mail in the queue for good."""
+    monkeypatch.setenv("MG_TEST_SMARTHOST_PW", "expired")
+    host = await RawSmtpServer(ehlo=("250-raw.test", "250 AUTH PLAIN"),
+                               auth="535 5.7.8 Authentication credentials invalid").start()
+    cfg = parse_config(base_config(smarthost_port=host.port, tracking_port=free_port(), smarthost_login="odoo",
+                                   smarthost_password_env="MG_TEST_SMARTHOST_PW"), base_dir=".")
+    transport = SmtpTransport(cfg)
+    try:
+        result = await transport.send("bounce@example.test", "lee@customer.test", b"Subject: t\r\n\r\nhi\r\n")
+        assert (result.outcome, result.status) == ("deferred", "4.7.0")
+        assert "535" in result.text and "MAIL" not in host.log
+        await asyncio.sleep(0.1)
+        assert host.log[-2:] == ["AUTH", "EOF"]  # and the connection was closed, not kept for the next copy
+        assert not transport._host_pools[("127.0.0.1", host.port)]
+    finally:
+        await transport.close()
+        await host.stop()

@@ -176,3 +176,84 @@ def base_config(*, submission_networks: tuple[str, ...] = ("127.0.0.0/8",), smar
         "storage": {"group_commit_ms": 1.0, "sqlite_synchronous": "NORMAL"},
     }
     return cfg
+
+
+@dataclass
+class RawSmtpServer:
+    """A line-level SMTP server whose every answer the test sets, for what aiosmtpd will not do: refuse at the
+    greeting, fail AUTH in clear, break the TLS handshake after 220 to STARTTLS, answer slowly after the final
+    dot. `log` holds the verbs it was sent ("CONNECT" per connection, "EOF" when the client hung up without
+    QUIT); `accepted` counts mails it answered `data_end` to."""
+
+    greeting: str = "220 raw.test ESMTP"
+    ehlo: tuple[str, ...] = ("250-raw.test", "250 SIZE 100000")
+    starttls: str = "220 2.0.0 Ready to start TLS"   # a 220 is followed by bytes that are not TLS
+    auth: str = "235 2.7.0 Authentication successful"
+    mail: str = "250 2.1.0 OK"
+    rcpt: str = "250 2.1.5 OK"
+    data_end: str = "250 2.0.0 Ok: queued"
+    data_end_delay: float = 0.0
+    log: list[str] = field(default_factory=list)
+    accepted: int = 0
+    server: Any = None
+    port: int = 0
+
+    async def start(self) -> "RawSmtpServer":
+        self.server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.log.append("CONNECT")
+        try:
+            await self._converse(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(self.greeting.encode() + b"\r\n")
+        if not self.greeting.startswith("2"):
+            await writer.drain()
+            return
+        while line := await reader.readline():
+            verb = line.decode(errors="replace").strip().split(" ")[0].split(":")[0].upper()
+            self.log.append(verb)
+            answer = await self._answer(verb, reader, writer)
+            if answer is None:
+                return
+            writer.write(answer.encode() + b"\r\n")
+            await writer.drain()
+            if answer.startswith("421") or verb == "QUIT":
+                return
+        self.log.append("EOF")  # the client closed the connection
+
+    async def _answer(self, verb: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str | None:
+        if verb == "EHLO":
+            return "\r\n".join(self.ehlo)
+        if verb == "HELO":
+            return "250 raw.test"
+        if verb == "STARTTLS":
+            if not self.starttls.startswith("220"):
+                return self.starttls
+            writer.write(self.starttls.encode() + b"\r\n")
+            await writer.drain()
+            await reader.read(10)  # the client's ClientHello
+            writer.write(b"this is not TLS\r\n" * 5)
+            await writer.drain()
+            return None
+        if verb == "DATA":
+            writer.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+            await writer.drain()
+            while (line := await reader.readline()) not in (b".\r\n", b""):
+                pass
+            await asyncio.sleep(self.data_end_delay)
+            self.accepted += self.data_end.startswith("250")
+            return self.data_end
+        return {"AUTH": self.auth, "MAIL": self.mail, "RCPT": self.rcpt, "RSET": "250 2.0.0 OK",
+                "NOOP": "250 2.0.0 OK", "QUIT": "221 2.0.0 Bye"}.get(verb, "502 5.5.2 Command not recognised")
