@@ -24,6 +24,8 @@ complaints only produce events; auto-replies never create a record (dropped, or 
 from __future__ import annotations
 
 import datetime as dt
+import email.parser
+import email.policy
 import json
 import logging
 from dataclasses import dataclass
@@ -42,10 +44,12 @@ from gateway.spool import SpooledMessage
 from gateway.store import utcnow
 from gateway.thread_lookup import index_message, is_outbound, record_of
 from routing import msgdict
-from routing.model import Action, BounceResult, Decision, Target
+from routing.autoreply import no_answer_reason
+from routing.model import Action, BounceResult, Decision, Target, is_null_sender
 from routing.normalized_dsn import build_normalized_dsn
 
 log = logging.getLogger(__name__)
+_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
 COMMENT, NOTE = "mail.mt_comment", "mail.mt_note"
 #: the creation subtype Odoo's gateway posts with, per model (`_creation_subtype`, spec §1.11)
@@ -323,6 +327,21 @@ class Delivery:
             return None if hit else "sender is not an employee"
         return f"unknown contact policy {policy!r}"
 
+    def _refuse(self, message: SpooledMessage, raw: bytes, mail: msgdict.ParsedMail, *, alias: str, mid: str,
+                text: str | None = None) -> str:
+        """The polite refusal, unless it would be backscatter; returns the note's suffix saying which.
+
+        A null envelope sender (MAIL FROM:<>) falls back to no one: the From of a bounce or of spam with a
+        forged From is a bystander. Auto-submitted, bulk and list mail is never answered either (RFC 3834)."""
+        if is_null_sender(message.mail_from, message.source):
+            return "; no refusal mail (null envelope sender); refusal recorded only"
+        why_not = no_answer_reason(_HEADER_PARSER.parsebytes(raw))
+        if why_not:
+            return f"; no refusal mail ({why_not}); refusal recorded only"
+        sent = self.refusals.refuse(sender=message.mail_from or mail.from_address, alias=alias,
+                                    subject=mail.subject, original_message_id=mid, text=text)
+        return "; refusal sent" if sent else ""
+
     def _attachments(self, ledger: WriteLedger, mail: msgdict.ParsedMail, model: str, res_id: int
                      ) -> tuple[list[int], dict[str, int]]:
         import base64
@@ -396,10 +415,9 @@ class Delivery:
             refused = self._contact_refusal(target, author)
             if refused:
                 alias_conf = self.aliases.alias(target.alias) if target.alias else None
-                sent = self.refusals.refuse(sender=message.mail_from or mail.from_address, alias=label,
-                                            subject=mail.subject, original_message_id=mid,
-                                            text=alias_conf.bounced_content if alias_conf else None)
-                notes.append(f"{label}: refused ({refused}){'; refusal sent' if sent else ''}")
+                sent = self._refuse(message, raw, mail, alias=label, mid=mid,
+                                    text=alias_conf.bounced_content if alias_conf else None)
+                notes.append(f"{label}: refused ({refused}){sent}")
                 continue
             if target.res_id:  # forced thread: update, then post
                 res_id = target.res_id
@@ -477,10 +495,8 @@ class Delivery:
         author = self._author(target.model, target.res_id, mail.from_address)
         refused = self._contact_refusal(target, author) if target.alias else None
         if refused:
-            sent = self.refusals.refuse(sender=message.mail_from or mail.from_address, alias=target.alias or "",
-                                        subject=mail.subject, original_message_id=mid)
-            return DeliveryOutcome("dropped", f"explicit reply refused ({refused})"
-                                   + ("; refusal sent" if sent else ""))
+            sent = self._refuse(message, raw, mail, alias=target.alias or "", mid=mid)
+            return DeliveryOutcome("dropped", f"explicit reply refused ({refused}){sent}")
         parent_id, internal = self._parent(target)
         step = f"update:{target.model}:{target.res_id}"
         if ledger.get(step) is None and ledger.get(f"post:{target.model}:{target.res_id}") is None:

@@ -83,3 +83,27 @@ def _weak_signal(msg: email.message.Message) -> str | None:
     if _header(msg, "X-Mailer").lower().startswith(("vacation", "autorespond")):
         return f"X-Mailer: {_header(msg, 'X-Mailer')}"
     return None
+
+
+def no_answer_reason(msg: email.message.Message) -> str | None:
+    """Why no automatic answer (a contact-policy refusal) may go to this mail's sender, or None (RFC 3834 §2).
+
+    A null Return-Path, Auto-Submitted other than "no", Precedence bulk/junk/list, list mail or an auto-reply:
+    its From is a robot, a list, or a forged bystander, and an answer would be backscatter or a loop."""
+    try:
+        if _header(msg, "Return-Path").replace(" ", "") == "<>":
+            return "null Return-Path"
+        auto = _header(msg, "Auto-Submitted")
+        if auto and auto.split(";")[0].split("(")[0].strip().lower() != "no":
+            return f"Auto-Submitted: {auto}"
+        for name in ("Precedence", "X-Precedence"):
+            value = _header(msg, name).lower()
+            if value in ("bulk", "junk", "list", "auto_reply", "auto-reply"):
+                return f"{name}: {value}"
+        for name in ("List-Id", "List-Unsubscribe"):
+            if _header(msg, name):
+                return f"{name} (list mail)"
+    except Exception:  # noqa: BLE001 - unreadable headers: do not answer
+        return "unreadable headers"
+    indicator = detect_auto_reply(msg)
+    return f"auto-reply ({indicator})" if indicator else None

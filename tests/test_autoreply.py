@@ -70,3 +70,18 @@ def test_malformed_headers_never_raise():
 def test_human_reply_about_an_absence_is_not_an_auto_reply():
     msg = _msg("Subject: Re: Out of office schedule for March\nIn-Reply-To: <x@example.org>\n")
     assert detect_auto_reply(msg) is None
+
+
+@pytest.mark.parametrize("headers, reason", [
+    ("Return-Path: <>\n", "null Return-Path"),
+    ("Auto-Submitted: auto-generated\n", "Auto-Submitted: auto-generated"),
+    ("Precedence: list\n", "Precedence: list"),
+    ("List-Id: <users.lists.example.org>\n", "List-Id (list mail)"),
+    ("X-Autoreply: yes\n", "auto-reply (X-Autoreply: yes)"),
+    ("Auto-Submitted: no\n", None),
+    ("Subject: Re: Our offer\nIn-Reply-To: <x@y>\n", None),
+])
+def test_no_automatic_answer_to_robots_lists_or_null_senders(headers, reason):
+    from routing.autoreply import no_answer_reason
+
+    assert no_answer_reason(_msg(headers)) == reason

@@ -637,6 +637,39 @@ def test_refusal_mail_is_polite_auto_submitted_and_sent_once(tmp_path: Any, doub
         sink.close()
 
 
+@pytest.mark.parametrize("mail_from, extra, why", [
+    ("", "", "null envelope sender"),                                  # a bounce, or spam with a forged From
+    ("robot@nowhere.example", "Auto-Submitted: auto-generated\r\n", "Auto-Submitted: auto-generated"),
+    ("list@nowhere.example", "Precedence: bulk\r\n", "Precedence: bulk"),
+])
+def test_no_refusal_mail_to_a_null_sender_or_automated_mail(tmp_path: Any, double: OdooDouble, mail_from: str,
+                                                             extra: str, why: str) -> None:
+    """Backscatter: the From of a null-sender mail is a bystander; automated and bulk mail is never answered."""
+    sink = SmtpSink()
+    try:
+        rig = Rig(tmp_path, double, "explicit")
+        cfg = rig.config.model_copy(update={"outbound": rig.config.outbound.model_copy(
+            update={"refusal_smarthost": f"127.0.0.1:{sink.port}"})})
+        rig.delivery = Delivery(cfg, rig.engine, rig.client)
+        vip = Target(model="crm.lead", alias=f"vip@{DOMAIN}", contact="partners")
+        mid = "<forged-from@nowhere.example>"
+        _m, out = rig.deliver(new_mail(mid, sender="victim@bystander.example", to=f"vip@{DOMAIN}", extra=extra),
+                              create_decision(mid, vip), rcpt=f"vip@{DOMAIN}", mail_from=mail_from)
+        assert out.state == "dropped" and "refused" in out.note
+        assert f"no refusal mail ({why}); refusal recorded only" in out.note
+        lead = double.store.create("crm.lead", {"name": "Deal"})
+        rmid = "<forged-reply@nowhere.example>"
+        reply = reply_decision(rmid, "crm.lead", lead, "<p@x>")
+        reply = Decision(action=reply.action, explanation=reply.explanation, message_id=rmid,
+                         targets=(Target(model="crm.lead", res_id=lead, alias=f"vip@{DOMAIN}", contact="partners"),))
+        _m, out = rig.deliver(reply_mail("<p@x>", rmid, extra=extra), reply, rcpt=f"vip@{DOMAIN}",
+                              mail_from=mail_from)
+        assert out.state == "dropped" and f"no refusal mail ({why})" in out.note
+        assert sink.messages == [] and not leads(double)[1:]
+    finally:
+        sink.close()
+
+
 def test_internal_followers_are_notified_and_the_author_not_on_create(rig: Rig) -> None:
     d = rig.double
     alice = d.add_partner("Alice Buyer", "alice@customer.example")
