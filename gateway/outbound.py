@@ -123,6 +123,10 @@ def order_mx(records: list[tuple[int, str]]) -> list[str] | None:
 
 
 # ------------------------------------------------------------------------------------------ destinations
+#: Seconds to wait for the reply to the final dot, at least (RFC 5321 §4.5.3.2.6).
+DATA_END_TIMEOUT = 600.0
+
+
 class DestinationError(Exception):
     """No host could be reached for a destination; `permanent` when DNS says the domain takes no mail."""
 
@@ -199,6 +203,9 @@ class SmtpTransport:
         self.resolver = resolver or make_mx_resolver(ob.mx_port)
         self.password = env_secret(ob.smarthost_password_env) if ob.smarthost_password_env else None
         self.helo = ob.helo_name
+        # RFC 5321 §4.5.3.2.6: 10 minutes for the reply to the final dot. The server may still be scanning the
+        # mail; giving up sooner defers a mail it then accepts, and every retry delivers it again.
+        self.data_end_timeout = max(DATA_END_TIMEOUT, ob.timeout)
         self._pools: dict[str, _Pool] = {}
         self._host_pools: dict[tuple[str, int], list[aiosmtplib.SMTP]] = defaultdict(list)
 
@@ -331,7 +338,7 @@ class SmtpTransport:
                 return await self._refused(smtp, reply, host)
             assert smtp.protocol is not None
             smtp.protocol.write(payload)
-            reply = await smtp.protocol.read_response(timeout=smtp.timeout)
+            reply = await smtp.protocol.read_response(timeout=self.data_end_timeout)
             keep = reply.code == 250
             return classify_reply(reply.code, reply.message, host)
         except aiosmtplib.SMTPServerDisconnected as exc:

@@ -303,3 +303,18 @@ async def test_a_refused_smarthost_login_defers_instead_of_bouncing(engine, env,
     finally:
         await transport.close()
         await host.stop()
+
+
+async def test_a_slow_answer_to_the_final_dot_is_waited_for(engine, env):
+    """The reply to the final dot got the general timeout: a server that took longer and then accepted the
+    mail had it deferred, and every retry delivered it again (RFC 5321 §4.5.3.2.6 gives it 10 minutes)."""
+    host = await RawSmtpServer(data_end_delay=1.5).start()
+    cfg = parse_config(base_config(smarthost_port=host.port, tracking_port=free_port(), timeout=1.0), base_dir=".")
+    transport = SmtpTransport(cfg)
+    try:
+        result = await transport.send("bounce@example.test", "max@customer.test", b"Subject: t\r\n\r\nhi\r\n")
+        assert (result.outcome, result.code) == ("delivered", 250)
+        assert host.accepted == 1 and host.log.count("DATA") == 1
+    finally:
+        await transport.close()
+        await host.stop()
