@@ -33,7 +33,7 @@ from gateway.spool import Envelope, SpoolError, Spooler
 
 log = logging.getLogger(__name__)
 
-_FAST_ADDR = re.compile(r"\s*<([^<>\s\"\\()\[\],;:]*@[^<>\s\"\\()\[\],;:@]+|)>(.*)\Z", re.S)
+_FAST_ADDR = re.compile(r"\s*<([^<>\s\"\\()\[\],;:@]+@[^<>\s\"\\()\[\],;:@]+|)>(.*)\Z", re.S)
 # RFC 5321 §4.1.2 Path, strictly: no RFC 5322 comments or folding (aiosmtpd's header-registry parser would
 # read "$(touch x)@d" as "$@d" — a different address). Non-ASCII is allowed for SMTPUTF8 (RFC 6531).
 _ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]"
@@ -84,6 +84,20 @@ def _has_long_line(data: bytes, limit: int) -> bool:
     return size - start > limit
 
 
+def valid_utf8(arg: str) -> bool:
+    """aiosmtpd decodes command arguments as UTF-8 with surrogateescape: a byte that is not UTF-8 becomes a
+    lone surrogate, which no store can encode. Kept, it failed the whole group commit it landed in — one
+    client's `EHLO \\xff` answered 451 to every message committed with it. Refused at the command instead
+    (501 for HELO/EHLO, 553 for an address), as Postfix refuses bad UTF-8."""
+    if arg.isascii():
+        return True
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _ip(peer: Any) -> str | None:
     if isinstance(peer, (tuple, list)) and peer:
         return str(peer[0])
@@ -120,6 +134,10 @@ class ListenerPolicy:
     rcpt_verdict: RcptVerdict
     accept_8bit_without_8bitmime: bool = True
     free_space: FreeSpace | None = None  # SQLite file stores: refuse at MAIL FROM when the disk is nearly full
+    primary_domain: str = "localhost"  # where a domain-less RCPT TO:<postmaster> goes
+
+
+NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter (RFC 6531 §3.4)"
 
 
 class SpoolHandler:
@@ -141,6 +159,9 @@ class SpoolHandler:
         if refusal is not None:
             REFUSED.labels(self.name, "452").inc()
             return refusal
+        if not address.isascii() and not any(o.upper() == "SMTPUTF8" for o in mail_options):
+            REFUSED.labels(self.name, "553").inc()
+            return NEEDS_SMTPUTF8
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -150,6 +171,14 @@ class SpoolHandler:
         if len(envelope.rcpt_tos) >= self.policy.config.max_recipients:
             REFUSED.labels(self.name, "452").inc()
             return "452 4.5.3 Too many recipients"
+        if address == "<>":
+            REFUSED.labels(self.name, "501").inc()
+            return "501 5.1.3 Bad recipient address syntax: the null path is for MAIL FROM only"
+        if not address.isascii() and not envelope.smtp_utf8:
+            REFUSED.labels(self.name, "553").inc()
+            return NEEDS_SMTPUTF8
+        if address.lower() == "postmaster":  # RFC 5321 §4.5.1: the domain-less form MUST be accepted
+            address = f"postmaster@{self.policy.primary_domain}"
         verdict, why = self.policy.rcpt_verdict(address)
         if verdict == "no_relay":
             REFUSED.labels(self.name, "550").inc()
@@ -175,9 +204,12 @@ class SpoolHandler:
         )
         try:
             spool_id = await self.writer.store(raw, env)
-        except SpoolError as exc:
+        except Exception as exc:  # SpoolError, or the writer itself broken (a child that cannot start)
+            if not isinstance(exc, SpoolError):  # aiosmtpd would answer 500 (permanent) with our error text
+                log.exception("spool writer failed")
             REFUSED.labels(self.name, "451").inc()
-            return self._per_rcpt(server, envelope, f"451 4.3.0 Temporary failure storing message ({exc.__class__.__name__}); try again later")
+            return self._per_rcpt(server, envelope, f"451 4.3.0 Temporary failure storing message "
+                                                    f"({exc.__class__.__name__}); try again later")
         self._accepted.inc()
         return self._per_rcpt(server, envelope, f"250 2.0.0 Ok: queued as {spool_id}")
 
@@ -217,6 +249,8 @@ class LeanSMTPMixin:
         return str(getattr(self.event_handler, "name", "smtp"))  # type: ignore[attr-defined]
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        if not valid_utf8(arg):  # 553 5.1.3 (see `valid_utf8`)
+            return None, None
         m = _FAST_ADDR.match(arg) or _PATH.match(arg) or _BARE.match(arg)
         if m:
             addr = m.group(1)
@@ -250,14 +284,55 @@ class LeanSMTPMixin:
             transport.write(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())  # type: ignore[attr-defined]
             transport.close()
 
+    async def smtp_HELO(self, hostname: str) -> None:
+        if await self._bad_utf8(hostname):
+            return
+        await super().smtp_HELO(hostname)  # type: ignore[misc]
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if await self._bad_utf8(hostname):
+            return
+        await super().smtp_EHLO(hostname)  # type: ignore[misc]
+
+    async def _bad_utf8(self, arg: str | None) -> bool:
+        if arg is None or valid_utf8(arg):
+            return False
+        await self.push("501 5.5.2 Syntax error: invalid UTF-8 in the command")  # type: ignore[attr-defined]
+        return True
+
     async def push(self, status: str | bytes) -> None:
         """Write the reply; wait for the socket only when its buffer is actually filling up (replies are a
-        few bytes: a drain per reply is a coroutine switch per command for nothing)."""
+        few bytes: a drain per reply is a coroutine switch per command for nothing).
+
+        Past `hard_error_limit` refusals in one session, or `auth_failure_limit` failed AUTHs, the client gets
+        421 and is disconnected, as with Postfix's smtpd_hard_error_limit: otherwise one connection could
+        probe thousands of recipient addresses, or passwords, a second."""
         response = status if isinstance(status, bytes) else status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")  # type: ignore[attr-defined]
         self._writer.write(response + b"\r\n")  # type: ignore[attr-defined]
+        if response[:1] in (b"4", b"5") and response[:3] != b"421":
+            self._count_error(response[:3])
         transport = self.transport  # type: ignore[attr-defined]
         if transport is None or transport.get_write_buffer_size() > 65536:
             await self._writer.drain()  # type: ignore[attr-defined]
+
+    hard_error_limit = 20
+    auth_failure_limit = 3
+    _errors = 0
+    _auth_failures = 0
+
+    def _count_error(self, code: bytes) -> None:
+        self._errors += 1
+        if code == b"535":
+            self._auth_failures += 1
+        if self._errors < self.hard_error_limit and self._auth_failures < self.auth_failure_limit:
+            return
+        REFUSED.labels(self._listener_name(), "421").inc()
+        log.warning("%s: too many errors from %s; disconnecting", self._listener_name(),
+                    _ip(self.session.peer))  # type: ignore[attr-defined]
+        self._writer.write(b"421 4.7.0 Error: too many errors\r\n")  # type: ignore[attr-defined]
+        transport = self.transport  # type: ignore[attr-defined]
+        if transport is not None:
+            transport.close()
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -291,14 +366,18 @@ class LeanSMTPMixin:
             reply = self._check_content(data, envelope)
         if reply is not None:
             REFUSED.labels(self._listener_name(), reply[:3]).inc()
+            if isinstance(self, LMTP):  # RFC 2033 §4.2: one reply per accepted recipient, refusals too
+                reply = "\r\n".join(reply for _ in envelope.rcpt_tos)
             self._set_post_data_state()  # type: ignore[attr-defined]
             await self.push(reply)  # type: ignore[attr-defined]
             return
         if dot_lines:  # RFC 5321 §4.5.2 transparency; `_read_data` saw the lines starting with a dot
             data = (data[1:] if data.startswith(b"..") else data).replace(b"\r\n..", b"\r\n.")
         envelope.content = envelope.original_content = data
-        status = await self._call_handler_hook("DATA")  # type: ignore[attr-defined]
-        self._set_post_data_state()  # type: ignore[attr-defined]
+        try:
+            status = await self._call_handler_hook("DATA")  # type: ignore[attr-defined]
+        finally:
+            self._set_post_data_state()  # type: ignore[attr-defined]
         await self.push(status)  # type: ignore[attr-defined]
 
     async def _read_data(self, reader: asyncio.StreamReader, limit: int,
@@ -333,7 +412,8 @@ class LeanSMTPMixin:
                 if idx > limit:  # the whole oversize message was already buffered when we first looked
                     raise asyncio.LimitOverrunError("message exceeds the size limit", idx)
                 break
-            if len(buf) > limit:
+            # The 2 bytes put in front, and up to ".\r" of a terminator still arriving, are not the message's.
+            if len(buf) - 4 > limit:
                 raise asyncio.LimitOverrunError("message exceeds the size limit", len(buf))
             if reader.at_eof():
                 raise asyncio.IncompleteReadError(bytes(buf), None)
@@ -483,6 +563,11 @@ class GatewayLMTP(_InboundRules, LeanSMTPMixin, LMTP):
         self.policy = handler.policy
         self._networks = networks
         super().__init__(handler, **kwargs)
+
+    async def smtp_LHLO(self, arg: str) -> None:
+        if await self._bad_utf8(arg):
+            return
+        await super().smtp_LHLO(arg)
 
 
 def tls_context(cfg: ListenerConfig) -> ssl.SSLContext | None:

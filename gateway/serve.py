@@ -214,10 +214,12 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
     gw_ref["gw"] = gw
     verdict = make_rcpt_verdict(config)
     free_space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
+    primary_domain = config.domains[0].name if config.domains else hostname
     for lc in config.listeners:
         if lc.kind == "submission":
             continue  # Odoo's outgoing mail: the outbound relay owns it
-        handler = SpoolHandler(writer, ListenerPolicy(lc, verdict, free_space=free_space))
+        handler = SpoolHandler(writer, ListenerPolicy(lc, verdict, free_space=free_space,
+                                                      primary_domain=primary_domain))
         limits = gw.session_limits[listener_key(lc)] = SessionLimits.of(lc)
         server = await start_listener(lc, handler, hostname=hostname, limits=limits)
         gw.handlers.append(handler)

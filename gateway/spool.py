@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Connection, Engine, and_, delete, func, insert, or_, select, update
 
@@ -240,19 +240,17 @@ class SpoolWriter:
         while True:
             batch = await next_batch(self._queue, max_batch=self.max_batch, max_wait=self.max_wait)
             try:
-                ids = await loop.run_in_executor(self._executor, self._commit, batch)
-            except Exception as exc:  # every session in the batch answers 451
-                log.error("spool commit failed for %d message(s): %s", len(batch), exc)
-                err = SpoolError(str(exc))
-                for p in batch:
+                results = await loop.run_in_executor(
+                    self._executor, commit_each_on_failure, batch, self._commit)
+                for p, result in zip(batch, results):  # a failed one answers 451
                     if not p.future.done():
-                        p.future.set_exception(err)
-            else:
-                for p, ident in zip(batch, ids):
-                    if not p.future.done():
-                        p.future.set_result(ident)
-                if self._on_commit:
-                    self._on_commit(len(batch))
+                        if isinstance(result, Exception):
+                            p.future.set_exception(SpoolError(str(result)))
+                        else:
+                            p.future.set_result(result)
+                stored = sum(1 for r in results if not isinstance(r, Exception))
+                if self._on_commit and stored:
+                    self._on_commit(stored)
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -261,6 +259,33 @@ class SpoolWriter:
         if self.fail_writes is not None:
             raise self.fail_writes
         return spool_many(self.engine, [(p.raw, p.envelope) for p in batch], body_log=self.body_log)
+
+
+T = TypeVar("T")
+
+
+def commit_each_on_failure(items: Sequence[T], commit: Callable[[Sequence[T]], list[int]]) -> list[int | Exception]:
+    """Group commit, where one bad message cannot fail the others: when the batch's transaction fails, each
+    message is committed alone. Each entry is the message's spool id, or what failed its own commit.
+
+    Without this, one message the store cannot take (a client's envelope SQLite cannot encode, a value over
+    a column's limit) answered 451 to every session whose message happened to share its batch — under load,
+    dozens of good messages deferred for one bad one. A failure that is not the message's (disk full, the
+    database gone) fails each retry too, quickly."""
+    try:
+        return list(commit(items))
+    except Exception as exc:
+        if len(items) == 1:
+            return [exc]
+        log.error("spool commit failed for %d message(s) (%s); committing them one by one", len(items), exc)
+    results: list[int | Exception] = []
+    for item in items:
+        try:
+            results.extend(commit([item]))
+        except Exception as exc:  # this message's own failure: its sender gets 451
+            log.error("spool commit failed: %s", exc)
+            results.append(exc)
+    return results
 
 
 def make_body_log(engine: Engine, min_size: int) -> BodyLog | None:

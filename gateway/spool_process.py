@@ -25,10 +25,11 @@ import marshal
 import struct
 import sys
 from concurrent.futures import Future
+from collections.abc import Callable
 from typing import Any
 
 from gateway.childproc import HelperClient, PipeChild, commit_helper_store, serve_batches
-from gateway.spool import Envelope, SpoolError, SpoolWriter, make_body_log
+from gateway.spool import Envelope, SpoolError, SpoolWriter, commit_each_on_failure, make_body_log
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0,
     engine = commit_helper_store(_URL_ENV, synchronous)
     if engine.dialect.name != "sqlite":
         def answer(items: list[tuple[bytes, Envelope]]) -> bytes:
-            return _answer(items, lambda: spool_many(engine, items))
+            return _answer(items, lambda idx: spool_many(engine, [items[k] for k in idx]))
 
         return serve_batches(take_frames, answer, max_batch=max_batch, max_wait_ms=max_wait_ms)
 
@@ -91,8 +92,8 @@ def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0,
     def answer_prepared(items: list[tuple[bytes, Envelope]], refs: Future[Any]) -> bytes:
         """Stage two: the rows, committed only once their bodies are durable (`refs.result()` re-raises a
         failed append or sync, and the whole batch answers 451)."""
-        return _answer(items, lambda: spool_many_sqlite(raw_conn.driver_connection, dialect, items,
-                                                        refs=refs.result()))
+        return _answer(items, lambda idx: spool_many_sqlite(
+            raw_conn.driver_connection, dialect, [items[k] for k in idx], refs=_pick(refs.result(), idx)))
 
     def wants_prepare(items: list[tuple[bytes, Envelope]]) -> bool:
         return body_log is not None and any(body_log.wants(raw) for raw, _ in items)
@@ -101,13 +102,22 @@ def child_main(synchronous: str, max_batch: int, max_wait_ms: float = 0.0,
                          prepare=prepare, wants_prepare=wants_prepare)
 
 
-def _answer(items: list[tuple[bytes, Envelope]], commit: Any) -> bytes:
-    try:
-        return b"".join(_REP.pack(i, 0) for i in commit())
-    except Exception as exc:  # every sender in the batch answers 451; nothing of the batch is kept
-        log.error("spool commit failed for %d message(s): %s", len(items), exc)
-        err = str(exc).encode("utf-8", "replace")[:2000]
-        return b"".join(_REP.pack(-1, len(err)) + err for _ in items)
+def _pick(refs: list[Any] | None, idx: list[int]) -> list[Any] | None:
+    return [refs[k] for k in idx] if refs is not None else None
+
+
+def _answer(items: list[tuple[bytes, Envelope]], commit: Callable[[list[int]], list[int]]) -> bytes:
+    """The replies for a batch; `commit(indexes)` commits those of `items` in one transaction. When the
+    batch fails, each message is committed alone (`commit_each_on_failure`): only a message that fails on
+    its own answers 451, and nothing of a failed commit is kept."""
+    out = []
+    for result in commit_each_on_failure(list(range(len(items))), commit):
+        if isinstance(result, Exception):
+            err = str(result).encode("utf-8", "replace")[:2000]
+            out.append(_REP.pack(-1, len(err)) + err)
+        else:
+            out.append(_REP.pack(result, 0))
+    return b"".join(out)
 
 
 # ------------------------------------------------------------------------------------------ the parent

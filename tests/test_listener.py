@@ -21,7 +21,7 @@ def simple_verdict(address: str) -> tuple[str, str]:
     local, _, domain = address.lower().partition("@")
     if domain != "example.test":
         return "no_relay", "not a local domain"
-    if local.split("+", 1)[0] in {"sales", "support", "bounce", "catchall"}:
+    if local.split("+", 1)[0] in {"sales", "support", "bounce", "catchall", "postmaster"}:
         return "accept", "alias"
     return "unknown_user", "no such alias"
 
@@ -53,7 +53,7 @@ async def _gateway(tmp_path, **overrides) -> tuple[Gateway, asyncio.base_events.
     free_space = params.pop("free_space", None)
     cfg = ListenerConfig(**params)
     handler = SpoolHandler(writer, ListenerPolicy(cfg, simple_verdict, accept_8bit_without_8bitmime=accept_8bit,
-                                                  free_space=free_space))
+                                                  free_space=free_space, primary_domain="example.test"))
     server = await start_listener(cfg, handler, hostname="mx.example.test")
     return Gateway(engine, writer, bound_port(server), handler), server
 
@@ -489,3 +489,157 @@ def test_line_fault_agrees_with_the_plain_definition() -> None:
     assert line_fault(big + b"z" * 999 + b"\r\n", 998) == "long"
     assert line_fault(b"z" * 999 + b"\r\n" + big, 998) == "long"
     assert line_fault(big + b"a\nb\r\n", 998) == "bare_lf"
+
+
+# ------------------------------------------------------------------------------- hostile and broken clients
+async def test_a_client_sending_bytes_that_are_not_utf8_cannot_fail_other_sessions(gw: Gateway) -> None:
+    """aiosmtpd keeps a non-UTF-8 byte as a lone surrogate that SQLite cannot encode. In a group commit it
+    failed every message of the batch; now it is refused at the command, and the others all get 250."""
+    bad = await gw.client()
+    bad.writer.write(b"EHLO \xff.client.test\r\n")
+    await bad.writer.drain()
+    code, text = await bad.reply()
+    assert code == 501 and text.startswith("5.5.2")
+    assert (await bad.cmd("EHLO client.test"))[0] == 250
+    bad.writer.write(b"MAIL FROM:<\xe9@client.test>\r\n")
+    await bad.writer.drain()
+    assert (await bad.reply())[0] == 553
+    assert (await bad.cmd("MAIL FROM:<a@client.test>"))[0] == 250
+    bad.writer.write(b"RCPT TO:<sales\xff@example.test>\r\n")
+    await bad.writer.drain()
+    assert (await bad.reply())[0] == 553
+    await bad.close()
+
+    async def one(i: int) -> int:
+        c = await gw.client()
+        await _envelope(c, "sales@example.test")
+        code, _ = await c.send_data(make_mail(message_id=f"<ok{i}@client.test>"))
+        await c.close()
+        return code
+
+    assert await asyncio.gather(*(one(i) for i in range(20))) == [250] * 20
+    assert len(gw.stored()) == 20
+
+
+async def test_one_message_the_store_refuses_does_not_fail_its_batch(gw: Gateway) -> None:
+    """Defence in depth behind the command checks: when a group commit fails, each message is committed
+    alone, so only the one the store cannot take answers 451."""
+    real = gw.writer._commit
+
+    def commit(batch):  # type: ignore[no-untyped-def]
+        if any(b"poison" in p.raw for p in batch):
+            raise ValueError("cannot store this one")
+        return real(batch)
+
+    gw.writer._commit = commit  # type: ignore[method-assign]
+    gw.writer.max_wait = 0.05  # gather the sessions below into one batch
+
+    async def one(i: int) -> int:
+        c = await gw.client()
+        await _envelope(c, "sales@example.test")
+        code, _ = await c.send_data(make_mail(subject="poison" if i == 3 else "fine", message_id=f"<b{i}@c.test>"))
+        await c.close()
+        return code
+
+    codes = await asyncio.gather(*(one(i) for i in range(8)))
+    assert codes == [250, 250, 250, 451, 250, 250, 250, 250]
+    assert len(gw.stored()) == 7
+
+
+async def test_a_broken_writer_answers_451_and_resets_the_envelope(gw: Gateway) -> None:
+    """Not only SpoolError: anything the writer raises (a child that cannot start: EMFILE) is 451, never
+    aiosmtpd's permanent 500 with our error text, and the next MAIL starts a new transaction."""
+    async def broken(raw, env):  # type: ignore[no-untyped-def]
+        raise OSError(24, "Too many open files")
+
+    gw.writer.store = broken  # type: ignore[method-assign]
+    c = await gw.client()
+    await _envelope(c, "sales@example.test")
+    code, text = await c.send_data(make_mail())
+    assert code == 451 and text.startswith("4.3.0")
+    assert (await c.cmd("MAIL FROM:<b@client.test>"))[0] == 250
+    await c.close()
+
+
+async def test_lmtp_refuses_content_once_per_recipient(tmp_path) -> None:
+    """RFC 2033 §4.2: after DATA, one reply per accepted RCPT — refusals included. One 554 for two
+    recipients left Postfix's lmtp client waiting for the second reply until its timeout, then retrying."""
+    g, server = await _gateway(tmp_path, kind="lmtp", name="lmtp")
+    try:
+        c = await WireClient.connect("127.0.0.1", g.port)
+        assert (await c.reply())[0] == 220
+        assert (await c.cmd("LHLO mta.test"))[0] == 250
+        assert (await c.cmd("MAIL FROM:<a@client.test>"))[0] == 250
+        assert (await c.cmd("RCPT TO:<sales@example.test>"))[0] == 250
+        assert (await c.cmd("RCPT TO:<support@example.test>"))[0] == 250
+        assert (await c.cmd("DATA"))[0] == 354
+        c.writer.write(b"Subject: x\r\n\r\nbare\nLF\r\n.\r\n")
+        await c.writer.drain()
+        assert [(await c.reply())[0], (await c.reply())[0]] == [554, 554]
+        assert (await c.cmd("NOOP"))[0] == 250
+        bad = await WireClient.connect("127.0.0.1", g.port)
+        assert (await bad.reply())[0] == 220
+        bad.writer.write(b"LHLO \xff\r\n")
+        await bad.writer.drain()
+        assert (await bad.reply())[0] == 501
+        await bad.close()
+        await c.close()
+        assert g.stored() == []
+    finally:
+        server.close()
+        await g.writer.close()
+
+
+async def test_probing_clients_are_disconnected_after_20_errors(gw: Gateway) -> None:
+    """As Postfix's smtpd_hard_error_limit: a client harvesting addresses gets 421 and is closed."""
+    c = await gw.client()
+    await _envelope(c)
+    codes = [(await c.cmd(f"RCPT TO:<user{i}@example.test>"))[0] for i in range(19)]
+    assert codes == [550] * 19
+    c.writer.write(b"RCPT TO:<user19@example.test>\r\n")
+    await c.writer.drain()
+    assert (await c.reply())[0] == 550
+    assert (await c.reply())[0] == 421
+    assert await asyncio.wait_for(c.reader.read(), 5) == b""  # closed
+
+
+async def test_addresses_and_smtputf8(gw: Gateway) -> None:
+    c = await gw.client()
+    assert (await c.cmd("EHLO client.test"))[0] == 250
+    code, text = await c.cmd("MAIL FROM:<jöe@client.test>")
+    assert code == 553 and text.startswith("5.6.7")
+    assert (await c.cmd("MAIL FROM:<jöe@client.test> SMTPUTF8"))[0] == 250
+    assert (await c.cmd("RSET"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<a@client.test>"))[0] == 250
+    code, text = await c.cmd("RCPT TO:<sälès@example.test>")
+    assert code == 553 and text.startswith("5.6.7")
+    assert (await c.cmd("RCPT TO:<>"))[0] == 501
+    assert (await c.cmd("RCPT TO:<sales+x@evil.test@example.test>"))[0] == 553
+    assert (await c.cmd("RCPT TO:<@example.test>"))[0] == 553
+    assert (await c.cmd("RCPT TO:<Postmaster>"))[0] == 250  # RFC 5321 §4.5.1
+    assert (await c.send_data(make_mail()))[0] == 250
+    await c.close()
+    [msg] = gw.stored()
+    assert msg.rcpt_tos == ("postmaster@example.test",)
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_a_message_just_under_the_limit_is_taken_however_the_terminator_arrives(tmp_path, split) -> None:
+    g, server = await _gateway(tmp_path, max_message_size=1000)
+    try:
+        c = await g.client()
+        await _envelope(c, "sales@example.test")
+        assert (await c.cmd("DATA"))[0] == 354
+        body = b"Subject: x\r\n\r\n" + b"y" * (999 - 14 - 2) + b"\r\n"
+        assert len(body) == 999
+        if split:
+            c.writer.write(body)
+            await c.writer.drain()
+            await asyncio.sleep(0.2)
+        c.writer.write((b"" if split else body) + b".\r\n")
+        await c.writer.drain()
+        assert (await c.reply())[0] == 250
+        await c.close()
+    finally:
+        server.close()
+        await g.writer.close()

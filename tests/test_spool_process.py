@@ -213,3 +213,29 @@ async def test_group_commit_wait_gathers_company(engine: Engine) -> None:
         stamps = {row[0] for row in conn.execute(text(
             f"SELECT updated_at FROM messages WHERE id IN ({', '.join(map(str, ids))})"))}
     assert sorted(ids) == list(range(min(ids), min(ids) + 4)) and len(stamps) == 1
+
+
+def test_a_failed_group_commit_is_retried_one_message_at_a_time() -> None:
+    """The child's answer for a batch whose transaction failed: each message committed alone, so only the
+    one the store cannot take gets an error reply (its sender 451), the others their spool ids."""
+    import struct
+
+    from gateway.spool_process import _answer
+
+    calls: list[list[int]] = []
+
+    def commit(idx: list[int]) -> list[int]:
+        calls.append(list(idx))
+        if 1 in idx:
+            raise ValueError("cannot encode this envelope")
+        return [100 + k for k in idx]
+
+    e = env()
+    reply = _answer([(b"a", e), (b"b", e), (b"c", e)], commit)
+    assert calls == [[0, 1, 2], [0], [1], [2]]
+    rep = struct.Struct("!qI")
+    first, _ = rep.unpack_from(reply, 0)
+    second, errlen = rep.unpack_from(reply, rep.size)
+    third, _ = rep.unpack_from(reply, 2 * rep.size + errlen)
+    assert (first, second, third) == (100, -1, 102)
+    assert reply[2 * rep.size:2 * rep.size + errlen] == b"cannot encode this envelope"
