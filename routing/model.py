@@ -103,6 +103,8 @@ class Target:
             out["contact"] = self.contact
         if self.defaults:
             out["defaults"] = dict(self.defaults)
+        if self.create_partner:
+            out["create_partner"] = True
         if self.parent_message_id:
             out["parent_message_id"] = self.parent_message_id
         return out
@@ -156,7 +158,8 @@ class Decision:
             targets=tuple(
                 Target(model=t["model"], res_id=t.get("res_id"), alias=t.get("alias"),
                        contact=t.get("contact", "everyone"),
-                       defaults=tuple(sorted((t.get("defaults") or {}).items())),
+                       defaults=tuple((t.get("defaults") or {}).items()),
+                       create_partner=bool(t.get("create_partner", False)),
                        parent_message_id=t.get("parent_message_id"))
                 for t in data.get("targets", ())
             ),

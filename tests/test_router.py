@@ -254,3 +254,32 @@ def test_a_bounce_naming_no_recipient_is_quarantined_not_dropped():
     d = decide(raw, detectors=DEFAULT_DETECTORS)
     assert d.action == Action.QUARANTINE and d.reason == "bounce with no identifiable recipient"
     assert d.targets == () and d.bounces == ()
+
+
+def test_every_decision_field_survives_the_json_round_trip():
+    """Decisions are stored as JSON and read back for delivery and retries: nothing may be lost on the way
+    (a lost create_partner made a retried mail to a `partners` alias refused). Every field is set to a
+    non-default value, and a field added later without JSON support fails here."""
+    import dataclasses
+    import json
+
+    from routing.model import BounceResult, Complaint, Decision, Target
+
+    target = Target(model="crm.lead", res_id=5, alias="partners@test.mycompany.com", contact="partners",
+                    defaults=(("type", "lead"), ("team_id", 3)), create_partner=True,
+                    parent_message_id="<parent@test>")
+    bounce = BounceResult("gone@client.net", "hard", "userunknown", "5.1.1", "550 5.1.1 no such user",
+                          "<out@test>", "delayed", "mx.client.net", "dsn")
+    complaint = Complaint("abuse", "victim@client.net", "<out@test>", "Yahoo!-Mail-Feedback/1.0", "192.0.2.1",
+                          "test.mycompany.com")
+    d = Decision(action=Action.CREATE, explanation=("why",), targets=(target,), bounces=(bounce,),
+                 complaint=complaint, tag="vip", reason="alias", recipients=("partners@test.mycompany.com",),
+                 auto_reply_indicator="X-Autoreply: yes", replied_message_id="<out@test>",
+                 message_id="<in@client.net>")
+    for obj in (d, target, bounce, complaint):
+        unset = [f.name for f in dataclasses.fields(obj) if f.default is not dataclasses.MISSING
+                 and getattr(obj, f.name) == f.default]
+        assert not unset, f"{type(obj).__name__}: set {unset} in this test"
+    back = Decision.from_json(json.loads(json.dumps(d.to_json())))
+    assert back == d
+    assert back.targets[0].create_partner
