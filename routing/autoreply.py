@@ -3,6 +3,8 @@
 Odoo reads none of these headers, so out-of-office mail lands in chatter and creates records; we stop it
 here. Strong signals are enough on their own; a vacation-looking subject only counts together with a
 weak signal (Return-Path <>, a reply to something), because humans write "Out of office" subjects too.
+Precedence bulk/junk (every mailing list stamps it on people's posts) and Exchange's inbox-rule headers
+(a rule that *forwards* a person's mail stamps them too) are weak as well: they need a second machine sign.
 Bounces also carry `Auto-Submitted` (auto-replied or auto-generated): the router checks bounces first,
 so this function may answer for a bounce too; it does not try to tell them apart.
 """
@@ -22,7 +24,10 @@ _VACATION_SUBJECT = re.compile(
     r"|respuesta\s+autom[aá]tica|risposta\s+automatica|fuera\s+de\s+la\s+oficina|niet\s+aanwezig|afwezig"
     r"|automatisch\s+antwoord|resposta\s+autom[aá]tica|automatisk\s+svar|poza\s+biurem|odpowied[zź]\s+automatyczna)",
     re.IGNORECASE)
-_PRECEDENCE = frozenset({"auto_reply", "auto-reply", "bulk", "junk"})
+_PRECEDENCE = frozenset({"auto_reply", "auto-reply"})
+_BULK_PRECEDENCE = frozenset({"bulk", "junk"})
+#: Exchange stamps these on whatever an inbox rule sends, a forwarded human mail as much as a rule's reply
+_EXCHANGE_RULE_HEADERS = ("X-MS-Exchange-Inbox-Rules-Loop", "X-MS-Exchange-Generated-Message-Source")
 
 
 def _header(msg: email.message.Message, name: str) -> str:
@@ -56,10 +61,6 @@ def _detect(msg: email.message.Message) -> str | None:
         value = _header(msg, name).lower()
         if value in _PRECEDENCE:
             return f"{name}: {value}"
-    for name in ("X-MS-Exchange-Generated-Message-Source", "X-MS-Exchange-Inbox-Rules-Loop"):
-        value = _header(msg, name)
-        if value:
-            return f"{name}: {value}"
     suppress = _header(msg, "X-Auto-Response-Suppress")
     if suppress and suppress.lower() not in ("none",):
         # On *incoming* mail this header marks an automated sender (Exchange sets it on its own
@@ -71,18 +72,42 @@ def _detect(msg: email.message.Message) -> str | None:
         weak = _weak_signal(msg)
         if weak:
             return f"Subject: {subject[:80]} + {weak}"
+    machine = _weak_machine_signals(msg)
+    if len(machine) >= 2:
+        return " + ".join(machine[:2])
     return None
 
 
 def _weak_signal(msg: email.message.Message) -> str | None:
     """Evidence too weak alone that the mail was machine-written, strong enough beside a vacation subject."""
-    if _header(msg, "Return-Path").replace(" ", "") == "<>":
-        return "Return-Path: <>"
+    machine = _weak_machine_signals(msg)
+    if machine:
+        return machine[0]
     if _header(msg, "In-Reply-To") or _header(msg, "References"):
         return "a reply (In-Reply-To/References)"
-    if _header(msg, "X-Mailer").lower().startswith(("vacation", "autorespond")):
-        return f"X-Mailer: {_header(msg, 'X-Mailer')}"
     return None
+
+
+def _weak_machine_signals(msg: email.message.Message) -> list[str]:
+    """Headers a machine adds, but not only to auto-replies (lists, inbox rules, bounces): two together make
+    an auto-reply. Being a reply is not one of them: people reply through lists all the time."""
+    found: list[str] = []
+    if _header(msg, "Return-Path").replace(" ", "") == "<>":
+        found.append("Return-Path: <>")
+    mailer = _header(msg, "X-Mailer")
+    if mailer.lower().startswith(("vacation", "autorespond")):
+        found.append(f"X-Mailer: {mailer}")
+    for name in ("Precedence", "X-Precedence"):
+        value = _header(msg, name).lower()
+        if value in _BULK_PRECEDENCE:
+            found.append(f"{name}: {value}")
+            break
+    for name in _EXCHANGE_RULE_HEADERS:  # one sign however many of them are there: one inbox rule
+        value = _header(msg, name)
+        if value:
+            found.append(f"{name}: {value}")
+            break
+    return found
 
 
 def no_answer_reason(msg: email.message.Message) -> str | None:

@@ -283,3 +283,17 @@ def test_every_decision_field_survives_the_json_round_trip():
     back = Decision.from_json(json.loads(json.dumps(d.to_json())))
     assert back == d
     assert back.targets[0].create_partner
+
+
+@pytest.mark.parametrize("headers", [
+    "Precedence: bulk\nList-Id: <users.lists.example.org>\nIn-Reply-To: <elsewhere@lists.example.org>",
+    "X-MS-Exchange-Inbox-Rules-Loop: support@customer.example\n"
+    "X-MS-Exchange-Generated-Message-Source: Mailbox Rules Agent",
+])
+def test_list_mail_and_exchange_rule_forwards_create_a_record(headers):
+    """Mailing-list posts and mail an Exchange inbox rule forwards are people's mail, not auto-replies."""
+    from routing.router import DEFAULT_DETECTORS
+
+    raw = mail(f"From: Alice <alice@customer.example>\nTo: {ALIAS}\nSubject: Need help with invoice\n{headers}")
+    d = decide(raw, detectors=DEFAULT_DETECTORS, mail_from="alice@customer.example")
+    assert d.action == Action.CREATE and [t.model for t in d.targets] == ["mail.test.gateway"]
