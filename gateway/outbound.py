@@ -143,6 +143,20 @@ class SmarthostLoginError(Exception):
 Resolver = Callable[[str], Awaitable[list[tuple[str, int]]]]
 
 
+def domain_syntax_error(domain: str) -> str | None:
+    """Why `domain` cannot be a DNS name (an empty or over-long label, an over-long name, bad IDNA), or None.
+
+    Such a domain never resolves, now or later: its mail is a permanent bounce, not a lookup to retry."""
+    import dns.exception
+    import dns.name
+
+    try:
+        dns.name.from_text(domain)
+    except (dns.exception.SyntaxError, dns.name.NameTooLong, dns.name.IDNAException) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
 def make_mx_resolver(port: int = 25, timeout: float = 10.0) -> Resolver:
     """Resolve a recipient domain to (host, port) candidates: MX by preference, else A/AAAA."""
     import dns.asyncresolver
@@ -153,6 +167,9 @@ def make_mx_resolver(port: int = 25, timeout: float = 10.0) -> Resolver:
     resolver.lifetime = timeout
 
     async def resolve(domain: str) -> list[tuple[str, int]]:
+        bad = domain_syntax_error(domain)
+        if bad is not None:
+            raise DestinationError(f"{domain!r} is not a valid domain name: {bad}", permanent=True, status="5.1.3")
         try:
             answer = await resolver.resolve(domain, "MX")
             hosts = order_mx([(r.preference, r.exchange.to_text()) for r in answer])
@@ -610,10 +627,11 @@ class OutboundWorker:
                 attempt = await self.attempt(copy)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the copy keeps its lease and comes back via the poller
+            except Exception as exc:
+                # A bug, not an SMTP answer. Left leased, the copy came back every lease forever and never
+                # expired; as a deferral it is retried on the usual schedule and bounces at the horizon.
                 log.exception("outbound: delivering recipient row %s failed: %s", copy.rcpt_id, exc)
-                self._held.discard(copy.rcpt_id)
-                continue
+                attempt = self.scheduled(copy, SmtpResult("deferred", 451, "4.3.0", f"internal error: {exc!r}"))
             # The slot moves on to the next copy while the result is recorded: a delivery task that waited for
             # that commit sat idle through it (and the commits stayed small). The copy stays held and leased
             # until its result is committed; if recording fails, the lease runs out and the poller retries it.
@@ -636,7 +654,10 @@ class OutboundWorker:
 
     async def attempt(self, copy: QueuedCopy) -> Attempt:
         """Send one copy; the outcome with its retry schedule (not recorded yet)."""
-        result = await self.transport.send(copy.mail_from, copy.recipient, copy.raw)
+        return self.scheduled(copy, await self.transport.send(copy.mail_from, copy.recipient, copy.raw))
+
+    def scheduled(self, copy: QueuedCopy, result: SmtpResult) -> Attempt:
+        """`result` as this copy's next attempt: when to retry, and whether the give-up horizon has passed."""
         attempts = copy.attempts + 1
         now = utcnow()
         horizon = copy.created_at + dt.timedelta(hours=self.ob.max_attempts_hours)

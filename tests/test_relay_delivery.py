@@ -318,3 +318,56 @@ async def test_a_slow_answer_to_the_final_dot_is_waited_for(engine, env):
     finally:
         await transport.close()
         await host.stop()
+
+
+async def run_worker_until_events(engine, cfg, copies, n: int, transport=None) -> list[tuple[str, str]]:
+    """Start a worker, hand it `copies` by the fast path, and return the events once there are `n`."""
+    batcher = TransactionBatcher(engine)
+    worker = OutboundWorker(engine, cfg, SECRET.encode(), batcher, transport=transport)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        worker.submit(copies)
+        await wait_for_events(engine, n)
+        return event_types(engine)
+    finally:
+        stop.set()
+        await task
+        await batcher.close()
+
+
+@pytest.mark.parametrize("rcpt", ["x@foo..bar", "x@" + "l" * 64 + ".test"])
+async def test_a_malformed_destination_domain_bounces(engine, env, rcpt):
+    """dnspython refused `foo..bar` (or a label over 63 characters) with an exception the transport did not
+    catch: the copy stayed leased and came back every 15 minutes forever, never expiring."""
+    cfg = parse_config(base_config(smarthost_port=1, tracking_port=free_port(), smarthost=None), base_dir=".")
+    assert await run_worker_until_events(engine, cfg, [queue_one(engine, cfg, rcpt)], 1) == [("bounced", rcpt)]
+    with engine.connect() as conn:
+        data = conn.execute(select(events.c.data)).scalar()
+        assert conn.execute(select(outbound_queue)).first() is None
+    assert '"status": "5.1.3"' in data and '"kind": "hard"' in data
+
+
+class BrokenTransport:
+    """A transport with a bug: every send raises."""
+
+    async def send(self, mail_from: str, recipient: str, raw: bytes) -> SmtpResult:
+        raise RuntimeError("bug in the transport")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_an_unexpected_error_while_sending_is_a_deferral(engine, env):
+    """A copy whose attempt raised kept its lease and was never counted as an attempt, so it could never
+    expire; now it is deferred like any temporary failure, with the usual retry schedule."""
+    cfg = parse_config(base_config(smarthost_port=1, tracking_port=free_port(), retry_min_seconds=60),
+                       base_dir=".")
+    copy = queue_one(engine, cfg, "nia@customer.test")
+    events_ = await run_worker_until_events(engine, cfg, [copy], 1, transport=BrokenTransport())
+    assert events_ == [("deferred", "nia@customer.test")]
+    with engine.connect() as conn:
+        rcpt = conn.execute(select(outbound_recipients)).one()
+        lease = conn.execute(select(outbound_queue.c.lease_until)).scalar()
+    assert (rcpt.state, rcpt.attempts, lease) == ("deferred", 1, None)
+    assert "bug in the transport" in rcpt.last_result
