@@ -7,6 +7,8 @@ recipient, because each carries its own VERP envelope sender and tracking tokens
 
 Destinations: a configured smarthost, or the recipient domain's MX hosts (dnspython; by preference, the
 domain's A/AAAA as implicit MX when it has none, RFC 5321 §5.1; a null MX (RFC 7505) is a hard bounce).
+To an MX, STARTTLS when offered and plaintext when it fails (opportunistic, RFC 7435); to the smarthost, as
+`smarthost_tls` says.
 Connections are kept open and reused per destination, with a per-destination concurrency cap. Retries
 follow RFC 5321 §4.5.4.1: growing intervals (from `retry_min_seconds` up to `retry_max_seconds`) until the
 give-up horizon (`max_attempts_hours`), after which the copy bounces with reason `expired`.
@@ -125,6 +127,9 @@ def order_mx(records: list[tuple[int, str]]) -> list[str] | None:
 # ------------------------------------------------------------------------------------------ destinations
 #: Seconds to wait for the reply to the final dot, at least (RFC 5321 §4.5.3.2.6).
 DATA_END_TIMEOUT = 600.0
+#: How long an MX whose STARTTLS failed gets plaintext without trying TLS first (its fix may take a while;
+#: trying on every connection would cost a failed handshake each time).
+TLS_FALLBACK_SECONDS = 3600.0
 
 
 class DestinationError(Exception):
@@ -224,6 +229,7 @@ class SmtpTransport:
         # mail; giving up sooner defers a mail it then accepts, and every retry delivers it again.
         self.data_end_timeout = max(DATA_END_TIMEOUT, ob.timeout)
         self._pools: dict[str, _Pool] = {}
+        self._plaintext_until: dict[tuple[str, int], float] = {}  # MX hosts whose STARTTLS failed
         self._host_pools: dict[tuple[str, int], list[aiosmtplib.SMTP]] = defaultdict(list)
 
     def destination(self, recipient: str) -> str:
@@ -245,22 +251,48 @@ class SmtpTransport:
         self._host_pools.clear()
 
     async def _connect(self, host: str, port: int) -> aiosmtplib.SMTP:
-        via_smarthost = self.smarthost is not None
-        tls_mode = self.ob.smarthost_tls if via_smarthost else "none"
-        smtp = aiosmtplib.SMTP(
-            hostname=host, port=port, local_hostname=self.helo, timeout=self.ob.timeout,
-            use_tls=tls_mode == "ssl", start_tls=(tls_mode == "starttls") if via_smarthost else None,
-            validate_certs=via_smarthost,
-            tls_context=None if via_smarthost else _opportunistic_tls(),
-        )
+        if self.smarthost is None:
+            return await self._connect_mx(host, port)
+        tls_mode = self.ob.smarthost_tls  # explicit for the smarthost: no fallback to plaintext
+        smtp = aiosmtplib.SMTP(hostname=host, port=port, local_hostname=self.helo, timeout=self.ob.timeout,
+                               use_tls=tls_mode == "ssl", start_tls=tls_mode == "starttls", validate_certs=True)
         await smtp.connect()
-        if smtp.is_ehlo_or_helo_needed:  # the transaction reads the server's extensions (SIZE, SMTPUTF8)
-            try:
-                await smtp.ehlo()
-            except aiosmtplib.SMTPHeloError:
-                await smtp.helo()
-        if via_smarthost and self.ob.smarthost_login and self.password:
+        await _greet(smtp)
+        if self.ob.smarthost_login and self.password:
             await self._login(smtp, host)
+        return smtp
+
+    async def _connect_mx(self, host: str, port: int) -> aiosmtplib.SMTP:
+        """A connection to an MX at Postfix's "may" TLS level: STARTTLS when offered, and when that fails
+        (a refusal or a broken handshake), plaintext, for this host for the next TLS_FALLBACK_SECONDS.
+
+        Opportunistic TLS protects against passive snooping only (RFC 7435); refusing to deliver without it
+        deferred or bounced the mail of every domain whose MX has a broken TLS setup."""
+        now = asyncio.get_running_loop().time()
+        if self._plaintext_until.get((host, port), 0.0) <= now:
+            smtp = await self._open_mx(host, port)
+            if not smtp.supports_extension("starttls"):
+                return smtp
+            try:
+                await smtp.starttls(tls_context=_opportunistic_tls(), validate_certs=False)
+                await _greet(smtp)
+                return smtp
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                smtp.close()
+                log.info("outbound: STARTTLS with %s:%s failed (%s); delivering in plaintext", host, port,
+                         exc or type(exc).__name__)
+                self._remember_plaintext(host, port, now)
+        return await self._open_mx(host, port)
+
+    def _remember_plaintext(self, host: str, port: int, now: float) -> None:
+        self._plaintext_until = {k: t for k, t in self._plaintext_until.items() if t > now}
+        self._plaintext_until[(host, port)] = now + TLS_FALLBACK_SECONDS
+
+    async def _open_mx(self, host: str, port: int) -> aiosmtplib.SMTP:
+        smtp = aiosmtplib.SMTP(hostname=host, port=port, local_hostname=self.helo, timeout=self.ob.timeout,
+                               start_tls=False, validate_certs=False)
+        await smtp.connect()
+        await _greet(smtp)
         return smtp
 
     async def _login(self, smtp: aiosmtplib.SMTP, host: str) -> None:
@@ -407,6 +439,15 @@ def wire_payload(raw: bytes) -> tuple[bytes, int]:
     if raw.startswith(b"."):
         raw = b"." + raw
     return raw.replace(b"\r\n.", b"\r\n..") + _END_OF_DATA, size
+
+
+async def _greet(smtp: aiosmtplib.SMTP) -> None:
+    """EHLO (HELO if refused): the transaction reads the server's extensions (SIZE, SMTPUTF8, STARTTLS)."""
+    if smtp.is_ehlo_or_helo_needed:
+        try:
+            await smtp.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            await smtp.helo()
 
 
 def _opportunistic_tls() -> ssl.SSLContext:

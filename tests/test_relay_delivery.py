@@ -12,6 +12,7 @@ from collections import Counter
 
 import aiosmtplib
 import pytest
+from aiosmtpd.smtp import SMTP
 from sqlalchemy import select, update
 
 from gateway.config import parse_config
@@ -371,3 +372,62 @@ async def test_an_unexpected_error_while_sending_is_a_deferral(engine, env):
         lease = conn.execute(select(outbound_queue.c.lease_until)).scalar()
     assert (rcpt.state, rcpt.attempts, lease) == ("deferred", 1, None)
     assert "bug in the transport" in rcpt.last_result
+
+
+def mx_config(**outbound):
+    return parse_config(base_config(smarthost_port=1, tracking_port=free_port(), smarthost=None, **outbound),
+                        base_dir=".")
+
+
+@pytest.mark.parametrize("starttls", ["220 2.0.0 Ready to start TLS", "454 4.7.0 TLS not available",
+                                      "502 5.5.1 Not implemented"])
+async def test_an_mx_whose_starttls_fails_gets_the_mail_in_plaintext(env, starttls):
+    """Opportunistic TLS had no plaintext fallback: a broken handshake or a 454 deferred the mail on every
+    retry until it expired, and a 502 bounced it. Now the MX gets it in plaintext (Postfix's "may" level),
+    and the next connection to that host does not try STARTTLS again for a while."""
+    mx = await RawSmtpServer(ehlo=("250-raw.test", "250 STARTTLS"), starttls=starttls).start()
+
+    async def resolver(domain: str):
+        return [("127.0.0.1", mx.port)]
+
+    transport = SmtpTransport(mx_config(), resolver=resolver)
+    try:
+        result = await transport.send("bounce@example.test", "ola@customer.test", b"Subject: t\r\n\r\nhi\r\n")
+        assert result.outcome == "delivered" and mx.accepted == 1
+        assert mx.log[:3] == ["CONNECT", "EHLO", "STARTTLS"] and mx.log.count("CONNECT") == 2
+        assert mx.log.index("MAIL") > mx.log.index("CONNECT", 1)  # the mail went on the plaintext connection
+        await transport.close()  # no pooled connection: the next copy connects afresh
+        assert (await transport.send("bounce@example.test", "pia@customer.test", b"x\r\n")).outcome == "delivered"
+        assert mx.log.count("STARTTLS") == 1 and mx.accepted == 2
+    finally:
+        await transport.close()
+        await mx.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+async def test_an_mx_with_working_starttls_gets_the_mail_encrypted(env, tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=mx.test", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(cert), str(key))
+    encrypted: list[bool] = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+            encrypted.append(session.ssl is not None)
+            return "250 2.0.0 Ok: queued"
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(Handler(), tls_context=ctx, decode_data=False), "127.0.0.1", 0)
+
+    async def resolver(domain: str):
+        return [("127.0.0.1", server.sockets[0].getsockname()[1])]
+
+    transport = SmtpTransport(mx_config(), resolver=resolver)
+    try:
+        result = await transport.send("bounce@example.test", "quinn@customer.test", b"Subject: t\r\n\r\nhi\r\n")
+        assert result.outcome == "delivered" and encrypted == [True]
+    finally:
+        await transport.close()
+        server.close()
