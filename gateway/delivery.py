@@ -28,7 +28,7 @@ import email.parser
 import email.policy
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Engine, insert, select
@@ -42,7 +42,7 @@ from gateway.refusal import RefusalSender
 from gateway.schema import odoo_writes
 from gateway.spool import SpooledMessage
 from gateway.store import utcnow
-from gateway.thread_lookup import index_message, is_outbound, record_of
+from gateway.thread_lookup import forget_record, index_message, is_outbound, record_of
 from routing import msgdict
 from routing.autoreply import no_answer_reason
 from routing.model import Action, BounceResult, Decision, Target, is_null_sender
@@ -499,20 +499,51 @@ class Delivery:
             return DeliveryOutcome("dropped", f"explicit reply refused ({refused}){sent}")
         parent_id, internal = self._parent(target)
         step = f"update:{target.model}:{target.res_id}"
-        if ledger.get(step) is None and ledger.get(f"post:{target.model}:{target.res_id}") is None:
-            try:
-                client.message_update(target.model, target.res_id, msgdict.msg_dict(mail, author_id=author))
-            except PermanentError as exc:
-                if "does not exist" not in str(exc):  # models without message_update are fine
-                    raise
-            ledger.record(step, target.model, target.res_id)
-        posted = self._post(ledger, mail, mid, target.model, target.res_id, subtype=NOTE if internal else COMMENT,
-                            author=author, parent_id=parent_id)
+        try:
+            if ledger.get(step) is None and ledger.get(f"post:{target.model}:{target.res_id}") is None:
+                try:
+                    client.message_update(target.model, target.res_id, msgdict.msg_dict(mail, author_id=author))
+                except PermanentError as exc:
+                    # models without message_update are fine ("The method … does not exist"); a deleted
+                    # record ("Record does not exist", MissingError) is not
+                    if "MissingError" in str(exc) or "does not exist" not in str(exc):
+                        raise
+                ledger.record(step, target.model, target.res_id)
+            posted = self._post(ledger, mail, mid, target.model, target.res_id,
+                                subtype=NOTE if internal else COMMENT, author=author, parent_id=parent_id)
+        except PermanentError as exc:
+            if "MissingError" not in str(exc) or self._record_exists(target.model, target.res_id):
+                raise
+            return self._reply_to_deleted(message, raw, decision, target)
         self._subscribe(ledger, target.model, target.res_id, author)
         ref = (target.model, target.res_id)
         self._index(mid, [ref])
         return DeliveryOutcome("delivered", f"explicit reply: message {posted} on {target.model} {target.res_id}",
                                odoo_refs=(ref,))
+
+    def _record_exists(self, model: str, res_id: int) -> bool:
+        """Is the record still there (archived counts as there)?"""
+        found = self._odoo().execute(model, "search", None, {"domain": [("id", "=", res_id)],
+                                                             "context": {"active_test": False}})
+        return bool(found)
+
+    def _reply_to_deleted(self, message: SpooledMessage, raw: bytes, decision: Decision,
+                          target: Target) -> DeliveryOutcome:
+        """The record a reply answers was deleted (merged, cleaned up): do what Odoo's gateway does and create
+        a new record of that model, as new mail through the alias it came to (its defaults) would. The thread
+        index rows naming the deleted record are dropped, so the next reply is not routed there again."""
+        forgotten = forget_record(self.engine, target.model, target.res_id)
+        log.warning("spool %s: %s %s was deleted in Odoo; creating a new %s instead (%d thread index row(s) "
+                    "dropped)", message.id, target.model, target.res_id, target.model, forgotten)
+        alias = self.aliases.alias(target.alias) if target.alias else None
+        if alias is not None and alias.model == target.model and not alias.force_thread_id:
+            fresh = Target(model=target.model, alias=alias.address, contact=alias.contact, defaults=alias.defaults,
+                           create_partner=alias.create_partner)
+        else:
+            fresh = Target(model=target.model, contact=target.contact)
+        outcome = self._explicit_create(message, raw, replace(decision, action=Action.CREATE, targets=(fresh,)))
+        return DeliveryOutcome(outcome.state, f"{target.model} {target.res_id} was deleted in Odoo; new record: "
+                               + outcome.note, events=outcome.events, odoo_refs=outcome.odoo_refs)
 
     # ------------------------------------------------------------------------------ auto-reply
     def _auto_reply(self, message: SpooledMessage, raw: bytes, decision: Decision) -> DeliveryOutcome:

@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from sqlalchemy import Engine, and_, insert, select
+from sqlalchemy import Engine, and_, delete, insert, select, update
 
 from gateway.odoo.client import OdooClient, m2o_id
 from gateway.schema import messages, outbound_recipients, thread_index
@@ -116,6 +116,18 @@ def index_message(engine: Engine, message_id: str, model: str | None, res_id: in
     return True
 
 
+def forget_record(engine: Engine, model: str, res_id: int) -> int:
+    """The record was deleted in Odoo: its thread index rows must not route replies to it any more. Rows of
+    mail we relayed keep their Message-ID (bounce and reply events still find the mail) but lose the record,
+    so a reply to them is new mail, as in Odoo (route_reply_model_none). Returns the rows changed."""
+    where = and_(thread_index.c.model == model, thread_index.c.res_id == res_id)
+    with engine.begin() as conn:
+        dropped = conn.execute(delete(thread_index).where(where, thread_index.c.outbound.is_(False))).rowcount
+        kept = conn.execute(update(thread_index).where(where, thread_index.c.outbound.is_(True))
+                            .values(model=None, res_id=None)).rowcount
+    return int(dropped or 0) + int(kept or 0)
+
+
 def is_outbound(engine: Engine, message_id: str | None) -> ThreadHit | None:
     """The thread_index row of a mail we relayed (outbound), or None."""
     if not message_id:
@@ -158,4 +170,4 @@ class SpoolDuplicateLookup:
             return conn.execute(select(messages.c.id).where(and_(*cond)).limit(1)).first() is not None
 
 
-__all__ = ["IndexThreadLookup", "SpoolDuplicateLookup", "index_message", "is_outbound", "record_of", "m2o_id"]
+__all__ = ["IndexThreadLookup", "SpoolDuplicateLookup", "forget_record", "index_message", "is_outbound", "record_of", "m2o_id"]

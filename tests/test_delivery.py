@@ -184,6 +184,39 @@ def test_reply_joins_the_lead(rig: Rig) -> None:
     assert posts[1]["parent_id"] == posts[0]["id"]
 
 
+def _delete_record(d: OdooDouble, model: str, res_id: int) -> None:
+    """What unlink does in Odoo: the record goes, and its chatter with it."""
+    d.store.tables[model].pop(res_id)
+    for m in d.messages_on(model, res_id):
+        d.store.tables["mail.message"].pop(m["id"])
+
+
+def test_reply_to_a_deleted_record_creates_a_new_one_like_odoo(tmp_path: Any, double: OdooDouble) -> None:
+    """Odoo creates a new record of that model (spec §1.5); the mail must not go dead, nor be routed to the
+    deleted record again (its thread index rows are dropped)."""
+    rig = Rig(tmp_path, double, "explicit")
+    mid = "<new-del@customer.example>"
+    rig.deliver(new_mail(mid), create_decision(mid))
+    [lead] = leads(double)
+    index_message(rig.engine, "<we-relayed@example.test>", "crm.lead", lead["id"], outbound=True)
+    _delete_record(double, "crm.lead", lead["id"])
+    rmid = "<reply-del@customer.example>"
+    decision = Decision(action=Action.REPLY, explanation=("test",), message_id=rmid, reason="reply",
+                        targets=(Target(model="crm.lead", res_id=lead["id"], alias=f"sales@{DOMAIN}",
+                                        parent_message_id=mid),), recipients=(f"sales@{DOMAIN}",))
+    msg, out = rig.deliver(reply_mail(mid, rmid), decision, rcpt=f"sales@{DOMAIN}")
+    assert out.state == "delivered", out.note
+    [fresh] = leads(double)
+    assert fresh["id"] != lead["id"] and fresh["type"] == "lead"  # the sales@ alias's defaults
+    assert out.odoo_refs == (("crm.lead", fresh["id"]),) and "was deleted" in out.note
+    assert [p["message_id"] for p in email_messages(double, "crm.lead", fresh["id"])] == [rmid]
+    with rig.engine.connect() as conn:
+        rows = {(r.message_id, r.model, r.res_id) for r in conn.execute(select(thread_index))}
+    assert rows == {(rmid, "crm.lead", fresh["id"]), ("<we-relayed@example.test>", None, None)}
+    again = rig.delivery.deliver(msg, reply_mail(mid, rmid), decision)  # `dead retry`, an old decision
+    assert again.state == "delivered" and len(leads(double)) == 1
+
+
 def test_passthrough_appends_in_reply_to_when_references_miss(tmp_path: Any, double: OdooDouble) -> None:
     """Outlook-style: References holds only an unknown id, In-Reply-To the known one (spec §6)."""
     rig = Rig(tmp_path, double, "passthrough")
