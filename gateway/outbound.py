@@ -58,6 +58,9 @@ class SmtpResult:
     status: str | None = None    # enhanced status code, e.g. "5.1.1"
     text: str = ""
     remote_mta: str | None = None
+    # The connection broke after the whole message was sent: the host may have taken it, so this attempt
+    # must not hand it to another MX as well (retrying later risks a duplicate too, but not two at once).
+    uncertain: bool = False
 
 
 _ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
@@ -324,9 +327,12 @@ class SmtpTransport:
             last = SmtpResult("deferred", 451, "4.4.1", "no host tried")
             for host, port in hosts:
                 result = await self._send_to(host, port, mail_from, recipient, raw)
-                if result is not None:
+                if result is None:
+                    last = SmtpResult("deferred", 451, "4.4.1", f"cannot connect to {host}:{port}", f"{host}")
+                elif result.outcome == "deferred" and not result.uncertain:
+                    last = result  # a 4xx (busy, greylisting, a local error there): the next MX may take it
+                else:
                     return result
-                last = SmtpResult("deferred", 451, "4.4.1", f"cannot connect to {host}:{port}", f"{host}")
             return last
 
     async def _send_to(self, host: str, port: int, mail_from: str, recipient: str,
@@ -346,6 +352,8 @@ class SmtpTransport:
         except SmarthostLoginError as exc:
             log.warning("outbound: %s", exc)
             return SmtpResult("deferred", 454, "4.7.0", str(exc), host)
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            return _refused_greeting(classify_reply(exc.code, exc.message, host))
         except aiosmtplib.SMTPResponseException as exc:
             result = classify_reply(exc.code, exc.message, host)
             return result if result.outcome != "delivered" else None
@@ -365,6 +373,7 @@ class SmtpTransport:
         """
         keep = False
         answered = False
+        sent = False
         try:
             utf8 = not (mail_from.isascii() and recipient.isascii())
             if utf8 and not smtp.supports_extension("smtputf8"):
@@ -387,17 +396,20 @@ class SmtpTransport:
                 return await self._refused(smtp, reply, host)
             assert smtp.protocol is not None
             smtp.protocol.write(payload)
+            sent = True
             reply = await smtp.protocol.read_response(timeout=self.data_end_timeout)
             keep = reply.code == 250
             return classify_reply(reply.code, reply.message, host)
         except aiosmtplib.SMTPServerDisconnected as exc:
             if reused and not answered:
                 return None
-            return SmtpResult("deferred", 451, "4.4.2", f"{host} closed the connection: {exc}", host)
+            return SmtpResult("deferred", 451, "4.4.2", f"{host} closed the connection: {exc}", host,
+                              uncertain=sent)
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
             # Lost the connection mid-transaction: the message may or may not have been taken; retrying
             # risks a duplicate, not a loss, which is SMTP's usual trade (RFC 5321 §6.1).
-            return SmtpResult("deferred", 451, "4.4.2", f"connection to {host} failed: {exc}", host)
+            return SmtpResult("deferred", 451, "4.4.2", f"connection to {host} failed: {exc}", host,
+                              uncertain=sent)
         finally:
             idle = self._host_pools[(smtp.hostname or host, smtp.port or 0)]
             if keep and smtp.is_connected and len(idle) < self.ob.per_destination_concurrency:
@@ -439,6 +451,15 @@ def wire_payload(raw: bytes) -> tuple[bytes, int]:
     if raw.startswith(b"."):
         raw = b"." + raw
     return raw.replace(b"\r\n.", b"\r\n..") + _END_OF_DATA, size
+
+
+def _refused_greeting(result: SmtpResult) -> SmtpResult | None:
+    """A host that refuses us at the greeting says nothing about the mail: even a 5xx there is temporary and
+    the next MX is tried (Postfix's smtp_skip_5xx_greeting=yes). None for a 2xx that was not a 220."""
+    if result.outcome == "delivered":
+        return None
+    status = "4" + (result.status or "5.0.0")[1:]
+    return dataclasses.replace(result, outcome="deferred", status=status)
 
 
 async def _greet(smtp: aiosmtplib.SMTP) -> None:

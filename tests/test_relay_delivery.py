@@ -431,3 +431,70 @@ async def test_an_mx_with_working_starttls_gets_the_mail_encrypted(env, tmp_path
     finally:
         await transport.close()
         server.close()
+
+
+@pytest.mark.parametrize("refusal", [{"greeting": "421 4.3.2 Busy, try later"},
+                                     {"greeting": "554 5.7.1 No SMTP service here"},
+                                     {"mail": "451 4.3.0 Local error"}, {"rcpt": "450 4.2.0 Greylisted"},
+                                     {"data_end": "451 4.3.0 Queue write failed"}])
+async def test_a_temporary_refusal_or_5xx_greeting_falls_over_to_the_next_mx(env, refusal):
+    """A 4xx at any stage, or a 5xx greeting (Postfix's smtp_skip_5xx_greeting), ended the attempt at the
+    first MX: the backup MX was never tried, and a 554 greeting bounced the mail for good."""
+    primary = await RawSmtpServer(**refusal).start()
+    backup = await RawSmtpServer().start()
+
+    async def resolver(domain: str):
+        return [("127.0.0.1", primary.port), ("127.0.0.1", backup.port)]
+
+    transport = SmtpTransport(mx_config(), resolver=resolver)
+    try:
+        result = await transport.send("bounce@example.test", "rae@customer.test", b"Subject: t\r\n\r\nhi\r\n")
+        assert result.outcome == "delivered" and backup.accepted == 1 and primary.accepted == 0
+    finally:
+        await transport.close()
+        await primary.stop()
+        await backup.stop()
+
+
+async def test_when_every_mx_refuses_for_now_the_last_answer_is_the_deferral(env):
+    first = await RawSmtpServer(greeting="554 5.7.1 No SMTP service here").start()
+    second = await RawSmtpServer(rcpt="450 4.2.0 Greylisted").start()
+    bouncer = await RawSmtpServer(rcpt="550 5.1.1 No such user").start()
+
+    async def resolver(domain: str):
+        if domain == "gone.test":
+            return [("127.0.0.1", bouncer.port), ("127.0.0.1", second.port)]
+        return [("127.0.0.1", first.port), ("127.0.0.1", second.port)]
+
+    transport = SmtpTransport(mx_config(), resolver=resolver)
+    try:
+        result = await transport.send("bounce@example.test", "sam@customer.test", b"Subject: t\r\n\r\nhi\r\n")
+        assert (result.outcome, result.code, result.status) == ("deferred", 450, "4.2.0")
+        second.log.clear()
+        # A permanent answer to the mail is final: no other MX is asked.
+        result = await transport.send("bounce@example.test", "sam@gone.test", b"Subject: t\r\n\r\nhi\r\n")
+        assert (result.outcome, result.status) == ("bounced", "5.1.1") and "CONNECT" not in second.log
+    finally:
+        await transport.close()
+        for host in (first, second, bouncer):
+            await host.stop()
+
+
+async def test_no_fall_over_once_the_whole_mail_was_sent(env):
+    """No answer to the final dot: the first MX may have taken the mail, so it is deferred, not sent to the
+    backup MX as well."""
+    primary = await RawSmtpServer(data_end_delay=1.0).start()
+    backup = await RawSmtpServer().start()
+
+    async def resolver(domain: str):
+        return [("127.0.0.1", primary.port), ("127.0.0.1", backup.port)]
+
+    transport = SmtpTransport(mx_config(), resolver=resolver)
+    transport.data_end_timeout = 0.3
+    try:
+        result = await transport.send("bounce@example.test", "tom@customer.test", b"Subject: t\r\n\r\nhi\r\n")
+        assert (result.outcome, result.uncertain) == ("deferred", True) and "CONNECT" not in backup.log
+    finally:
+        await transport.close()
+        await primary.stop()
+        await backup.stop()
