@@ -104,15 +104,27 @@ def _text(part: Message) -> str:
         return payload.decode("utf-8", "replace")
 
 
+def format_address(name: str, addr: str) -> str:
+    """"Name <addr>" as Odoo stores email_from: the display name readable, never RFC 2047-encoded (the stdlib's
+    formataddr encodes a non-ASCII name, and Odoo would show `=?utf-8?b?…?=` as the sender). A name that is
+    not plain ASCII is quoted and escaped like Odoo's tools.formataddr."""
+    if not name:
+        return addr
+    if name.isascii():
+        try:
+            return email.utils.formataddr((name, addr))
+        except (UnicodeError, ValueError):  # an 8-bit address: keep it as written
+            pass
+    escaped = re.sub(r'([\\"])', r"\\\1", " ".join(name.split()))
+    return f'"{escaped}" <{addr}>'
+
+
 def parse_mail(raw: bytes) -> ParsedMail:
     """Headers, HTML body (HTML wins in alternatives; plain text wrapped in <pre>) and attachments."""
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     from_addrs = email.utils.getaddresses([_header(msg, "From")])
     name, addr = from_addrs[0] if from_addrs else ("", "")
-    try:
-        email_from = email.utils.formataddr((name, addr)) if addr else _header(msg, "From")
-    except (UnicodeError, ValueError):  # an 8-bit address: keep it as written
-        email_from = f'"{name}" <{addr}>' if name else addr
+    email_from = format_address(name, addr) if addr else _header(msg, "From")
     html_parts: list[str] = []
     text_parts: list[str] = []
     attachments: list[MailAttachment] = []

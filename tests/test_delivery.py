@@ -388,6 +388,16 @@ def test_passthrough_lost_answer_is_not_processed_twice(tmp_path: Any, double: O
     assert out.odoo_refs == (("crm.lead", leads(double)[0]["id"]),)
 
 
+def test_explicit_mode_writes_the_decoded_sender_name(tmp_path: Any, double: OdooDouble) -> None:
+    rig = Rig(tmp_path, double, "explicit")
+    mid = "<enc-1@customer.example>"
+    rig.deliver(new_mail(mid, sender="=?utf-8?q?Ren=C3=A9_M=C3=BCller?= <rene@customer.example>"),
+                create_decision(mid))
+    [lead] = leads(double)
+    assert lead["email_from"] == '"René Müller" <rene@customer.example>'
+    assert [m["email_from"] for m in email_messages(double, "crm.lead", lead["id"])] == [lead["email_from"]]
+
+
 def test_author_prefers_a_users_partner(tmp_path: Any, double: OdooDouble) -> None:
     rig = Rig(tmp_path, double, "explicit")
     double.add_partner("Alice (old contact)", "alice@customer.example")

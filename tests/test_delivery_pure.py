@@ -62,6 +62,22 @@ def test_parse_headers_agrees_with_parse_mail_on_headers() -> None:
     assert head.body_html == "" and head.attachments == ()
 
 
+@pytest.mark.parametrize("header, email_from", [
+    ("=?utf-8?q?Ren=C3=A9_M=C3=BCller?= <rene@customer.example>", '"René Müller" <rene@customer.example>'),
+    ("=?utf-8?b?UmVuw6kgTcO8bGxlcg==?= <rene@customer.example>", '"René Müller" <rene@customer.example>'),
+    ("=?utf-8?Q?M=C3=BCller=2C_Hans?= <hans@x.example>", '"Müller, Hans" <hans@x.example>'),
+    ("=?utf-8?q?Ren=C3=A9_=22Ren=22?= <rene@customer.example>", '"René \\"Ren\\"" <rene@customer.example>'),
+    ("Alice Buyer <alice@customer.example>", "Alice Buyer <alice@customer.example>"),
+    ("=?utf-8?q?Alice?= <alice@customer.example>", "Alice <alice@customer.example>"),
+])
+def test_email_from_keeps_the_display_name_readable(header: str, email_from: str) -> None:
+    """Odoo stores and shows email_from as written by people; an RFC 2047 word there is what the salesperson
+    would read as the sender's name."""
+    raw = f"From: {header}\r\nTo: sales@example.test\r\nSubject: hi\r\n\r\nbody\r\n".encode()
+    mail = parse_mail(raw)
+    assert mail.email_from == email_from and "=?" not in msg_dict(mail)["email_from"]
+
+
 def test_plain_text_is_escaped_and_wrapped() -> None:
     mail = parse_mail(b"From: a@b\r\nSubject: x\r\n\r\n<script>alert(1)</script> & co\r\n")
     assert mail.body_html.startswith("<pre>") and "&lt;script&gt;" in mail.body_html and "&amp; co" in mail.body_html
