@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
+import random
 import re
 import ssl
 from collections import defaultdict
@@ -63,11 +64,12 @@ class SmtpResult:
     uncertain: bool = False
 
 
-_ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+# RFC 3463 / RFC 2034: the enhanced code opens the reply text (anything later, e.g. an IP address, is not one).
+_ENHANCED = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})(?![.\d])")
 
 # Sisimai's vocabulary for what an SMTP answer says (first match wins).
 _REASON_BY_STATUS = (
-    ("5.1.1", "userunknown"), ("5.1.10", "userunknown"), ("5.1.2", "hostunknown"), ("5.1.6", "hasmoved"),
+    ("5.1.1", "userunknown"), ("5.1.10", "notaccept"), ("5.1.2", "hostunknown"), ("5.1.6", "hasmoved"),
     ("5.2.2", "mailboxfull"), ("4.2.2", "mailboxfull"), ("5.2.3", "mesgtoolarge"), ("5.3.4", "mesgtoolarge"),
     ("5.2.1", "suspend"), ("5.7.1", "blocked"), ("5.7.26", "securityerror"), ("5.7.", "policyviolation"),
     ("5.4.", "networkerror"), ("4.4.", "networkerror"), ("5.3.", "systemerror"), ("5.6.", "contenterror"),
@@ -79,10 +81,18 @@ _REASON_BY_TEXT = (
 )
 
 
+def enhanced_status(code: int, text: str) -> str | None:
+    """The enhanced status code at the start of a reply's text, when its class agrees with the reply code
+    (RFC 3463 §2: a `450 5.1.1` is contradictory, and the basic code is the one that counts)."""
+    m = _ENHANCED.match(text or "")
+    if m is None or int(m.group(1)) != code // 100:
+        return None
+    return ".".join(m.groups())
+
+
 def classify_reply(code: int, text: str, remote_mta: str | None = None) -> SmtpResult:
     """2xx delivered, 4xx deferred, 5xx bounced — with the enhanced status code when the reply has one."""
-    m = _ENHANCED.search(text or "")
-    status = ".".join(m.groups()) if m else None
+    status = enhanced_status(code, text)
     if 200 <= code < 300:
         return SmtpResult("delivered", code, status, text, remote_mta)
     if 400 <= code < 500:
@@ -116,11 +126,12 @@ def retry_delay(attempts: int, minimum: float, maximum: float) -> float:
 
 
 def order_mx(records: list[tuple[int, str]]) -> list[str] | None:
-    """MX hosts by preference (RFC 5321 §5.1); None for a null MX (RFC 7505: the domain takes no mail)."""
+    """MX hosts by preference, hosts of equal preference in random order (RFC 5321 §5.1: so that load
+    spreads across them); None for a null MX (RFC 7505: the domain takes no mail)."""
     if len(records) == 1 and records[0][1].strip(".") == "":
         return None
     hosts: list[str] = []
-    for _, host in sorted(records, key=lambda r: r[0]):
+    for _, host in sorted(records, key=lambda r: (r[0], random.random())):
         host = host.rstrip(".")
         if host and host not in hosts:
             hosts.append(host)
@@ -744,6 +755,6 @@ class OutboundWorker:
 
 __all__ = [
     "DestinationError", "OutboundWorker", "SmtpResult", "SmtpTransport", "bounce_kind", "bounce_reason",
-    "claim_due", "classify_reply", "make_mx_resolver", "order_mx", "record_result", "record_results",
+    "claim_due", "classify_reply", "enhanced_status", "make_mx_resolver", "order_mx", "record_result", "record_results",
     "retry_delay", "Attempt",
 ]

@@ -11,7 +11,7 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from gateway.config import parse_config
-from gateway.outbound import SmtpTransport, wire_payload
+from gateway.outbound import SmtpTransport, bounce_reason, classify_reply, order_mx, wire_payload
 from tests.test_relay_support import base_config, free_port
 
 pytestmark = pytest.mark.events
@@ -130,3 +130,29 @@ def test_wire_payload_normalises_only_what_needs_it_and_dot_stuffs() -> None:
     assert wire_payload(b"a\rb\r\n") == (b"a\r\nb\r\n.\r\n", 6)      # bare CR
     assert wire_payload(b".x\r\n..y\r\n.\r\n") == (b"..x\r\n...y\r\n..\r\n.\r\n", 12)  # size before stuffing
     assert wire_payload(b"") == (b"\r\n.\r\n", 2)
+
+
+def test_mx_hosts_of_equal_preference_come_in_random_order() -> None:
+    """RFC 5321 §5.1: equal-preference MX hosts are tried in random order, so load spreads across them; we
+    always tried them in the order DNS gave, hammering the first."""
+    records = [(20, "c.mx.test."), (10, "a.mx.test."), (10, "b.mx.test."), (10, "d.mx.test."), (5, "z.mx.test.")]
+    orders = [order_mx(records) for _ in range(200)]
+    assert all(o is not None and o[0] == "z.mx.test" and o[-1] == "c.mx.test" for o in orders)
+    assert {o[1] for o in orders if o} == {"a.mx.test", "b.mx.test", "d.mx.test"}
+
+
+@pytest.mark.parametrize("code,text,status,reason", [
+    (550, "Your IP 5.9.1.10 is listed at a DNSBL", "5.0.0", "undefined"),  # an address, not a status code
+    (450, "5.1.1 <jo@customer.test>: user unknown", "4.0.0", None),  # class disagrees: the 450 counts
+    (550, "5.1.10 Recipient address has null MX", "5.1.10", "notaccept"),
+    (550, "5.1.1: no such user", "5.1.1", "userunknown"),
+    (451, " 4.7.1 greylisted\nsecond line 5.7.1", "4.7.1", None),
+])
+def test_the_enhanced_status_code_is_read_only_where_it_belongs(code: int, text: str, status: str,
+                                                                 reason: str | None) -> None:
+    """RFC 3463: the enhanced code opens the reply text and its class is the reply code's; a number later in
+    the text (an IP address) or a contradicting class was taken as the status, and a null MX's 5.1.10 was
+    reported as an unknown user."""
+    result = classify_reply(code, text)
+    assert result.status == status
+    assert (bounce_reason(result) if result.outcome == "bounced" else None) == reason
