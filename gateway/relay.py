@@ -12,6 +12,7 @@ over STARTTLS when the listener has a certificate). Anyone else gets 530 at MAIL
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hmac
 import ipaddress
@@ -202,11 +203,30 @@ def record_submission(conn: Connection, *, raw: bytes, mail_from: str, rcpt_tos:
     return record_submissions(conn, [Submission(raw, mail_from, rcpt_tos, facts, plan)], lease=lease)[0]
 
 
+def unique_recipients(rcpt_tos: tuple[str, ...]) -> tuple[str, ...]:
+    """Envelope recipients without repeats (compared case-insensitively; the first spelling is kept): a
+    client that names one address twice means one mail, and two copies would reach that mailbox twice."""
+    seen: set[str] = set()
+    unique = []
+    for rcpt in rcpt_tos:
+        key = rcpt.lower()
+        if key not in seen:
+            seen.add(key)
+            unique.append(rcpt)
+    return tuple(unique)
+
+
+def _without_repeats(sub: Submission) -> Submission:
+    rcpts = unique_recipients(sub.rcpt_tos)
+    return sub if len(rcpts) == len(sub.rcpt_tos) else dataclasses.replace(sub, rcpt_tos=rcpts)
+
+
 def record_submissions(conn: Connection, subs: list[Submission], *, lease: dt.timedelta = FAST_PATH_LEASE,
                        ) -> list[list[QueuedCopy]]:
     """`record_submission` for many mails with a handful of statements (executemany / multi-row RETURNING):
     per-statement overhead, not SQLite, bounds the relay's throughput (bench/relay.py)."""
     now = utcnow()
+    subs = [_without_repeats(sub) for sub in subs]
     mids: list[str] = []
     raws: list[bytes] = []
     for sub in subs:
@@ -290,6 +310,8 @@ class SubmissionHandler:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
+        if any(address.lower() == rcpt.lower() for rcpt in envelope.rcpt_tos):
+            return "250 2.1.5 OK (duplicate recipient: one copy)"
         if len(envelope.rcpt_tos) >= self.listener.max_recipients:
             return "452 4.5.3 Too many recipients"
         if "@" not in address:

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway.config import parse_config
-from gateway.relay import resolve_verp
+from gateway.relay import RelayPlan, Submission, read_submission, record_submissions, resolve_verp
 from gateway.relay_service import start_outbound_services
 from gateway.schema import events, outbound_recipients, thread_index
 from gateway.store import open_store
@@ -293,3 +293,29 @@ async def test_webhook_receiver_down_gets_everything_in_order_per_mail(env, engi
     finally:
         await hooks.stop()
         await smarthost.stop()
+
+
+async def test_a_recipient_named_twice_gets_one_copy(env, engine):
+    """RCPT TO the same address twice (in any case) queued two copies, and the recipient got the mail twice."""
+    smarthost = await Smarthost().start()
+    cfg = base_config(smarthost_port=smarthost.port, tracking_port=free_port())
+    try:
+        async with Gateway(engine, cfg) as gw:
+            await gw.send(odoo_mail(to="uma@customer.test"), ["uma@customer.test", "Uma@Customer.test",
+                                                              "vic@customer.test"])
+            await smarthost.wait_for(2)
+            await asyncio.sleep(0.3)  # room for a duplicate to arrive
+        assert sorted(r.rcpt_tos[0] for r in smarthost.received) == ["uma@customer.test", "vic@customer.test"]
+        with engine.connect() as conn:
+            assert conn.execute(select(func.count()).select_from(outbound_recipients)).scalar() == 2
+    finally:
+        await smarthost.stop()
+
+
+def test_recording_a_submission_keeps_one_copy_per_address(engine):
+    raw = odoo_mail(to="wes@customer.test")
+    plan = RelayPlan(secret=SECRET.encode(), verp_domain="example.test", track=False, tracking_base="http://t")
+    with engine.begin() as conn:
+        copies = record_submissions(conn, [Submission(raw, "bounce@example.test", (
+            "wes@customer.test", "WES@customer.test", "wes@customer.test"), read_submission(raw), plan)])[0]
+    assert [c.recipient for c in copies] == ["wes@customer.test"]
