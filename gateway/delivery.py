@@ -94,6 +94,12 @@ class WriteLedger:
         row = self._done.get(step)
         return row.res_id if row is not None else None
 
+    def claimed(self, prefix: str, *, besides: str) -> set[int]:
+        """Record ids that steps starting with `prefix`, other than `besides`, already made (another alias's
+        record of the same model: never this alias's to reuse)."""
+        return {int(r.res_id) for step, r in self._done.items()
+                if step.startswith(prefix) and step != besides and r is not None and r.res_id is not None}
+
     def record(self, step: str, model: str | None, res_id: int | None, result: Any = None) -> None:
         """Commit one write *now* (before anything else can fail)."""
         values = dict(message=self.message, step=step[:255], model=model, res_id=res_id,
@@ -430,11 +436,16 @@ class Delivery:
                 step = f"create:{target.model}:{label}"
                 res_id = ledger.res_id(step)
                 if res_id is None:
-                    found = [r for r in known if r.get("model") == target.model and r.get("res_id")]
+                    # A record Odoo holds this mail on is reused only if no other alias's create step made it:
+                    # two aliases of one model make two records, a retry included.
+                    others = ledger.claimed(f"create:{target.model}:", besides=step)
+                    found = [r for r in known if r.get("model") == target.model and r.get("res_id")
+                             and int(r["res_id"]) not in others]
                     intent = ledger.get(f"creating:{target.model}:{label}")
                     if found:
                         res_id = int(found[0]["res_id"])
-                    elif intent is not None and (orphan := self._orphan(target.model, mail, intent)):
+                    elif intent is not None and (orphan := self._orphan(target.model, mail, intent)) \
+                            and orphan not in others:
                         res_id = orphan
                     else:
                         if intent is None:

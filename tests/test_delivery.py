@@ -398,6 +398,37 @@ def test_explicit_mode_writes_the_decoded_sender_name(tmp_path: Any, double: Odo
     assert [m["email_from"] for m in email_messages(double, "crm.lead", lead["id"])] == [lead["email_from"]]
 
 
+def test_two_aliases_of_one_model_keep_two_records_across_a_retry(tmp_path: Any, double: OdooDouble) -> None:
+    """sales@ and vip@ (both crm.lead) make one lead each; when the second message_new fails transiently, the
+    retry must not take sales@'s lead (Odoo already holds the mail there) for vip@."""
+    rig = Rig(tmp_path, double, "explicit")
+    double.add_partner("Alice Buyer", "alice@customer.example")  # vip@ accepts partners only
+    mid = "<two-aliases@customer.example>"
+    sales, vip = SALES, Target(model="crm.lead", alias=f"vip@{DOMAIN}", contact="partners")
+    decision = Decision(action=Action.CREATE, explanation=("t",), targets=(sales, vip), message_id=mid,
+                        recipients=(f"sales@{DOMAIN}", f"vip@{DOMAIN}"), reason="alias")
+    raw = new_mail(mid, to=f"sales@{DOMAIN}, vip@{DOMAIN}")
+    msg = rig.spool(raw)
+    real_new, calls = rig.client.message_new, []
+
+    def second_times_out(*args: Any, **kw: Any) -> Any:
+        calls.append(args)
+        if len(calls) == 2:
+            raise TransientError("Odoo crm.lead.message_new: timed out (simulated)")
+        return real_new(*args, **kw)
+
+    rig.client.message_new = second_times_out
+    with pytest.raises(TransientError):
+        rig.delivery.deliver(msg, raw, decision)
+    assert len(leads(double)) == 1
+    out = rig.delivery.deliver(msg, raw, decision)
+    assert out.state == "delivered", out.note
+    first, second = leads(double)
+    assert out.odoo_refs == (("crm.lead", first["id"]), ("crm.lead", second["id"]))
+    for lead in (first, second):
+        assert [m["message_id"] for m in email_messages(double, "crm.lead", lead["id"])] == [mid]
+
+
 def test_author_prefers_a_users_partner(tmp_path: Any, double: OdooDouble) -> None:
     rig = Rig(tmp_path, double, "explicit")
     double.add_partner("Alice (old contact)", "alice@customer.example")
