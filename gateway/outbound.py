@@ -44,6 +44,8 @@ from routing.tokens import verp_address
 log = logging.getLogger(__name__)
 
 DB_LEASE = dt.timedelta(minutes=15)
+#: How long, at shutdown, copies being sent may take to finish before they are cut off.
+DRAIN_SECONDS = 10.0
 #: How often the worker extends the leases of the copies it holds: well inside DB_LEASE (and the relay's
 #: FAST_PATH_LEASE), so a backlog that outlasts a lease is not claimed by another node and sent twice.
 LEASE_RENEWAL = DB_LEASE / 3
@@ -630,13 +632,14 @@ class OutboundWorker:
         self.transport = transport or SmtpTransport(config)
         self.on_event = on_event
         self.table = config.alias_table()
-        self._queue: asyncio.Queue[QueuedCopy] = asyncio.Queue()
+        self._queue: asyncio.Queue[QueuedCopy | None] = asyncio.Queue()  # None: a delivery loop's cue to end
         self._records: set[asyncio.Task[str]] = set()
         self._recording = asyncio.Semaphore(1024)  # results sent but not yet committed, at most
         # Recipient ids of the copies this worker holds: queued in memory, being sent, or being recorded.
         # The poller never claims these, and their leases are renewed every `lease_renewal`.
         self._held: set[int] = set()
         self.lease_renewal = LEASE_RENEWAL.total_seconds()
+        self.drain_seconds = DRAIN_SECONDS
         self.sent = 0
 
     def submit(self, copies: list[QueuedCopy]) -> None:
@@ -649,17 +652,50 @@ class OutboundWorker:
             self._queue.put_nowait(copy)
 
     async def run(self, stop: asyncio.Event) -> None:
-        tasks = [asyncio.create_task(self._deliver_loop(), name=f"outbound-{i}") for i in range(self.ob.concurrency)]
-        tasks.append(asyncio.create_task(self._poll_loop(stop), name="outbound-poll"))
+        """Deliver until `stop` is set, then drain: copies being sent finish (up to `drain_seconds`) and
+        their results are committed; copies never started are released for the next run or another node."""
+        deliverers = [asyncio.create_task(self._deliver_loop(), name=f"outbound-{i}")
+                      for i in range(self.ob.concurrency)]
+        poller = asyncio.create_task(self._poll_loop(stop), name="outbound-poll")
         try:
             await stop.wait()
         finally:
-            for t in tasks:
+            poller.cancel()
+            await self._release_unstarted(self._take_queued())
+            for _ in deliverers:
+                self._queue.put_nowait(None)
+            # A send cut off after the final dot may have been taken: the mail would go out again.
+            _, late = await asyncio.wait(deliverers, timeout=self.drain_seconds)
+            for t in late:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(poller, *deliverers, return_exceptions=True)
             if self._records:  # results of mail already sent: commit them rather than send the mail again
                 await asyncio.wait(set(self._records), timeout=10)
             await self.transport.close()
+
+    def _take_queued(self) -> list[QueuedCopy]:
+        copies = []
+        while not self._queue.empty():
+            copy = self._queue.get_nowait()
+            if copy is not None:
+                copies.append(copy)
+        return copies
+
+    async def _release_unstarted(self, copies: list[QueuedCopy]) -> None:
+        """Clear the leases of copies this worker took but never started: without it they waited out the
+        whole lease (15 minutes) before a restarted gateway or another node would send them."""
+        if not copies:
+            return
+        ids = [copy.rcpt_id for copy in copies]
+        self._held.difference_update(ids)
+        try:
+            await asyncio.to_thread(self._release, ids)
+        except Exception as exc:
+            log.error("outbound: releasing %d unsent copies failed (they wait out their lease): %s", len(ids), exc)
+
+    def _release(self, rcpt_ids: list[int]) -> None:
+        with self.engine.begin() as conn:
+            execute_many(conn, _RELEASE_COPY, [{"rid": rid} for rid in rcpt_ids])
 
     async def _poll_loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -696,6 +732,8 @@ class OutboundWorker:
     async def _deliver_loop(self) -> None:
         while True:
             copy = await self._queue.get()
+            if copy is None:  # shutting down
+                return
             try:
                 attempt = await self.attempt(copy)
             except asyncio.CancelledError:

@@ -27,6 +27,10 @@ from gateway.tracking import make_tracking_app
 
 log = logging.getLogger(__name__)
 
+#: How long `OutboundServices.close` waits for the worker to drain (in-flight sends, then their commits)
+#: before it cancels what is left; within `mailgate serve`'s 30 s shutdown budget.
+SHUTDOWN_SECONDS = 25.0
+
 
 @dataclass
 class OutboundServices:
@@ -38,6 +42,7 @@ class OutboundServices:
     smtp_servers: list[asyncio.base_events.Server] = field(default_factory=list)
     http_runner: web.AppRunner | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    stop: asyncio.Event | None = None  # what the worker and dispatcher run until
 
     @property
     def submission_ports(self) -> list[int]:
@@ -54,10 +59,16 @@ class OutboundServices:
         return None
 
     async def close(self) -> None:
+        """Stop accepting, let the worker drain (bounded), then stop the rest. Cancelling the worker at once
+        cut off its drain: a result not yet committed was lost and the mail went out again after restart."""
         for server in self.smtp_servers:
             server.close()
         for server in self.smtp_servers:
             await server.wait_closed()
+        if self.stop is not None:
+            self.stop.set()
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=SHUTDOWN_SECONDS)
         for t in self.tasks:
             if not t.done():
                 t.cancel()
@@ -113,7 +124,7 @@ async def start_outbound_services(config: Config, engine: Engine, stop: asyncio.
         await batcher.start()
     dispatcher = WebhookDispatcher(engine, config.events)
     worker = OutboundWorker(engine, config, secret, batcher, transport=transport, on_event=dispatcher.wake)
-    services = OutboundServices(worker=worker, dispatcher=dispatcher, batcher=batcher)
+    services = OutboundServices(worker=worker, dispatcher=dispatcher, batcher=batcher, stop=stop)
     services.tasks.append(asyncio.create_task(worker.run(stop), name="outbound-worker"))
     services.tasks.append(asyncio.create_task(dispatcher.run(stop), name="webhook-dispatcher"))
     try:

@@ -498,3 +498,65 @@ async def test_no_fall_over_once_the_whole_mail_was_sent(env):
         await transport.close()
         await primary.stop()
         await backup.stop()
+
+
+class SendThenStop:
+    """Delivers, after setting `stop`: shutdown begins while the remote MTA answers 250 to the final dot."""
+
+    def __init__(self, stop: asyncio.Event):
+        self.stop = stop
+        self.closed = False
+
+    async def send(self, mail_from: str, recipient: str, raw: bytes) -> SmtpResult:
+        self.stop.set()
+        return SmtpResult("delivered", 250, "2.0.0", "queued as X", "mx.test")
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_shutdown_commits_the_result_of_a_mail_just_sent(engine, env):
+    """services.close() cancelled the worker while it was still committing results: with the thread writer,
+    a delivered mail stayed `queued` and went out again after the restart."""
+    data = base_config(smarthost_port=1, tracking_port=free_port())
+    data["tracking"]["enabled"] = False
+    data["storage"]["writer"] = "thread"
+    cfg = parse_config(data, base_dir=".")
+    stop = asyncio.Event()
+    transport = SendThenStop(stop)
+    services = await start_outbound_services(cfg, engine, stop, transport=transport)
+    services.worker.submit([queue_one(engine, cfg, "una@customer.test")])
+    await stop.wait()
+    await services.close()
+    with engine.connect() as conn:
+        assert conn.execute(select(outbound_recipients.c.state)).scalar() == "delivered"
+        assert conn.execute(select(outbound_queue)).first() is None
+    assert transport.closed
+
+
+async def test_shutdown_lets_a_send_finish_and_releases_copies_never_started(engine, env):
+    cfg = parse_config(base_config(smarthost_port=1, tracking_port=free_port(), concurrency=1), base_dir=".")
+    sends: Counter[str] = Counter()
+    batcher = TransactionBatcher(engine)
+    worker = OutboundWorker(engine, cfg, SECRET.encode(), batcher, transport=SlowTransport(0.5, sends))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        worker.submit([queue_one(engine, cfg, f"w{i}@customer.test") for i in range(3)])
+        while not sends:
+            await asyncio.sleep(0.01)
+        stop.set()  # the first copy is being sent, two wait in memory
+        await task
+        with engine.connect() as conn:
+            rows = conn.execute(select(outbound_recipients.c.recipient, outbound_recipients.c.state,
+                                       outbound_queue.c.lease_until)
+                                .outerjoin(outbound_queue, outbound_queue.c.recipient == outbound_recipients.c.id)
+                                .order_by(outbound_recipients.c.id)).all()
+        assert [tuple(r) for r in rows] == [("w0@customer.test", "delivered", None),
+                                            ("w1@customer.test", "queued", None),
+                                            ("w2@customer.test", "queued", None)]
+        assert sends == {"w0@customer.test": 1}
+    finally:
+        stop.set()
+        await task
+        await batcher.close()
