@@ -39,7 +39,7 @@ from gateway.errors import PermanentError, TransientError
 from gateway.odoo.client import OdooClient, m2o_id
 from gateway.outbox import EventDraft
 from gateway.refusal import RefusalSender
-from gateway.schema import odoo_writes
+from gateway.schema import messages, odoo_writes
 from gateway.spool import SpooledMessage
 from gateway.store import utcnow
 from gateway.thread_lookup import forget_record, index_message, is_outbound, record_of
@@ -93,6 +93,11 @@ class WriteLedger:
     def res_id(self, step: str) -> int | None:
         row = self._done.get(step)
         return row.res_id if row is not None else None
+
+    @property
+    def empty(self) -> bool:
+        """No attempt of this message has written anything to Odoo (nor was about to)."""
+        return not self._done
 
     def claimed(self, prefix: str, *, besides: str) -> set[int]:
         """Record ids that steps starting with `prefix`, other than `besides`, already made (another alias's
@@ -190,6 +195,25 @@ class Delivery:
             rows = [r for r in rows if r.get("model") == model and (res_id is None or r.get("res_id") == res_id)]
         return rows
 
+    def _same_mail_elsewhere(self, message: SpooledMessage) -> bool:
+        """Another spooled copy of these very bytes (same sha256: the MTA delivered it twice) already wrote to
+        Odoo: what Odoo holds under this Message-ID is this mail, not another sender's."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(odoo_writes.c.id).select_from(
+                odoo_writes.join(messages, messages.c.id == odoo_writes.c.message)).where(
+                messages.c.sha256 == message.sha256, messages.c.id != message.id).limit(1)).first()
+        return row is not None
+
+    def _collision(self, message: SpooledMessage, mid: str, rows: list[dict[str, Any]]) -> DeliveryOutcome:
+        """Odoo already holds `mid`, and not from this mail (no write of ours, different body): another sender
+        reused the Message-ID (scanners, broken clients). Odoo would call it a duplicate and this mail would be
+        nowhere while the outcome read "delivered" on the first sender's record: quarantined instead."""
+        where = ", ".join(f"{m} {i}" for m, i in _refs(rows)) or "a message without a record"
+        log.warning("spool %s: Message-ID %s is already in Odoo (%s) from another mail; quarantined",
+                    message.id, mid, where)
+        return DeliveryOutcome("quarantined", f"Message-ID collision: Odoo already holds {mid} ({where}) from "
+                                              "another mail with a different body")
+
     def _index(self, message_id: str, refs: list[tuple[str, int]]) -> None:
         for model, res_id in refs:
             index_message(self.engine, message_id, model, res_id)
@@ -216,7 +240,11 @@ class Delivery:
         done = ledger.get(step)
         if done is None:
             # No look-up first: message_process itself answers False for a Message-ID it already has (spec
-            # §1.2 step 3), which also covers an earlier attempt whose answer was lost on the wire.
+            # §1.2 step 3), which also covers an earlier attempt whose answer was lost on the wire. The intent
+            # row tells that earlier attempt apart from another sender's mail reusing the Message-ID.
+            earlier = ledger.get("processing") is not None and ledger.get("collision") is None
+            if ledger.get("processing") is None:
+                ledger.record("processing", None, None)
             raw_for_odoo = self._passthrough_raw(raw, decision, mail_head, mid if synthesised else None)
             fallback = self._fallback(decision)
             result: Any = client.message_process(
@@ -225,6 +253,9 @@ class Delivery:
                 thread_id=fallback.res_id if fallback else None, context=self._context())
             existing = self._existing(mid)
             refs = _refs(existing)
+            if result is False and existing and not earlier and not self._same_mail_elsewhere(message):
+                ledger.record("collision", None, None, {"landed": [list(r) for r in refs]})
+                return self._collision(message, mid, existing)
             ledger.record(step, refs[0][0] if refs else None, refs[0][1] if refs else None,
                           {"result": result, "landed": [list(r) for r in refs]})
         else:
@@ -408,6 +439,8 @@ class Delivery:
         refs: list[tuple[str, int]] = []
         notes: list[str] = []
         known = self._existing(mid)  # one look-up serves every create and post check of this attempt
+        if known and ledger.empty and not self._same_mail_elsewhere(message):
+            return self._collision(message, mid, known)
         for target in decision.targets:
             label = target.alias or target.model
             author = self._author(target.model, target.res_id, mail.from_address)
@@ -503,6 +536,9 @@ class Delivery:
         mid, _ = self._message_id(message, decision, mail)
         target = decision.targets[0]
         assert target.res_id is not None, "a reply decision names its record"
+        known = self._existing(mid)
+        if known and ledger.empty and not self._same_mail_elsewhere(message):
+            return self._collision(message, mid, known)
         author = self._author(target.model, target.res_id, mail.from_address)
         refused = self._contact_refusal(target, author) if target.alias else None
         if refused:
@@ -521,7 +557,8 @@ class Delivery:
                         raise
                 ledger.record(step, target.model, target.res_id)
             posted = self._post(ledger, mail, mid, target.model, target.res_id,
-                                subtype=NOTE if internal else COMMENT, author=author, parent_id=parent_id)
+                                subtype=NOTE if internal else COMMENT, author=author, parent_id=parent_id,
+                                known=known)
         except PermanentError as exc:
             if "MissingError" not in str(exc) or self._record_exists(target.model, target.res_id):
                 raise

@@ -429,6 +429,25 @@ def test_two_aliases_of_one_model_keep_two_records_across_a_retry(tmp_path: Any,
         assert [m["message_id"] for m in email_messages(double, "crm.lead", lead["id"])] == [mid]
 
 
+def test_another_senders_mail_reusing_a_message_id_is_quarantined(rig: Rig) -> None:
+    """A scan-to-mail device reuses its Message-ID: the second mail (other sender, other body) is not a
+    duplicate to us, Odoo holds the id already. Reported 'delivered' on the first sender's lead, it was
+    nowhere; now it waits in quarantine. The same bytes delivered twice by the MTA are still ours."""
+    d = rig.double
+    mid = "<20240101120000.scan@printer.local>"
+    first = new_mail(mid, sender="Alice <alice@customer.example>", subject="Scan 1")
+    _m, out = rig.deliver(first, create_decision(mid))
+    assert out.state == "delivered", out.note
+    [lead] = leads(d)
+    second = new_mail(mid, sender="Bob <bob@other.example>", subject="Scan 2")
+    _m, out = rig.deliver(second, create_decision(mid), mail_from="bob@other.example")
+    assert out.state == "quarantined" and out.note.startswith("Message-ID collision")
+    assert f"crm.lead {lead['id']}" in out.note and out.odoo_refs == ()
+    assert leads(d) == [lead] and len(email_messages(d, "crm.lead", lead["id"])) == 1
+    _m, again = rig.deliver(first, create_decision(mid))  # the MTA delivered Alice's mail a second time
+    assert again.state == "delivered" and again.odoo_refs == (("crm.lead", lead["id"]),)
+
+
 def test_author_prefers_a_users_partner(tmp_path: Any, double: OdooDouble) -> None:
     rig = Rig(tmp_path, double, "explicit")
     double.add_partner("Alice (old contact)", "alice@customer.example")
