@@ -630,6 +630,16 @@ def transition(engine: Engine, ident: int, state: str, *, owner: str | None = No
     return True
 
 
+def renew_lease(engine: Engine, ident: int, owner: str, lease_seconds: float) -> bool:
+    """Extend `owner`'s lease on a message it is still working on; False when the lease is no longer its own
+    (it expired and another worker took the message over)."""
+    until = utcnow() + dt.timedelta(seconds=lease_seconds)
+    with engine.begin() as conn:
+        res = conn.execute(update(messages).where(messages.c.id == ident, messages.c.lease_owner == owner)
+                           .values(lease_until=until))
+    return res.rowcount == 1
+
+
 def release(engine: Engine, ident: int, *, note: str = "released by operator") -> bool:
     """Put a quarantined/dead/dropped message back to `received` so it is routed again with today's config."""
     now = utcnow()

@@ -12,7 +12,9 @@ Threads, not coroutines: routing is CPU (parse) and delivery is blocking RPC; se
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import itertools
 import logging
 import os
 import random
@@ -20,7 +22,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,7 +33,7 @@ from gateway.errors import PermanentError, TransientError
 from gateway.logs import mail_context
 from gateway.metrics import PROCESSED, PROCESSING_SECONDS, RETRIES, ROUTE_SECONDS
 from gateway.outbox import EventDraft, record_events
-from gateway.spool import Claimed, SpooledMessage, claim, transition
+from gateway.spool import Claimed, SpooledMessage, claim, renew_lease, transition
 from gateway.store import utcnow
 from routing.model import Action, Decision
 
@@ -65,6 +67,50 @@ def backoff_delay(attempts: int, base: float, cap: float, rng: random.Random | N
     return min(cap, delay * jitter)
 
 
+_WORKER_SEQ = itertools.count(1)
+
+
+class LeaseKeeper:
+    """Renews the lease of the message a worker is processing, every third of the lease, from a thread of
+    its own: explicit delivery is several Odoo calls (each allowed `[odoo] timeout`), plus one per
+    attachment, and can outlast the lease while Odoo is slow. An expired lease let another worker claim the
+    message mid-delivery, and Odoo got the lead, the post and the attachments twice."""
+
+    def __init__(self, engine: Engine, owner: str, lease_seconds: float):
+        self.engine, self.owner, self.lease = engine, owner, lease_seconds
+        self.lost = False
+        self._current: int | None = None
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def holding(self, ident: int) -> Iterator["LeaseKeeper"]:
+        with self._wake:
+            self._current, self.lost = ident, False
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=f"lease-{self.owner}", daemon=True)
+                self._thread.start()
+        try:
+            yield self
+        finally:
+            with self._wake:
+                self._current = None
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait(self.lease / 3)
+                ident = self._current
+            if ident is None:
+                continue
+            try:
+                if not renew_lease(self.engine, ident, self.owner, self.lease):
+                    self.lost = True
+                    log.warning("lease on message %s lost while processing it", ident)
+            except Exception as exc:  # the store is briefly unavailable: the lease still has two thirds left
+                log.warning("lease renewal for message %s failed: %s", ident, exc)
+
+
 class Worker:
     """One worker: `run_once()` claims and finishes at most `batch` messages; `run()` loops until stopped."""
 
@@ -74,9 +120,12 @@ class Worker:
         self.engine = engine
         self.route = route
         self.delivery = deliver
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+        # One owner per worker, not per thread that built it: `run_workers` builds them all in one thread, and
+        # a shared owner could not tell whose lease a message is under.
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:w{next(_WORKER_SEQ)}"
         wc = config.worker
         self.lease = wc.lease_seconds
+        self.keeper = LeaseKeeper(engine, self.owner, self.lease)
         self.backoff_base = wc.backoff_base
         self.backoff_max = wc.backoff_max
         self.horizon = dt.timedelta(hours=wc.retry_horizon_hours)
@@ -86,7 +135,8 @@ class Worker:
     def run_once(self, batch: int = 1) -> int:
         done = 0
         for item in claim(self.engine, self.owner, limit=batch, lease_seconds=self.lease, states=self.states):
-            self.process(item)
+            with self.keeper.holding(item.message.id):
+                self.process(item)
             done += 1
         return done
 
@@ -119,6 +169,9 @@ class Worker:
             log.exception("routing failed", extra=ctx)
             self._retry_or_dead(msg, f"routing error: {exc.__class__.__name__}: {exc}", kind="route")
             return
+        if decision is None:
+            log.warning("lease lost while routing; another worker owns the message now", extra=ctx)
+            return
         if decision.action in LOCAL_ACTIONS:
             self._finish(msg, LOCAL_ACTIONS[decision.action], note=decision.reason or decision.action.value)
             return
@@ -144,14 +197,18 @@ class Worker:
             return
         self._finish(msg, outcome.state, note=outcome.note, events=tuple(getattr(outcome, "events", ()) or ()))
 
-    def _decision(self, msg: SpooledMessage, raw: bytes) -> Decision:
+    def _decision(self, msg: SpooledMessage, raw: bytes) -> Decision | None:
+        """The stored decision, or a new one recorded under our lease; None when the lease was lost (the
+        message is another worker's now: delivering it here too would deliver it twice)."""
         if msg.decision and msg.state in ("routed", "retrying") and msg.action:
             return Decision.from_json(msg.decision)
         started = time.perf_counter()
         decision = self.route(raw, msg)
         ROUTE_SECONDS.observe(time.perf_counter() - started)
-        transition(self.engine, msg.id, "routed", owner=self.owner, keep_lease=True,
-                   decision=decision.to_json(), note=f"{decision.action.value}: {'; '.join(decision.explanation[-2:])}"[:2000])
+        if not transition(self.engine, msg.id, "routed", owner=self.owner, keep_lease=True,
+                          decision=decision.to_json(),
+                          note=f"{decision.action.value}: {'; '.join(decision.explanation[-2:])}"[:2000]):
+            return None
         return decision
 
     def _finish(self, msg: SpooledMessage, state: str, *, note: str, error: str | None = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import threading
+import time
 
 from sqlalchemy import Engine, select, update
 
@@ -257,3 +258,43 @@ def test_history_starts_with_the_receipt_read_from_the_message_row(engine: Engin
     with engine.begin() as conn:
         conn.execute(insert(message_log).values(message=legacy, at=utcnow(), state="received", note="via smtp smtp"))
     assert [h["state"] for h in history(engine, legacy)] == ["received"]
+
+
+def test_a_delivery_slower_than_the_lease_keeps_it_and_each_worker_has_its_own_owner(engine: Engine) -> None:
+    """Explicit delivery is several Odoo calls and can outlast the lease while Odoo is slow. The lease was
+    never renewed, so another worker claimed the message mid-delivery and Odoo got it twice; and every
+    worker `run_workers` built had the same owner (the building thread's), so leases could not tell them
+    apart."""
+    from gateway.config import parse_config
+    from gateway.worker import Outcome, Worker
+    from routing.model import Action, Decision
+
+    config = parse_config({"worker": {"lease_seconds": 1.0}}, base_dir=".")
+    spool_one(engine, mail("<slow@x>"), env())
+    delivered: list[int] = []
+    other_claims: list[int] = []
+
+    def route(raw, msg):  # type: ignore[no-untyped-def]
+        return Decision(Action.CREATE, ("test",))
+
+    class SlowOdoo:
+        def deliver(self, msg, raw, decision):  # type: ignore[no-untyped-def]
+            time.sleep(1.2)  # past the lease: another worker tries to claim the message meanwhile
+            other_claims.append(second.run_once())
+            time.sleep(1.2)
+            other_claims.append(second.run_once())
+            delivered.append(msg.id)
+            return Outcome("delivered", "ok")
+
+    class QuickOdoo:
+        def deliver(self, msg, raw, decision):  # type: ignore[no-untyped-def]
+            delivered.append(msg.id)
+            return Outcome("delivered", "ok")
+
+    first = Worker(config, engine, route=route, deliver=SlowOdoo())
+    second = Worker(config, engine, route=route, deliver=QuickOdoo())
+    assert first.owner != second.owner
+    assert first.run_once() == 1
+    assert other_claims == [0, 0] and len(delivered) == 1
+    [m] = list_messages(engine)
+    assert m.state == "delivered"
