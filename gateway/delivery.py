@@ -28,6 +28,7 @@ import email.parser
 import email.policy
 import json
 import logging
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -49,6 +50,9 @@ from routing.model import Action, BounceResult, Decision, Target, is_null_sender
 from routing.normalized_dsn import build_normalized_dsn
 
 log = logging.getLogger(__name__)
+
+#: Message-IDs Odoo generates (tools.generate_tracking_message_id): `<rnd.time-openerp-<res>@host>`.
+_ODOO_MADE = re.compile(r"-openerp-[^@>]*@")
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
 COMMENT, NOTE = "mail.mt_comment", "mail.mt_note"
@@ -207,8 +211,14 @@ class Delivery:
     def _collision(self, message: SpooledMessage, mid: str, rows: list[dict[str, Any]]) -> DeliveryOutcome:
         """Odoo already holds `mid`, and not from this mail (no write of ours, different body): another sender
         reused the Message-ID (scanners, broken clients). Odoo would call it a duplicate and this mail would be
-        nowhere while the outcome read "delivered" on the first sender's record: quarantined instead."""
+        nowhere while the outcome read "delivered" on the first sender's record: quarantined instead.
+
+        Except Odoo's own mail coming back (a notification to a follower whose address is an alias, a Bcc to
+        the catchall): its Message-ID is one Odoo made, or one we relayed for it. Odoo drops those as
+        duplicates on purpose (it breaks loops), so we drop them too rather than fill the quarantine."""
         where = ", ".join(f"{m} {i}" for m, i in _refs(rows)) or "a message without a record"
+        if _ODOO_MADE.search(mid) or is_outbound(self.engine, mid) is not None:
+            return DeliveryOutcome("dropped", f"Odoo's own mail came back: Odoo already holds {mid} ({where})")
         log.warning("spool %s: Message-ID %s is already in Odoo (%s) from another mail; quarantined",
                     message.id, mid, where)
         return DeliveryOutcome("quarantined", f"Message-ID collision: Odoo already holds {mid} ({where}) from "

@@ -817,3 +817,18 @@ def test_parallel_delivery_under_random_faults_is_exactly_once(tmp_path: Any, mo
         assert names == sorted(f"Request {n}" for n in range(24))       # one lead per mail
         for n in range(24):
             assert len(d.records("mail.message", [("message_id", "=", f"<par-{n}@customer.example>")])) == 1
+
+
+def test_odoos_own_mail_coming_back_is_dropped_not_quarantined(rig: Rig) -> None:
+    """Odoo's notification to a follower whose address is an alias comes back in: its Message-ID is one
+    Odoo generated, and Odoo already holds it. Odoo drops such mail as a duplicate on purpose (it breaks
+    loops); quarantining it as a collision would fill the quarantine with Odoo's own notifications."""
+    d = rig.double
+    mid = "<485236.1673346177.6953525-openerp-7-crm.lead@odoo-host>"
+    _m, out = rig.deliver(new_mail(mid, sender="Alice <alice@customer.example>", subject="Note"),
+                          create_decision(mid))
+    assert out.state == "delivered", out.note
+    echo = new_mail(mid, sender="Mitchell Admin <admin@example.test>", subject="Re: Note (notification)")
+    _m, out = rig.deliver(echo, create_decision(mid), mail_from="admin@example.test")
+    assert out.state == "dropped" and out.note.startswith("Odoo's own mail came back"), out.note
+    assert len(leads(d)) == 1
