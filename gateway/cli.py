@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    mp = sub.add_parser("migrate", help="bring the store's schema to this version (serve does it at start; "
+                                        "the other commands only check it)")
+    add_config_arg(mp)
+    mp.set_defaults(func=cmd_migrate)
     return parser
 
 
@@ -71,9 +75,51 @@ def load_or_exit(path: str):  # type: ignore[no-untyped-def]
 
 
 def open_engine(config):  # type: ignore[no-untyped-def]
+    """The store for an operator command, without migrating it: a newer `mailgate` run by hand must not change
+    the schema under a running older gateway. A store that is missing, older or newer than this code: say
+    which command fixes it and exit 1."""
+    from pathlib import Path
+
+    from gateway.migrate import SchemaMismatch, check
+    from gateway.store import open_configured_store, sqlite_file
+
+    url = config.storage_url()
+    path = sqlite_file(url)
+    if path is not None and not Path(path).exists():  # opening it would create an empty file
+        print(f"{path}: no mailgate store here; run `mailgate migrate -c <config>` (or start `mailgate serve`)",
+              file=sys.stderr)
+        raise SystemExit(1)
+    engine = open_configured_store(config, migrate=False)
+    try:
+        check(engine)
+    except SchemaMismatch as exc:
+        engine.dispose()
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(1) from None
+    return engine
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """`mailgate migrate`: create the store or bring its schema to head."""
+    from gateway.migrate import SchemaMismatch, check, current, head, upgrade
     from gateway.store import open_configured_store
 
-    return open_configured_store(config)
+    engine = open_configured_store(load_or_exit(args.config), migrate=False)
+    try:
+        before = current(engine)
+        try:
+            check(engine)
+            print(f"schema already at {before}")
+            return 0
+        except SchemaMismatch as exc:
+            if exc.database_newer:
+                print(str(exc), file=sys.stderr)
+                return 1
+        upgrade(engine)
+        print(f"schema migrated from {before or 'nothing (new store)'} to {head()}")
+        return 0
+    finally:
+        engine.dispose()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,8 @@
 """Schema migrations with Alembic, run programmatically (no alembic.ini to ship or find).
 
-`upgrade(engine)` is called at every start: a new store is created at head, an old one is migrated.
+`upgrade(engine)` runs when the gateway starts (`serve`, `worker`) and in `mailgate migrate`: a new store
+is created at head, an old one is migrated. Operator commands only `check` the schema: a newer `mailgate` run
+by hand must not change the schema under a running older gateway.
 """
 
 from __future__ import annotations
@@ -9,9 +11,22 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+
+#: PostgreSQL advisory lock key held by the migration transaction (b"mgmg"): one process migrates at a time.
+MIGRATION_LOCK = 0x6D676D67
+
+
+class SchemaMismatch(Exception):
+    """The store's schema is not the one this code needs; the message says which command fixes it.
+    `database_newer`: a newer mailgate migrated it (migrating cannot help; this code is the one to upgrade)."""
+
+    def __init__(self, message: str, *, database_newer: bool = False):
+        super().__init__(message)
+        self.database_newer = database_newer
 
 
 def alembic_config(engine: Engine) -> AlembicConfig:
@@ -31,3 +46,28 @@ def current(engine: Engine) -> str | None:
 
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def head() -> str:
+    """The newest revision this code knows."""
+    script = ScriptDirectory(str(MIGRATIONS))
+    return str(script.get_current_head())
+
+
+def check(engine: Engine) -> str:
+    """The store's revision when it is the one this code needs; `SchemaMismatch` saying what to run if the
+    store is not migrated yet, older than the code, or newer than it (a newer mailgate migrated it)."""
+    at, want = current(engine), head()
+    if at == want:
+        return at
+    where = engine.url.render_as_string(hide_password=True)
+    if at is None:
+        raise SchemaMismatch(f"{where}: no mailgate schema yet; run `mailgate migrate -c <config>` "
+                             "(or start `mailgate serve`)")
+    known = {s.revision for s in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
+    if at not in known:
+        raise SchemaMismatch(f"{where}: the database is at schema revision {at}, which this mailgate does not "
+                             f"know (it knows up to {want}): this mailgate is older than the database; use "
+                             "the mailgate version the gateway runs", database_newer=True)
+    raise SchemaMismatch(f"{where}: the database is at schema revision {at}, this mailgate needs {want}; "
+                         "run `mailgate migrate -c <config>` (the running gateway migrates at its next start)")

@@ -72,11 +72,11 @@ def store_config(tmp_path):
 
 
 def _quarantined(config_path: str) -> int:
-    from gateway.cli import open_engine
     from gateway.config import load_config
     from gateway.spool import Envelope, spool_one, transition
+    from gateway.store import open_configured_store
 
-    engine = open_engine(load_config(config_path))
+    engine = open_configured_store(load_config(config_path))  # what serve does: create and migrate the store
     raw = b"From: x@client.net\r\nTo: nobody@example.com\r\nMessage-ID: <q@client.net>\r\n\r\nhi\r\n"
     ident = spool_one(engine, raw, Envelope(mail_from="x@client.net", rcpt_tos=("nobody@example.com",)))
     transition(engine, ident, "quarantined", decision={"action": "quarantine", "reason": "no alias matched",
@@ -131,3 +131,47 @@ def test_route_raw_is_the_worker_entry_with_config_limits():
     _parsed, d = route_raw(raw, RoutingEnvelope(rcpt_tos=("groups@example.com",)), table=build_table(config),
                            config=tight)
     assert d.action.value == "quarantine" and d.reason == "limits: too many headers"
+
+
+def _exit_code(argv: list[str]) -> int:
+    """main()'s exit status, whether returned or raised (load_or_exit and open_engine exit directly)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+def test_operator_commands_check_the_schema_and_never_migrate(store_config, tmp_path, capsys):
+    """A newer `mailgate` run by hand (messages list, dead list, quarantine ...) must not change the schema
+    under a running older gateway: it says what to do and exits 1. `mailgate migrate` migrates."""
+    from sqlalchemy import text
+
+    from gateway.config import load_config
+    from gateway.migrate import current, head, upgrade
+    from gateway.store import make_engine
+
+    url = load_config(store_config).storage_url()
+    assert _exit_code(["messages", "list", "-c", store_config]) == 1
+    assert "run `mailgate migrate" in capsys.readouterr().err
+    assert not (tmp_path / "q.db").exists()  # not even an empty file was created
+
+    engine = make_engine(url)
+    upgrade(engine, "0002")
+    for argv in (["messages", "list"], ["dead", "list"], ["quarantine", "list"], ["messages", "show", "1"]):
+        assert _exit_code([*argv, "-c", store_config]) == 1
+        err = capsys.readouterr().err
+        assert "revision 0002" in err and "run `mailgate migrate" in err
+    assert current(engine) == "0002"
+
+    assert main(["migrate", "-c", store_config]) == 0
+    assert f"from 0002 to {head()}" in capsys.readouterr().out
+    assert current(engine) == head()
+    assert main(["quarantine", "list", "-c", store_config]) == 0
+
+    with engine.begin() as conn:  # a newer mailgate migrated the database
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    for argv in (["messages", "list"], ["migrate"]):
+        assert _exit_code([*argv, "-c", store_config]) == 1
+        assert "this mailgate is older than the database" in capsys.readouterr().err
+    assert current(engine) == "9999"
+    engine.dispose()

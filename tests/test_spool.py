@@ -7,6 +7,7 @@ import datetime as dt
 import threading
 import time
 
+import pytest
 from sqlalchemy import Engine, select, update
 
 from gateway.outbox import EventDraft, record_events
@@ -298,3 +299,42 @@ def test_a_delivery_slower_than_the_lease_keeps_it_and_each_worker_has_its_own_o
     assert other_claims == [0, 0] and len(delivered) == 1
     [m] = list_messages(engine)
     assert m.state == "delivered"
+
+
+def _open_behind_barrier(url: str, barrier, results) -> None:  # type: ignore[no-untyped-def]
+    from gateway.store import open_store
+
+    barrier.wait()
+    try:
+        open_store(url).dispose()
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+
+
+@pytest.mark.parametrize("start", [None, "0001"], ids=["fresh", "from-0001"])
+def test_processes_starting_together_all_migrate(store_url: str, start: str | None) -> None:
+    """Two nodes, or serve and its worker processes, starting at once on one store all come up: the
+    migrations are serialised (PostgreSQL: an advisory lock), not raced into a UniqueViolation on pg_type or
+    a "index ix_messages_state does not exist"."""
+    import multiprocessing
+
+    from gateway.migrate import current, head, upgrade
+    from gateway.store import make_engine
+
+    if start:
+        old = make_engine(store_url)
+        upgrade(old, start)
+        old.dispose()
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_open_behind_barrier, args=(store_url, barrier, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert outcomes == ["ok"] * 4
+    engine = make_engine(store_url)
+    assert current(engine) == head()
+    engine.dispose()
