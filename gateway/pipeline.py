@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 
 class LazyOdooClient:
     """Connects on first use, and again after a failed connect: Odoo being down at start-up must not stop the
-    gateway from accepting and routing mail (the connect error is a TransientError: the mail waits)."""
+    gateway from accepting and routing mail. Every connect failure is a TransientError, the mail waits: a
+    missing password variable or an [odoo] `protocol = "auto"` probe answered by a proxy page is the gateway's
+    problem, not the mail's, and as a crash or a permanent error it parked every message in the spool dead."""
 
     def __init__(self, config: Config):
         self._config = config
@@ -37,10 +39,25 @@ class LazyOdooClient:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    from gateway.odoo.client import connect
-
-                    self._client = connect(self._config.odoo)
+                    self._client = self._connect()
         return self._client
+
+    def _connect(self) -> Any:
+        from gateway.config import ConfigError
+        from gateway.errors import TransientError
+        from gateway.odoo.client import connect
+
+        try:
+            return connect(self._config.odoo)
+        except TransientError:
+            raise
+        except ConfigError as exc:
+            raise TransientError(f"cannot connect to Odoo: {'; '.join(exc.problems)}",
+                                 hint="fix [odoo] or the gateway's environment and restart it; mail stays "
+                                      "spooled and is retried") from None
+        except Exception as exc:  # noqa: BLE001 - a PermanentError from the version probe, or a bug
+            raise TransientError(f"cannot connect to Odoo at {self._config.odoo.url}: {exc}",
+                                 hint="mail stays spooled and is retried; check [odoo] url and protocol") from None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._get(), name)

@@ -832,3 +832,37 @@ def test_odoos_own_mail_coming_back_is_dropped_not_quarantined(rig: Rig) -> None
     _m, out = rig.deliver(echo, create_decision(mid), mail_from="admin@example.test")
     assert out.state == "dropped" and out.note.startswith("Odoo's own mail came back"), out.note
     assert len(leads(d)) == 1
+
+
+def test_missing_odoo_secret_keeps_every_message_retrying_not_dead(tmp_path: Any, double: OdooDouble,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway-wide misconfiguration (the password variable unset) is not the mail's fault: it took the
+    crash path and parked every message in the spool dead within ~75 s. Now it waits, with backoff, and the
+    error says which variable to set."""
+    import time
+
+    from gateway.pipeline import make_delivery, make_route_step, odoo_client
+    from gateway.worker import Worker
+
+    monkeypatch.delenv("MAILGATE_TEST_UNSET_KEY", raising=False)
+    config = parse_config({
+        "storage": {"url": f"sqlite:///{tmp_path}/mailgate.db"},
+        "odoo": {"url": double.url, "db": double.db, "login": double.login, "password_env": "MAILGATE_TEST_UNSET_KEY"},
+        "domains": [{"name": DOMAIN, "strict": True}],
+        "aliases": [{"address": f"sales@{DOMAIN}", "model": "crm.lead"}],
+        "worker": {"backoff_base": 0.001, "backoff_max": 0.002},
+    }, base_dir=str(tmp_path))
+    engine = open_store(config.storage_url())
+    ident = spool_one(engine, new_mail(), Envelope(mail_from="alice@customer.example", rcpt_tos=(f"sales@{DOMAIN}",)))
+    client = odoo_client(config)
+    worker = Worker(config, engine, route=make_route_step(config, engine, client),
+                    deliver=make_delivery(config, engine, client), owner="w")
+    for _ in range(8):  # more than the 5 crashes that used to park it
+        time.sleep(0.01)
+        worker.run_once()
+    msg = get_message(engine, ident)
+    assert msg is not None
+    assert msg.state == "retrying" and msg.attempts >= 5, (msg.state, msg.attempts, msg.last_error)
+    assert "MAILGATE_TEST_UNSET_KEY is not set" in (msg.last_error or "")
+    assert leads(double) == []
+    engine.dispose()

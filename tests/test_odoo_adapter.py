@@ -293,3 +293,79 @@ def test_check_shows_odoo_aliases_merged_with_config(odoo: Target) -> None:
     assert f"alias sales@{dom} is also in Odoo; the config's definition wins" in lines
     if odoo.double is not None:
         assert f"alias support@{dom} -> helpdesk.ticket contact=everyone (odoo)" in lines
+
+
+# ------------------------------------------------------------------ gateway-wide faults are transient
+class _PageServer:
+    """Something in front of Odoo (a proxy, a login portal, a maintenance page) answering every request with
+    `status` and a body that is not Odoo's JSON."""
+
+    def __init__(self, status: int, ctype: str, body: bytes):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Page(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("cls", [Json2Client, JsonRpcClient])
+@pytest.mark.parametrize("ctype, body", [("text/html", b"<html><body>Down for maintenance</body></html>"),
+                                         ("application/json", b"")], ids=["html", "empty-json"])
+def test_a_200_that_is_not_json_is_transient(cls: type[OdooClient], ctype: str, body: bytes) -> None:
+    """A 200 page is about the gateway's path to Odoo, not about this mail: as a PermanentError it parked
+    every message in the spool dead while the maintenance page lasted."""
+    from gateway.odoo.client import server_version_info
+
+    page = _PageServer(200, ctype, body)
+    try:
+        client = cls(url=page.url, db="mailgate", login="admin", secret="k", timeout=5)
+        with pytest.raises(TransientError, match="HTTP 200"):
+            client.search_count("res.partner", [])
+        with pytest.raises(TransientError, match="HTTP 200"):
+            server_version_info(page.url, 5)
+    finally:
+        page.close()
+
+
+def test_lazy_client_without_its_secret_is_transient_and_names_the_variable(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """MAILGATE_ODOO_PASSWORD unset: every delivery's connect failed with a ConfigError, which the worker took
+    for a crash, and every message in the spool went dead after 5 attempts."""
+    from gateway.config import parse_config
+    from gateway.pipeline import odoo_client
+
+    monkeypatch.delenv("MAILGATE_TEST_NO_SUCH_KEY", raising=False)
+    cfg = parse_config({"odoo": {"url": "http://127.0.0.1:9", "db": "mailgate", "login": "admin",
+                                 "protocol": "jsonrpc", "password_env": "MAILGATE_TEST_NO_SUCH_KEY"}},
+                       base_dir=str(tmp_path))
+    client = odoo_client(cfg)
+    with pytest.raises(TransientError, match="MAILGATE_TEST_NO_SUCH_KEY is not set"):
+        client.search_count("res.partner", [])
+    page = _PageServer(200, "text/html", b"<html>login portal</html>")
+    try:  # `protocol = "auto"` probes the version first; a page there is no reason to park mail either
+        auto = parse_config({"odoo": {"url": page.url, "db": "mailgate", "login": "admin", "protocol": "auto",
+                                      "password_env": "MAILGATE_TEST_KEY"}}, base_dir=str(tmp_path))
+        monkeypatch.setenv("MAILGATE_TEST_KEY", "k")
+        with pytest.raises(TransientError):
+            odoo_client(auto).search_count("res.partner", [])
+    finally:
+        page.close()

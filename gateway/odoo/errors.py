@@ -11,6 +11,7 @@ traceback, which may quote mail content and server paths).
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import urllib.error
 from typing import Any
@@ -50,9 +51,15 @@ def from_odoo_error(name: str, message: str, *, where: str, status: int | None =
 
 
 def from_http_status(status: int, body: bytes, *, where: str) -> DeliveryError:
-    """A non-JSON HTTP answer (proxy page, db-filter 404, 415, crashed error handler)."""
+    """A non-JSON HTTP answer (proxy page, db-filter 404, 415, crashed error handler, maintenance page)."""
     snippet = body[:200].decode("utf-8", "replace").strip().replace("\n", " ")
     text = f"Odoo {where}: HTTP {status}: {snippet}"
+    if 200 <= status < 400:
+        # Odoo answers its RPC in JSON, errors included: a success or redirect with a page instead is something
+        # in front of it (a proxy's error page, a login portal, a maintenance page) and says nothing about
+        # this mail. Parking mail dead for it would park every message in the spool.
+        return TransientError(text, hint="something other than Odoo answered (proxy, login portal or "
+                                         "maintenance page?); retried with backoff. If it lasts, check [odoo] url")
     if status >= 500 or status in (401, 408, 429):
         return TransientError(text, hint="Odoo (or a proxy in front of it) failed; retried with backoff")
     return PermanentError(text, hint="check the Odoo URL, database name and protocol in [odoo]")
@@ -68,6 +75,8 @@ def from_exception(exc: BaseException, *, where: str, url: str = "") -> Delivery
         except Exception:  # noqa: BLE001 - the body is only for the message
             body = b""
         return from_http_status(exc.code, body, where=where)
+    if isinstance(exc, json.JSONDecodeError):  # odoorpc and version_info read a 200 whose body is not JSON
+        return from_http_status(200, (exc.doc or "").encode("utf-8", "replace"), where=where)
     reason: Any = getattr(exc, "reason", None) or exc
     if isinstance(exc, (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError,
                         http.client.HTTPException, OSError)):

@@ -93,12 +93,13 @@ class Json2Client(OdooClient):
             self._release(conn)
         ctype = resp.getheader("Content-Type") or ""
         payload: Any = None
+        parsed = False
         if "json" in ctype:
             try:
-                payload = json.loads(raw) if raw else None
-            except ValueError:
-                payload = None
-        if resp.status == 200 and "json" in ctype:
+                payload, parsed = json.loads(raw), True
+            except ValueError:  # an empty or cut-off body is no answer: from_http_status below
+                pass
+        if resp.status == 200 and parsed:
             return payload
         if isinstance(payload, dict) and payload.get("name"):
             raise from_odoo_error(str(payload["name"]), str(payload.get("message") or ""), where=where,
