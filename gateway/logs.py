@@ -10,6 +10,11 @@ import sys
 from typing import Any
 
 
+#: Libraries whose DEBUG output carries the Odoo secret or mail content (requests and answers in full).
+#: (aioimaplib logs fetched mail too: setup_logging caps it at WARNING.) http.client, for JSON-2, logs nothing.
+SECRET_BEARING_LOGGERS = ("odoorpc",)
+
+
 class _MailFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
@@ -32,6 +37,11 @@ def setup_logging(level: str = "INFO") -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
     logging.getLogger("alembic").setLevel(logging.WARNING)   # migrations at every start
     logging.getLogger("aioimaplib").setLevel(logging.WARNING)  # "ignored untagged response" per new mail
+    # Whatever --log-level says, never below INFO: odoorpc's DEBUG lines are every JSON-RPC request and
+    # answer, and it masks only params['password'], while the password or API key travels in the args of
+    # common.login and object.execute_kw, next to whole mail bodies (message_process, message_post).
+    for name in SECRET_BEARING_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))
 
 
 def mail_context(spool_id: int | None, message_id: str | None) -> dict[str, Any]:

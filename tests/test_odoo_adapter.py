@@ -369,3 +369,34 @@ def test_lazy_client_without_its_secret_is_transient_and_names_the_variable(
             odoo_client(auto).search_count("res.partner", [])
     finally:
         page.close()
+
+
+def test_debug_log_level_never_writes_the_odoo_secret_or_mail() -> None:
+    """`mailgate --log-level DEBUG` wrote odoorpc's request dumps: the password in common.login's and every
+    execute_kw's args (odoorpc masks only params['password']), and whole mail bodies."""
+    import io
+    import logging
+
+    from gateway.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logging.getLogger("odoorpc").level)
+    buf = io.StringIO()
+    secret = "S3cr3t-" + uuid.uuid4().hex
+    try:
+        setup_logging("DEBUG")
+        root.handlers[0].setStream(buf)  # type: ignore[attr-defined]
+        with OdooDouble(password=secret) as d:
+            client = JsonRpcClient(url=d.url, db=d.db, login=d.login, secret=secret, timeout=5)
+            assert client.search_count("res.partner", []) >= 1
+            client.message_process("From: a@customer.example\r\nTo: sales@example.test\r\nSubject: salary\r\n"
+                                   "Message-ID: <debug-log@x>\r\n\r\nconfidential salary data\r\n")
+            client.close()
+        logging.getLogger("gateway.test").debug("debug lines of our own still get through")
+    finally:
+        root.handlers[:], level, odoorpc_level = saved
+        root.setLevel(level)
+        logging.getLogger("odoorpc").setLevel(odoorpc_level)
+    out = buf.getvalue()
+    assert "debug lines of our own still get through" in out
+    assert secret not in out and "confidential salary data" not in out
