@@ -400,3 +400,15 @@ def test_debug_log_level_never_writes_the_odoo_secret_or_mail() -> None:
     out = buf.getvalue()
     assert "debug lines of our own still get through" in out
     assert secret not in out and "confidential salary data" not in out
+
+
+@pytest.mark.parametrize("message", [" \n", "", "\n\n", "  "])
+def test_an_odoo_error_with_a_blank_message_is_still_typed(message: str) -> None:
+    """A UserError raised with only whitespace made from_odoo_error raise IndexError: delivery took the crash
+    path and parked the mail dead after 5 attempts, with a traceback instead of Odoo's answer."""
+    from gateway.odoo.errors import from_odoo_error
+
+    err = from_odoo_error("odoo.exceptions.UserError", message, where="crm.lead.message_new")
+    assert isinstance(err, PermanentError)
+    assert "UserError: (no message)" in str(err)
+    assert isinstance(from_odoo_error("odoo.exceptions.ConcurrencyError", message, where="x"), TransientError)

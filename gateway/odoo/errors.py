@@ -32,7 +32,8 @@ def is_transient_name(name: str) -> bool:
 
 def from_odoo_error(name: str, message: str, *, where: str, status: int | None = None) -> DeliveryError:
     """An Odoo error payload (name, message) → TransientError or PermanentError for `where` (model.method)."""
-    short = (message or "").strip().splitlines()[0][:500] if message else "(no message)"
+    lines = (message or "").strip().splitlines()  # a blank message has no first line
+    short = lines[0][:500] if lines else "(no message)"
     text = f"Odoo {where}: {name}: {short}"
     if is_transient_name(name) or (status is not None and status in (401, 408, 429, 502, 503, 504)):
         if "AccessDenied" in name or "Unauthorized" in name or status == 401:
