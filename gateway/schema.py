@@ -42,6 +42,9 @@ messages = Table(
     Column("last_error", Text),
     Column("thread_key", String(998)),   # messages sharing a key are delivered in order
     Column("raw_purged", Boolean, nullable=False, default=False),
+    # Last put back by an operator (`dead retry`, `quarantine release`): the retry horizon runs from here, so a
+    # released message gets a full horizon of retries. NULL: never released, the horizon runs from received_at.
+    Column("retry_since", DateTime(timezone=True)),
 )
 # Only these three: each index is pages written by every group commit (migration 0002 dropped `state`,
 # `sha256` and `next_attempt_at` alone, which these cover).

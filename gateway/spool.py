@@ -83,6 +83,13 @@ class SpooledMessage:
     last_error: str | None
     thread_key: str | None
     raw_purged: bool
+    #: when an operator last released it; None: never (see `retry_start`)
+    retry_since: dt.datetime | None = None
+
+    @property
+    def retry_start(self) -> dt.datetime:
+        """Where the retry horizon runs from: the last release by an operator, else the receipt."""
+        return self.retry_since or self.received_at
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -93,6 +100,7 @@ class SpooledMessage:
             "updated_at": self.updated_at.isoformat(), "attempts": self.attempts,
             "next_attempt_at": self.next_attempt_at.isoformat(), "action": self.action,
             "decision": self.decision, "last_error": self.last_error, "raw_purged": self.raw_purged,
+            "retry_since": self.retry_since.isoformat() if self.retry_since else None,
         }
 
 
@@ -106,6 +114,7 @@ def _row_to_message(row: Any) -> SpooledMessage:
         attempts=m["attempts"], next_attempt_at=as_utc(m["next_attempt_at"]),  # type: ignore[arg-type]
         decision=json.loads(m["decision"]) if m["decision"] else None, action=m["action"],
         last_error=m["last_error"], thread_key=m["thread_key"], raw_purged=bool(m["raw_purged"]),
+        retry_since=as_utc(m["retry_since"]),
     )
 
 
@@ -641,14 +650,16 @@ def renew_lease(engine: Engine, ident: int, owner: str, lease_seconds: float) ->
 
 
 def release(engine: Engine, ident: int, *, note: str = "released by operator") -> bool:
-    """Put a quarantined/dead/dropped message back to `received` so it is routed again with today's config."""
+    """Put a quarantined/dead/dropped message back to `received` so it is routed again with today's config,
+    with a full retry horizon from now (`retry_since`): mail put back after an outage longer than the horizon
+    otherwise had a single attempt before a transient error parked it dead again."""
     now = utcnow()
     with engine.begin() as conn:
         res = conn.execute(update(messages).where(
             messages.c.id == ident, messages.c.state.in_(["quarantined", "dead", "dropped", "delivered"]),
             messages.c.raw_purged.is_(False),
         ).values(state="received", next_attempt_at=now, updated_at=now, lease_owner=None, lease_until=None,
-                 attempts=0, last_error=None))
+                 attempts=0, last_error=None, retry_since=now))
         if res.rowcount != 1:
             return False
         conn.execute(insert(message_log).values(message=ident, at=now, state="received", note=note))

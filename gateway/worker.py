@@ -224,7 +224,7 @@ class Worker:
 
     def _retry_or_dead(self, msg: SpooledMessage, error: str, *, kind: str) -> None:
         now = utcnow()
-        if now - msg.received_at > self.horizon:
+        if now - msg.retry_start > self.horizon:  # from the receipt, or from the operator's last release
             self._finish(msg, "dead", note=f"gave up after {self.horizon}", error=error)
             return
         delay = backoff_delay(msg.attempts, self.backoff_base, self.backoff_max)

@@ -338,3 +338,38 @@ def test_processes_starting_together_all_migrate(store_url: str, start: str | No
     engine = make_engine(store_url)
     assert current(engine) == head()
     engine.dispose()
+
+
+def test_released_mail_gets_a_full_retry_horizon_from_the_release(engine: Engine) -> None:
+    """After an Odoo outage longer than the 72 h horizon, `dead retry --all` put mail back with its horizon
+    still measured from receipt: one 503 and it went straight back to dead, with no backoff at all."""
+    from gateway.config import parse_config
+    from gateway.errors import TransientError
+    from gateway.worker import Worker
+    from routing.model import Action, Decision
+
+    config = parse_config({}, base_dir=".")
+    four_days_ago = utcnow() - dt.timedelta(days=4)
+
+    def route(raw, msg):  # type: ignore[no-untyped-def]
+        return Decision(Action.CREATE, ("test",))
+
+    class OdooBlip:
+        def deliver(self, msg, raw, decision):  # type: ignore[no-untyped-def]
+            raise TransientError("Odoo HTTP 503 (one blip)")
+
+    worker = Worker(config, engine, route=route, deliver=OdooBlip(), owner="w")
+    envelope = Envelope(mail_from="alice@client.test", rcpt_tos=("sales@example.test",), received_at=four_days_ago)
+    old = spool_one(engine, mail("<old@x>"), envelope)
+    assert worker.run_once() == 1
+    assert get_message(engine, old).state == "dead"  # type: ignore[union-attr]  # never released: horizon passed
+
+    assert release(engine, old, note="dead retry by operator")
+    released = get_message(engine, old)
+    assert released is not None and released.retry_since is not None
+    assert released.retry_since > four_days_ago and released.retry_start == released.retry_since
+    assert worker.run_once() == 1
+    m = get_message(engine, old)
+    assert m is not None
+    assert (m.state, m.attempts) == ("retrying", 1), (m.state, m.last_error)
+    assert m.next_attempt_at > utcnow()  # backoff, not an immediate second try
