@@ -9,9 +9,11 @@ Destinations: a configured smarthost, or the recipient domain's MX hosts (dnspyt
 domain's A/AAAA as implicit MX when it has none, RFC 5321 §5.1; a null MX (RFC 7505) is a hard bounce).
 To an MX, STARTTLS when offered and plaintext when it fails (opportunistic, RFC 7435); to the smarthost, as
 `smarthost_tls` says.
-Connections are kept open and reused per destination, with a per-destination concurrency cap. Retries
-follow RFC 5321 §4.5.4.1: growing intervals (from `retry_min_seconds` up to `retry_max_seconds`) until the
-give-up horizon (`max_attempts_hours`), after which the copy bounces with reason `expired`.
+Connections are kept open and reused per host. The worker caps concurrent transactions per destination and
+serves destinations in turn, as Postfix's qmgr does, so a slow or dead destination holds back only its own
+mail. Retries follow RFC 5321 §4.5.4.1: growing intervals (from `retry_min_seconds` up to
+`retry_max_seconds`) until the give-up horizon (`max_attempts_hours`), after which the copy bounces with
+reason `expired`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import logging
 import random
 import re
 import ssl
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -49,6 +51,9 @@ DRAIN_SECONDS = 10.0
 #: How often the worker extends the leases of the copies it holds: well inside DB_LEASE (and the relay's
 #: FAST_PATH_LEASE), so a backlog that outlasts a lease is not claimed by another node and sent twice.
 LEASE_RENEWAL = DB_LEASE / 3
+#: Copies waiting in memory per delivery slot, at most, before the poller stops claiming: copies of a destination
+#: at its cap wait in memory, and a dead destination's whole due backlog would otherwise be read in.
+WAITING_PER_SLOT = 16
 
 
 # ------------------------------------------------------------------------------------------ pure decisions
@@ -125,6 +130,12 @@ def bounce_kind(result: SmtpResult, reason: str) -> str:
 def retry_delay(attempts: int, minimum: float, maximum: float) -> float:
     """Seconds until the next attempt after `attempts` failed ones: doubling from `minimum`, capped."""
     return min(maximum, minimum * (2 ** max(0, attempts - 1)))
+
+
+def destination(recipient: str, *, smarthost: str | None) -> str:
+    """The destination a copy counts against for the per-destination cap: the smarthost when there is one
+    (it takes all our mail), else the recipient's domain."""
+    return "smarthost" if smarthost else recipient.rsplit("@", 1)[-1].lower()
 
 
 def order_mx(records: list[tuple[int, str]]) -> list[str] | None:
@@ -220,16 +231,9 @@ def make_mx_resolver(port: int = 25, timeout: float = 10.0) -> Resolver:
     return resolve
 
 
-@dataclass
-class _Pool:
-    """Idle connections to one host, and the cap on concurrent transactions to its destination."""
-
-    idle: list[aiosmtplib.SMTP]
-    limit: asyncio.Semaphore
-
-
 class SmtpTransport:
-    """Sends one copy to one recipient, reusing connections per host."""
+    """Sends one copy to one recipient, reusing connections per host (the per-destination cap is the
+    worker's: a send here never waits for a destination's turn)."""
 
     def __init__(self, config: Config, *, resolver: Resolver | None = None):
         ob = config.outbound
@@ -244,18 +248,8 @@ class SmtpTransport:
         # RFC 5321 §4.5.3.2.6: 10 minutes for the reply to the final dot. The server may still be scanning the
         # mail; giving up sooner defers a mail it then accepts, and every retry delivers it again.
         self.data_end_timeout = max(DATA_END_TIMEOUT, ob.timeout)
-        self._pools: dict[str, _Pool] = {}
         self._plaintext_until: dict[tuple[str, int], float] = {}  # MX hosts whose STARTTLS failed
         self._host_pools: dict[tuple[str, int], list[aiosmtplib.SMTP]] = defaultdict(list)
-
-    def destination(self, recipient: str) -> str:
-        return "smarthost" if self.smarthost else recipient.rsplit("@", 1)[-1].lower()
-
-    def _pool(self, dest: str) -> _Pool:
-        pool = self._pools.get(dest)
-        if pool is None:
-            pool = self._pools[dest] = _Pool([], asyncio.Semaphore(self.ob.per_destination_concurrency))
-        return pool
 
     async def close(self) -> None:
         for conns in self._host_pools.values():
@@ -330,23 +324,21 @@ class SmtpTransport:
 
     async def send(self, mail_from: str, recipient: str, raw: bytes) -> SmtpResult:
         """One SMTP transaction; never raises for SMTP or network trouble (that is a result)."""
-        pool = self._pool(self.destination(recipient))
-        async with pool.limit:
-            try:
-                hosts = await self._hosts(recipient)
-            except DestinationError as exc:
-                code = 550 if exc.permanent else 451
-                return SmtpResult("bounced" if exc.permanent else "deferred", code, exc.status, str(exc))
-            last = SmtpResult("deferred", 451, "4.4.1", "no host tried")
-            for host, port in hosts:
-                result = await self._send_to(host, port, mail_from, recipient, raw)
-                if result is None:
-                    last = SmtpResult("deferred", 451, "4.4.1", f"cannot connect to {host}:{port}", f"{host}")
-                elif result.outcome == "deferred" and not result.uncertain:
-                    last = result  # a 4xx (busy, greylisting, a local error there): the next MX may take it
-                else:
-                    return result
-            return last
+        try:
+            hosts = await self._hosts(recipient)
+        except DestinationError as exc:
+            code = 550 if exc.permanent else 451
+            return SmtpResult("bounced" if exc.permanent else "deferred", code, exc.status, str(exc))
+        last = SmtpResult("deferred", 451, "4.4.1", "no host tried")
+        for host, port in hosts:
+            result = await self._send_to(host, port, mail_from, recipient, raw)
+            if result is None:
+                last = SmtpResult("deferred", 451, "4.4.1", f"cannot connect to {host}:{port}", f"{host}")
+            elif result.outcome == "deferred" and not result.uncertain:
+                last = result  # a 4xx (busy, greylisting, a local error there): the next MX may take it
+            else:
+                return result
+        return last
 
     async def _send_to(self, host: str, port: int, mail_from: str, recipient: str,
                        raw: bytes) -> SmtpResult | None:
@@ -619,6 +611,81 @@ def renew_leases(conn: Connection, rcpt_ids: list[int], *, lease: dt.timedelta =
 
 
 # ------------------------------------------------------------------------------------------ worker
+class _DestinationQueues:
+    """Copies waiting for a delivery slot: one FIFO per destination, and the destinations below their cap
+    taking turns, one copy per turn (Postfix's qmgr round-robin).
+
+    A slot only ever gets a copy it can send at once: a slot that waited for its copy's destination to have
+    room let a slow or dead destination with a backlog tie up every slot and hold back everyone's mail."""
+
+    def __init__(self, limit: int, smarthost: str | None):
+        self.limit = limit
+        self.smarthost = smarthost
+        self.waiting = 0  # copies not started yet, all destinations
+        self._waiting: dict[str, deque[QueuedCopy]] = {}
+        self._sending: dict[str, int] = {}
+        # Destinations with a copy waiting and room under the cap, each at most once, in turn order.
+        # None: a delivery slot's cue to end.
+        self._turns: asyncio.Queue[str | None] = asyncio.Queue()
+        self._queued_turns: set[str] = set()
+
+    def put(self, copy: QueuedCopy) -> None:
+        dest = destination(copy.recipient, smarthost=self.smarthost)
+        self._waiting.setdefault(dest, deque()).append(copy)
+        self.waiting += 1
+        self._offer_turn(dest)
+
+    async def get(self) -> tuple[str, QueuedCopy] | None:
+        """The next copy of the destination whose turn it is, counted as sending (waits for one); None when
+        the slot is to end."""
+        dest = await self._turns.get()
+        if dest is None:
+            return None
+        self._queued_turns.discard(dest)
+        copies = self._waiting[dest]
+        copy = copies.popleft()
+        if not copies:
+            del self._waiting[dest]
+        self.waiting -= 1
+        self._sending[dest] = self._sending.get(dest, 0) + 1
+        self._offer_turn(dest)  # its next copy, after the other destinations' turns
+        return dest, copy
+
+    def done(self, dest: str) -> None:
+        """A copy of `dest` is no longer being sent: the destination's next copy may start."""
+        if self._sending[dest] > 1:
+            self._sending[dest] -= 1
+        else:
+            del self._sending[dest]
+        self._offer_turn(dest)
+
+    def _offer_turn(self, dest: str) -> None:
+        if (dest in self._waiting and dest not in self._queued_turns
+                and self._sending.get(dest, 0) < self.limit):
+            self._queued_turns.add(dest)
+            self._turns.put_nowait(dest)
+
+    def startable(self) -> int:
+        """Copies that could start now if slots were free (those of destinations below their cap)."""
+        return sum(min(len(copies), self.limit - self._sending.get(dest, 0))
+                   for dest, copies in self._waiting.items())
+
+    def take_all(self) -> list[QueuedCopy]:
+        """Remove and return every copy not started yet."""
+        copies = [copy for waiting in self._waiting.values() for copy in waiting]
+        self._waiting.clear()
+        self.waiting = 0
+        self._queued_turns.clear()
+        while not self._turns.empty():
+            self._turns.get_nowait()
+        return copies
+
+    def end_slots(self, slots: int) -> None:
+        """Tell `slots` delivery slots to end once their current copy is done."""
+        for _ in range(slots):
+            self._turns.put_nowait(None)
+
+
 class OutboundWorker:
     """Delivers queued copies with `concurrency` tasks; records each result (group-committed)."""
 
@@ -632,7 +699,7 @@ class OutboundWorker:
         self.transport = transport or SmtpTransport(config)
         self.on_event = on_event
         self.table = config.alias_table()
-        self._queue: asyncio.Queue[QueuedCopy | None] = asyncio.Queue()  # None: a delivery loop's cue to end
+        self._queue = _DestinationQueues(self.ob.per_destination_concurrency, self.ob.smarthost)
         self._records: set[asyncio.Task[str]] = set()
         self._recording = asyncio.Semaphore(1024)  # results sent but not yet committed, at most
         # Recipient ids of the copies this worker holds: queued in memory, being sent, or being recorded.
@@ -649,7 +716,7 @@ class OutboundWorker:
             if copy.rcpt_id in self._held:
                 continue
             self._held.add(copy.rcpt_id)
-            self._queue.put_nowait(copy)
+            self._queue.put(copy)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set, then drain: copies being sent finish (up to `drain_seconds`) and
@@ -661,9 +728,8 @@ class OutboundWorker:
             await stop.wait()
         finally:
             poller.cancel()
-            await self._release_unstarted(self._take_queued())
-            for _ in deliverers:
-                self._queue.put_nowait(None)
+            await self._release_unstarted(self._queue.take_all())
+            self._queue.end_slots(len(deliverers))
             # A send cut off after the final dot may have been taken: the mail would go out again.
             _, late = await asyncio.wait(deliverers, timeout=self.drain_seconds)
             for t in late:
@@ -672,14 +738,6 @@ class OutboundWorker:
             if self._records:  # results of mail already sent: commit them rather than send the mail again
                 await asyncio.wait(set(self._records), timeout=10)
             await self.transport.close()
-
-    def _take_queued(self) -> list[QueuedCopy]:
-        copies = []
-        while not self._queue.empty():
-            copy = self._queue.get_nowait()
-            if copy is not None:
-                copies.append(copy)
-        return copies
 
     async def _release_unstarted(self, copies: list[QueuedCopy]) -> None:
         """Clear the leases of copies this worker took but never started: without it they waited out the
@@ -702,7 +760,7 @@ class OutboundWorker:
         renewed_at = float("-inf")
         while not stop.is_set():
             try:
-                if self._queue.qsize() < self.ob.concurrency * 4:
+                if self._wants_copies():
                     copies = await asyncio.to_thread(self._claim, frozenset(self._held))
                     self.submit(copies)
             except Exception as exc:
@@ -720,6 +778,16 @@ class OutboundWorker:
             except asyncio.TimeoutError:
                 pass
 
+    def _wants_copies(self) -> bool:
+        """Whether the poller should claim more: fewer copies are ready than the slots could start soon.
+
+        Delivering by MX, copies held back by their destination's cap are not counted as ready (up to a bound
+        on what waits in memory): counted, a dead destination's due backlog kept every other destination's
+        retries in the store. With a smarthost there is one destination, and they are simply the queue."""
+        ready = self._queue.waiting if self.ob.smarthost else self._queue.startable()
+        return (ready < self.ob.concurrency * 4
+                and self._queue.waiting < self.ob.concurrency * WAITING_PER_SLOT)
+
     def _claim(self, held: frozenset[int]) -> list[QueuedCopy]:
         with self.engine.begin() as conn:
             return claim_due(conn, limit=self.ob.concurrency * 8, secret=self.secret, table=self.table,
@@ -731,9 +799,10 @@ class OutboundWorker:
 
     async def _deliver_loop(self) -> None:
         while True:
-            copy = await self._queue.get()
-            if copy is None:  # shutting down
+            turn = await self._queue.get()
+            if turn is None:  # shutting down
                 return
+            dest, copy = turn
             try:
                 attempt = await self.attempt(copy)
             except asyncio.CancelledError:
@@ -743,6 +812,8 @@ class OutboundWorker:
                 # expired; as a deferral it is retried on the usual schedule and bounces at the horizon.
                 log.exception("outbound: delivering recipient row %s failed: %s", copy.rcpt_id, exc)
                 attempt = self.scheduled(copy, SmtpResult("deferred", 451, "4.3.0", f"internal error: {exc!r}"))
+            finally:
+                self._queue.done(dest)
             # The slot moves on to the next copy while the result is recorded: a delivery task that waited for
             # that commit sat idle through it (and the commits stayed small). The copy stays held and leased
             # until its result is committed; if recording fails, the lease runs out and the poller retries it.
@@ -793,6 +864,6 @@ class OutboundWorker:
 
 __all__ = [
     "DestinationError", "OutboundWorker", "SmtpResult", "SmtpTransport", "bounce_kind", "bounce_reason",
-    "claim_due", "classify_reply", "enhanced_status", "make_mx_resolver", "order_mx", "record_result", "record_results",
-    "retry_delay", "Attempt",
+    "claim_due", "classify_reply", "destination", "enhanced_status", "make_mx_resolver", "order_mx", "record_result",
+    "record_results", "retry_delay", "Attempt",
 ]

@@ -560,3 +560,117 @@ async def test_shutdown_lets_a_send_finish_and_releases_copies_never_started(eng
         stop.set()
         await task
         await batcher.close()
+
+
+class TimedMx:
+    """An MX that answers the final dot after `delay` seconds; records when each recipient's mail arrived
+    and the most transactions it ever had at once."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+        self.arrived: list[tuple[str, float]] = []
+        self.active = 0
+        self.most_active = 0
+        self.server = None
+        self.port = 0
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        self.active += 1
+        self.most_active = max(self.most_active, self.active)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.active -= 1
+        self.arrived.append((envelope.rcpt_tos[0], asyncio.get_running_loop().time()))
+        return "250 2.0.0 Ok: queued"
+
+    async def start(self) -> "TimedMx":
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: SMTP(self, decode_data=False), "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_a_slow_destination_does_not_hold_up_the_others(engine, env):
+    """A delivery slot took the next copy and then waited on that copy's destination's cap while holding the
+    slot: with 2 slots and a cap of 1, six 1-second copies to a slow domain queued ahead of one to a fast domain
+    kept both slots waiting on the slow domain, and the fast copy went out after 5 s. Destinations now take
+    turns (as with Postfix's qmgr): the slow domain keeps its copies waiting, in order, not the slots."""
+    slow, fast = await TimedMx(1.0).start(), await TimedMx(0.0).start()
+
+    async def resolver(domain: str):
+        return [("127.0.0.1", slow.port if domain == "slow.test" else fast.port)]
+
+    cfg = mx_config(concurrency=2, per_destination_concurrency=1)
+    batcher = TransactionBatcher(engine)
+    worker = OutboundWorker(engine, cfg, SECRET.encode(), batcher, transport=SmtpTransport(cfg, resolver=resolver))
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    slow_rcpts = [f"s{i}@slow.test" for i in range(6)]
+    try:
+        copies = queue_leased(engine, [*slow_rcpts, "f@fast.test"], dt.timedelta(minutes=15))
+        started = asyncio.get_running_loop().time()
+        worker.submit(copies)
+        await wait_for_events(engine, 7, timeout=15)
+        [(_, fast_at)] = fast.arrived
+        assert fast_at - started < 0.5
+        assert [rcpt for rcpt, _ in slow.arrived] == slow_rcpts  # each once, in the order queued
+        assert slow.arrived[-1][1] - started > 5.0 and slow.most_active == 1  # the cap still holds
+        assert sorted(event_types(engine)) == sorted([("delivered", r) for r in [*slow_rcpts, "f@fast.test"]])
+    finally:
+        stop.set()
+        await task
+        await batcher.close()
+        await slow.stop()
+        await fast.stop()
+
+
+class DomainDelayTransport:
+    """Delivers everything, taking `delays[domain]` seconds (0 when not named); records when each send began."""
+
+    def __init__(self, delays: dict[str, float]):
+        self.delays = delays
+        self.started: dict[str, float] = {}
+
+    async def send(self, mail_from: str, recipient: str, raw: bytes) -> SmtpResult:
+        self.started[recipient] = asyncio.get_running_loop().time()
+        await asyncio.sleep(self.delays.get(recipient.rsplit("@", 1)[1], 0.0))
+        return SmtpResult("delivered", 250, "2.0.0", "ok", "mx.test")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_slow_destination_backlog_does_not_keep_other_retries_in_the_store(engine, env):
+    """The poller stopped claiming once 4 copies per slot waited in memory, counting those held back by their
+    destination's cap: after a restart, 20 due copies to a slow domain kept a fast domain's due copy in the
+    store until the slow backlog was nearly through."""
+    cfg = mx_config(concurrency=2, per_destination_concurrency=1)
+    rcpts = [f"s{i}@slow.test" for i in range(20)] + ["f@fast.test"]
+    queue_leased(engine, rcpts, dt.timedelta(0))
+    with engine.begin() as conn:  # a crashed node's copies, due in the order queued
+        for rid, rcpt in conn.execute(select(outbound_recipients.c.id, outbound_recipients.c.recipient)).all():
+            conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == rid).values(
+                next_attempt_at=dt.datetime(2020, 1, 1) + dt.timedelta(seconds=rcpts.index(rcpt))))
+        conn.execute(update(outbound_queue).values(lease_until=None))
+    transport = DomainDelayTransport({"slow.test": 0.5})
+    batcher = TransactionBatcher(engine)
+    worker = OutboundWorker(engine, cfg, SECRET.encode(), batcher, transport=transport)
+    stop = asyncio.Event()
+    started = asyncio.get_running_loop().time()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        for _ in range(60):
+            if "f@fast.test" in transport.started:
+                break
+            await asyncio.sleep(0.05)
+        assert transport.started["f@fast.test"] - started < 1.0
+        assert len([r for r in transport.started if r.endswith("@slow.test")]) <= 3  # the cap still holds
+    finally:
+        stop.set()
+        await task
+        await batcher.close()
