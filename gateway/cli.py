@@ -51,8 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gateway.logs import setup_logging
 
     setup_logging(args.log_level)
+    from gateway.migrate import SchemaMismatch
+
     try:
         return int(args.func(args) or 0)
+    except SchemaMismatch as exc:  # serve/worker/migrate on a database a newer mailgate migrated
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         return 0
     except KeyboardInterrupt:

@@ -38,7 +38,23 @@ def alembic_config(engine: Engine) -> AlembicConfig:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate to `revision`. A database a newer mailgate migrated is refused with `SchemaMismatch` (Alembic
+    would fail with "Can't locate revision" and a traceback, which does not say that this code is too old)."""
+    at = current(engine)
+    if at is not None and at not in _known_revisions():
+        raise _newer(engine, at)
     command.upgrade(alembic_config(engine), revision)
+
+
+def _known_revisions() -> set[str]:
+    return {s.revision for s in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
+
+
+def _newer(engine: Engine, at: str) -> SchemaMismatch:
+    where = engine.url.render_as_string(hide_password=True)
+    return SchemaMismatch(f"{where}: the database is at schema revision {at}, which this mailgate does not "
+                          f"know (it knows up to {head()}): this mailgate is older than the database; use "
+                          "the mailgate version the gateway runs", database_newer=True)
 
 
 def current(engine: Engine) -> str | None:
@@ -64,10 +80,7 @@ def check(engine: Engine) -> str:
     if at is None:
         raise SchemaMismatch(f"{where}: no mailgate schema yet; run `mailgate migrate -c <config>` "
                              "(or start `mailgate serve`)")
-    known = {s.revision for s in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
-    if at not in known:
-        raise SchemaMismatch(f"{where}: the database is at schema revision {at}, which this mailgate does not "
-                             f"know (it knows up to {want}): this mailgate is older than the database; use "
-                             "the mailgate version the gateway runs", database_newer=True)
+    if at not in _known_revisions():
+        raise _newer(engine, at)
     raise SchemaMismatch(f"{where}: the database is at schema revision {at}, this mailgate needs {want}; "
                          "run `mailgate migrate -c <config>` (the running gateway migrates at its next start)")

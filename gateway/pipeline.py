@@ -93,6 +93,7 @@ class RouteStep:
     def reload(self, config: Config) -> None:
         self.config = config
         self.table = build_table(config, self._synced_rows)
+        self._resolver = None  # made again on first use, with the new [auth] nameservers
 
     def current_table(self) -> AliasTable:
         """Config aliases merged with Odoo's `mail.alias` (config wins), refreshed every `sync_interval`."""
@@ -103,7 +104,6 @@ class RouteStep:
             self._synced_rows = rows
             self.table = build_table(self.config, rows)
         return self.table
-        self._resolver = None
 
     def _authenticate(self, raw: bytes, message: SpooledMessage) -> tuple[str, tuple[str, ...]]:
         """DMARC verdict and its reasons for the envelope ([auth] enabled). Fails open: errors → temperror."""

@@ -170,7 +170,7 @@ def test_operator_commands_check_the_schema_and_never_migrate(store_config, tmp_
 
     with engine.begin() as conn:  # a newer mailgate migrated the database
         conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
-    for argv in (["messages", "list"], ["migrate"]):
+    for argv in (["messages", "list"], ["migrate"], ["worker"], ["serve"]):  # serve/worker: before any listener
         assert _exit_code([*argv, "-c", store_config]) == 1
         assert "this mailgate is older than the database" in capsys.readouterr().err
     assert current(engine) == "9999"
