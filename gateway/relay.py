@@ -32,7 +32,7 @@ from aliases.model import AliasTable
 from gateway.config import Config, ListenerConfig, secret as env_secret
 from gateway.fastsql import insert_rows
 from gateway.disk_space import spool_free_space, storage_refusal
-from gateway.listener import LeanSMTPMixin
+from gateway.listener import NEEDS_SMTPUTF8, LeanSMTPMixin
 from gateway.session_limits import SessionLimits
 from gateway.relay_batch import Committer
 from gateway.schema import outbound_mails, outbound_queue, outbound_recipients, thread_index
@@ -304,12 +304,18 @@ class SubmissionHandler:
         refusal = storage_refusal(self.free_space, mail_options)
         if refusal is not None:
             return refusal
+        if not address.isascii() and not any(o.upper() == "SMTPUTF8" for o in mail_options):
+            return NEEDS_SMTPUTF8
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
+        if address == "<>":
+            return "501 5.1.3 Bad recipient address syntax: the null path is for MAIL FROM only"
+        if not address.isascii() and not envelope.smtp_utf8:
+            return NEEDS_SMTPUTF8
         if any(address.lower() == rcpt.lower() for rcpt in envelope.rcpt_tos):
             return "250 2.1.5 OK (duplicate recipient: one copy)"
         if len(envelope.rcpt_tos) >= self.listener.max_recipients:

@@ -19,6 +19,7 @@ from gateway.relay_service import start_outbound_services
 from gateway.schema import events, outbound_recipients, thread_index
 from gateway.store import open_store
 from routing.tokens import read_verp
+from tests.smtp_wire import WireClient
 from tests.test_relay_support import (
     HOOK_SECRET, SECRET, Smarthost, WebhookReceiver, base_config, free_port, odoo_mail,
 )
@@ -308,6 +309,39 @@ async def test_a_recipient_named_twice_gets_one_copy(env, engine):
         assert sorted(r.rcpt_tos[0] for r in smarthost.received) == ["uma@customer.test", "vic@customer.test"]
         with engine.connect() as conn:
             assert conn.execute(select(func.count()).select_from(outbound_recipients)).scalar() == 2
+    finally:
+        await smarthost.stop()
+
+
+async def test_submission_refuses_a_null_rcpt_and_utf8_addresses_without_smtputf8(env, engine):
+    """As the inbound listeners do: a non-ASCII address without SMTPUTF8 on MAIL is 553 5.6.7 (RFC 6531 §3.4),
+    and RCPT TO:<> is 501 5.1.3. The submission listener took both: the non-ASCII recipient went out over a
+    connection that never said SMTPUTF8, and <> was refused with the code for a malformed address."""
+    smarthost = await Smarthost().start()
+    cfg = base_config(smarthost_port=smarthost.port, tracking_port=free_port())
+    try:
+        async with Gateway(engine, cfg) as gw:
+            c = await WireClient.connect("127.0.0.1", gw.port)
+            assert (await c.reply())[0] == 220
+            assert (await c.cmd("EHLO odoo.test"))[0] == 250
+            code, text = await c.cmd("MAIL FROM:<bounce@exämple.test>")
+            assert code == 553 and text.startswith("5.6.7")
+            assert (await c.cmd("MAIL FROM:<bounce@example.test>"))[0] == 250
+            code, text = await c.cmd("RCPT TO:<jösé@customer.test>")
+            assert code == 553 and text.startswith("5.6.7")
+            code, text = await c.cmd("RCPT TO:<>")
+            assert code == 501 and text.startswith("5.1.3")
+            assert (await c.cmd("RCPT TO:<xavi@customer.test>"))[0] == 250
+            assert (await c.send_data(odoo_mail(to="xavi@customer.test")))[0] == 250
+            # With SMTPUTF8 on MAIL, the same non-ASCII addresses are taken.
+            assert (await c.cmd("MAIL FROM:<bounce@exämple.test> SMTPUTF8"))[0] == 250
+            assert (await c.cmd("RCPT TO:<jösé@customer.test>"))[0] == 250
+            assert (await c.cmd("RSET"))[0] == 250
+            await c.close()
+            await smarthost.wait_for(1)
+        assert [r.rcpt_tos for r in smarthost.received] == [["xavi@customer.test"]]
+        with engine.connect() as conn:
+            assert conn.execute(select(outbound_recipients.c.recipient)).scalars().all() == ["xavi@customer.test"]
     finally:
         await smarthost.stop()
 
