@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 
+from routing.parse import embedded_bytes, leaf_parts
 from routing.threads import normalize_message_id
 
 _ANGLE = re.compile(r"<[^<>]+>")
@@ -104,6 +105,13 @@ def _text(part: Message) -> str:
         return payload.decode("utf-8", "replace")
 
 
+def _filename_or(part: Message, fallback: str) -> str:
+    try:
+        return part.get_filename() or fallback
+    except Exception:  # noqa: BLE001 - malformed parameters
+        return fallback
+
+
 def format_address(name: str, addr: str) -> str:
     """"Name <addr>" as Odoo stores email_from: the display name readable, never RFC 2047-encoded (the stdlib's
     formataddr encodes a non-ASCII name, and Odoo would show `=?utf-8?b?…?=` as the sender). A name that is
@@ -128,10 +136,13 @@ def parse_mail(raw: bytes) -> ParsedMail:
     html_parts: list[str] = []
     text_parts: list[str] = []
     attachments: list[MailAttachment] = []
-    for part in (msg.walk() if msg.is_multipart() else [msg]):
-        if part.is_multipart():
-            continue
+    for part in leaf_parts(msg):
         ctype = part.get_content_type()
+        if ctype == "message/rfc822":
+            # a forwarded-as-attachment mail: one .eml attachment, its body never replaces the forwarder's
+            attachments.append(MailAttachment(name=_filename_or(part, "message.eml"),
+                                              content=embedded_bytes(part), mimetype=ctype))
+            continue
         try:
             filename = part.get_filename()
             disposition = part.get_content_disposition()

@@ -398,8 +398,11 @@ def _filename(part: email.message.Message) -> str | None:
     return decode_header_value(name) if "=?" in name else _unescape(name)
 
 
-def _leaves(root: email.message.Message) -> list[email.message.Message]:
-    """Leaf parts in document order; an embedded message/rfc822 is one leaf (an attachment), not walked."""
+def leaf_parts(root: email.message.Message) -> list[email.message.Message]:
+    """Leaf parts in document order; an embedded message/rfc822 is one leaf (an attachment), not walked.
+
+    A forwarded-as-attachment mail keeps the forwarder's body: the embedded message's parts are its own,
+    not the outer mail's (Odoo stores such a part as one attachment, its bytes from `as_bytes()`)."""
     out: list[email.message.Message] = []
     stack = [root]
     while stack:
@@ -415,7 +418,8 @@ def _leaves(root: email.message.Message) -> list[email.message.Message]:
     return out
 
 
-def _embedded_bytes(part: email.message.Message) -> bytes:
+def embedded_bytes(part: email.message.Message) -> bytes:
+    """The bytes of the message a message/rfc822 part carries (b"" when it is empty)."""
     inner = part.get_payload()
     if isinstance(inner, list) and inner:
         return inner[0].as_bytes()
@@ -433,7 +437,7 @@ def extract_content(parsed: ParsedMail) -> Content:
     texts: list[str] = []
     htmls: list[str] = []
     atts: list[Attachment] = []
-    for part in _leaves(parsed.msg):
+    for part in leaf_parts(parsed.msg):
         ctype = _content_type_of(part)
         disposition = _h(part, "Content-Disposition").split(";", 1)[0].strip().lower()
         name = _filename(part)
@@ -445,7 +449,7 @@ def extract_content(parsed: ParsedMail) -> Content:
             (htmls if ctype == "text/html" else texts).append(_part_text(part, defects))
             continue
         try:
-            payload = _embedded_bytes(part) if part.is_multipart() else part.get_payload(decode=True)
+            payload = embedded_bytes(part) if part.is_multipart() else part.get_payload(decode=True)
         except Exception as exc:  # noqa: BLE001
             defects.append(f"undecodable attachment: {exc}")
             payload = None

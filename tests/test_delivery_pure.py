@@ -88,6 +88,31 @@ def test_unknown_charset_degrades_instead_of_failing() -> None:
     assert "hello" in mail.body_html
 
 
+FORWARDED_AS_ATTACHMENT = (
+    b"From: a@x.example\r\nTo: sales@example.test\r\nSubject: Fwd: quote\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/mixed; boundary=B\r\n\r\n"
+    b"--B\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+    b"--B\r\nContent-Type: message/rfc822\r\nContent-Disposition: attachment; filename=\"orig.eml\"\r\n\r\n"
+    b"From: c@y.example\r\nSubject: inner\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: multipart/mixed; boundary=C\r\n\r\n"
+    b"--C\r\nContent-Type: text/html\r\n\r\n<p>inner html</p>\r\n"
+    b"--C\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename=\"inner.pdf\"\r\n"
+    b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--C--\r\n--B--\r\n")
+
+
+@pytest.mark.parametrize("disposition, name", [(b'attachment; filename="orig.eml"', "orig.eml"),
+                                                (b"inline", "message.eml")])
+def test_forwarded_as_attachment_keeps_outer_body_and_attaches_the_eml(disposition: bytes, name: str) -> None:
+    # The forwarder's text is the body; the embedded mail is one .eml attachment (its parts are its own)
+    raw = FORWARDED_AS_ATTACHMENT.replace(b'attachment; filename="orig.eml"', disposition)
+    mail = parse_mail(raw)
+    assert mail.body_html == "<pre>see attached</pre>"
+    [att] = mail.attachments
+    assert (att.name, att.mimetype) == (name, "message/rfc822")
+    inner = email.message_from_bytes(att.content, policy=email.policy.default)
+    assert inner["Subject"] == "inner" and b"<p>inner html</p>" in att.content and b"JVBERi0=" in att.content
+
+
 def test_passthrough_adds_delivered_to_and_keeps_7bit_mail_byte_exact() -> None:
     raw = b"From: a@b\r\nTo: x@example.test\r\nSubject: hi\r\n\r\nbody\r\n"
     out = passthrough_raw(raw, ["sales@example.test", "sales@example.test", "vip@example.test"])
