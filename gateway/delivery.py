@@ -29,6 +29,7 @@ import email.policy
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -137,6 +138,7 @@ class Delivery:
         self.aliases = config.alias_table()
         self.refusals = RefusalSender(config, engine)
         self._odoo_alias_addresses: frozenset[str] | None = None
+        self._odoo_own_aliases: tuple[float, frozenset[str] | None] = (0.0, None)
 
     def reload(self, config: Config) -> None:
         """SIGHUP: new aliases, mode and limits for the next message (the Odoo client is kept)."""
@@ -145,6 +147,7 @@ class Delivery:
         self.aliases = config.alias_table()
         self.refusals = RefusalSender(config, self.engine)
         self._odoo_alias_addresses = None
+        self._odoo_own_aliases = (0.0, None)
 
     # ------------------------------------------------------------------------------------ entry
     def deliver(self, message: SpooledMessage, raw: bytes, decision: Decision) -> DeliveryOutcome:
@@ -248,6 +251,7 @@ class Delivery:
         mid, synthesised = self._message_id(message, decision, mail_head)
         step = "process"
         done = ledger.get(step)
+        fallback = self._fallback(decision)
         if done is None:
             # No look-up first: message_process itself answers False for a Message-ID it already has (spec
             # §1.2 step 3), which also covers an earlier attempt whose answer was lost on the wire. The intent
@@ -256,7 +260,6 @@ class Delivery:
             if ledger.get("processing") is None:
                 ledger.record("processing", None, None)
             raw_for_odoo = self._passthrough_raw(raw, decision, mail_head, mid if synthesised else None)
-            fallback = self._fallback(decision)
             result: Any = client.message_process(
                 raw_for_odoo, model=fallback.model if fallback else None,
                 custom_values=dict(fallback.defaults) if fallback else None,
@@ -266,23 +269,38 @@ class Delivery:
             if result is False and existing and not earlier and not self._same_mail_elsewhere(message):
                 ledger.record("collision", None, None, {"landed": [list(r) for r in refs]})
                 return self._collision(message, mid, existing)
+            landed = list(refs)
             ledger.record(step, refs[0][0] if refs else None, refs[0][1] if refs else None,
                           {"result": result, "landed": [list(r) for r in refs]})
         else:
             existing = self._existing(mid)
             refs = _refs(existing)
-            result = json.loads(done.result or "{}").get("result", "recorded")
-        if not refs:
+            recorded = json.loads(done.result or "{}")
+            result = recorded.get("result", "recorded")
+            landed = [(str(m), int(i)) for m, i in recorded.get("landed", [])]
+        # Aliases Odoo's routing passes over (spec §1.7/§1.9) get the explicit create they would have had.
+        skipped = self._odoo_skips(decision, fallback, self._odoo_recipients(decision, mail_head))
+        side: DeliveryOutcome | None = None
+        if skipped:
+            log.warning("spool %s: Odoo ignores the gateway-only alias(es) %s beside its own: created explicitly",
+                        message.id, ", ".join(t.alias or t.model for t in skipped))
+            side = self._explicit_create(message, raw, replace(decision, targets=tuple(skipped)),
+                                         not_ours=frozenset(landed))
+        placed = refs + [r for r in (side.odoo_refs if side else ()) if r not in refs]
+        side_note = f"; gateway-only alias Odoo ignores, {side.note}" if side else ""
+        if not placed:
             why = {False: "Odoo returned False (refused by its contact policy, catchall-only, or a duplicate)",
                    None: "Odoo dropped it (loop check)"}.get(result, f"Odoo returned {result!r} but stored nothing")
-            return DeliveryOutcome("dropped", f"passthrough: {why}")
+            return DeliveryOutcome("dropped", f"passthrough: {why}{side_note}")
         self._index(mid, refs)
-        note = "passthrough: in Odoo on " + ", ".join(f"{m} {i}" for m, i in refs)
+        note = "passthrough: in Odoo on " + ", ".join(f"{m} {i}" for m, i in refs) if refs else \
+            "passthrough: Odoo stored nothing"
+        note += side_note
         wanted = [(t.model, t.res_id) for t in decision.targets]
-        if wanted and not any(m == wm and (wi is None or wi == i) for m, i in refs for wm, wi in wanted):
+        if wanted and not any(m == wm and (wi is None or wi == i) for m, i in placed for wm, wi in wanted):
             note += "; the gateway had decided " + ", ".join(f"{m} {i or '(new)'}" for m, i in wanted)
             log.warning("spool %s: Odoo placed %s on %s; gateway decided %s", message.id, mid, refs, wanted)
-        return DeliveryOutcome("delivered", note, odoo_refs=tuple(refs))
+        return DeliveryOutcome("delivered", note, odoo_refs=tuple(placed))
 
     def _fallback(self, decision: Decision) -> Target | None:
         """For new mail routed by a gateway alias: that alias's model (and defaults, forced thread) as Odoo's
@@ -296,14 +314,56 @@ class Delivery:
                 return target
         return None
 
-    def _passthrough_raw(self, raw: bytes, decision: Decision, mail: msgdict.ParsedMail,
-                         synthesised_id: str | None) -> str:
+    def _odoo_own_alias_set(self) -> frozenset[str] | None:
+        """The alias addresses Odoo itself holds (mail.alias), re-read every 5 minutes; None if unreadable."""
+        read_at, found = self._odoo_own_aliases
+        if found is None or time.monotonic() - read_at > 300:
+            try:
+                rows = self._odoo().search_read("mail.alias", [], ["alias_full_name"])
+            except PermanentError as exc:
+                log.warning("cannot read Odoo's mail.alias (%s): gateway-only aliases beside Odoo's are not "
+                            "delivered separately in passthrough", exc)
+                return None
+            found = frozenset(str(r["alias_full_name"]).lower() for r in rows if r.get("alias_full_name"))
+            self._odoo_own_aliases = (time.monotonic(), found)
+        return found
+
+    def _odoo_recipients(self, decision: Decision, mail: msgdict.ParsedMail) -> set[str]:
+        """The addresses Odoo's alias lookup reads (spec §1.1 `recipients`): the mail's Delivered-To, To, Cc,
+        Resent-To/Cc, and the Delivered-To lines passthrough adds."""
+        return set(mail.recipients) | set(self._delivered_to(decision))
+
+    def _odoo_skips(self, decision: Decision, fallback: Target | None, recipients: set[str]) -> list[Target]:
+        """Targets whose alias exists in our config only and that Odoo's routing will pass over.
+
+        Odoo routes new mail to every one of *its* aliases among the recipients and uses the caller's fallback
+        model only when none matches (spec §1.7, §1.9); message_process takes one fallback. So a gateway-only
+        alias is lost when one of Odoo's aliases is also addressed, or when it is not the fallback."""
+        if decision.action != Action.CREATE:
+            return []
+        candidates = [t for t in decision.targets if t.alias and not t.res_id
+                      and (conf := self.aliases.alias(t.alias)) is not None and conf.source == "config"]
+        if not candidates:
+            return []
+        odoo_aliases = self._odoo_own_alias_set()
+        if odoo_aliases is None:
+            return []
+        unknown = [t for t in candidates if t.alias and t.alias.lower() not in odoo_aliases]
+        odoo_routes = any(r in odoo_aliases for r in recipients)
+        return [t for t in unknown if odoo_routes or t != fallback]
+
+    def _delivered_to(self, decision: Decision) -> list[str]:
+        """The recipients passthrough names in Delivered-To (Odoo never sees the envelope, spec §5.5)."""
         bounce_addrs = self.aliases.bounce_addresses()
         recipients = [t.alias for t in decision.targets if t.alias]
         recipients += [r.lower() for r in decision.recipients]
         # A bounce address in Delivered-To would make Odoo treat the mail as a bounce (spec §1.3).
-        recipients = [r for r in dict.fromkeys(recipients) if r and r not in bounce_addrs
-                      and not r.startswith("bounce+")]
+        return [r for r in dict.fromkeys(recipients) if r and r not in bounce_addrs
+                and not r.startswith("bounce+")]
+
+    def _passthrough_raw(self, raw: bytes, decision: Decision, mail: msgdict.ParsedMail,
+                         synthesised_id: str | None) -> str:
+        recipients = self._delivered_to(decision)
         parent = next((t.parent_message_id for t in decision.targets if t.parent_message_id), None)
         fix = msgdict.needs_references_fixup(mail.references, mail.in_reply_to, parent)
         extra = (("Message-ID", synthesised_id),) if synthesised_id else ()
@@ -441,7 +501,10 @@ class Delivery:
             self._odoo().message_subscribe(model, res_id, [author])
             ledger.record(step, model, res_id)
 
-    def _explicit_create(self, message: SpooledMessage, raw: bytes, decision: Decision) -> DeliveryOutcome:
+    def _explicit_create(self, message: SpooledMessage, raw: bytes, decision: Decision, *,
+                         not_ours: frozenset[tuple[str, int]] = frozenset()) -> DeliveryOutcome:
+        """message_new + post per target. `not_ours`: records Odoo's own routing put this mail on (passthrough
+        delivering a gateway-only alias beside them): never reused as this alias's record."""
         client = self._odoo()
         ledger = WriteLedger(self.engine, message.id)
         mail = msgdict.parse_mail(raw)
@@ -483,7 +546,7 @@ class Delivery:
                     # two aliases of one model make two records, a retry included.
                     others = ledger.claimed(f"create:{target.model}:", besides=step)
                     found = [r for r in known if r.get("model") == target.model and r.get("res_id")
-                             and int(r["res_id"]) not in others]
+                             and int(r["res_id"]) not in others and (target.model, int(r["res_id"])) not in not_ours]
                     intent = ledger.get(f"creating:{target.model}:{label}")
                     if found:
                         res_id = int(found[0]["res_id"])

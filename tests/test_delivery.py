@@ -511,6 +511,52 @@ def test_passthrough_config_only_alias_uses_odoo_fallback_model(tmp_path: Any, d
     assert [lead["type"] for lead in leads(double)] == ["opportunity", "lead"]
 
 
+def _rig_with_help_alias(tmp_path: Any, double: OdooDouble) -> Rig:
+    """Passthrough with help@ (helpdesk.ticket) and vip@ (crm.lead, opportunity) in the gateway's config only;
+    sales@ is both in the config and one of Odoo's own aliases."""
+    rig = Rig(tmp_path, double, "passthrough")
+    rig.config = parse_config({
+        "storage": {"url": f"sqlite:///{tmp_path}/mailgate.db"},
+        "odoo": {"url": "http://127.0.0.1:1", "db": "mailgate", "login": "admin", "mode": "passthrough"},
+        "domains": [{"name": DOMAIN}],
+        "aliases": [{"address": f"sales@{DOMAIN}", "model": "crm.lead", "defaults": {"type": "lead"}},
+                    {"address": f"vip@{DOMAIN}", "model": "crm.lead", "defaults": {"type": "opportunity"}},
+                    {"address": f"help@{DOMAIN}", "model": "helpdesk.ticket"}],
+        "outbound": {"refusal_smarthost": "127.0.0.1:1"}}, base_dir=str(tmp_path))
+    rig.delivery = Delivery(rig.config, rig.engine, rig.client)
+    return rig
+
+
+SALES_T = Target(model="crm.lead", alias=f"sales@{DOMAIN}", defaults=(("type", "lead"),))
+VIP_T = Target(model="crm.lead", alias=f"vip@{DOMAIN}", defaults=(("type", "opportunity"),))
+HELP_T = Target(model="helpdesk.ticket", alias=f"help@{DOMAIN}")
+
+
+@pytest.mark.parametrize("targets, leads_wanted, tickets_wanted", [
+    ((SALES_T, HELP_T), ["lead"], 1),                 # Odoo's alias + a gateway-only one of another model
+    ((SALES_T, VIP_T), ["lead", "opportunity"], 0),   # ... of the same model: two records, as explicit mode
+    ((VIP_T, HELP_T), ["opportunity"], 1),            # two gateway-only aliases: one fallback, one explicit
+])
+def test_passthrough_delivers_gateway_only_aliases_odoo_would_pass_over(
+        tmp_path: Any, double: OdooDouble, targets: tuple[Target, ...], leads_wanted: list[str],
+        tickets_wanted: int) -> None:
+    """Odoo uses message_process's fallback model only when none of its own aliases matches, and takes one:
+    a gateway-only alias addressed beside another gets its record by an explicit create, once, retry included."""
+    rig = _rig_with_help_alias(tmp_path, double)
+    mid = "<two-aliases@customer.example>"
+    to = ", ".join(t.alias or "" for t in targets)
+    decision = Decision(action=Action.CREATE, explanation=("t",), message_id=mid, reason="alias",
+                        recipients=tuple(t.alias or "" for t in targets), targets=targets)
+    msg, out = rig.deliver(new_mail(mid, to=to), decision, rcpt=targets[0].alias or "")
+    assert out.state == "delivered", out.note
+    assert sorted(lead["type"] for lead in leads(double)) == leads_wanted
+    assert len(double.records("helpdesk.ticket")) == tickets_wanted
+    assert "gateway-only alias Odoo ignores" in out.note and len(out.odoo_refs) == len(targets)
+    again = rig.delivery.deliver(msg, new_mail(mid, to=to), decision)     # a retry after a lost answer
+    assert sorted(again.odoo_refs) == sorted(out.odoo_refs)
+    assert len(leads(double)) == len(leads_wanted) and len(double.records("helpdesk.ticket")) == tickets_wanted
+
+
 def test_no_route_in_odoo_is_permanent(tmp_path: Any, double: OdooDouble) -> None:
     rig = Rig(tmp_path, double, "passthrough")
     mid = "<noroute@customer.example>"
