@@ -1,8 +1,9 @@
 """Lookups the pure router needs, backed by the store (and Odoo on a miss).
 
 * `IndexThreadLookup` — `routing.model.ThreadLookup` over `thread_index` (Message-IDs we relayed or
-  delivered), falling back to Odoo's `mail.message.search_read` when none of the ids is indexed. Odoo answers
-  are cached (and written back to the index), so a busy thread costs one RPC, not one per reply.
+  delivered), falling back to Odoo's `mail.message.search_read` for the ids newer in the chain than the
+  newest indexed one (all of them when none is indexed). Odoo answers are cached (and written back to the
+  index), so a busy thread costs one RPC, not one per reply.
 * `SpoolDuplicateLookup` — `routing.model.DuplicateLookup` over `messages`: the same Message-ID *and* body hash
   already delivered or dropped.
 
@@ -29,7 +30,8 @@ MAX_REFERENCES = 100  # newest ids of a reference chain that `find` looks up (se
 
 
 class IndexThreadLookup:
-    """The newest known message among reference ids: thread index first, then Odoo (cached)."""
+    """The newest known message of a reference chain, by position in the chain: thread index, then Odoo
+    (cached) for the ids newer than the newest indexed one."""
 
     def __init__(self, engine: Engine, client: OdooClient | None = None, *, cache_size: int = 10_000,
                  negative_ttl: float = 30.0):
@@ -47,21 +49,28 @@ class IndexThreadLookup:
 
         Only the newest `MAX_REFERENCES` ids are looked up: a References header can hold any number (a
         crafted one, tens of thousands), and one query or RPC with all of them fails on SQLite's bound-variable
-        limit — the message would be retried until it went dead. A real thread's parent is the last id."""
+        limit — the message would be retried until it went dead. A real thread's parent is the last id.
+
+        The chain's position decides, as Odoo's parent look-up does (In-Reply-To, then References newest
+        first): an indexed id only wins when Odoo holds none of the ids after it. Outlook truncates References
+        and keeps the direct parent in In-Reply-To; when that parent was posted in Odoo without passing
+        through us, the older indexed id would put the reply on the wrong record."""
         ids = [m for m in dict.fromkeys(message_ids) if m][-MAX_REFERENCES:]
         if not ids:
             return None
-        hit = self._from_index(ids)
-        if hit is not None:
-            return hit
-        return self._from_odoo(ids)
+        indexed = self._from_index(ids)
+        if indexed is not None and indexed.message_id == ids[-1]:
+            return indexed
+        newer = ids[ids.index(indexed.message_id) + 1:] if indexed is not None else ids
+        return self._from_odoo(newer) or indexed
 
     def _from_index(self, ids: list[str]) -> ThreadHit | None:
+        position = {m: n for n, m in enumerate(ids)}
         with self.engine.connect() as conn:
-            row = conn.execute(select(thread_index).where(thread_index.c.message_id.in_(ids))
-                               .order_by(thread_index.c.id.desc()).limit(1)).first()
-            if row is None:
+            rows = conn.execute(select(thread_index).where(thread_index.c.message_id.in_(ids))).all()
+            if not rows:
                 return None
+            row = max(rows, key=lambda r: (position.get(r.message_id, -1), r.id))
             recipient = None
             if row.outbound and row.outbound_mail is not None:
                 rcpts = conn.execute(select(outbound_recipients.c.recipient)
@@ -73,24 +82,30 @@ class IndexThreadLookup:
     def _from_odoo(self, ids: list[str]) -> ThreadHit | None:
         if self.client is None:
             return None
-        key = tuple(ids)
+        cached: ThreadHit | None = None
         with self._lock:
-            for mid in reversed(ids):
-                if mid in self._cache:
-                    self._cache.move_to_end(mid)
-                    return self._cache[mid]
+            # a cached answer stands for its id; the ids after it in the chain are still asked
+            for n in range(len(ids) - 1, -1, -1):
+                if ids[n] in self._cache:
+                    self._cache.move_to_end(ids[n])
+                    cached, ids = self._cache[ids[n]], ids[n + 1:]
+                    break
+            if not ids:
+                return cached
+            key = tuple(ids)
             missed_at = self._misses.get(key)
             if missed_at is not None and time.monotonic() - missed_at < self.negative_ttl:
-                return None
+                return cached
         self.odoo_lookups += 1
-        rows = self.client.find_messages(ids, ["model", "res_id", "message_id", "is_internal"], limit=1)
+        rows = self.client.find_messages(ids, ["model", "res_id", "message_id", "is_internal"], limit=500)
         if not rows:
             with self._lock:
                 self._misses[key] = time.monotonic()
                 if len(self._misses) > self.cache_size:
                     self._misses.clear()
-            return None
-        row = rows[0]
+            return cached
+        position = {m: n for n, m in enumerate(ids)}
+        row = max(rows, key=lambda r: (position.get(r.get("message_id"), -1), int(r.get("id") or 0)))
         hit = ThreadHit(message_id=row["message_id"], model=row.get("model") or None,
                         res_id=row.get("res_id") or None, is_internal=bool(row.get("is_internal")))
         with self._lock:

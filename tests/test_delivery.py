@@ -611,6 +611,30 @@ def test_thread_lookup_reads_only_the_newest_references(tmp_path: Any, double: O
     assert lookup.find(["<parent@x>", *junk[:MAX_REFERENCES]]) is None  # an id older than the newest 100
 
 
+def test_thread_lookup_follows_the_chain_not_the_index(tmp_path: Any, double: OdooDouble) -> None:
+    """Outlook: References <A> (indexed, on the old lead), In-Reply-To <B> (the direct parent, in Odoo only, on
+    the new lead). Odoo takes the newest of the chain; so do we, asking Odoo before settling for <A>."""
+    rig = Rig(tmp_path, double, "explicit")
+    old, new = (double.store.create("crm.lead", {"name": n}) for n in ("old deal", "new deal"))
+    a, b, x = "<a-old@customer.example>", "<b-new@odoo.example>", "<never-seen@customer.example>"
+    for mid, rid in ((a, old), (b, new)):
+        double.store.create("mail.message", {"model": "crm.lead", "res_id": rid, "message_id": mid,
+                                             "subtype_id": 1, "is_internal": False})
+    index_message(rig.engine, a, "crm.lead", old)
+    lookup = IndexThreadLookup(rig.engine, rig.client)
+    hit = lookup.find([a, b])
+    assert hit is not None and (hit.message_id, hit.res_id) == (b, new)
+    # both indexed now (<B> written back), the older one indexed last: position in the chain still decides
+    with rig.engine.begin() as conn:
+        conn.execute(thread_index.delete().where(thread_index.c.message_id == a))
+    index_message(rig.engine, a, "crm.lead", old)
+    assert (lookup.find([a, b]) or hit).res_id == new
+    # a newer id nobody holds: the indexed one stands, and the miss is cached
+    assert (lookup.find([a, x]) or hit).res_id == old
+    calls = double.call_count
+    assert (lookup.find([a, x]) or hit).res_id == old and double.call_count == calls
+
+
 def test_duplicate_lookup_needs_same_id_and_hash_and_a_final_state(tmp_path: Any, double: OdooDouble) -> None:
     from gateway.spool import transition
 
