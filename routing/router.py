@@ -365,6 +365,13 @@ def _route(why: _Why, parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases:
     # 9. quarantine -----------------------------------------------------------------------------------
     if not ours:
         reason = "no recipient in our domains"
+    elif all(r.kind == "catchall" for r in ours) and chain and thread_hit() is None:
+        # The catchall is the Reply-To of Odoo's mail: this is a reply, and what is missing is its thread
+        # (a parent Odoo never held or has deleted, mail sent around the gateway), not an alias.
+        reason = "unknown thread (a reply whose parent Odoo does not hold)"
+        why(f"no route: {reason}; quarantined (check that the thread's Message-IDs exist in Odoo, then "
+            "release it, or forward it to the right alias)")
+        return decide(Action.QUARANTINE, reason=reason)
     elif all(r.kind == "catchall" for r in ours):
         reason = "catchall only"
     else:

@@ -156,7 +156,7 @@ def test_row8_domain_default_alias():
 
 @pytest.mark.parametrize("to,reason", [
     ("someone@client.net", "no recipient in our domains"),
-    ("catchall.test@test.mycompany.com", "catchall only"),
+    ("catchall.test@test.mycompany.com", "unknown thread (a reply whose parent Odoo does not hold)"),
     ("nobody@test.mycompany.com", "no alias matched"),
 ])
 def test_row9_quarantine_with_reason(to, reason):
@@ -164,6 +164,17 @@ def test_row9_quarantine_with_reason(to, reason):
     assert d.action == Action.QUARANTINE and d.reason == reason
     assert any("match no known thread" in line for line in d.explanation)
     assert d.explanation[-1].startswith("no route")
+
+
+def test_reply_to_an_unknown_thread_via_the_catchall_says_so():
+    """The catchall is Odoo's Reply-To: a reply there whose thread nobody holds lacks a thread, not an alias;
+    new mail to the catchall alone is still 'catchall only'."""
+    d = decide(mail("To: catchall.test@test.mycompany.com\nReferences: <gone@x>\nIn-Reply-To: <gone@x>"))
+    assert d.action == Action.QUARANTINE and d.reason.startswith("unknown thread")
+    assert "add an alias" not in d.explanation[-1] and "adding an alias" not in d.explanation[-1]
+    assert "Message-IDs exist in Odoo" in d.explanation[-1]
+    d = decide(mail("To: catchall.test@test.mycompany.com\nSubject: hello"))
+    assert d.action == Action.QUARANTINE and d.reason == "catchall only"
 
 
 def test_every_decision_carries_message_id_and_explanation():
