@@ -191,12 +191,24 @@ def _decoded(value: Any) -> str:
         return str(value).strip()
 
 
+def _from_header(value: Any) -> tuple[str, str]:
+    """(display name, address) of a From header: split first, names decoded after. Decoded first,
+    `=?utf-8?q?M=C3=BCller=2C_Hans?= <hans@x.de>` reads `Müller, Hans <hans@x.de>`, whose comma makes two
+    addresses: the sender became "Müller" with the address "müller"."""
+    if value is None:
+        return "", ""
+    name, addr = email.utils.parseaddr(str(value))
+    if "@" not in addr:  # not a parseable address as written (8-bit, broken): the old way, decoded first
+        return email.utils.parseaddr(_decoded(value))
+    return _decoded(name), addr
+
+
 def parse_headers(raw: bytes) -> ParsedMail:
     """Headers only, with the fast compat32 parser (≈10x cheaper than `parse_mail`): no body, no attachments.
 
     Enough for Message-ID, References/In-Reply-To, From and Subject (passthrough, events)."""
     msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw[:256 * 1024])
-    name, addr = email.utils.parseaddr(_decoded(msg.get("From")))
+    name, addr = _from_header(msg.get("From"))
     email_from = f'"{name}" <{addr}>' if name and addr else (addr or _decoded(msg.get("From")))
     return ParsedMail(
         message_id=normalize_message_id(str(msg.get("Message-ID") or "")),

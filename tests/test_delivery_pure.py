@@ -185,3 +185,18 @@ def test_every_corpus_mail_becomes_clean_7bit() -> None:
         assert out.isascii(), path
         assert out.startswith("Delivered-To: sales@example.test"), path
         parse_mail(raw)  # never raises
+
+
+@pytest.mark.parametrize("header", [
+    "=?utf-8?Q?M=C3=BCller=2C_Hans?= <hans@x.example>",   # "Last, First": the comma is inside the encoded word
+    '"Müller, Hans" <hans@x.example>',
+    "Hans <hans@x.example>",
+])
+def test_parse_headers_reads_a_sender_whose_name_holds_a_comma(header: str) -> None:
+    """Decoded before it was split, an encoded "Müller, Hans" made two addresses: the author became
+    "Müller" with the address "müller" (no partner found, a refusal sent nowhere). parse_headers feeds
+    passthrough delivery and events, so it must agree with parse_mail."""
+    raw = f"From: {header}\r\nTo: sales@example.test\r\nSubject: hi\r\n\r\nbody\r\n".encode()
+    head, full = parse_headers(raw), parse_mail(raw)
+    assert head.from_address == full.from_address == "hans@x.example"
+    assert head.email_from.endswith("<hans@x.example>") and "Hans" in head.email_from
