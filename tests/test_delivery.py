@@ -773,15 +773,21 @@ class SmtpSink:
         self.sock.close()
 
 
+def _refusing_rig(tmp_path: Any, double: OdooDouble, sink: SmtpSink) -> Rig:
+    """An explicit-mode rig whose refusal mails go to `sink`."""
+    rig = Rig(tmp_path, double, "explicit")
+    cfg = rig.config.model_copy(update={"outbound": rig.config.outbound.model_copy(
+        update={"refusal_smarthost": f"127.0.0.1:{sink.port}"})})
+    rig.delivery = Delivery(cfg, rig.engine, rig.client)
+    return rig
+
+
 def test_refusal_mail_is_polite_auto_submitted_and_sent_once(tmp_path: Any, double: OdooDouble) -> None:
     import email as email_lib
 
     sink = SmtpSink()
     try:
-        rig = Rig(tmp_path, double, "explicit")
-        cfg = rig.config.model_copy(update={"outbound": rig.config.outbound.model_copy(
-            update={"refusal_smarthost": f"127.0.0.1:{sink.port}"})})
-        rig.delivery = Delivery(cfg, rig.engine, rig.client)
+        rig = _refusing_rig(tmp_path, double, sink)
         vip = Target(model="crm.lead", alias=f"vip@{DOMAIN}", contact="partners")
         for n in range(2):
             mid = f"<refused-{n}@nowhere.example>"
@@ -810,10 +816,7 @@ def test_no_refusal_mail_to_a_null_sender_or_automated_mail(tmp_path: Any, doubl
     """Backscatter: the From of a null-sender mail is a bystander; automated and bulk mail is never answered."""
     sink = SmtpSink()
     try:
-        rig = Rig(tmp_path, double, "explicit")
-        cfg = rig.config.model_copy(update={"outbound": rig.config.outbound.model_copy(
-            update={"refusal_smarthost": f"127.0.0.1:{sink.port}"})})
-        rig.delivery = Delivery(cfg, rig.engine, rig.client)
+        rig = _refusing_rig(tmp_path, double, sink)
         vip = Target(model="crm.lead", alias=f"vip@{DOMAIN}", contact="partners")
         mid = "<forged-from@nowhere.example>"
         _m, out = rig.deliver(new_mail(mid, sender="victim@bystander.example", to=f"vip@{DOMAIN}", extra=extra),

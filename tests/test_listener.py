@@ -229,17 +229,22 @@ async def test_pipelined_session(gw: Gateway) -> None:
     assert get_raw(gw.engine, gw.stored()[0].id) == raw
 
 
+async def _lmtp_transaction(g: Gateway, *rcpts: str) -> WireClient:
+    """An LMTP session up to the 354 after DATA; each RCPT gets 250 unless it is not a local alias (550)."""
+    c = await WireClient.connect("127.0.0.1", g.port)
+    assert (await c.reply())[0] == 220
+    assert (await c.cmd("LHLO mta.test"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<a@client.test>"))[0] == 250
+    for rcpt in rcpts:
+        assert (await c.cmd(f"RCPT TO:<{rcpt}>"))[0] == (550 if rcpt.startswith("nobody@") else 250)
+    assert (await c.cmd("DATA"))[0] == 354
+    return c
+
+
 async def test_lmtp_answers_per_recipient(tmp_path) -> None:
     g, server = await _gateway(tmp_path, kind="lmtp", name="lmtp")
     try:
-        c = await WireClient.connect("127.0.0.1", g.port)
-        assert (await c.reply())[0] == 220
-        assert (await c.cmd("LHLO mta.test"))[0] == 250
-        assert (await c.cmd("MAIL FROM:<a@client.test>"))[0] == 250
-        assert (await c.cmd("RCPT TO:<sales@example.test>"))[0] == 250
-        assert (await c.cmd("RCPT TO:<nobody@example.test>"))[0] == 550
-        assert (await c.cmd("RCPT TO:<support@example.test>"))[0] == 250
-        assert (await c.cmd("DATA"))[0] == 354
+        c = await _lmtp_transaction(g, "sales@example.test", "nobody@example.test", "support@example.test")
         c.writer.write(make_mail() + b".\r\n")
         await c.writer.drain()
         first = await c.reply()
@@ -566,13 +571,7 @@ async def test_lmtp_refuses_content_once_per_recipient(tmp_path) -> None:
     recipients left Postfix's lmtp client waiting for the second reply until its timeout, then retrying."""
     g, server = await _gateway(tmp_path, kind="lmtp", name="lmtp")
     try:
-        c = await WireClient.connect("127.0.0.1", g.port)
-        assert (await c.reply())[0] == 220
-        assert (await c.cmd("LHLO mta.test"))[0] == 250
-        assert (await c.cmd("MAIL FROM:<a@client.test>"))[0] == 250
-        assert (await c.cmd("RCPT TO:<sales@example.test>"))[0] == 250
-        assert (await c.cmd("RCPT TO:<support@example.test>"))[0] == 250
-        assert (await c.cmd("DATA"))[0] == 354
+        c = await _lmtp_transaction(g, "sales@example.test", "support@example.test")
         c.writer.write(b"Subject: x\r\n\r\nbare\nLF\r\n.\r\n")
         await c.writer.drain()
         assert [(await c.reply())[0], (await c.reply())[0]] == [554, 554]

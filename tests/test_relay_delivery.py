@@ -241,15 +241,20 @@ async def wait_for_events(engine, n: int, timeout: float = 10.0) -> None:
     raise AssertionError(f"expected {n} events, got {event_types(engine)}")
 
 
+def _slow_worker(engine, seconds: float):  # type: ignore[no-untyped-def]
+    """A running one-slot worker whose transport takes `seconds` per send and counts sends per recipient."""
+    cfg = parse_config(base_config(smarthost_port=1, tracking_port=free_port(), concurrency=1), base_dir=".")
+    sends: Counter[str] = Counter()
+    worker = OutboundWorker(engine, cfg, SECRET.encode(), TransactionBatcher(engine),
+                            transport=SlowTransport(seconds, sends))
+    stop = asyncio.Event()
+    return cfg, sends, worker, stop, asyncio.create_task(worker.run(stop))
+
+
 async def test_a_backlog_outlasting_its_lease_is_sent_once(engine, env):
     """The poller must not claim copies this worker still holds (in memory or being sent) when their lease
     runs out during a long backlog: it did, and sent 3 of 4 recipients two copies."""
-    cfg = parse_config(base_config(smarthost_port=1, tracking_port=free_port(), concurrency=1), base_dir=".")
-    sends: Counter[str] = Counter()
-    batcher = TransactionBatcher(engine)
-    worker = OutboundWorker(engine, cfg, SECRET.encode(), batcher, transport=SlowTransport(0.6, sends))
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
+    cfg, sends, worker, stop, task = _slow_worker(engine, 0.6)
     rcpts = [f"u{i}@customer.test" for i in range(4)]
     try:
         worker.submit(queue_leased(engine, rcpts, dt.timedelta(seconds=1)))
@@ -260,7 +265,7 @@ async def test_a_backlog_outlasting_its_lease_is_sent_once(engine, env):
     finally:
         stop.set()
         await task
-        await batcher.close()
+        await worker.batcher.close()
 
 
 async def test_held_copies_keep_their_lease_against_another_node(engine, env):
@@ -535,12 +540,7 @@ async def test_shutdown_commits_the_result_of_a_mail_just_sent(engine, env):
 
 
 async def test_shutdown_lets_a_send_finish_and_releases_copies_never_started(engine, env):
-    cfg = parse_config(base_config(smarthost_port=1, tracking_port=free_port(), concurrency=1), base_dir=".")
-    sends: Counter[str] = Counter()
-    batcher = TransactionBatcher(engine)
-    worker = OutboundWorker(engine, cfg, SECRET.encode(), batcher, transport=SlowTransport(0.5, sends))
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
+    cfg, sends, worker, stop, task = _slow_worker(engine, 0.5)
     try:
         worker.submit([queue_one(engine, cfg, f"w{i}@customer.test") for i in range(3)])
         while not sends:
@@ -559,7 +559,7 @@ async def test_shutdown_lets_a_send_finish_and_releases_copies_never_started(eng
     finally:
         stop.set()
         await task
-        await batcher.close()
+        await worker.batcher.close()
 
 
 class TimedMx:
