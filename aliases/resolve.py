@@ -2,6 +2,7 @@
 
 Order of sources: the envelope RCPT first (what the MTA actually delivered to us; a Bcc'd alias is only
 there), then Delivered-To, To, Cc, Resent-To, Resent-Cc — Odoo reads only the headers (spec §1.1, §5.5).
+An envelope recipient also written in the headers is counted where the headers put it (a Cc stays a Cc).
 Domains compare case-insensitively (Odoo fails on a domain stored with capitals, spec §1.7); `sales+vip@`
 resolves to `sales@` with tag "vip" unless an alias literally named `sales+vip@` exists (Odoo allows `+`
 in alias names and has no subaddressing at all).
@@ -23,7 +24,7 @@ Kind = Literal["alias", "catchall", "bounce", "verp", "unknown", "foreign"]
 Verdict = Literal["accept", "unknown_user", "no_relay"]
 
 #: Sources Odoo counts as "to" for bounce, catchall and forward detection (Delivered-To + To; never Cc), plus
-#: the envelope itself (RCPT, and X-Original-To, where Postfix records it).
+#: the envelope itself (RCPT alone, i.e. a Bcc, and X-Original-To, where Postfix records it).
 TO_LIKE: frozenset[str] = frozenset({"rcpt", "delivered-to", "x-original-to", "to"})
 
 
@@ -67,6 +68,11 @@ def split_address(address: str) -> tuple[str, str]:
     return local, domain.rstrip(".")
 
 
+def _bare(address: str) -> str:
+    local, domain_name = split_address(address)
+    return f"{local}@{domain_name}" if domain_name else local
+
+
 def resolve_address(table: AliasTable, address: str, source: Source = "rcpt") -> Resolved:
     """What one address names: alias (exact, then `+tag` base), bounce/VERP, catchall, unknown or foreign."""
     local, domain_name = split_address(address)
@@ -106,19 +112,26 @@ def resolve_recipients(table: AliasTable, *, rcpt: tuple[str, ...] = (), deliver
                        x_original_to: tuple[str, ...] = ()) -> tuple[Resolved, ...]:
     """Every recipient once, in source order (RCPT, Delivered-To, X-Original-To, To, Cc, Resent-To/Cc).
 
-    An address seen in several places keeps its *first* (most authoritative) source, except that a header
-    mention in To/Delivered-To upgrades a Cc-only mention for the "To beats Cc" rules (first wins anyway,
-    since To is read before Cc).
+    An address written in the headers takes its *first header* position as its source, even when it is also
+    an envelope RCPT: the MTA puts every recipient in the envelope, Cc included, and Odoo, which reads only
+    the headers, counts a Cc as no To for bounce and forward detection (spec §1.3, §1.5, test
+    `references_forward_cc`). Only an address in the envelope alone (a Bcc) has the source "rcpt".
     """
     seen: set[str] = set()
     out: list[Resolved] = []
-    groups: tuple[tuple[Source, tuple[str, ...]], ...] = (
-        ("rcpt", rcpt), ("delivered-to", delivered_to), ("x-original-to", x_original_to), ("to", to),
+    headers: tuple[tuple[Source, tuple[str, ...]], ...] = (
+        ("delivered-to", delivered_to), ("x-original-to", x_original_to), ("to", to),
         ("cc", cc), ("resent-to", resent_to), ("resent-cc", resent_cc),
     )
+    header_source: dict[str, Source] = {}
+    for source, addresses in headers:
+        for address in addresses:
+            header_source.setdefault(_bare(address), source)
+    groups: tuple[tuple[Source, tuple[str, ...]], ...] = (("rcpt", rcpt), *headers)
     for source, addresses in groups:
         for address in addresses:
-            res = resolve_address(table, address, source)
+            where = header_source.get(_bare(address), "rcpt") if source == "rcpt" else source
+            res = resolve_address(table, address, where)
             if res.address in seen or "@" not in res.address:
                 continue
             seen.add(res.address)

@@ -288,3 +288,21 @@ def test_incoming_local_never_opens_rcpt_for_foreign_domains():
     table = _local_table()
     assert rcpt_verdict(table, "groups@another.domain.com")[0] == "no_relay"
     assert rcpt_verdict(table, GROUPS)[0] == "accept"
+
+
+def test_references_forward_cc_over_smtp():
+    # Over SMTP the MTA puts the Cc'd alias in the envelope too; its header position (Cc) still decides,
+    # so the reply stays on A (Odoo: an other-model alias only in Cc does not make a forward)
+    d = decide(mail(f"To: {CATCHALL}\nCc: {TEST}\nReferences: <known@test>"),
+               threads=hit("<known@test>", "mail.test.gateway", 3), rcpt=(CATCHALL, TEST))
+    assert d.action == Action.REPLY and targets(d) == [("mail.test.gateway", 3, None)]
+    # an alias in the envelope alone (Bcc) still counts as To: new mail for that alias
+    d = decide(mail(f"To: {CATCHALL}\nReferences: <known@test>"),
+               threads=hit("<known@test>", "mail.test.gateway", 3), rcpt=(CATCHALL, TEST))
+    assert d.action == Action.CREATE and targets(d) == [("mail.test.container", None, TEST)]
+
+
+def test_bounce_address_in_cc_over_smtp_is_no_bounce():
+    # the bounce address Cc'd on an ordinary mail, and so in the envelope: "a Cc is not enough" (spec §1.3)
+    d = decide(mail(f"To: {GROUPS}\nCc: {BOUNCE}\nSubject: hello"), rcpt=(GROUPS, BOUNCE))
+    assert d.action == Action.CREATE
