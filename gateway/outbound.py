@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import aiosmtplib
 from aiosmtplib.protocol import normalize_message_line_endings
-from sqlalchemy import Connection, Engine, and_, bindparam, delete, or_, select, update
+from sqlalchemy import Connection, ColumnElement, Engine, and_, bindparam, delete, func, not_, or_, select, update
 
 from aliases.model import AliasTable
 from gateway.config import Config, secret as env_secret
@@ -52,7 +52,8 @@ DRAIN_SECONDS = 10.0
 #: FAST_PATH_LEASE), so a backlog that outlasts a lease is not claimed by another node and sent twice.
 LEASE_RENEWAL = DB_LEASE / 3
 #: Copies waiting in memory per delivery slot, at most, before the poller stops claiming: copies of a destination
-#: at its cap wait in memory, and a dead destination's whole due backlog would otherwise be read in.
+#: at its cap wait in memory. The poller also leaves a capped destination's copies in the store while it has some
+#: waiting, so this bound is reached only when many destinations are slow at once.
 WAITING_PER_SLOT = 16
 
 
@@ -559,11 +560,15 @@ def record_result(conn: Connection, copy: QueuedCopy, result: SmtpResult, *, att
 
 
 def claim_due(conn: Connection, *, limit: int, secret: bytes, table: AliasTable, verp: bool,
-              lease: dt.timedelta = DB_LEASE, exclude: frozenset[int] = frozenset()) -> list[QueuedCopy]:
+              lease: dt.timedelta = DB_LEASE, exclude: frozenset[int] = frozenset(),
+              skip_domains: frozenset[str] = frozenset()) -> list[QueuedCopy]:
     """Lease queued copies whose retry is due and whose lease (if any) expired.
 
     `exclude`: recipient ids this process already holds (queued in memory or being sent); an expired lease
-    on one of those means a slow backlog, not a crashed node, and claiming it again would send it twice."""
+    on one of those means a slow backlog, not a crashed node, and claiming it again would send it twice.
+    `skip_domains`: recipient domains (lower case) whose copies stay in the store, because their destination
+    is at its cap with copies already waiting in memory: claimed, a dead domain's due backlog filled each claim
+    and the memory bound while other domains' due retries stayed behind it."""
     now = utcnow()
     q = (select(outbound_queue.c.recipient, outbound_queue.c.raw, outbound_recipients.c.recipient.label("rcpt"),
                 outbound_recipients.c.attempts, outbound_recipients.c.mail, outbound_mails.c.message_id,
@@ -575,6 +580,7 @@ def claim_due(conn: Connection, *, limit: int, secret: bytes, table: AliasTable,
          .where(or_(outbound_recipients.c.next_attempt_at.is_(None), outbound_recipients.c.next_attempt_at <= now))
          .where(outbound_recipients.c.state.in_(("queued", "deferred")))
          .where(outbound_queue.c.recipient.not_in(exclude))
+         .where(*_not_to_domains(skip_domains))
          .order_by(outbound_recipients.c.next_attempt_at)
          .limit(limit))
     if conn.dialect.name == "postgresql":
@@ -595,6 +601,14 @@ def claim_due(conn: Connection, *, limit: int, secret: bytes, table: AliasTable,
             attempts=r.attempts,
         ))
     return copies
+
+
+def _not_to_domains(domains: frozenset[str]) -> list[ColumnElement[bool]]:
+    """Conditions leaving out recipients at `domains`: the address ends in '@domain' exactly when its domain
+    (what follows the last '@', as `destination` reads it) is that domain."""
+    addr = func.lower(outbound_recipients.c.recipient)
+    escaped = (d.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") for d in sorted(domains))
+    return [not_(addr.like(f"%@{d}", escape="\\")) for d in escaped]
 
 
 def renew_leases(conn: Connection, rcpt_ids: list[int], *, lease: dt.timedelta = DB_LEASE) -> None:
@@ -664,6 +678,10 @@ class _DestinationQueues:
                 and self._sending.get(dest, 0) < self.limit):
             self._queued_turns.add(dest)
             self._turns.put_nowait(dest)
+
+    def saturated(self) -> frozenset[str]:
+        """Destinations at their cap with copies waiting: more of their copies could not start either."""
+        return frozenset(dest for dest in self._waiting if self._sending.get(dest, 0) >= self.limit)
 
     def startable(self) -> int:
         """Copies that could start now if slots were free (those of destinations below their cap)."""
@@ -761,7 +779,9 @@ class OutboundWorker:
         while not stop.is_set():
             try:
                 if self._wants_copies():
-                    copies = await asyncio.to_thread(self._claim, frozenset(self._held))
+                    # With a smarthost every copy has the one destination: its backlog is simply the queue.
+                    skip = frozenset() if self.ob.smarthost else self._queue.saturated()
+                    copies = await asyncio.to_thread(self._claim, frozenset(self._held), skip)
                     self.submit(copies)
             except Exception as exc:
                 log.error("outbound: claiming queued copies failed (will retry): %s", exc)
@@ -788,10 +808,10 @@ class OutboundWorker:
         return (ready < self.ob.concurrency * 4
                 and self._queue.waiting < self.ob.concurrency * WAITING_PER_SLOT)
 
-    def _claim(self, held: frozenset[int]) -> list[QueuedCopy]:
+    def _claim(self, held: frozenset[int], skip_domains: frozenset[str] = frozenset()) -> list[QueuedCopy]:
         with self.engine.begin() as conn:
             return claim_due(conn, limit=self.ob.concurrency * 8, secret=self.secret, table=self.table,
-                             verp=self.ob.verp, exclude=held)
+                             verp=self.ob.verp, exclude=held, skip_domains=skip_domains)
 
     def _renew(self, rcpt_ids: list[int]) -> None:
         with self.engine.begin() as conn:

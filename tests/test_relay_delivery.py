@@ -674,3 +674,39 @@ async def test_a_slow_destination_backlog_does_not_keep_other_retries_in_the_sto
         stop.set()
         await task
         await batcher.close()
+
+
+async def test_a_dead_destination_backlog_larger_than_memory_does_not_keep_other_retries_in_the_store(engine, env):
+    """Copies of a destination at its cap wait in memory, up to 16 per slot; the poller kept claiming a dead
+    domain's due copies (they came first in the store) until that allowance was full and then claimed nothing,
+    so with 100 due copies to a dead domain a fast domain's due retry stayed in the store for as long as the
+    dead domain took. A destination at its cap with copies waiting is now left out of the claim."""
+    cfg = mx_config(concurrency=2, per_destination_concurrency=1)
+    rcpts = [f"d{i}@dead.test" for i in range(100)] + ["f@fast.test"]
+    queue_leased(engine, rcpts, dt.timedelta(0))
+    with engine.begin() as conn:  # due retries, the dead domain's first
+        for rid, rcpt in conn.execute(select(outbound_recipients.c.id, outbound_recipients.c.recipient)).all():
+            conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == rid).values(
+                state="deferred", attempts=1,
+                next_attempt_at=dt.datetime(2020, 1, 1) + dt.timedelta(seconds=rcpts.index(rcpt))))
+        conn.execute(update(outbound_queue).values(lease_until=None))
+    transport = DomainDelayTransport({"dead.test": 60.0})  # a connect timeout per copy, as a dead MX gives
+    batcher = TransactionBatcher(engine)
+    worker = OutboundWorker(engine, cfg, SECRET.encode(), batcher, transport=transport)
+    worker.drain_seconds = 0.1
+    stop = asyncio.Event()
+    started = asyncio.get_running_loop().time()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        for _ in range(60):
+            if "f@fast.test" in transport.started:
+                break
+            await asyncio.sleep(0.05)
+        assert transport.started.get("f@fast.test", float("inf")) - started < 1.0
+        assert [r for r in transport.started if r.endswith("@dead.test")] == ["d0@dead.test"]  # the cap holds
+        await wait_for_events(engine, 1)
+        assert event_types(engine) == [("delivered", "f@fast.test")]
+    finally:
+        stop.set()
+        await task
+        await batcher.close()
