@@ -36,6 +36,7 @@ from typing import Any
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from aliases.resolve import resolve_address
 from gateway.config import Config
 from gateway.errors import PermanentError, TransientError
 from gateway.odoo.client import OdooClient, m2o_id
@@ -331,7 +332,7 @@ class Delivery:
     def _odoo_recipients(self, decision: Decision, mail: msgdict.ParsedMail) -> set[str]:
         """The addresses Odoo's alias lookup reads (spec §1.1 `recipients`): the mail's Delivered-To, To, Cc,
         Resent-To/Cc, and the Delivered-To lines passthrough adds."""
-        return set(mail.recipients) | set(self._delivered_to(decision))
+        return set(mail.recipients) | set(self._delivered_to(decision, mail))
 
     def _odoo_skips(self, decision: Decision, fallback: Target | None, recipients: set[str]) -> list[Target]:
         """Targets whose alias exists in our config only and that Odoo's routing will pass over.
@@ -352,18 +353,38 @@ class Delivery:
         odoo_routes = any(r in odoo_aliases for r in recipients)
         return [t for t in unknown if odoo_routes or t != fallback]
 
-    def _delivered_to(self, decision: Decision) -> list[str]:
-        """The recipients passthrough names in Delivered-To (Odoo never sees the envelope, spec §5.5)."""
+    def _delivered_to(self, decision: Decision, mail: msgdict.ParsedMail) -> list[str]:
+        """The recipients passthrough names in Delivered-To (Odoo never sees the envelope, spec §5.5).
+
+        Delivered-To counts as To in Odoo, so two kinds of recipient get none: a bounce address (Odoo would
+        take the mail for a bounce, spec §1.3), and on a reply an alias of another model that the headers name
+        in Cc only: Odoo reads it there already, and as a To it would make the reply a forward, a new record
+        for that alias (spec §1.5, test references_forward_cc)."""
         bounce_addrs = self.aliases.bounce_addresses()
         recipients = [t.alias for t in decision.targets if t.alias]
         recipients += [r.lower() for r in decision.recipients]
-        # A bounce address in Delivered-To would make Odoo treat the mail as a bounce (spec §1.3).
+        cc_only = self._cc_only_other_model(decision, mail)
         return [r for r in dict.fromkeys(recipients) if r and r not in bounce_addrs
-                and not r.startswith("bounce+")]
+                and not r.startswith("bounce+") and r not in cc_only]
+
+    def _cc_only_other_model(self, decision: Decision, mail: msgdict.ParsedMail) -> set[str]:
+        """On a reply: the aliases of a model other than the thread's that the headers name in Cc only."""
+        thread_models = {t.model for t in decision.targets if t.res_id}
+        if decision.action == Action.CREATE or not thread_models:
+            return set()
+        to_like = {a.strip().lower() for a in mail.to.split(",")}
+        out: set[str] = set()
+        for addr in (a.strip().lower() for a in mail.cc.split(",")):
+            if not addr or addr in to_like:
+                continue
+            res = resolve_address(self.aliases, addr, "cc")
+            if res.alias is not None and res.alias.model not in thread_models:
+                out.add(addr)
+        return out
 
     def _passthrough_raw(self, raw: bytes, decision: Decision, mail: msgdict.ParsedMail,
                          synthesised_id: str | None) -> str:
-        recipients = self._delivered_to(decision)
+        recipients = self._delivered_to(decision, mail)
         parent = next((t.parent_message_id for t in decision.targets if t.parent_message_id), None)
         fix = msgdict.needs_references_fixup(mail.references, mail.in_reply_to, parent)
         extra = (("Message-ID", synthesised_id),) if synthesised_id else ()

@@ -16,7 +16,8 @@ payloads the spec (odoo-gateway-spec.md §3, §6, §7) recorded from live Odoo 1
 
 `message_process` emulates Odoo's mail gateway (spec §1.2/§1.13 as corrected by §6): duplicate → False,
 loop header → None, bounce (bounce alias in Delivered-To/To, From mailer-daemon, multipart/report) →
-message_bounce += 1 and the notification marked → False, reply by References (else In-Reply-To), catchall
+message_bounce += 1 and the notification marked → False, reply by References (else In-Reply-To) unless an
+alias of another model is in Delivered-To/To (a forward: new mail for those aliases only), catchall
 only → False, alias by Delivered-To/To/Cc → create + post, fallback model, else "No possible route".
 
 Fault injection (all thread-safe): `go_down()` / `come_up()` (connection refused, same port), `slow(s)`,
@@ -713,7 +714,12 @@ class OdooDouble:
         if ids:
             hit = self.store.search("mail.message", [("message_id", "in", ids)], order="id desc", limit=1)
             parent = self.store.get("mail.message", hit[0]) if hit else None
-        if parent and parent.get("model") and parent.get("res_id"):             # 4. reply
+        all_aliases = list(self.store.tables["mail.alias"].values())
+        forward = []  # an alias of another model in Delivered-To/To (never Cc) makes a reply new mail (§1.5)
+        if parent and parent.get("model") and parent.get("res_id"):
+            forward = [a for a in all_aliases if a["alias_full_name"].lower() in to
+                       and self.store.tables["ir.model"][a["alias_model_id"]]["model"] != parent["model"]]
+        if parent and parent.get("model") and parent.get("res_id") and not forward:  # 4. reply
             model, rid = parent["model"], parent["res_id"]
             if not self.store.get(model, rid):
                 rid = self._message_new(model, self._msg_dict(msg, message_id, author_email), {},
@@ -721,9 +727,9 @@ class OdooDouble:
             self._gateway_post(model, rid, msg, message_id, email_from, author_email,
                                parent_id=parent["id"], internal_parent=bool(parent.get("is_internal")))
             return rid
-        if recipients and to and all(a in {d["catchall_email"] for d in domains} for a in to):
+        if not forward and recipients and to and all(a in {d["catchall_email"] for d in domains} for a in to):
             return False                                                       # 5. catchall refusal
-        aliases = [a for a in self.store.tables["mail.alias"].values() if a["alias_full_name"].lower() in recipients]
+        aliases = forward or [a for a in all_aliases if a["alias_full_name"].lower() in recipients]
         last: int | bool = False
         if aliases:                                                            # 6. aliases
             for alias in aliases:

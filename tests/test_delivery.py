@@ -85,13 +85,14 @@ def make_client(d: OdooDouble, timeout: float = 5.0) -> Any:
     return JsonRpcClient(url=d.url, db=d.db, login=d.login, secret=d.password, timeout=timeout)
 
 
-def make_config(tmp_path: Any, mode: str, **routing: Any) -> Any:
+def make_config(tmp_path: Any, mode: str, extra_aliases: tuple[dict[str, Any], ...] = (), **routing: Any) -> Any:
     return parse_config({
         "storage": {"url": f"sqlite:///{tmp_path}/mailgate.db"},
         "odoo": {"url": "http://127.0.0.1:1", "db": "mailgate", "login": "admin", "mode": mode},
         "domains": [{"name": DOMAIN}],
         "aliases": [{"address": f"sales@{DOMAIN}", "model": "crm.lead", "defaults": {"type": "lead"}},
-                    {"address": f"vip@{DOMAIN}", "model": "crm.lead", "contact": "partners"}],
+                    {"address": f"vip@{DOMAIN}", "model": "crm.lead", "contact": "partners"},
+                    *extra_aliases],
         "outbound": {"refusal_smarthost": "127.0.0.1:1"},
         "routing": routing,
     }, base_dir=str(tmp_path))
@@ -100,9 +101,10 @@ def make_config(tmp_path: Any, mode: str, **routing: Any) -> Any:
 class Rig:
     """Config + store + client + Delivery, and a helper that spools and delivers one mail."""
 
-    def __init__(self, tmp_path: Any, d: OdooDouble, mode: str, **routing: Any):
+    def __init__(self, tmp_path: Any, d: OdooDouble, mode: str,
+                 extra_aliases: tuple[dict[str, Any], ...] = (), **routing: Any):
         self.double = d
-        self.config = make_config(tmp_path, mode, **routing)
+        self.config = make_config(tmp_path, mode, extra_aliases, **routing)
         self.engine = open_store(self.config.storage_url())
         self.client = make_client(d)
         self.delivery = Delivery(self.config, self.engine, self.client)
@@ -228,6 +230,26 @@ def test_passthrough_appends_in_reply_to_when_references_miss(tmp_path: Any, dou
     _msg, out = rig.deliver(raw, reply_decision(rmid, "crm.lead", lead["id"], mid), rcpt=f"catchall@{DOMAIN}")
     assert out.state == "delivered", out.note
     assert len(leads(double)) == 1  # without the fix-up Odoo would have made a second lead
+    assert [p["message_id"] for p in email_messages(double, "crm.lead", lead["id"])] == [mid, rmid]
+
+
+def test_passthrough_reply_cc_to_other_model_alias_stays_a_reply(tmp_path: Any, double: OdooDouble) -> None:
+    """The references_forward_cc mail over SMTP: To catchall, Cc support@ (helpdesk), both in the envelope.
+    A Delivered-To for support@ would make it a To, and Odoo would take the reply for a forward (spec §1.5)."""
+    rig = Rig(tmp_path, double, "passthrough",
+              extra_aliases=({"address": f"support@{DOMAIN}", "model": "helpdesk.ticket"},))
+    mid = "<new-cc@customer.example>"
+    rig.deliver(new_mail(mid), create_decision(mid))
+    [lead] = leads(double)
+    rmid = "<reply-cc@customer.example>"
+    decision = Decision(action=Action.REPLY, explanation=("test",), message_id=rmid, reason="reply",
+                        targets=(Target(model="crm.lead", res_id=lead["id"], parent_message_id=mid),),
+                        recipients=(f"catchall@{DOMAIN}", f"support@{DOMAIN}"))
+    _m, out = rig.deliver(reply_mail(mid, rmid, extra=f"Cc: support@{DOMAIN}\r\n"), decision,
+                          rcpt=f"catchall@{DOMAIN}")
+    assert out.state == "delivered", out.note
+    assert out.odoo_refs == (("crm.lead", lead["id"]),)
+    assert not double.records("helpdesk.ticket")
     assert [p["message_id"] for p in email_messages(double, "crm.lead", lead["id"])] == [mid, rmid]
 
 
