@@ -9,6 +9,7 @@ variables the live cases are skipped and only the double runs.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -412,3 +413,65 @@ def test_an_odoo_error_with_a_blank_message_is_still_typed(message: str) -> None
     assert isinstance(err, PermanentError)
     assert "UserError: (no message)" in str(err)
     assert isinstance(from_odoo_error("odoo.exceptions.ConcurrencyError", message, where="x"), TransientError)
+
+
+@pytest.mark.parametrize("cls", [Json2Client, JsonRpcClient])
+@pytest.mark.parametrize("status, ctype, body", [
+    (404, "text/html", b"<html><body>Not Found</body></html>"),
+    (415, "text/html", b"<html><body>Unsupported Media Type</body></html>"),
+    (404, "application/json", json.dumps({"name": "werkzeug.exceptions.NotFound", "message": (
+        "The requested URL was not found on the server. If you entered the URL manually please check your "
+        "spelling and try again.")}).encode()),
+    (415, "application/json", json.dumps({"name": "werkzeug.exceptions.UnsupportedMediaType",
+                                          "message": "Unsupported Media Type"}).encode()),
+], ids=["404-html", "415-html", "404-json-generic", "415-json"])
+def test_a_404_or_415_for_the_url_itself_is_transient_and_names_the_url(
+        cls: type[OdooClient], status: int, ctype: str, body: bytes, caplog: pytest.LogCaptureFixture) -> None:
+    """A wrong db-filter or dbname, a reverse-proxy route missing, or JSON-RPC sent to a JSON-2-only path
+    answers 404 or 415 to every call: as a PermanentError it parked each message dead after one attempt for
+    what is the gateway's configuration. It is transient, and the log names the URL and what to check."""
+    import logging
+
+    from gateway.odoo import errors
+    from gateway.odoo.client import server_version_info
+
+    errors._endpoint_warned.clear()
+    page = _PageServer(status, ctype, body)
+    try:
+        client = cls(url=page.url, db="mailgate", login="admin", secret="k", timeout=5)
+        with caplog.at_level(logging.WARNING, logger="gateway.odoo.errors"):
+            with pytest.raises(TransientError, match=f"HTTP {status} from {page.url}/") as raised:
+                client.search_count("res.partner", [])
+            with pytest.raises(TransientError, match=f"HTTP {status} from {page.url}/"):
+                server_version_info(page.url, 5)
+        assert "[odoo] protocol" in str(raised.value)
+        warnings = [r.getMessage() for r in caplog.records if r.name == "gateway.odoo.errors"]
+        assert warnings and all(page.url in w and "[odoo]" in w for w in warnings)
+    finally:
+        page.close()
+
+
+def test_a_wrong_database_behind_the_json2_db_filter_is_transient() -> None:
+    """Odoo 19 answers JSON-2 for a database its db-filter does not serve with its HTML 404."""
+    with OdooDouble(version="19.0") as d:
+        client = Json2Client(url=d.url, db="no-such-db", login=d.login, secret=d.api_key, timeout=5)
+        with pytest.raises(TransientError, match="(?s)HTTP 404 from .*/json/2/res.partner/search_count.*db-filter"):
+            client.search_count("res.partner", [])
+        client.close()
+
+
+@pytest.mark.parametrize("name, message", [
+    ("werkzeug.exceptions.NotFound", "the model 'no.such.model' does not exist"),
+    ("werkzeug.exceptions.NotFound", "The method 'no.such.model.search_count' does not exist"),
+    ("odoo.exceptions.MissingError", "Record does not exist or has been deleted."),
+])
+def test_a_json2_404_that_names_the_call_stays_permanent(name: str, message: str) -> None:
+    """Odoo 19's JSON-2 controller answers 404 with its own JSON for a model or method it does not have, and
+    for a record gone: that is about this call, and retrying cannot help."""
+    page = _PageServer(404, "application/json", json.dumps({"name": name, "message": message}).encode())
+    try:
+        client = Json2Client(url=page.url, db="mailgate", login="admin", secret="k", timeout=5)
+        with pytest.raises(PermanentError, match=name):
+            client.search_count("no.such.model", [])
+    finally:
+        page.close()

@@ -101,10 +101,11 @@ class Json2Client(OdooClient):
                 pass
         if resp.status == 200 and parsed:
             return payload
+        url = f"{self.url}/json/2/{model}/{method}"
         if isinstance(payload, dict) and payload.get("name"):
             raise from_odoo_error(str(payload["name"]), str(payload.get("message") or ""), where=where,
-                                  status=resp.status)
-        raise from_http_status(resp.status, raw, where=where)
+                                  status=resp.status, url=url)
+        raise from_http_status(resp.status, raw, where=where, url=url)
 
     def close(self) -> None:
         while True:
