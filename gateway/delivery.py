@@ -489,6 +489,15 @@ class Delivery:
                 by_cid[att.cid] = aid
         return ids, by_cid
 
+    def _access_tokens(self, attachment_ids: list[int]) -> dict[int, str]:
+        """The access tokens of inline images, made as Odoo makes them for the images it rewrites itself
+        (`ir.attachment.generate_access_token`, which keeps a token the attachment already has: a retry gets
+        the same one)."""
+        if not attachment_ids:
+            return {}
+        tokens = self._odoo().execute("ir.attachment", "generate_access_token", list(attachment_ids))
+        return {aid: str(tok) for aid, tok in zip(attachment_ids, tokens or []) if tok}
+
     def _post(self, ledger: WriteLedger, mail: msgdict.ParsedMail, mid: str, model: str, res_id: int, *,
               subtype: str, author: int | None, parent_id: int | None = None,
               known: list[dict[str, Any]] | None = None) -> int:
@@ -507,7 +516,10 @@ class Delivery:
             ledger.record(step, "mail.message", existing[0]["id"], {"found": True})
             return int(existing[0]["id"])
         att_ids, by_cid = self._attachments(ledger, mail, model, res_id)
-        body = msgdict.rewrite_cids(mail.body_html, by_cid) if by_cid else mail.body_html
+        body = mail.body_html
+        if by_cid:
+            inline = [by_cid[c] for c in sorted(msgdict.referenced_cids(body)) if c in by_cid]
+            body = msgdict.rewrite_cids(body, by_cid, self._access_tokens(inline))
         kwargs = msgdict.post_kwargs(mail, subtype_xmlid=subtype, author_id=author, body_html=body,
                                      parent_id=parent_id, attachment_ids=tuple(att_ids), message_id=mid)
         posted = self._odoo().message_post(model, res_id, context=GATEWAY_CONTEXT, **kwargs)

@@ -234,13 +234,29 @@ def msg_dict(mail: ParsedMail, *, author_id: int | None = None,
     return out
 
 
-def rewrite_cids(body_html: str, cid_to_attachment: dict[str, int]) -> str:
-    """`cid:` references → `/web/image/<attachment id>` (what Odoo does for inline images it stores)."""
+_CID_SRC = re.compile(r"""(src\s*=\s*["']?)cid:([^"'\s>]+)""", re.IGNORECASE)
+
+
+def referenced_cids(body_html: str) -> set[str]:
+    """The Content-IDs the body shows inline (`<img src="cid:...">`)."""
+    return {m.group(2) for m in _CID_SRC.finditer(body_html)}
+
+
+def rewrite_cids(body_html: str, cid_to_attachment: dict[str, int], access_tokens: dict[int, str] | None = None
+                 ) -> str:
+    """`cid:` references → `/web/image/<attachment id>?access_token=<token>`, as Odoo 17's
+    `_message_post_process_attachments` writes them: without the token the image is refused to anyone who
+    reaches it through a portal link or a notification mail (external followers, customers)."""
+    tokens = access_tokens or {}
+
     def repl(m: re.Match[str]) -> str:
         aid = cid_to_attachment.get(m.group(2))
-        return f"{m.group(1)}/web/image/{aid}" if aid else m.group(0)
+        if not aid:
+            return m.group(0)
+        token = tokens.get(aid)
+        return f"{m.group(1)}/web/image/{aid}" + (f"?access_token={token}" if token else "")
 
-    return re.sub(r"""(src\s*=\s*["']?)cid:([^"'\s>]+)""", repl, body_html, flags=re.IGNORECASE)
+    return _CID_SRC.sub(repl, body_html)
 
 
 def post_kwargs(mail: ParsedMail, *, subtype_xmlid: str, author_id: int | None, body_html: str | None = None,

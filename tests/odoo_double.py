@@ -40,6 +40,7 @@ import re
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -526,6 +527,21 @@ class OdooDouble:
         if model in ("res.partner", "crm.lead", "helpdesk.ticket") and not vals.get("name"):
             raise ValidationError(f"Missing required value for the field 'name' on {model}")
         return self.store.create(model, vals)
+
+    def m_generate_access_token(self, model: str, ids: list[int], *, context: dict[str, Any]) -> list[str]:
+        """ir.attachment.generate_access_token: a uuid4 per attachment, kept once made; the tokens in order."""
+        if model != "ir.attachment":
+            raise OdooDoubleError(f"The method 'generate_access_token' does not exist on the model '{model}'",
+                                  name="builtins.AttributeError", status=404)
+        tokens = []
+        for aid in ids:
+            att = self.store.get("ir.attachment", aid)
+            if att is None:
+                raise MissingError(f"Record does not exist or has been deleted. (Record: ir.attachment({aid},))")
+            if not att.get("access_token"):
+                att["access_token"] = str(uuid.uuid4())
+            tokens.append(att["access_token"])
+        return tokens
 
     def m_write(self, model: str, ids: list[int], vals: dict[str, Any] | None = None, *,
                 context: dict[str, Any]) -> bool:
@@ -1076,6 +1092,7 @@ _SIGNATURES: dict[str, tuple[bool, tuple[str, ...]]] = {
     "message_update": (True, ("msg_dict", "update_vals")),
     "message_subscribe": (True, ("partner_ids", "subtype_ids")),
     "message_post": (True, ()),
+    "generate_access_token": (True, ()),
     "message_process": (False, ("model", "message", "custom_values", "save_original", "strip_attachments",
                                 "thread_id")),
 }

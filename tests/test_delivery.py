@@ -168,7 +168,12 @@ def test_explicit_mode_gateway_context_and_cid_rewrite(tmp_path: Any, double: Od
     assert not double.records("mail.followers", [("partner_id", "=", double.admin_partner)])
     [post] = email_messages(double, "crm.lead", lead["id"])
     logo = double.records("ir.attachment", [("name", "=", "logo.png")])[0]
-    assert f"/web/image/{logo['id']}" in post["body"] and "cid:" not in post["body"]
+    # as Odoo 17 writes it: with the attachment's access token, or portal and external readers get no image
+    assert logo["access_token"]
+    assert f'src="/web/image/{logo["id"]}?access_token={logo["access_token"]}"' in post["body"]
+    assert "cid:" not in post["body"]
+    spec = double.records("ir.attachment", [("name", "=", "spec.pdf")])[0]
+    assert not spec.get("access_token")  # not shown inline: no token, as in Odoo
 
 
 def test_reply_joins_the_lead(rig: Rig) -> None:

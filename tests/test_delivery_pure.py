@@ -11,7 +11,7 @@ import pytest
 from routing.model import LOOP_HEADER, BounceResult
 from routing.msgdict import (
     msg_dict, needs_references_fixup, normalize_message_id, parse_headers, parse_mail, passthrough_raw, post_kwargs,
-    references_fixup, rewrite_cids, to_7bit,
+    references_fixup, referenced_cids, rewrite_cids, to_7bit,
 )
 from routing.normalized_dsn import build_normalized_dsn
 from tests.corpus import all_corpus_files
@@ -52,6 +52,10 @@ def test_parse_mail_and_msg_dict() -> None:
     assert kw["body_is_html"] is True and kw["message_type"] == "email" and kw["parent_id"] == 3
     assert kw["attachment_ids"] == [9] and kw["message_id"] == "<m1@customer.example>"
     assert rewrite_cids(mail.body_html, {"img1@x": 9}) == '<p>html <img src="/web/image/9"></p>'
+    # with the attachment's access token, as Odoo 17 writes it (portal and external readers need it)
+    assert rewrite_cids(mail.body_html, {"img1@x": 9}, {9: "tok-1"}) == \
+        '<p>html <img src="/web/image/9?access_token=tok-1"></p>'
+    assert referenced_cids(mail.body_html) == {"img1@x"}
 
 
 def test_parse_headers_agrees_with_parse_mail_on_headers() -> None:
