@@ -31,10 +31,19 @@ from email.policy import compat32
 from urllib.parse import urlsplit
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
-_HREF = re.compile(
-    r"""(<(?:a|area)\b[^>]*?\bhref\s*=\s*)(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""",
+_HREF = re.compile(  # `\shref`: not the end of another attribute's name (data-href, xlink:href is fine either way)
+    r"""(<(?:a|area)\b[^>]*?\shref\s*=\s*)(?:"([^"]*)"|'([^']*)'|([^\s"'>]+))""",
     re.IGNORECASE | re.DOTALL,
 )
+#: A character reference that ends with ";". html.unescape also decodes the legacy ones without it
+#: ("&sect", "&para", "&curren", "&times"), which browsers leave alone inside an attribute when a letter, digit or
+#: "=" follows: "?page=2&section=x" would have become "?page=2§ion=x" in the URL we sign and redirect to.
+_CHAR_REF = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
+
+
+def attribute_value(raw: str) -> str:
+    """An HTML attribute's value as a browser reads it (for a URL: only references ending with ";")."""
+    return _CHAR_REF.sub(lambda m: html.unescape(m.group(0)), raw) if "&" in raw else raw
 _BODY_CLOSE = re.compile(r"</body\s*>", re.IGNORECASE)
 _ODOO_TRACKED_PATHS = (
     re.compile(r"^/r/[A-Za-z0-9_-]+(/|$)"),             # mass mailing /r/<code>/m/<id>, automation_oca /r/<code>/...
@@ -102,13 +111,13 @@ def rewrite_html(text: str, opts: RewriteOptions) -> str:
 
         def _sub(m: re.Match[str]) -> str:
             raw = m.group(2) if m.group(2) is not None else m.group(3) if m.group(3) is not None else m.group(4)
-            url = html.unescape(raw).strip()
+            url = attribute_value(raw).strip()
             if not is_trackable_link(url, never_track=opts.never_track, own_prefix=opts.own_prefix):
                 return m.group(0)
             return f'{m.group(1)}"{html.escape(click_url(url), quote=True)}"'
 
         text = _HREF.sub(_sub, text)
-    if opts.pixel_url:
+    if opts.pixel_url and not _has_our_pixel(text, opts):
         pixel = (f'<img src="{html.escape(opts.pixel_url, quote=True)}" width="1" height="1" alt="" '
                  f'style="border:0;width:1px;height:1px" />')
         closes = list(_BODY_CLOSE.finditer(text))
@@ -118,6 +127,12 @@ def rewrite_html(text: str, opts: RewriteOptions) -> str:
         else:
             text = text + pixel
     return text
+
+
+def _has_our_pixel(text: str, opts: RewriteOptions) -> bool:
+    """A mail relayed through us twice (an Odoo server chained behind another, a resubmitted copy) already
+    carries our open pixel: a second one counted every open twice."""
+    return bool(opts.own_prefix) and f"{opts.own_prefix.rstrip('/')}/t/o/" in text
 
 
 def rewrite_message(raw: bytes, opts: RewriteOptions) -> bytes:
@@ -317,8 +332,10 @@ def _qp_reencode(body: bytes, old: bytes, new: bytes, newline: bytes) -> bytes:
     encoded = _QP_HARD_BREAK.split(body)
     if not len(old_lines) == len(new_lines) == len(encoded):
         return _qp_encode(new, newline)
-    cr = b"\r" if newline == b"\r\n" else b""
+    # A changed line keeps its own line ending: CR only where it had one (the last line of a part has none; a
+    # CR there was a lone CR before the boundary, which MIME does not allow).
     return b"\n".join([
-        kept if was == now else _qp_encode(now.removesuffix(b"\r"), newline) + cr
+        kept if was == now else
+        (_qp_encode(now[:-1], b"\r\n") + b"\r" if now.endswith(b"\r") else _qp_encode(now, newline))
         for kept, was, now in zip(encoded, old_lines, new_lines)
     ])

@@ -244,3 +244,35 @@ def test_quoted_printable_reencode_matches_a_full_encode_when_every_line_changed
         assert quopri.decodestring(_qp_reencode(body, old, new, newline)) == quopri.decodestring(_qp_encode(new, newline))
         half = newline.join(b"<" + line + b">" if i % 2 else line for i, line in enumerate(lines)) + newline
         assert quopri.decodestring(_qp_reencode(body, old, half, newline)) == half
+
+
+def test_a_link_with_a_raw_ampersand_is_signed_and_redirected_exactly_as_written():
+    """html.unescape decodes legacy references without ';' ("&sect", "&para", "&curren", "&times"), which a
+    browser leaves alone before a letter or "=": every such link redirected the recipient to a broken URL."""
+    seen: list[str] = []
+    href = "https://shop.test/list?page=2&section=tools&param=1&currency=EUR&timestamp=5"
+    rewrite_html(f'<a href="{href}">list</a>', opts(click_url=lambda u: seen.append(u) or "X"))
+    assert seen == [href]
+    rewrite_html('<a href="https://shop.test/?a=1&amp;b=2&#38;c=3">x</a>', opts(click_url=lambda u: seen.append(u) or "X"))
+    assert seen[-1] == "https://shop.test/?a=1&b=2&c=3"
+
+
+def test_data_href_is_not_taken_for_the_link_and_a_second_relay_adds_no_second_pixel():
+    out = rewrite_html('<a data-href="https://a.test/" href="https://b.test/">x</a></body>', opts())
+    assert 'data-href="https://a.test/"' in out and "u=https://b.test/" in out
+    again = rewrite_html(out, opts())
+    assert again.count("/t/o/") == 1
+
+
+@pytest.mark.parametrize("tail", [b"", b"\r\n"])
+def test_quoted_printable_reencode_adds_no_lone_cr(tail: bytes):
+    """The last line of a quoted-printable part has no line break of its own: re-encoding it appended a CR
+    anyway, so the part ended in a lone CR before the boundary (illegal MIME) and its HTML in a stray CR."""
+    raw = (b"MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=\"B\"\r\n\r\n--B\r\n"
+           b"Content-Type: text/plain; charset=utf-8\r\n\r\nhi\r\n--B\r\n"
+           b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+           b"<div>Hello</div>\r\n<div><a href=3D\"https://shop.test/q\">quote</a></div>" + tail + b"\r\n--B--\r\n")
+    out = rewrite_message(raw, opts())
+    assert b"\r\r" not in out and b"\r\n--B--" in out
+    html_part = message_from_bytes(out, policy=policy.default).get_payload()[1].get_content()
+    assert not html_part.endswith("\r") and "/t/c/TOK?u=https://shop.test/q" in html_part
