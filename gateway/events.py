@@ -63,11 +63,16 @@ def verify(secret: bytes, body: bytes, header: str, *, tolerance: float = 300.0,
     if abs((time.time() if now is None else now) - t) > tolerance:
         return False
     expected = hmac.new(secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, fields.get("v1", ""))
+    try:  # a forged header may carry non-ASCII, which compare_digest refuses on str: a mismatch, not a crash
+        return hmac.compare_digest(expected.encode(), fields.get("v1", "").encode())
+    except UnicodeEncodeError:
+        return False
 
 
 def backoff(attempts: int, minimum: float, maximum: float) -> float:
-    return min(maximum, minimum * (2 ** max(0, attempts - 1)))
+    # The exponent is capped: 2 ** 1024 and more does not fit a float (a small retry_max_seconds and a long
+    # horizon mean thousands of attempts).
+    return min(maximum, minimum * (2.0 ** min(60, max(0, attempts - 1))))
 
 
 def wants(hook: WebhookConfig, event_type: str) -> bool:
@@ -145,11 +150,21 @@ def mark_sent(conn: Connection, delivery_id: int) -> None:
                  .values(state="sent", last_error=None))
 
 
+def retry_span(attempts: int, minimum: float, maximum: float) -> float:
+    """Seconds from a delivery's first failure to its next try after `attempts` failures (the backoffs)."""
+    return sum(backoff(n, minimum, maximum) for n in range(1, attempts + 1))
+
+
 def mark_failed(conn: Connection, delivery: Delivery, hook: WebhookConfig, error: str) -> str:
+    """Back off, or dead-letter once the retries would span more than `horizon_hours`.
+
+    The horizon counts the retrying itself, not the event's age: measured from `occurred_at`, an event that
+    waited behind its mail's earlier one (or was replayed days later, after a receiver outage) was dead on its
+    first failure and never retried at all. A replay starts the count again."""
     attempts = delivery.attempts + 1
     now = utcnow()
     next_at = now + dt.timedelta(seconds=backoff(attempts, hook.retry_min_seconds, hook.retry_max_seconds))
-    dead = next_at > delivery.occurred_at + dt.timedelta(hours=hook.horizon_hours)
+    dead = retry_span(attempts, hook.retry_min_seconds, hook.retry_max_seconds) > hook.horizon_hours * 3600
     state = "dead" if dead else "pending"
     conn.execute(update(webhook_deliveries).where(webhook_deliveries.c.id == delivery.id).values(
         state=state, attempts=attempts, next_attempt_at=next_at, last_error=error[:2000]))
@@ -157,7 +172,8 @@ def mark_failed(conn: Connection, delivery: Delivery, hook: WebhookConfig, error
 
 
 def replay(engine: Engine, subscriber: str, since: int | None = None) -> int:
-    """Send a subscriber's sent and dead events again (from sequence `since`); returns how many."""
+    """Send a subscriber's sent and dead events again (from sequence `since`), and retry its pending ones at
+    once (a receiver that is back should not wait out their backoff); returns how many."""
     with engine.begin() as conn:
         q = update(webhook_deliveries).where(
             webhook_deliveries.c.subscriber == subscriber,

@@ -3,15 +3,17 @@ replay, and the `mailgate events` CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import time
 
 import pytest
 from sqlalchemy import select, update
 
 from gateway.config import WebhookConfig
 from gateway.events import (
-    Delivery, backoff, due_heads, fan_out, mark_failed, mark_sent, read_events, replay, sign, verify,
+    Delivery, backoff, due_heads, fan_out, mark_failed, mark_sent, read_events, replay, retry_span, sign, verify,
 )
 from gateway.outbox import EventDraft, record_events
 from gateway.schema import events, webhook_deliveries
@@ -110,12 +112,21 @@ def test_mails_whose_heads_wait_do_not_starve_the_others(any_engine):
 
 
 def test_dead_letter_after_horizon_then_replay(any_engine):
-    old = utcnow() - dt.timedelta(hours=80)
+    """The horizon counts retrying, not age: an event 10 days old (it waited behind its mail's earlier event,
+    or was replayed after an outage) still gets its retries; it is dead once they would span the horizon."""
+    old = utcnow() - dt.timedelta(days=10)
     add(any_engine, ev("delivered", "<m1>", 1, occurred_at=old), ev("opened", "<m1>", 2))
     h = hook(horizon_hours=72)
     with any_engine.begin() as conn:
         fan_out(conn, h)
         head = due_heads(conn, "seq")[0]
+        assert mark_failed(conn, head, h, "connection refused") == "pending"
+        tries, span = 1, backoff(1, h.retry_min_seconds, h.retry_max_seconds)
+        while span + backoff(tries + 1, h.retry_min_seconds, h.retry_max_seconds) <= 72 * 3600:
+            tries += 1
+            span += backoff(tries, h.retry_min_seconds, h.retry_max_seconds)
+        assert span == retry_span(tries, h.retry_min_seconds, h.retry_max_seconds)
+        head = dataclasses.replace(head, attempts=tries)  # as if it had failed that often since
         assert mark_failed(conn, head, h, "connection refused") == "dead"
         # The dead event no longer blocks its mail's next one.
         assert [d.seq for d in due_heads(conn, "seq")] == [2]
@@ -125,6 +136,12 @@ def test_dead_letter_after_horizon_then_replay(any_engine):
         states = dict(conn.execute(select(webhook_deliveries.c.event_seq, webhook_deliveries.c.state)).all())
     assert states == {1: "dead", 2: "pending"}
     assert replay(any_engine, "seq") == 2
+
+
+def test_verify_rejects_a_forged_header_without_crashing():
+    body = b'{"id": "x"}'
+    assert not verify(b"secret", body, "t=%d,v1=\u00e9" % int(time.time()))
+    assert not verify(b"secret", body, "garbage")
 
 
 def test_backoff_doubles_to_cap():
