@@ -614,9 +614,12 @@ class Delivery:
         if since.tzinfo is not None:
             since = since.astimezone(dt.timezone.utc)
         since_text = (since - dt.timedelta(seconds=120)).strftime("%Y-%m-%d %H:%M:%S")
+        # Without a subject Odoo 17's crm.lead / helpdesk.ticket / project.task name the record
+        # `_("No Subject")`, the base message_new ''. The English text: the gateway's calls send no lang (a
+        # translated name is simply not found, and a new record is made, as before).
+        name = ("name", "=", mail.subject) if mail.subject else ("name", "in", ["No Subject", ""])
         try:
-            rows = self._odoo().search_read(model, [("create_date", ">=", since_text),
-                                                    ("name", "=", mail.subject or "(no subject)")],
+            rows = self._odoo().search_read(model, [("create_date", ">=", since_text), name],
                                             ["id"], order="id desc", limit=2)
         except PermanentError:  # a model without `name`: cannot tell
             return None

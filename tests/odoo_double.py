@@ -126,6 +126,8 @@ THREAD_MODELS = ("res.partner", "crm.lead", "helpdesk.ticket")
 BLACKLIST_MODELS = ("res.partner", "crm.lead")
 #: the field that holds the sender address on creation (Odoo's _primary_email)
 PRIMARY_EMAIL = {"res.partner": "email", "crm.lead": "email_from", "helpdesk.ticket": "partner_email"}
+#: models whose message_new names a subjectless record "No Subject" (Odoo 17 crm, helpdesk)
+NO_SUBJECT_MODELS = ("crm.lead", "helpdesk.ticket")
 CREATION_SUBTYPE = {"crm.lead": "crm.mt_lead_create", "helpdesk.ticket": "helpdesk.mt_ticket_new"}
 SUBTYPES = {"mail.mt_comment": (1, "Discussions", False), "mail.mt_note": (2, "Note", True),
             "crm.mt_lead_create": (3, "Lead Created", False), "helpdesk.mt_ticket_new": (4, "Ticket Created", False)}
@@ -576,7 +578,9 @@ class OdooDouble:
     def _message_new(self, model: str, msg: dict[str, Any], custom: dict[str, Any],
                      context: dict[str, Any]) -> int:
         vals = dict(custom)
-        vals.setdefault("name", msg.get("subject") or "(no subject)")
+        # crm.lead's and helpdesk.ticket's message_new: `subject or _("No Subject")`; the base method: the
+        # subject as it is, an empty one included
+        vals.setdefault("name", msg.get("subject") or ("No Subject" if model in NO_SUBJECT_MODELS else ""))
         email_field = PRIMARY_EMAIL.get(model)
         if email_field and email_field not in vals:
             vals[email_field] = msg.get("email_from") or msg.get("from") or False

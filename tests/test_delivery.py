@@ -730,6 +730,24 @@ def test_lost_answer_to_message_new_adopts_the_record(tmp_path: Any, double: Odo
     assert len(email_messages(double, "crm.lead", lead["id"])) == 1
 
 
+def test_lost_answer_to_message_new_adopts_a_subjectless_lead(tmp_path: Any, double: OdooDouble) -> None:
+    """Odoo names a lead made from a mail without subject "No Subject" (crm.lead.message_new): the retry
+    finds that one instead of making a second lead."""
+    rig = Rig(tmp_path, double, "explicit")
+    mid = "<lost-create-nosubject@customer.example>"
+    raw = new_mail(mid, subject="")
+    msg = rig.spool(raw)
+    double.fail_next(1, "lost_response", method="message_new")
+    with pytest.raises(TransientError):
+        rig.delivery.deliver(msg, raw, create_decision(mid))
+    [orphan] = leads(double)
+    assert orphan["name"] == "No Subject"
+    out = rig.delivery.deliver(msg, raw, create_decision(mid))
+    assert out.state == "delivered" and out.odoo_refs == (("crm.lead", orphan["id"]),)
+    [lead] = leads(double)
+    assert len(email_messages(double, "crm.lead", lead["id"])) == 1
+
+
 @pytest.mark.parametrize("kind, counted", [("lost_response", 1), ("drop", 1)])
 def test_lost_answer_to_a_bounce_never_counts_twice(rig: Rig, kind: str, counted: int) -> None:
     d = rig.double
