@@ -129,6 +129,7 @@ class Hit:
     user_agent: str | None
     client_ip: str | None
     url: str | None = None
+    probe: bool = False     # a HEAD request: link scanners check URLs that way, people's browsers GET them
 
 
 def record_hit(engine: Engine, hit: Hit, prefetch_seconds: float) -> bool:
@@ -146,8 +147,8 @@ def record_hit(engine: Engine, hit: Hit, prefetch_seconds: float) -> bool:
             return False
         conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == hit.rcpt_id)
                      .values({counter: counter + 1}))
-        machine = is_machine_open(hit.user_agent, hit.client_ip, as_utc(row.delivered_at), now,
-                                  prefetch_seconds)
+        machine = hit.probe or is_machine_open(hit.user_agent, hit.client_ip, as_utc(row.delivered_at), now,
+                                               prefetch_seconds)
         who = "machine" if machine else "human"
         if hit.kind == "open":
             draft = EventDraft(type="opened", seed=f"out:{hit.rcpt_id}:opened:{who}", message_id=row.message_id,
@@ -182,7 +183,8 @@ def make_tracking_app(engine: Engine, secret: bytes, *, prefetch_seconds: float 
     async def pixel(request: web.Request) -> web.Response:
         rid = read_pixel_token(secret, request.match_info["name"])
         if rid is not None:
-            await _record(Hit("open", rid, request.headers.get("User-Agent"), opener(request)))
+            await _record(Hit("open", rid, request.headers.get("User-Agent"), opener(request),
+                              probe=request.method == "HEAD"))
         return web.Response(body=PIXEL_GIF, content_type="image/gif", headers=NO_CACHE)
 
     async def click(request: web.Request) -> web.Response:
@@ -190,7 +192,8 @@ def make_tracking_app(engine: Engine, secret: bytes, *, prefetch_seconds: float 
         rid = read_click_token(secret, request.match_info["token"], url) if url else None
         if rid is None:
             return web.Response(status=404, text="Unknown or altered link.\n", headers=NO_CACHE)
-        await _record(Hit("click", rid, request.headers.get("User-Agent"), opener(request), url))
+        await _record(Hit("click", rid, request.headers.get("User-Agent"), opener(request), url,
+                          probe=request.method == "HEAD"))
         raise web.HTTPFound(location=url, headers=NO_CACHE)
 
     app.router.add_get(PIXEL_PATH + "{name}", pixel)

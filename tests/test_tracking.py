@@ -136,3 +136,18 @@ async def test_pixel_click_and_counts(engine):
     assert json.loads(evs[1].data)["machine"] is True
     assert json.loads(evs[2].data)["url"] == url
     assert evs[0].message_id == "<m1@odoo>" and evs[0].model == "crm.lead" and evs[0].res_id == 3
+
+
+async def test_a_head_request_is_a_machine_click(engine):
+    """Link scanners (Safe Links, Proofpoint) check a URL with HEAD, often with a browser's user agent and
+    long after delivery: that was a human `clicked`. A person's later GET still gets its own event."""
+    app = make_tracking_app(engine, KEY, prefetch_seconds=0)
+    browser = {"User-Agent": "Mozilla/5.0 (Windows NT 10.0) Chrome/120"}
+    link = click_url("", KEY, 11, "https://shop.example.com/x")
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.head(link, headers=browser, allow_redirects=False)
+        assert resp.status == 302
+        await client.get(link, headers=browser, allow_redirects=False)
+    with engine.connect() as conn:
+        machine = [json.loads(e.data)["machine"] for e in conn.execute(select(events).order_by(events.c.seq))]
+    assert machine == [True, False]
