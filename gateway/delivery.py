@@ -837,8 +837,10 @@ class Delivery:
 
 
 def _bounce_data(b: BounceResult) -> dict[str, Any]:
+    """The event data docs/events.md promises for a bounce report that came back: `via` says how it was
+    recognised ("verp", "dsn", or the detector that read the NDR)."""
     return {"kind": b.kind, "reason": b.reason, "status": b.status, "diagnostic": b.diagnostic,
-            "remote_mta": b.remote_mta, "action": b.action}
+            "remote_mta": b.remote_mta, "action": b.action, "via": b.detector or "dsn"}
 
 
 def _refs(rows: list[dict[str, Any]]) -> list[tuple[str, int]]:

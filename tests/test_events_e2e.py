@@ -100,6 +100,7 @@ async def test_bounce_reply_and_autoreply_events_for_a_relayed_mail(tmp_path, mo
         assert bounced["mail"]["message_id"] == original_mid
         assert bounced["data"]["kind"] == "hard" and bounced["data"]["reason"] == "userunknown"
         assert bounced["data"]["status"] == "5.1.1"
+        assert bounced["data"]["via"] in ("verp", "dsn")  # docs/events.md
 
         await inbound(reply_from("alice@customer.test", original_mid), "alice@customer.test", "catchall@example.test")
         await hooks.wait_for(lambda evs: any(e["type"] == "replied" for e in evs), timeout=20)
