@@ -7,12 +7,15 @@ by hand must not change the schema under a running older gateway.
 
 from __future__ import annotations
 
+import random
+import time
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -40,10 +43,19 @@ def alembic_config(engine: Engine) -> AlembicConfig:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Migrate to `revision`. A database a newer mailgate migrated is refused with `SchemaMismatch` (Alembic
     would fail with "Can't locate revision" and a traceback, which does not say that this code is too old)."""
-    at = current(engine)
-    if at is not None and at not in _known_revisions():
-        raise _newer(engine, at)
-    command.upgrade(alembic_config(engine), revision)
+    for attempt in range(5):
+        try:
+            at = current(engine)
+            if at is not None and at not in _known_revisions():
+                raise _newer(engine, at)
+            command.upgrade(alembic_config(engine), revision)
+            return
+        except OperationalError as exc:
+            # SQLite: processes opening a new store together (serve, its helpers, two nodes) can meet a lock
+            # the busy timeout does not cover; the migration is one transaction, so trying again is safe.
+            if engine.dialect.name != "sqlite" or "locked" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.2)
 
 
 def _known_revisions() -> set[str]:

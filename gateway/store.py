@@ -9,8 +9,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import random
+import sqlite3
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.pool import NullPool
@@ -66,7 +69,7 @@ def make_engine(url: str, *, synchronous: str = "FULL", pool_size: int = 8, page
             # ≈110 µs (the relay's bookkeeping: 450 vs 490–536 µs per mail); at 100 KB, 4 KiB ≈460 µs and
             # 8–16 KiB ≈360–410 µs (a body is 7 overflow pages instead of 25).
             cur.execute(f"PRAGMA page_size={int(page_size)}")
-            cur.execute("PRAGMA journal_mode=WAL")
+            _set_wal(cur)
             cur.execute(f"PRAGMA synchronous={synchronous}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
@@ -85,6 +88,21 @@ def make_engine(url: str, *, synchronous: str = "FULL", pool_size: int = 8, page
         return engine
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
                          pool_recycle=1800)
+
+
+def _set_wal(cur: Any, tries: int = 100) -> None:
+    """`PRAGMA journal_mode=WAL`, retried while the database is locked. Switching a new database to WAL takes
+    an exclusive lock, and SQLite answers "database is locked" at once, without the busy timeout, when other
+    processes have it open at that moment (serve, its helpers and worker processes, or two nodes starting
+    together on a fresh store): one of them failed to start (seen in CI with four at once)."""
+    for attempt in range(tries):
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == tries - 1:
+                raise
+            time.sleep(0.05 + random.random() * 0.05)
 
 
 def init_store(engine: Engine) -> None:
