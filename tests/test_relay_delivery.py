@@ -645,6 +645,24 @@ class DomainDelayTransport:
         pass
 
 
+
+async def _seconds_until_started(transport, rcpt: str, since: float) -> float:  # type: ignore[no-untyped-def]
+    """How long after `since` the transport started sending to `rcpt` (waits up to 3 s; inf if never)."""
+    for _ in range(60):
+        if rcpt in transport.started:
+            break
+        await asyncio.sleep(0.05)
+    return transport.started.get(rcpt, float("inf")) - since
+
+
+def _due_in_order(engine, rcpts: list[str], **values) -> None:  # type: ignore[no-untyped-def]
+    """Make every queued copy due (long ago, in the order of `rcpts`) and unleased, with `values` set."""
+    with engine.begin() as conn:
+        for rid, rcpt in conn.execute(select(outbound_recipients.c.id, outbound_recipients.c.recipient)).all():
+            conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == rid).values(
+                next_attempt_at=dt.datetime(2020, 1, 1) + dt.timedelta(seconds=rcpts.index(rcpt)), **values))
+        conn.execute(update(outbound_queue).values(lease_until=None))
+
 async def test_a_slow_destination_backlog_does_not_keep_other_retries_in_the_store(engine, env):
     """The poller stopped claiming once 4 copies per slot waited in memory, counting those held back by their
     destination's cap: after a restart, 20 due copies to a slow domain kept a fast domain's due copy in the
@@ -652,11 +670,7 @@ async def test_a_slow_destination_backlog_does_not_keep_other_retries_in_the_sto
     cfg = mx_config(concurrency=2, per_destination_concurrency=1)
     rcpts = [f"s{i}@slow.test" for i in range(20)] + ["f@fast.test"]
     queue_leased(engine, rcpts, dt.timedelta(0))
-    with engine.begin() as conn:  # a crashed node's copies, due in the order queued
-        for rid, rcpt in conn.execute(select(outbound_recipients.c.id, outbound_recipients.c.recipient)).all():
-            conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == rid).values(
-                next_attempt_at=dt.datetime(2020, 1, 1) + dt.timedelta(seconds=rcpts.index(rcpt))))
-        conn.execute(update(outbound_queue).values(lease_until=None))
+    _due_in_order(engine, rcpts)  # a crashed node's copies, due in the order queued
     transport = DomainDelayTransport({"slow.test": 0.5})
     batcher = TransactionBatcher(engine)
     worker = OutboundWorker(engine, cfg, SECRET.encode(), batcher, transport=transport)
@@ -664,11 +678,7 @@ async def test_a_slow_destination_backlog_does_not_keep_other_retries_in_the_sto
     started = asyncio.get_running_loop().time()
     task = asyncio.create_task(worker.run(stop))
     try:
-        for _ in range(60):
-            if "f@fast.test" in transport.started:
-                break
-            await asyncio.sleep(0.05)
-        assert transport.started["f@fast.test"] - started < 1.0
+        assert await _seconds_until_started(transport, "f@fast.test", started) < 1.0
         assert len([r for r in transport.started if r.endswith("@slow.test")]) <= 3  # the cap still holds
     finally:
         stop.set()
@@ -684,12 +694,7 @@ async def test_a_dead_destination_backlog_larger_than_memory_does_not_keep_other
     cfg = mx_config(concurrency=2, per_destination_concurrency=1)
     rcpts = [f"d{i}@dead.test" for i in range(100)] + ["f@fast.test"]
     queue_leased(engine, rcpts, dt.timedelta(0))
-    with engine.begin() as conn:  # due retries, the dead domain's first
-        for rid, rcpt in conn.execute(select(outbound_recipients.c.id, outbound_recipients.c.recipient)).all():
-            conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == rid).values(
-                state="deferred", attempts=1,
-                next_attempt_at=dt.datetime(2020, 1, 1) + dt.timedelta(seconds=rcpts.index(rcpt))))
-        conn.execute(update(outbound_queue).values(lease_until=None))
+    _due_in_order(engine, rcpts, state="deferred", attempts=1)  # due retries, the dead domain's first
     transport = DomainDelayTransport({"dead.test": 60.0})  # a connect timeout per copy, as a dead MX gives
     batcher = TransactionBatcher(engine)
     worker = OutboundWorker(engine, cfg, SECRET.encode(), batcher, transport=transport)
@@ -698,11 +703,7 @@ async def test_a_dead_destination_backlog_larger_than_memory_does_not_keep_other
     started = asyncio.get_running_loop().time()
     task = asyncio.create_task(worker.run(stop))
     try:
-        for _ in range(60):
-            if "f@fast.test" in transport.started:
-                break
-            await asyncio.sleep(0.05)
-        assert transport.started.get("f@fast.test", float("inf")) - started < 1.0
+        assert await _seconds_until_started(transport, "f@fast.test", started) < 1.0
         assert [r for r in transport.started if r.endswith("@dead.test")] == ["d0@dead.test"]  # the cap holds
         await wait_for_events(engine, 1)
         assert event_types(engine) == [("delivered", "f@fast.test")]
