@@ -140,6 +140,22 @@ class ListenerPolicy:
 NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter (RFC 6531 §3.4)"
 
 
+def mail_path_refusal(address: str, mail_options: list[str]) -> str | None:
+    """The refusal of a MAIL FROM path itself (every listener, submission included), or None."""
+    if not address.isascii() and not any(o.upper() == "SMTPUTF8" for o in mail_options):
+        return NEEDS_SMTPUTF8
+    return None
+
+
+def rcpt_path_refusal(address: str, envelope: SmtpEnvelope) -> str | None:
+    """The refusal of a RCPT TO path itself (every listener, submission included), or None."""
+    if address == "<>":
+        return "501 5.1.3 Bad recipient address syntax: the null path is for MAIL FROM only"
+    if not address.isascii() and not envelope.smtp_utf8:
+        return NEEDS_SMTPUTF8
+    return None
+
+
 class SpoolHandler:
     """aiosmtpd handler: every hook returns the reply line; nothing here blocks the event loop."""
 
@@ -159,9 +175,10 @@ class SpoolHandler:
         if refusal is not None:
             REFUSED.labels(self.name, "452").inc()
             return refusal
-        if not address.isascii() and not any(o.upper() == "SMTPUTF8" for o in mail_options):
-            REFUSED.labels(self.name, "553").inc()
-            return NEEDS_SMTPUTF8
+        refusal = mail_path_refusal(address, mail_options)
+        if refusal is not None:
+            REFUSED.labels(self.name, refusal[:3]).inc()
+            return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -171,12 +188,10 @@ class SpoolHandler:
         if len(envelope.rcpt_tos) >= self.policy.config.max_recipients:
             REFUSED.labels(self.name, "452").inc()
             return "452 4.5.3 Too many recipients"
-        if address == "<>":
-            REFUSED.labels(self.name, "501").inc()
-            return "501 5.1.3 Bad recipient address syntax: the null path is for MAIL FROM only"
-        if not address.isascii() and not envelope.smtp_utf8:
-            REFUSED.labels(self.name, "553").inc()
-            return NEEDS_SMTPUTF8
+        refusal = rcpt_path_refusal(address, envelope)
+        if refusal is not None:
+            REFUSED.labels(self.name, refusal[:3]).inc()
+            return refusal
         if address.lower() == "postmaster":  # RFC 5321 §4.5.1: the domain-less form MUST be accepted
             address = f"postmaster@{self.policy.primary_domain}"
         verdict, why = self.policy.rcpt_verdict(address)

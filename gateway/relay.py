@@ -32,7 +32,7 @@ from aliases.model import AliasTable
 from gateway.config import Config, ListenerConfig, secret as env_secret
 from gateway.fastsql import insert_rows
 from gateway.disk_space import spool_free_space, storage_refusal
-from gateway.listener import NEEDS_SMTPUTF8, LeanSMTPMixin
+from gateway.listener import LeanSMTPMixin, mail_path_refusal, rcpt_path_refusal
 from gateway.session_limits import SessionLimits
 from gateway.relay_batch import Committer
 from gateway.schema import outbound_mails, outbound_queue, outbound_recipients, thread_index
@@ -301,21 +301,18 @@ class SubmissionHandler:
                           mail_options: list[str]) -> str:
         if not session.authenticated and not self.client_allowed(session):
             return "530 5.7.0 Authentication required (relaying only for allowed networks or after AUTH)"
-        refusal = storage_refusal(self.free_space, mail_options)
+        refusal = storage_refusal(self.free_space, mail_options) or mail_path_refusal(address, mail_options)
         if refusal is not None:
             return refusal
-        if not address.isascii() and not any(o.upper() == "SMTPUTF8" for o in mail_options):
-            return NEEDS_SMTPUTF8
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
-        if address == "<>":
-            return "501 5.1.3 Bad recipient address syntax: the null path is for MAIL FROM only"
-        if not address.isascii() and not envelope.smtp_utf8:
-            return NEEDS_SMTPUTF8
+        refusal = rcpt_path_refusal(address, envelope)
+        if refusal is not None:
+            return refusal
         if any(address.lower() == rcpt.lower() for rcpt in envelope.rcpt_tos):
             return "250 2.1.5 OK (duplicate recipient: one copy)"
         if len(envelope.rcpt_tos) >= self.listener.max_recipients:
