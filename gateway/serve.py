@@ -103,7 +103,7 @@ class Gateway:
         for lc in new.listeners:
             limits = self.session_limits.get(listener_key(lc))
             if limits is not None:
-                limits.total, limits.per_client = lc.max_connections, lc.max_connections_per_client
+                limits.apply(lc)
         log.info("configuration reloaded: %d domain(s), %d alias(es)", len(new.domains), len(new.aliases))
 
     async def stop(self, drain_seconds: float = 30.0) -> None:

@@ -32,8 +32,13 @@ class SessionLimits:
     @classmethod
     def of(cls, listener: Any) -> "SessionLimits":
         """The caps a `ListenerConfig` sets."""
-        return cls(listener.max_connections, listener.max_connections_per_client,
-                   name=listener.name or listener.kind)
+        limits = cls(0, 0, name=listener.name or listener.kind)
+        limits.apply(listener)
+        return limits
+
+    def apply(self, listener: Any) -> None:
+        """Take a `ListenerConfig`'s caps (at start, and on reload: sessions already open stay open)."""
+        self.total, self.per_client = listener.max_connections, listener.max_connections_per_client
 
     def admit(self, client: str | None) -> str | None:
         """Count a new session in, or say why not (it is not counted then)."""
