@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import functools
 import logging
 import random
 import re
@@ -477,8 +478,10 @@ async def _greet(smtp: aiosmtplib.SMTP) -> None:
             await smtp.helo()
 
 
+@functools.lru_cache(maxsize=1)
 def _opportunistic_tls() -> ssl.SSLContext:
     # MX delivery: STARTTLS when offered, without certificate checks (RFC 7435 opportunistic security).
+    # One context for every connection: create_default_context loads the system's CA bundle each time.
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
