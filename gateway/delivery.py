@@ -138,7 +138,6 @@ class Delivery:
         self.mode = config.odoo.mode
         self.aliases = config.alias_table()
         self.refusals = RefusalSender(config, engine)
-        self._odoo_alias_addresses: frozenset[str] | None = None
         self._odoo_own_aliases: tuple[float, frozenset[str] | None] = (0.0, None)
 
     def reload(self, config: Config) -> None:
@@ -147,7 +146,6 @@ class Delivery:
         self.mode = config.odoo.mode
         self.aliases = config.alias_table()
         self.refusals = RefusalSender(config, self.engine)
-        self._odoo_alias_addresses = None
         self._odoo_own_aliases = (0.0, None)
 
     # ------------------------------------------------------------------------------------ entry
@@ -400,15 +398,7 @@ class Delivery:
     # -------------------------------------------------------------------------------- explicit
     def _alias_addresses(self) -> frozenset[str]:
         """Every alias address (config + Odoo): never an author (spec §3.4)."""
-        if self._odoo_alias_addresses is None:
-            found: set[str] = {a.address for a in self.aliases.aliases}
-            try:
-                rows = self._odoo().search_read("mail.alias", [], ["alias_full_name"])
-                found |= {str(r["alias_full_name"]).lower() for r in rows if r.get("alias_full_name")}
-            except PermanentError:
-                pass
-            self._odoo_alias_addresses = frozenset(found)
-        return self._odoo_alias_addresses
+        return frozenset(a.address for a in self.aliases.aliases) | (self._odoo_own_alias_set() or frozenset())
 
     def _author(self, model: str, res_id: int | None, address: str) -> int | None:
         """followers of the record, then users, then partners; never an alias address (spec §1.8, §3.4)."""
