@@ -62,6 +62,10 @@ class ListenerConfig(_Model):
     # retries later), so a flood or a runaway client cannot use up the file descriptors the spool needs too.
     max_connections: int = Field(500, gt=0)
     max_connections_per_client: int = Field(100, gt=0)
+    # Failed AUTH attempts from one address (across its connections) within `auth_failure_window` seconds;
+    # at this many its AUTH is answered 421 until the oldest leaves the window (gateway/auth_throttle.py).
+    max_auth_failures_per_client: int = Field(10, gt=0)
+    auth_failure_window: float = Field(600.0, gt=0)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "ListenerConfig":

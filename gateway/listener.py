@@ -339,6 +339,8 @@ class LeanSMTPMixin:
         self._errors += 1
         if code == b"535":
             self._auth_failures += 1
+            if self.limits is not None:
+                self.limits.auth.failed(_ip(self.session.peer))  # type: ignore[attr-defined]
         if self._errors < self.hard_error_limit and self._auth_failures < self.auth_failure_limit:
             return
         REFUSED.labels(self._listener_name(), "421").inc()
@@ -348,6 +350,19 @@ class LeanSMTPMixin:
         transport = self.transport  # type: ignore[attr-defined]
         if transport is not None:
             transport.close()
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        """Refused outright while this client address has too many recent failures (`AuthFailures`)."""
+        client = _ip(self.session.peer)  # type: ignore[attr-defined]
+        wait = self.limits.auth.blocked_for(client) if self.limits is not None else 0.0
+        if wait > 0:
+            REFUSED.labels(self._listener_name(), "421").inc()
+            self._writer.write(f"421 4.7.0 Error: too many failed AUTH attempts from {client}; try again in "  # type: ignore[attr-defined]
+                               f"{int(wait) + 1} s\r\n".encode())
+            self.transport.close()  # type: ignore[attr-defined]
+            return
+        await super().smtp_AUTH(arg)  # type: ignore[misc]
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

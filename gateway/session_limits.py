@@ -13,6 +13,8 @@ import math
 import time
 from typing import Any
 
+from gateway.auth_throttle import AuthFailures
+
 log = logging.getLogger(__name__)
 
 
@@ -28,6 +30,7 @@ class SessionLimits:
         self.by_client: dict[str | None, int] = {}
         self._refused = 0
         self._warned_at = -math.inf
+        self.auth = AuthFailures(10, 600.0)  # failed AUTHs per client address, across its sessions
 
     @classmethod
     def of(cls, listener: Any) -> "SessionLimits":
@@ -39,6 +42,7 @@ class SessionLimits:
     def apply(self, listener: Any) -> None:
         """Take a `ListenerConfig`'s caps (at start, and on reload: sessions already open stay open)."""
         self.total, self.per_client = listener.max_connections, listener.max_connections_per_client
+        self.auth.configure(listener.max_auth_failures_per_client, listener.auth_failure_window)
 
     def admit(self, client: str | None) -> str | None:
         """Count a new session in, or say why not (it is not counted then)."""

@@ -192,6 +192,39 @@ async def test_auth_required_outside_allowed_networks(env, engine):
         await smarthost.stop()
 
 
+async def test_failed_auth_across_connections_locks_the_address_out(env, engine):
+    """3 failures per session close it; an attacker reconnecting gets no more tries once its address has
+    `max_auth_failures_per_client` failures in the window — even with the right password."""
+    import base64
+
+    smarthost = await Smarthost().start()
+    cfg = base_config(smarthost_port=smarthost.port, tracking_port=free_port(),
+                      submission_networks=("10.0.0.0/8",), auth=True)
+    cfg["listeners"][0]["max_auth_failures_per_client"] = 4
+
+    def plain(password: str) -> str:
+        return "AUTH PLAIN " + base64.b64encode(f"\0odoo\0{password}".encode()).decode()
+
+    try:
+        async with Gateway(engine, cfg) as gw:
+            answers = []
+            for _ in range(2):  # 2 failures per connection, 4 in all
+                c = await WireClient.connect("127.0.0.1", gw.port)
+                await c.reply()
+                await c.cmd("EHLO attacker.test")
+                answers += [(await c.cmd(plain("guess")))[0] for _ in range(2)]
+                c.writer.close()
+            assert answers == [535, 535, 535, 535]
+            c = await WireClient.connect("127.0.0.1", gw.port)
+            await c.reply()
+            await c.cmd("EHLO attacker.test")
+            code, text = await c.cmd(plain("odoo-pw"))
+            assert code == 421 and "too many failed AUTH" in text
+            assert await c.reader.read() == b""  # and disconnected
+    finally:
+        await smarthost.stop()
+
+
 async def test_submission_sessions_past_the_limit_get_421(env, engine):
     smarthost = await Smarthost().start()
     cfg = base_config(smarthost_port=smarthost.port, tracking_port=free_port())

@@ -122,3 +122,31 @@ def test_hostile_attachment_names_in_a_parsed_mail() -> None:
     names = [a.filename for a in content.attachments]
     assert names and all("/" not in n and "\\" not in n and not any(ord(ch) < 32 for ch in n) for n in names)
     assert "root_.ssh_authorized_keys" in names
+
+
+def test_auth_failures_window_per_address():
+    """The cross-session AUTH limit: counted per address, forgotten as failures leave the window, bounded."""
+    from gateway.auth_throttle import AuthFailures
+
+    now = [1000.0]
+    throttle = AuthFailures(3, 60.0, clock=lambda: now[0])
+    for _ in range(2):
+        throttle.failed("192.0.2.1")
+    assert throttle.blocked_for("192.0.2.1") == 0.0
+    now[0] += 10
+    throttle.failed("192.0.2.1")
+    assert throttle.blocked_for("192.0.2.1") == pytest.approx(50.0)  # until the first failure is 60 s old
+    assert throttle.blocked_for("192.0.2.2") == 0.0                   # another address is not affected
+    now[0] += 50.5
+    assert throttle.blocked_for("192.0.2.1") == 0.0
+    throttle.failed("192.0.2.1")  # in the window now: the one at +10 s and this one
+    assert throttle.blocked_for("192.0.2.1") == 0.0
+    throttle.failed("192.0.2.1")
+    assert throttle.blocked_for("192.0.2.1") == pytest.approx(9.5)  # until the one at +10 s is 60 s old
+    throttle.configure(5, 60.0)   # reload with a higher limit: the count stays, the address is free again
+    assert throttle.blocked_for("192.0.2.1") == 0.0
+
+    throttle.max_clients = 4
+    for k in range(10):
+        throttle.failed(f"198.51.100.{k}")
+    assert len(throttle._failures) <= 4
