@@ -187,11 +187,17 @@ class Delivery:
     # ---------------------------------------------------------------------------------- helpers
     def _message_id(self, message: SpooledMessage, decision: Decision, mail: msgdict.ParsedMail | None = None
                     ) -> tuple[str, bool]:
-        """(Message-ID, synthesised?): Odoo needs one to dedupe; a missing one is derived from the body hash."""
+        """(Message-ID, synthesised?): Odoo needs one to dedupe; a missing one is derived from the body hash.
+
+        A mail quarantined as a Message-ID collision (another mail holds its id in Odoo) and then released by
+        an operator gets an id of its own, derived from its spool id: under its own id Odoo would call it a
+        duplicate again, and the release would only put it back in the quarantine."""
+        domain = self.config.domains[0].name if self.config.domains else "mailgate.invalid"
+        if message.retry_since is not None and WriteLedger(self.engine, message.id).get("collision") is not None:
+            return f"<mailgate.{message.sha256[:24]}.{message.id}.released@{domain}>", True
         mid = decision.message_id or message.message_id or (mail.message_id if mail else None)
         if mid:
             return msgdict.normalize_message_id(mid) or mid, False
-        domain = self.config.domains[0].name if self.config.domains else "mailgate.invalid"
         return f"<mailgate.{message.sha256[:32]}@{domain}>", True
 
     def _existing(self, message_id: str, model: str | None = None, res_id: int | None = None
@@ -223,6 +229,9 @@ class Delivery:
             return DeliveryOutcome("dropped", f"Odoo's own mail came back: Odoo already holds {mid} ({where})")
         log.warning("spool %s: Message-ID %s is already in Odoo (%s) from another mail; quarantined",
                     message.id, mid, where)
+        ledger = WriteLedger(self.engine, message.id)
+        if ledger.get("collision") is None:  # a release delivers it under an id of its own (`_message_id`)
+            ledger.record("collision", None, None, {"landed": [list(r) for r in _refs(rows)]})
         return DeliveryOutcome("quarantined", f"Message-ID collision: Odoo already holds {mid} ({where}) from "
                                               "another mail with a different body")
 

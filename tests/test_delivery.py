@@ -475,6 +475,30 @@ def test_another_senders_mail_reusing_a_message_id_is_quarantined(rig: Rig) -> N
     assert again.state == "delivered" and again.odoo_refs == (("crm.lead", lead["id"]),)
 
 
+def test_a_released_collision_is_delivered_under_an_id_of_its_own(rig: Rig) -> None:
+    """`quarantine release` of a Message-ID collision: delivered again under the same id, Odoo would call
+    it a duplicate and it went straight back to the quarantine. It now goes in under an id of its own."""
+    from gateway.spool import release, transition
+
+    d = rig.double
+    mid = "<20240101120000.scan@printer.local>"
+    rig.deliver(new_mail(mid, sender="Alice <alice@customer.example>", subject="Scan 1"), create_decision(mid))
+    [lead] = leads(d)
+    second = new_mail(mid, sender="Bob <bob@other.example>", subject="Scan 2")
+    msg, out = rig.deliver(second, create_decision(mid), mail_from="bob@other.example")
+    assert out.state == "quarantined"
+    transition(rig.engine, msg.id, "quarantined", note=out.note)  # what the worker records
+    assert release(rig.engine, msg.id)
+    released = get_message(rig.engine, msg.id)
+    out = rig.delivery.deliver(released, second, create_decision(mid))
+    assert out.state == "delivered", out.note
+    [ref] = [r for r in out.odoo_refs]
+    assert ref != ("crm.lead", lead["id"])  # Bob's own record, not a post on Alice's
+    [posted] = email_messages(d, *ref)
+    assert posted["message_id"] != mid and f".{msg.id}.released@" in posted["message_id"]
+    assert len(email_messages(d, "crm.lead", lead["id"])) == 1
+
+
 def test_author_prefers_a_users_partner(tmp_path: Any, double: OdooDouble) -> None:
     rig = Rig(tmp_path, double, "explicit")
     double.add_partner("Alice (old contact)", "alice@customer.example")
