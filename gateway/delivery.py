@@ -45,7 +45,7 @@ from gateway.refusal import RefusalSender
 from gateway.schema import messages, odoo_writes
 from gateway.spool import SpooledMessage
 from gateway.store import utcnow
-from gateway.thread_lookup import forget_record, index_message, is_outbound, record_of
+from gateway.thread_lookup import forget_record, index_message, is_outbound, record_of, replying_recipient
 from routing import msgdict
 from routing.autoreply import no_answer_reason
 from routing.model import Action, BounceResult, Decision, Target, is_null_sender
@@ -807,7 +807,9 @@ class Delivery:
         res_id = target.res_id if target else replied.res_id if replied else None
         return (EventDraft(type="auto_replied", seed=f"spool:{message.id}:auto_replied",
                            message_id=decision.replied_message_id or (target.parent_message_id if target else None),
-                           model=model, res_id=res_id, recipient=mail.from_address or None,
+                           model=model, res_id=res_id,
+                           recipient=replying_recipient(self.engine, decision.replied_message_id, mail.from_address)
+                           if replied is not None else mail.from_address or None,
                            data={"message_id": decision.message_id or message.message_id, "from": mail.email_from,
                                  "subject": mail.subject, "indicator": decision.auto_reply_indicator}),)
 
@@ -828,7 +830,7 @@ class Delivery:
             pass  # the event still fires; the id is a nicety
         event = EventDraft(type="replied", seed=f"spool:{message.id}:replied",
                            message_id=decision.replied_message_id, model=model, res_id=res_id,
-                           recipient=replied.recipient or mail.from_address or None,
+                           recipient=replying_recipient(self.engine, replied.message_id, mail.from_address),
                            data={"message_id": mid, "from": mail.email_from, "subject": mail.subject,
                                  "odoo_message_id": odoo_message_id})
         return DeliveryOutcome(outcome.state, outcome.note, events=outcome.events + (event,),

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, delete, insert, select, update
 
 from gateway.odoo.client import OdooClient, m2o_id
-from gateway.schema import messages, outbound_recipients, thread_index
+from gateway.schema import messages, outbound_mails, outbound_recipients, thread_index
 from gateway.store import utcnow
 from routing.model import ThreadHit
 
@@ -154,6 +154,29 @@ def is_outbound(engine: Engine, message_id: str | None) -> ThreadHit | None:
     if row is None:
         return None
     return ThreadHit(message_id=row.message_id, model=row.model, res_id=row.res_id, outbound=True)
+
+
+def replying_recipient(engine: Engine, message_id: str | None, sender: str | None) -> str | None:
+    """Which recipient of the mail we relayed as `message_id` a reply or auto-reply from `sender` speaks
+    for: the recipient with that address; else, when the mail had a single recipient, that one (people
+    answer from another address of theirs, an out-of-office comes from a robot address); else `sender`.
+
+    Follow-up steps wait on events per (mail, recipient): a `replied` event naming an address the mail was
+    never sent to closed no step."""
+    sender = (sender or "").strip()
+    if not message_id:
+        return sender or None
+    with engine.connect() as conn:
+        rows = conn.execute(select(outbound_recipients.c.recipient).select_from(
+            outbound_recipients.join(outbound_mails, outbound_mails.c.id == outbound_recipients.c.mail)).where(
+            outbound_mails.c.message_id == message_id)).all()
+    recipients = list(dict.fromkeys(r.recipient for r in rows))
+    for rcpt in recipients:
+        if rcpt.lower() == sender.lower():
+            return rcpt
+    if len(recipients) == 1:
+        return recipients[0]
+    return sender or None
 
 
 def record_of(engine: Engine, message_id: str | None) -> tuple[str | None, int | None]:

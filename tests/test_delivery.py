@@ -281,6 +281,45 @@ def test_replied_event_only_for_mail_we_relayed(tmp_path: Any, double: OdooDoubl
     assert out2.state == "delivered" and not [e for e in out2.events if e.type == "replied"]
 
 
+def test_replied_event_names_the_recipient_the_reply_speaks_for(tmp_path: Any, double: OdooDouble) -> None:
+    """The event's recipient is one the mail was sent to: the one with the reply's From address; else the
+    only recipient (Alice answered from her home address); with several and no match, the From address."""
+    from sqlalchemy import insert
+
+    from gateway.schema import outbound_mails, outbound_recipients
+    from gateway.store import utcnow
+
+    rig = Rig(tmp_path, double, "passthrough")
+    rig.deliver(new_mail("<new-7@customer.example>"), create_decision("<new-7@customer.example>"))
+    [lead] = leads(double)
+
+    def relayed(sent: str, recipients: list[str]) -> None:
+        double.store.create("mail.message", {"model": "crm.lead", "res_id": lead["id"], "message_id": sent,
+                                             "message_type": "comment", "subtype_id": 1, "is_internal": False})
+        index_message(rig.engine, sent, "crm.lead", lead["id"], outbound=True)
+        with rig.engine.begin() as conn:
+            mail = conn.execute(insert(outbound_mails).values(
+                message_id=sent, model="crm.lead", res_id=lead["id"], created_at=utcnow())).inserted_primary_key[0]
+            conn.execute(insert(outbound_recipients), [{"mail": mail, "recipient": r} for r in recipients])
+
+    def replied_to(sent: str, rmid: str, sender: str) -> str | None:
+        raw = reply_mail(sent, rmid).replace(b"alice@customer.example", sender.encode())
+        _m, out = rig.deliver(raw, reply_decision(rmid, "crm.lead", lead["id"], sent, replied=sent),
+                              rcpt=f"catchall@{DOMAIN}")
+        [event] = [e for e in out.events if e.type == "replied"]
+        return event.recipient
+
+    relayed("<1.1-openerp-1-crm.lead@odoo>", ["alice@customer.example"])
+    assert replied_to("<1.1-openerp-1-crm.lead@odoo>", "<r-1@home.example>", "alice@home.example") \
+        == "alice@customer.example"
+    relayed("<1.2-openerp-1-crm.lead@odoo>", ["Alice@Customer.example", "bob@other.example"])
+    assert replied_to("<1.2-openerp-1-crm.lead@odoo>", "<r-2@x.example>", "bob@other.example") == "bob@other.example"
+    assert replied_to("<1.2-openerp-1-crm.lead@odoo>", "<r-3@x.example>", "alice@customer.example") \
+        == "Alice@Customer.example"
+    assert replied_to("<1.2-openerp-1-crm.lead@odoo>", "<r-4@x.example>", "carol@third.example") \
+        == "carol@third.example"
+
+
 @pytest.mark.parametrize("policy", ["drop", "note"])
 def test_auto_reply_never_creates_a_record(tmp_path: Any, double: OdooDouble, policy: str) -> None:
     rig = Rig(tmp_path, double, "passthrough", auto_reply=policy)
