@@ -56,6 +56,40 @@ def test_route_step_uses_odoo_aliases_and_config_wins(tmp_path, monkeypatch) -> 
         odoo.stop()
 
 
+class _Odoo17Aliases:
+    """`mail.alias` as Odoo 17 answers it: beside a named alias, the nameless ones every sales team and
+    project keeps (`alias_name` and `alias_full_name` False, the company's alias domain set)."""
+
+    def search_read(self, model: str, domain: list[Any], fields: list[str], **_: Any) -> list[dict[str, Any]]:
+        row = {"alias_domain_id": [1, "example.test"], "alias_defaults": "{}", "alias_force_thread_id": 0,
+               "alias_contact": "everyone", "alias_incoming_local": False, "alias_bounced_content": False}
+        return [{**row, "id": 1, "alias_name": "billing", "alias_full_name": "billing@example.test",
+                 "alias_model_id": [11, "Ticket"]},
+                {**row, "id": 2, "alias_name": False, "alias_full_name": False, "alias_model_id": [10, "Task"],
+                 "alias_defaults": "{'project_id': 4}"},
+                {**row, "id": 3, "alias_name": False, "alias_full_name": False, "alias_model_id": [12, "Lead"]}]
+
+    def read(self, model: str, ids: list[int], fields: list[str]) -> list[dict[str, Any]]:
+        if model == "ir.model":
+            return [{"id": 10, "model": "project.task"}, {"id": 11, "model": "helpdesk.ticket"},
+                    {"id": 12, "model": "crm.lead"}]
+        return [{"id": 1, "name": "example.test"}]
+
+
+def test_nameless_odoo_aliases_are_not_addresses() -> None:
+    """A nameless alias was synced as `False@example.test`: RCPT accepted false@ and routed it to a task."""
+    from aliases.load import build_table
+    from aliases.resolve import rcpt_verdict
+    from gateway.odoo.alias_sync import fetch_alias_rows
+
+    rows = fetch_alias_rows(_Odoo17Aliases())  # type: ignore[arg-type]
+    assert [r["alias_full_name"] for r in rows] == ["billing@example.test"]
+    config = parse_config({"domains": [{"name": "example.test", "strict": True}]}, base_dir="/tmp")
+    table = build_table(config, rows)
+    assert rcpt_verdict(table, "false@example.test")[0] == "unknown_user"
+    assert rcpt_verdict(table, "billing@example.test")[0] == "accept"
+
+
 async def _rcpt(port: int, address: str) -> int:
     c = await WireClient.connect("127.0.0.1", port)
     try:

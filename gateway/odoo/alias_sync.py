@@ -23,7 +23,11 @@ ALIAS_FIELDS = ["alias_name", "alias_full_name", "alias_domain_id", "alias_model
 
 
 def fetch_alias_rows(client: OdooClient) -> list[dict[str, Any]]:
-    rows = client.search_read("mail.alias", [("alias_model_id", "!=", False)], ALIAS_FIELDS)
+    """Odoo's aliases that name an address. Rows without `alias_name` are left out: Odoo 17 keeps one for
+    every sales team and project whose alias is unset (`alias_name` False), and Odoo matches no mail to them;
+    kept, each became the address `False@domain`, accepted at RCPT and routed to that team's model."""
+    rows = [r for r in client.search_read("mail.alias", [("alias_model_id", "!=", False)], ALIAS_FIELDS)
+            if r.get("alias_name")]
     model_ids = sorted({m for m in (m2o_id(r.get("alias_model_id")) for r in rows) if m})
     models = {r["id"]: r["model"] for r in client.read("ir.model", model_ids, ["model"])} if model_ids else {}
     domain_ids = sorted({d for d in (m2o_id(r.get("alias_domain_id")) for r in rows) if d})
