@@ -83,6 +83,7 @@ class RouteStep:
         self.config = config
         self.engine = engine
         self.table: AliasTable = build_table(config)
+        self.client = client
         self.sync = alias_sync(config, client)
         self._synced_rows: list[dict[str, Any]] = []
         self.threads = IndexThreadLookup(engine, client)
@@ -91,7 +92,16 @@ class RouteStep:
         self._resolver: Any = None  # sender authentication's DNS resolver, made on first use
 
     def reload(self, config: Config) -> None:
+        """SIGHUP: the new file's aliases, and the sync as `[odoo] sync_aliases` now says. The sync built at
+        start was kept before: turned off, routing still took Odoo's aliases that RCPT refused; turned on,
+        nothing ever synced. A sync that stays on keeps its rows (no extra read of Odoo)."""
         self.config = config
+        if not config.odoo.sync_aliases or self.client is None:
+            self.sync, self._synced_rows = None, []
+        elif self.sync is None:
+            self.sync = alias_sync(config, self.client)
+        else:
+            self.sync.interval = config.odoo.sync_interval
         self.table = build_table(config, self._synced_rows)
         self._resolver = None  # made again on first use, with the new [auth] nameservers
 

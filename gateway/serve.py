@@ -60,6 +60,8 @@ class Gateway:
     admin_runner: Any = None
     admin_port: int | None = None
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    #: set by `reload` (and `stop`): the alias sync looks at the new `[odoo]` now, not after `sync_interval`
+    alias_sync_wake: asyncio.Event = field(default_factory=asyncio.Event)
     worker_stop: threading.Event = field(default_factory=threading.Event)
     worker_wake: threading.Event = field(default_factory=threading.Event)
     worker_threads: list[threading.Thread] = field(default_factory=list)
@@ -97,6 +99,7 @@ class Gateway:
         from gateway.pipeline import reload_aliases
 
         reload_aliases(new)
+        self.alias_sync_wake.set()
         if self.reload_generation is not None:
             with self.reload_generation.get_lock():
                 self.reload_generation.value += 1
@@ -110,6 +113,7 @@ class Gateway:
         for s in self.servers:
             s.close()
         self.stop_event.set()
+        self.alias_sync_wake.set()
         # Sessions already in DATA finish; wait_closed returns once every connection ended (3.12+), so
         # bound it and rely on the writer flush for what was acknowledged.
         try:
@@ -239,8 +243,7 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
         log.info("admin HTTP on %s:%s (/healthz, /metrics)", config.admin.host, gw.admin_port)
 
     gw.background.append(asyncio.create_task(_retention(gw), name="retention"))
-    if config.odoo.url and config.odoo.sync_aliases:
-        gw.background.append(asyncio.create_task(_sync_rcpt_aliases(gw), name="alias-sync"))
+    gw.background.append(asyncio.create_task(_sync_rcpt_aliases(gw), name="alias-sync"))  # idle while off
     if config.imap:
         from gateway.imap import run_imap_sources
 
@@ -315,23 +318,33 @@ async def _retention(gw: Gateway, every: float = 3600.0) -> None:
 
 
 async def _sync_rcpt_aliases(gw: Gateway) -> None:
-    """Keep the RCPT-time alias table merged with Odoo's `mail.alias` (config wins), every `sync_interval`."""
+    """Keep the RCPT-time alias table merged with Odoo's `mail.alias` (config wins), every `sync_interval`.
+
+    Runs for the whole life of the gateway and follows reloads (`Gateway.reload` wakes it): the sync is built
+    again whenever `[odoo]` changed, and dropped while `sync_aliases` is off. Built once from the start
+    config, a SIGHUP that turned the sync on never synced, and one that turned it off went on reading Odoo."""
     from gateway.pipeline import alias_sync, odoo_client
 
-    sync = alias_sync(gw.config, odoo_client(gw.config))
-    if sync is None:
-        return
+    sync: Any = None
+    built_for: Any = None
     while not gw.stop_event.is_set():
+        gw.alias_sync_wake.clear()  # before the round: a reload during it wakes the next one at once
+        if gw.config.odoo != built_for:
+            built_for = gw.config.odoo
+            sync = alias_sync(gw.config, odoo_client(gw.config))
+            if sync is None:
+                gw.synced_alias_rows = []
+        if sync is not None:
+            try:
+                rows = await asyncio.to_thread(sync.rows, force=True)
+                verdict = make_rcpt_verdict(gw.config, rows)
+                gw.synced_alias_rows = rows
+                for h in gw.handlers:
+                    h.set_rcpt_verdict(verdict)
+            except Exception as exc:  # Odoo down or misconfigured: keep the table we have
+                log.warning("alias sync failed; RCPT checks keep the current table: %s", exc)
         try:
-            rows = await asyncio.to_thread(sync.rows, force=True)
-            verdict = make_rcpt_verdict(gw.config, rows)
-            gw.synced_alias_rows = rows
-            for h in gw.handlers:
-                h.set_rcpt_verdict(verdict)
-        except Exception as exc:  # Odoo down or misconfigured: keep the table we have
-            log.warning("alias sync failed; RCPT checks keep the current table: %s", exc)
-        try:
-            await asyncio.wait_for(gw.stop_event.wait(), gw.config.odoo.sync_interval)
+            await asyncio.wait_for(gw.alias_sync_wake.wait(), gw.config.odoo.sync_interval)
         except asyncio.TimeoutError:
             pass
 

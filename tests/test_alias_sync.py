@@ -151,3 +151,46 @@ async def test_sighup_keeps_the_synced_aliases(tmp_path, monkeypatch) -> None:
     finally:
         await gw.stop(drain_seconds=1)
         odoo.stop()
+
+
+def test_reload_turns_the_route_steps_sync_on_and_off(tmp_path) -> None:
+    """SIGHUP kept the sync built at start: turned off, routing still found Odoo's aliases (that RCPT now
+    refused); turned on, the step had no sync and never read Odoo."""
+    from gateway.pipeline import RouteStep
+
+    def config(sync: bool):  # type: ignore[no-untyped-def]
+        return parse_config({"domains": [{"name": "example.test", "strict": True}],
+                             "odoo": {"url": "http://odoo.invalid", "sync_aliases": sync}}, base_dir=str(tmp_path))
+
+    step = RouteStep(config(False), open_store(f"sqlite:///{tmp_path}/r.db"), _Odoo17Aliases())
+    assert step.current_table().alias("billing@example.test") is None
+    step.reload(config(True))
+    assert step.current_table().alias("billing@example.test") is not None
+    step.reload(config(False))
+    assert step.current_table().alias("billing@example.test") is None
+
+
+async def test_sighup_turns_the_rcpt_sync_on_and_off(tmp_path, monkeypatch) -> None:
+    """The RCPT-time sync follows a reload: it was started only when the start config had it on."""
+    monkeypatch.setenv("MAILGATE_ODOO_PASSWORD", "admin")
+    odoo = OdooDouble().start()
+    odoo.add_alias("billing", "helpdesk.ticket")
+    cfg = _config_dict(tmp_path, odoo)
+    cfg["odoo"]["sync_aliases"] = False
+    path = tmp_path / "mailgate.toml"
+    path.write_text(to_toml(cfg))
+    gw = await start_gateway(load_config(str(path)), config_path=str(path), workers=False)
+    try:
+        port = gw.ports["smtp"]
+        assert await _rcpt(port, "billing@example.test") == 550
+        cfg["odoo"]["sync_aliases"] = True
+        path.write_text(to_toml(cfg))
+        gw.reload()
+        assert await _until_accepted(port, "billing@example.test") == 250
+        cfg["odoo"]["sync_aliases"] = False
+        path.write_text(to_toml(cfg))
+        gw.reload()
+        assert await _rcpt(port, "billing@example.test") == 550
+    finally:
+        await gw.stop(drain_seconds=1)
+        odoo.stop()
