@@ -14,8 +14,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from aliases.model import Alias, AliasTable, ContactPolicy, Domain
+
+
+#: one cross-check problem: the key path it is about (as pydantic's `loc`) and what is wrong
+Problem = tuple[tuple[str | int, ...], str]
 
 
 class ConfigError(Exception):
@@ -295,27 +300,63 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Config":
-        names = [d.name.lower() for d in self.domains]
-        if len(names) != len(set(names)):
-            raise ValueError("domains: a domain is listed twice")
-        seen: set[str] = set()
-        for alias in self.aliases:
-            addr = alias.address.lower()
-            if "@" not in addr:
-                raise ValueError(f"aliases: {alias.address!r} is not a full address (local@domain)")
-            if addr.split("@", 1)[1] not in names:
-                raise ValueError(f"aliases: {alias.address!r} is not in a configured domain")
-            if addr in seen:
-                raise ValueError(f"aliases: {alias.address!r} is listed twice")
-            seen.add(addr)
-        for dom in self.domains:
-            if dom.default_alias and f"{dom.default_alias}@{dom.name}".lower() not in seen \
-                    and dom.default_alias.lower() not in seen:
-                raise ValueError(f"domains: {dom.name}: default_alias {dom.default_alias!r} is not an alias")
-        listener_ports = [(lst.host, lst.port) for lst in self.listeners if lst.port]
-        if len(listener_ports) != len(set(listener_ports)):
-            raise ValueError("listeners: two listeners share one host:port")
+        """Checks across entries and sections, all reported at once, each under the key it is about
+        (`aliases[1].address`): an operator fixes every problem in one round, not one per `check-config` run.
+
+        Raising a ValidationError (not a ValueError) keeps each problem's location: pydantic passes its
+        line errors through as they are, so `_format_error` names the entry like any field error."""
+        problems = [*self._domain_problems(), *self._alias_problems(), *self._bind_problems()]
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, [
+                InitErrorDetails(type=PydanticCustomError("cross_check", "{problem}", {"problem": what}),
+                                 loc=loc, input=None)
+                for loc, what in problems])
         return self
+
+    def _domain_problems(self) -> list[Problem]:
+        """Domains listed twice (the table keeps one entry per name: the other's settings would be lost)."""
+        first: dict[str, int] = {}
+        problems: list[Problem] = []
+        for i, dom in enumerate(self.domains):
+            name = dom.name.lower()
+            if name in first:
+                problems.append((("domains", i, "name"), f"the same domain as domains[{first[name]}]"))
+            first.setdefault(name, i)
+        return problems
+
+    def _alias_problems(self) -> list[Problem]:
+        """Aliases outside our domains or listed twice, and default aliases that name no alias."""
+        names = {d.name.lower() for d in self.domains}
+        first: dict[str, int] = {}
+        problems: list[Problem] = []
+        for i, alias in enumerate(self.aliases):
+            addr, where = alias.address.lower(), ("aliases", i, "address")
+            if "@" not in addr:
+                problems.append((where, "not a full address (local@domain)"))
+            elif addr.split("@", 1)[1] not in names:
+                problems.append((where, "not in a configured domain"))
+            elif addr in first:
+                problems.append((where, f"the same address as aliases[{first[addr]}]"))
+            first.setdefault(addr, i)
+        for i, dom in enumerate(self.domains):
+            full = _full(dom.default_alias, dom.name) if dom.default_alias else None
+            if full and full not in first:
+                problems.append((("domains", i, "default_alias"),
+                                 f"{dom.default_alias!r} is not an alias (no [[aliases]] address {full!r})"))
+        return problems
+
+    def _bind_problems(self) -> list[Problem]:
+        """Listeners on one address: the second bind would fail at `serve` start, after check-config passed."""
+        seen: dict[tuple[str, int], int] = {}
+        problems: list[Problem] = []
+        for i, lst in enumerate(self.listeners):
+            if not lst.port:
+                continue
+            if (lst.host, lst.port) in seen:
+                problems.append((("listeners", i, "port"),
+                                 f"{lst.host}:{lst.port} is also listeners[{seen[lst.host, lst.port]}]'s address"))
+            seen.setdefault((lst.host, lst.port), i)
+        return problems
 
     def alias_table(self) -> AliasTable:
         """The pure alias model that `aliases/` resolves against."""
