@@ -346,17 +346,31 @@ class Config(_Model):
         return problems
 
     def _bind_problems(self) -> list[Problem]:
-        """Listeners on one address: the second bind would fail at `serve` start, after check-config passed."""
-        seen: dict[tuple[str, int], int] = {}
+        """Listeners and HTTP servers whose addresses overlap on one port: the second bind would fail with
+        'address already in use' at `serve` start, after check-config passed. Each is named once, against
+        the first one it clashes with."""
+        binds = self._binds()
         problems: list[Problem] = []
-        for i, lst in enumerate(self.listeners):
-            if not lst.port:
-                continue
-            if (lst.host, lst.port) in seen:
-                problems.append((("listeners", i, "port"),
-                                 f"{lst.host}:{lst.port} is also listeners[{seen[lst.host, lst.port]}]'s address"))
-            seen.setdefault((lst.host, lst.port), i)
+        for j, (where, _what, host, port) in enumerate(binds):
+            other = next((b for b in binds[:j] if b[3] == port and _hosts_clash(b[2], host)), None)
+            if other is not None:
+                problems.append((where, f"{host or '*'}:{port} overlaps {other[1]} ({other[2] or '*'}:{port}): "
+                                        "serve would fail to bind it (address already in use)"))
         return problems
+
+    def _binds(self) -> list[tuple[tuple[str | int, ...], str, str, int]]:
+        """What `serve` binds: (key, what it is, host, port). Port 0 (any free port) never clashes. The
+        tracking HTTP server runs beside the outbound relay only (gateway/serve.py, relay_service.py)."""
+        binds: list[tuple[tuple[str | int, ...], str, str, int]] = []
+        if self.admin.enabled:
+            binds.append((("admin", "port"), "the admin HTTP server [admin]", self.admin.host, self.admin.port))
+        relay = any(lst.kind == "submission" for lst in self.listeners) or bool(self.events.webhooks)
+        if relay and (self.tracking.enabled or self.events.api_token_env):
+            binds.append((("tracking", "port"), "the tracking HTTP server [tracking]", self.tracking.host,
+                          self.tracking.port))
+        binds += [(("listeners", i, "port"), f"listeners[{i}]", lst.host, lst.port)
+                  for i, lst in enumerate(self.listeners)]
+        return [b for b in binds if b[3]]
 
     def alias_table(self) -> AliasTable:
         """The pure alias model that `aliases/` resolves against."""
@@ -377,6 +391,30 @@ class Config(_Model):
 
     def storage_url(self) -> str:
         return resolve_storage_url(self.storage.url, self.base_dir)
+
+
+def _bind_points(host: str) -> tuple[tuple[str, str], ...]:
+    """The addresses binding `host` takes, as (family, address); address "*" is all of the family's.
+
+    asyncio and aiohttp set IPV6_V6ONLY, so 0.0.0.0 and :: are each one family's wildcard and do not clash
+    with each other; "" binds every address of both. localhost is 127.0.0.1 and ::1. Another name may
+    resolve to either family: it clashes with either wildcard and with itself."""
+    host = host.strip().lower().removeprefix("[").removesuffix("]")
+    if not host:
+        return (("any", "*"),)
+    if host == "localhost":
+        return (("4", "127.0.0.1"), ("6", "::1"))
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return (("any", host.removesuffix(".")),)
+    return ((str(ip.version), "*" if ip.is_unspecified else str(ip)),)
+
+
+def _hosts_clash(a: str, b: str) -> bool:
+    """Whether binding hosts `a` and `b` on one port would take a common address."""
+    return any((fa == fb or "any" in (fa, fb)) and (xa == xb or "*" in (xa, xb))
+               for fa, xa in _bind_points(a) for fb, xb in _bind_points(b))
 
 
 def _full(alias: str, domain: str) -> str:

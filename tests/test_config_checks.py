@@ -38,10 +38,57 @@ def test_cross_check_problems_are_all_reported_each_under_its_index() -> None:
         "aliases[3 'nodomain'].address: not a full address (local@domain)",
         "domains[0 'example.test'].default_alias: 'help' is not an alias "
         "(no [[aliases]] address 'help@example.test')",
-        "listeners[1].port: 127.0.0.1:2525 is also listeners[0]'s address",
+        "listeners[1].port: 127.0.0.1:2525 overlaps listeners[0] (127.0.0.1:2525): serve would fail to bind it "
+        "(address already in use)",
     ]
 
 
 def test_a_valid_config_has_no_problems() -> None:
     assert problems({**BASE, "aliases": [{"address": "sales@example.test", "model": "crm.lead"}],
                      "listeners": [{"port": 2525}, {"port": 2424, "kind": "lmtp"}]}) == []
+
+
+def _binds(*listeners: dict[str, Any], **sections: Any) -> list[str]:
+    return problems({**BASE, "listeners": list(listeners), **sections})
+
+
+@pytest.mark.parametrize("first,second", [
+    ("0.0.0.0", "127.0.0.1"),    # the IPv4 wildcard takes every IPv4 address
+    ("127.0.0.1", "0.0.0.0"),
+    ("::", "::1"),
+    ("", "127.0.0.1"),           # "" binds every address of both families
+    ("", "::"),
+    ("localhost", "127.0.0.1"),  # localhost is 127.0.0.1 and ::1
+    ("[::1]", "localhost"),
+    ("0.0.0.0", "mail.example"),  # a name may resolve to any address of the wildcard's family
+])
+def test_listeners_whose_addresses_overlap_on_one_port_clash(first: str, second: str) -> None:
+    got = _binds({"host": first, "port": 2525}, {"host": second, "port": 2525, "kind": "lmtp"})
+    assert len(got) == 1 and got[0].startswith("listeners[1].port: ") and "overlaps listeners[0]" in got[0]
+
+
+@pytest.mark.parametrize("first,second", [
+    ("0.0.0.0", "::"),           # one wildcard per family: asyncio binds :: with IPV6_V6ONLY
+    ("0.0.0.0", "::1"),
+    ("127.0.0.1", "127.0.0.2"),
+    ("127.0.0.1", "::1"),
+])
+def test_listeners_on_distinct_addresses_do_not_clash(first: str, second: str) -> None:
+    assert _binds({"host": first, "port": 2525}, {"host": second, "port": 2525, "kind": "lmtp"}) == []
+
+
+def test_listeners_clash_with_the_admin_and_tracking_http_ports() -> None:
+    assert _binds({"port": 8025}) == [
+        "listeners[0].port: 127.0.0.1:8025 overlaps the admin HTTP server [admin] (127.0.0.1:8025): serve would "
+        "fail to bind it (address already in use)"]
+    assert _binds({"port": 8025}, admin={"enabled": False}) == []
+    assert _binds({"host": "0.0.0.0", "port": 9000}, admin={"port": 9000})[0].startswith("listeners[0].port: ")
+    # the tracking server runs beside the outbound relay: with a submission listener or webhooks
+    got = _binds({"port": 8026}, {"port": 2587, "kind": "submission"})
+    assert len(got) == 1 and "overlaps the tracking HTTP server [tracking]" in got[0]
+    assert _binds({"port": 8026}) == []
+    assert _binds({"port": 2587, "kind": "submission"}, tracking={"port": 8025})[0].startswith("tracking.port: ")
+
+
+def test_port_zero_never_clashes() -> None:
+    assert _binds({"port": 0}, {"port": 0, "kind": "lmtp"}, admin={"port": 0}) == []
