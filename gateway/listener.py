@@ -165,9 +165,12 @@ class SpoolHandler:
         self.name = policy.config.name or f"{policy.config.kind}:{policy.config.port}"
         self._accepted = ACCEPTED.labels(self.name)  # once: `labels()` takes a lock and a dict lookup
 
-    def set_rcpt_verdict(self, verdict: RcptVerdict) -> None:
-        """SIGHUP: swap the alias table without restarting the listener."""
+    def set_rcpt_verdict(self, verdict: RcptVerdict, primary_domain: str | None = None) -> None:
+        """SIGHUP: swap the alias table without restarting the listener; with `primary_domain`, also where a
+        bare RCPT TO:<postmaster> goes (the new file's first domain: the old one may no longer be served)."""
         self.policy.rcpt_verdict = verdict
+        if primary_domain is not None:
+            self.policy.primary_domain = primary_domain
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: SmtpEnvelope, address: str,
                           mail_options: list[str]) -> str:

@@ -46,6 +46,11 @@ def make_rcpt_verdict(config: Config, synced: list[dict[str, Any]] | None = None
     return lambda address: rcpt_verdict(table, address)
 
 
+def primary_domain(config: Config, hostname: str) -> str:
+    """Where a domain-less RCPT TO:<postmaster> goes: the first configured domain, else this host."""
+    return config.domains[0].name if config.domains else hostname
+
+
 @dataclass
 class Gateway:
     """A running gateway: what `stop()` has to close, and the bound ports (tests bind port 0)."""
@@ -80,6 +85,8 @@ class Gateway:
     #: starts worker process i (set when the config asks for worker processes)
     spawn_worker: Any = None
     session_limits: dict[str, SessionLimits] = field(default_factory=dict)
+    #: this host's name, the bare postmaster's domain when the config has no [[domains]]
+    hostname: str = "localhost"
 
     def reload(self) -> None:
         """SIGHUP: re-read the config file; swap aliases (here and in the worker processes) and the listeners'
@@ -92,8 +99,9 @@ class Gateway:
             log.error("reload refused, keeping the running config: %s", exc)
             return
         verdict = make_rcpt_verdict(new, self.synced_alias_rows)
+        postmaster_domain = primary_domain(new, self.hostname)
         for h in self.handlers:
-            h.set_rcpt_verdict(verdict)
+            h.set_rcpt_verdict(verdict, postmaster_domain)
         self.config = new
         self.reloaded += 1
         from gateway.pipeline import reload_aliases
@@ -214,16 +222,15 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
 
     writer = make_spool_writer(config, engine, on_commit)
     await writer.start()
-    gw = Gateway(config=config, config_path=config_path, engine=engine, writer=writer)
+    gw = Gateway(config=config, config_path=config_path, engine=engine, writer=writer, hostname=hostname)
     gw_ref["gw"] = gw
     verdict = make_rcpt_verdict(config)
     free_space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
-    primary_domain = config.domains[0].name if config.domains else hostname
     for lc in config.listeners:
         if lc.kind == "submission":
             continue  # Odoo's outgoing mail: the outbound relay owns it
         handler = SpoolHandler(writer, ListenerPolicy(lc, verdict, free_space=free_space,
-                                                      primary_domain=primary_domain))
+                                                      primary_domain=primary_domain(config, hostname)))
         limits = gw.session_limits[listener_key(lc)] = SessionLimits.of(lc)
         server = await start_listener(lc, handler, hostname=hostname, limits=limits)
         gw.handlers.append(handler)

@@ -249,3 +249,40 @@ def test_sighup_reaches_worker_processes_and_a_dead_worker_is_started_again(tmp_
     finally:
         assert gw.stop() == 0
         odoo.stop()
+
+
+async def test_sighup_moves_the_bare_postmaster_to_the_new_first_domain(tmp_path: Path) -> None:
+    """A bare RCPT TO:<postmaster> goes to the first domain. It was fixed at start: after a reload that
+    dropped that domain, the RFC 5321 §4.5.1 address every server must take was refused 550 5.7.1."""
+    from gateway.config import load_config
+    from gateway.serve import start_gateway
+    from tests.smtp_wire import WireClient
+
+    cfg = base_config(tmp_path, smtp_port=0, admin_port=0, admin={"enabled": False}, worker={"processes": 0})
+    cfg["domains"] = [{"name": "old.test", "strict": True}]
+    cfg["aliases"] = []
+    path = tmp_path / "mailgate.toml"
+    path.write_text(to_toml(cfg))
+
+    async def rcpt(port: int, address: str) -> int:
+        c = await WireClient.connect("127.0.0.1", port)
+        try:
+            await c.reply()
+            await c.cmd("EHLO t.test")
+            await c.cmd("MAIL FROM:<a@client.test>")
+            return (await c.cmd(f"RCPT TO:<{address}>"))[0]
+        finally:
+            await c.close()
+
+    gw = await start_gateway(load_config(str(path)), config_path=str(path), workers=False)
+    try:
+        port = gw.ports["smtp"]
+        assert await rcpt(port, "postmaster") == 250
+        cfg["domains"] = [{"name": "new.test", "strict": True}]
+        path.write_text(to_toml(cfg))
+        gw.reload()
+        assert await rcpt(port, "postmaster@old.test") == 550  # no longer ours
+        assert await rcpt(port, "postmaster") == 250
+        assert gw.handlers[0].policy.primary_domain == "new.test"
+    finally:
+        await gw.stop(drain_seconds=1)
