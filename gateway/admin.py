@@ -9,36 +9,37 @@ import asyncio
 from collections.abc import Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from sqlalchemy import Engine, text
 
+from gateway import metrics_dir
 from gateway.disk_space import FreeSpace
-from gateway.metrics import SPOOL_FREE_BYTES, SpoolDepthCollector
-
-_collectors: dict[int, SpoolDepthCollector] = {}
+from gateway.metrics import FreeSpaceCollector, SpoolDepthCollector
 
 
-def _register_depth(engine: Engine) -> None:
-    key = id(engine)
-    if key not in _collectors:
-        collector = SpoolDepthCollector(engine)
-        try:
-            REGISTRY.register(collector)
-        except ValueError:  # already registered by an earlier app in this process (tests)
-            for old in list(_collectors.values()):
-                REGISTRY.unregister(old)
-            _collectors.clear()
-            REGISTRY.register(collector)
-        _collectors[key] = collector
+def exposition(engine: Engine, free_space: FreeSpace | None) -> Callable[[], bytes]:
+    """The `/metrics` text: the counters and histograms of every process of this gateway — summed from the
+    multiprocess directory when `mailgate serve` set one up (worker processes count there), else this
+    process's registry — followed by what is read at scrape time (spool depth, free disk)."""
+    if metrics_dir.active():
+        from prometheus_client import multiprocess
+
+        counted = CollectorRegistry()
+        multiprocess.MultiProcessCollector(counted)
+    else:
+        counted = REGISTRY
+    scraped = CollectorRegistry()
+    scraped.register(SpoolDepthCollector(engine))
+    if free_space is not None:
+        scraped.register(FreeSpaceCollector(free_space.free))
+    return lambda: generate_latest(counted) + generate_latest(scraped)
 
 
 def make_admin_app(engine: Engine, *, free_space: FreeSpace | None = None,
                    extra_routes: Callable[[web.Application], None] | None = None) -> web.Application:
     """`free_space`: a store that answers reads but has no room to write is refusing mail (452 4.3.1 at MAIL
     FROM), so it is unhealthy too."""
-    _register_depth(engine)
-    if free_space is not None:
-        SPOOL_FREE_BYTES.set_function(free_space.free)
+    render = exposition(engine, free_space)
 
     async def healthz(_request: web.Request) -> web.Response:
         def probe() -> None:
@@ -57,7 +58,7 @@ def make_admin_app(engine: Engine, *, free_space: FreeSpace | None = None,
         return web.json_response({"status": "ok", "disk": disk})
 
     async def metrics(_request: web.Request) -> web.Response:
-        body = await asyncio.get_running_loop().run_in_executor(None, generate_latest, REGISTRY)
+        body = await asyncio.get_running_loop().run_in_executor(None, render)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()

@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if "serve" in args_in[:3]:  # before the subcommand modules import prometheus_client (see gateway.metrics_dir)
+        from gateway.metrics_dir import prepare
+
+        prepare()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

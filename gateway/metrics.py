@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -25,10 +25,25 @@ HELPER_STARTS = Counter(
     "mailgate_helper_process_starts_total",
     "Commit helper processes started (spool writer, outbound store); more than one each means one died",
     ["helper"])
-SPOOL_FREE_BYTES = Gauge("mailgate_spool_free_bytes",
-                         "Free bytes on the SQLite spool's filesystem (below [storage] min_free_mb: 452 at MAIL FROM)")
 ROUTE_SECONDS = Histogram("mailgate_route_seconds", "Parse + route time per message",
                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1))
+
+
+class FreeSpaceCollector(Collector):
+    """`mailgate_spool_free_bytes`, measured at scrape time (a collector, not a Gauge with `set_function`:
+    in prometheus_client's multiprocess mode a function gauge is not shared, and would vanish)."""
+
+    def __init__(self, free: Any):
+        self.free = free
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        family = GaugeMetricFamily("mailgate_spool_free_bytes", "Free bytes on the SQLite spool's filesystem "
+                                   "(below [storage] min_free_mb: 452 at MAIL FROM)")
+        try:
+            family.add_metric([], float(self.free()))
+        except OSError:
+            return
+        yield family
 
 
 class SpoolDepthCollector(Collector):

@@ -13,6 +13,7 @@ Threads, not coroutines: routing is CPU (parse) and delivery is blocking RPC; se
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import itertools
 import logging
@@ -172,6 +173,7 @@ class Worker:
         if decision is None:
             log.warning("lease lost while routing; another worker owns the message now", extra=ctx)
             return
+        msg = dataclasses.replace(msg, action=decision.action.value)  # claimed before routing: it had none
         if decision.action in LOCAL_ACTIONS:
             self._finish(msg, LOCAL_ACTIONS[decision.action], note=decision.reason or decision.action.value)
             return

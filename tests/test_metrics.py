@@ -1,0 +1,43 @@
+"""`/metrics` of a real `mailgate serve`: what its worker processes count must be there too."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+from pathlib import Path
+
+from tests.gateway_proc import GatewayProcess, base_config, free_port
+from tests.odoo_double import OdooDouble
+from tests.smtp_wire import make_mail
+from tests.waiting import wait_until
+
+
+def _sample(metrics: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", metrics, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_worker_process_metrics_reach_the_admin_endpoint(tmp_path: Path) -> None:
+    """Routing and processing run in worker processes (`[worker] processes = 1`, the default): their
+    counters and latency histograms were counted in those processes and never shown by the serve process's
+    `/metrics`, so processing latency — one of the figures the admin port exists for — read 0 forever."""
+    odoo = OdooDouble().start()
+    cfg = base_config(tmp_path, smtp_port=free_port(), admin_port=free_port(), odoo_url=odoo.url)
+    cfg["worker"]["processes"] = 1
+    gw = GatewayProcess(tmp_path, cfg).start()
+    try:
+        with smtplib.SMTP("127.0.0.1", gw.smtp_port) as s:
+            s.sendmail("alice@client.test", ["sales@example.test"], make_mail(message_id="<m1@client.test>"))
+        def delivered() -> str | None:
+            metrics = gw.metrics()
+            return metrics if _sample(metrics, "mailgate_processing_seconds_count") >= 1 else None
+
+        metrics = wait_until(delivered, timeout=20, what="the worker's processing latency in /metrics")
+        assert _sample(metrics, "mailgate_route_seconds_count") == 1
+        assert _sample(metrics, "mailgate_processed_total{action=\"create\",state=\"delivered\"}") == 1, metrics[-3000:]
+        assert 'mailgate_accepted_total{listener="smtp"} 1.0' in metrics   # the serve process's own, still once
+        assert "mailgate_spool_messages{state=" in metrics
+        assert re.search(r"^mailgate_spool_free_bytes [0-9.e+]+$", metrics, re.M)
+    finally:
+        assert gw.stop() == 0
+        odoo.stop()
