@@ -1,14 +1,17 @@
 """The alias model: domains and aliases as frozen data.
 
 An `AliasTable` is what the sysadmin configured (optionally merged with Odoo's `mail.alias`), in the form the
-pure resolver and the SMTP RCPT check both read. Addresses and domain names are stored lower-case: Odoo fails
-to match a domain stored with capitals (spec §1.7); we never do.
+pure resolver and the SMTP RCPT check both read. Addresses and domain names are stored lower-case (Odoo fails
+to match a domain stored with capitals, spec §1.7; we never do), domains in ASCII form without a trailing dot,
+whatever the source wrote (aliases.names): a config, an Odoo row and a mail may each spell an IDN its own way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from aliases.names import normalize_address, normalize_domain
 
 ContactPolicy = Literal["everyone", "partners", "followers", "employees"]
 
@@ -23,6 +26,11 @@ class Domain:
     strict: bool = False
     default_alias: str | None = None  # full address of an alias
     tracking: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", normalize_domain(self.name))
+        if self.default_alias:
+            object.__setattr__(self, "default_alias", normalize_address(self.default_alias))
 
     @property
     def catchall_address(self) -> str | None:
@@ -50,6 +58,9 @@ class Alias:
     # `incoming_local_domains` (Odoo's `mail.catchall.domain.allowed`; empty = any domain).
     incoming_local: bool = False
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", normalize_address(self.address))
+
     @property
     def local(self) -> str:
         return self.address.split("@", 1)[0]
@@ -74,8 +85,10 @@ class AliasTable:
     _by_local: dict[str, Alias] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_by_address", {a.address.lower(): a for a in self.aliases})
-        object.__setattr__(self, "_by_domain", {d.name.lower(): d for d in self.domains})
+        allowed = tuple(normalize_domain(d) for d in self.incoming_local_domains)
+        object.__setattr__(self, "incoming_local_domains", allowed)
+        object.__setattr__(self, "_by_address", {a.address: a for a in self.aliases})
+        object.__setattr__(self, "_by_domain", {d.name: d for d in self.domains})
         by_local: dict[str, Alias] = {}
         for a in self.aliases:
             if a.incoming_local:
@@ -88,17 +101,17 @@ class AliasTable:
         alias = self._by_local.get(local.lower())
         if alias is None:
             return None
-        domain = domain.lower()
-        allowed = {d.lower() for d in self.incoming_local_domains}
+        domain = normalize_domain(domain)
+        allowed = set(self.incoming_local_domains)
         if not allowed or domain in allowed or domain in self._by_domain:
             return alias
         return None
 
     def domain(self, name: str) -> Domain | None:
-        return self._by_domain.get(name.lower())
+        return self._by_domain.get(normalize_domain(name))
 
     def alias(self, address: str) -> Alias | None:
-        return self._by_address.get(address.lower())
+        return self._by_address.get(normalize_address(address))
 
     def bounce_addresses(self) -> frozenset[str]:
         return frozenset(d.bounce_address for d in self.domains if d.bounce_address)

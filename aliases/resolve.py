@@ -3,7 +3,8 @@
 Order of sources: the envelope RCPT first (what the MTA actually delivered to us; a Bcc'd alias is only
 there), then Delivered-To, To, Cc, Resent-To, Resent-Cc — Odoo reads only the headers (spec §1.1, §5.5).
 An envelope recipient also written in the headers is counted where the headers put it (a Cc stays a Cc).
-Domains compare case-insensitively (Odoo fails on a domain stored with capitals, spec §1.7); `sales+vip@`
+Domains compare case-insensitively (Odoo fails on a domain stored with capitals, spec §1.7) and in one form
+whether written in Unicode or punycode, with or without the root's trailing dot (aliases.names); `sales+vip@`
 resolves to `sales@` with tag "vip" unless an alias literally named `sales+vip@` exists (Odoo allows `+`
 in alias names and has no subaddressing at all).
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from aliases.model import Alias, AliasTable, Domain
+from aliases.names import normalize_address, split_address
 from routing.tokens import VERP_PREFIX
 
 Source = Literal["rcpt", "delivered-to", "x-original-to", "to", "cc", "resent-to", "resent-cc"]
@@ -32,7 +34,7 @@ TO_LIKE: frozenset[str] = frozenset({"rcpt", "delivered-to", "x-original-to", "t
 class Resolved:
     """One recipient address and what it names in our alias table."""
 
-    address: str                 # lower-cased, as written
+    address: str                 # lower-cased, domain in ASCII form (aliases.names)
     source: Source
     kind: Kind
     alias: Alias | None = None
@@ -57,20 +59,6 @@ class Resolved:
             what = f"the {self.kind} address of {self.domain.name if self.domain else '?'}"
         tag = f" (+tag {self.tag!r})" if self.tag else ""
         return f"{where} {self.address}: {what}{tag}"
-
-
-def split_address(address: str) -> tuple[str, str]:
-    """(local, domain) lower-cased; an address without '@' has an empty domain."""
-    addr = address.strip().strip("<>").strip().lower()
-    local, _, domain = addr.rpartition("@")
-    if not _:
-        return addr, ""
-    return local, domain.rstrip(".")
-
-
-def _bare(address: str) -> str:
-    local, domain_name = split_address(address)
-    return f"{local}@{domain_name}" if domain_name else local
 
 
 def resolve_address(table: AliasTable, address: str, source: Source = "rcpt") -> Resolved:
@@ -126,11 +114,11 @@ def resolve_recipients(table: AliasTable, *, rcpt: tuple[str, ...] = (), deliver
     header_source: dict[str, Source] = {}
     for source, addresses in headers:
         for address in addresses:
-            header_source.setdefault(_bare(address), source)
+            header_source.setdefault(normalize_address(address), source)
     groups: tuple[tuple[Source, tuple[str, ...]], ...] = (("rcpt", rcpt), *headers)
     for source, addresses in groups:
         for address in addresses:
-            where = header_source.get(_bare(address), "rcpt") if source == "rcpt" else source
+            where = header_source.get(normalize_address(address), "rcpt") if source == "rcpt" else source
             res = resolve_address(table, address, where)
             if res.address in seen or "@" not in res.address:
                 continue

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from aliases.model import Alias, AliasTable, ContactPolicy, Domain
+from aliases.names import normalize_address, normalize_domain
 
 
 #: one cross-check problem: the key path it is about (as pydantic's `loc`) and what is wrong
@@ -135,6 +136,12 @@ class AliasConfig(_Model):
     bounced_content: str | None = None
     incoming_local: bool = False  # also match the local part on other domains (Odoo's alias_incoming_local)
 
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        """One spelling (aliases.names): `info@bücher.example` is `info@xn--bcher-kva.example`, as mail has it."""
+        return normalize_address(value, strict=True)
+
 
 class DomainConfig(_Model):
     name: str
@@ -143,6 +150,13 @@ class DomainConfig(_Model):
     strict: bool = False
     default_alias: str | None = None
     tracking: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        """One spelling (aliases.names): `Shop.Example.` and `shop.example` are one domain, and so are
+        `bücher.example` and `xn--bcher-kva.example`; as written, only mail spelt the same way matched."""
+        return normalize_domain(value, strict=True)
 
 
 class ImapSourceConfig(_Model):
@@ -257,6 +271,11 @@ class RoutingConfig(_Model):
     max_mime_depth: int = Field(20, gt=0)
     max_parts: int = Field(500, gt=0)
 
+    @field_validator("incoming_local_domains")
+    @classmethod
+    def _domains(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(normalize_domain(d, strict=True) for d in value)
+
 
 class AuthConfig(_Model):
     """Sender authentication (SPF/DKIM/DMARC, gateway.sender_auth) feeding alias contact policies.
@@ -318,7 +337,7 @@ class Config(_Model):
         first: dict[str, int] = {}
         problems: list[Problem] = []
         for i, dom in enumerate(self.domains):
-            name = dom.name.lower()
+            name = dom.name
             if name in first:
                 problems.append((("domains", i, "name"), f"the same domain as domains[{first[name]}]"))
             first.setdefault(name, i)
@@ -326,12 +345,12 @@ class Config(_Model):
 
     def _alias_problems(self) -> list[Problem]:
         """Aliases outside our domains or listed twice, and default aliases that name no alias."""
-        names = {d.name.lower() for d in self.domains}
+        names = {d.name for d in self.domains}
         first: dict[str, int] = {}
         problems: list[Problem] = []
         for i, alias in enumerate(self.aliases):
-            addr, where = alias.address.lower(), ("aliases", i, "address")
-            if "@" not in addr:
+            addr, where = alias.address, ("aliases", i, "address")
+            if addr.count("@") != 1:
                 problems.append((where, "not a full address (local@domain)"))
             elif addr.split("@", 1)[1] not in names:
                 problems.append((where, "not in a configured domain"))
@@ -375,19 +394,19 @@ class Config(_Model):
     def alias_table(self) -> AliasTable:
         """The pure alias model that `aliases/` resolves against."""
         domains = tuple(
-            Domain(name=d.name.lower(), catchall=d.catchall, bounce=d.bounce, strict=d.strict,
+            Domain(name=d.name, catchall=d.catchall, bounce=d.bounce, strict=d.strict,
                    default_alias=_full(d.default_alias, d.name) if d.default_alias else None,
                    tracking=d.tracking)
             for d in self.domains
         )
         aliases = tuple(
-            Alias(address=a.address.lower(), model=a.model, defaults=tuple(sorted(a.defaults.items())),
+            Alias(address=a.address, model=a.model, defaults=tuple(sorted(a.defaults.items())),
                   contact=a.contact, force_thread_id=a.force_thread_id, create_partner=a.create_partner,
                   tracking=a.tracking, bounced_content=a.bounced_content, incoming_local=a.incoming_local)
             for a in self.aliases
         )
         return AliasTable(domains=domains, aliases=aliases,
-                          incoming_local_domains=tuple(d.lower() for d in self.routing.incoming_local_domains))
+                          incoming_local_domains=self.routing.incoming_local_domains)
 
     def storage_url(self) -> str:
         return resolve_storage_url(self.storage.url, self.base_dir)
@@ -418,7 +437,8 @@ def _hosts_clash(a: str, b: str) -> bool:
 
 
 def _full(alias: str, domain: str) -> str:
-    return alias.lower() if "@" in alias else f"{alias}@{domain}".lower()
+    """A default alias as a normalised full address: a bare local part is in `domain`."""
+    return normalize_address(alias if "@" in alias else f"{alias}@{domain}")
 
 
 def resolve_storage_url(url: str, base_dir: str) -> str:

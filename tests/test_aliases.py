@@ -142,3 +142,44 @@ def test_incoming_local_from_config_and_from_odoo_rows() -> None:
     assert "careers@odoo-only.example" in merged.added
     assert any("other@odoo-only.example" in w for w in merged.warnings)  # …and skipped otherwise
     assert resolve_address(merged.table, "careers@example.test", "to").alias.model == "hr.applicant"  # type: ignore[union-attr]
+
+
+IDN_CONFIG = {
+    "domains": [{"name": "Bücher.Example", "strict": True}, {"name": "Shop.Example.", "strict": True}],
+    "aliases": [{"address": "info@bücher.example", "model": "crm.lead"},
+                {"address": "sales@shop.example.", "model": "crm.lead"}],
+}
+
+
+@pytest.mark.parametrize("address,alias", [
+    ("info@bücher.example", "info@xn--bcher-kva.example"),
+    ("info@xn--bcher-kva.example", "info@xn--bcher-kva.example"),   # punycode matches the Unicode config
+    ("INFO@XN--BCHER-KVA.EXAMPLE.", "info@xn--bcher-kva.example"),
+    ("info+x@BÜCHER.example", "info@xn--bcher-kva.example"),
+    ("sales@shop.example", "sales@shop.example"),                   # config written with a trailing dot
+    ("sales@Shop.Example.", "sales@shop.example"),
+])
+def test_domains_match_in_any_spelling(address: str, alias: str) -> None:
+    from gateway.config import parse_config
+
+    table = parse_config(IDN_CONFIG, base_dir="/tmp").alias_table()
+    assert resolve_address(table, address, "to").alias.address == alias  # type: ignore[union-attr]
+    assert rcpt_verdict(table, address)[0] == "accept"
+    local = address.split("+")[0].split("@")[0]
+    assert rcpt_verdict(table, address.replace(local, "nobody", 1))[0] == "unknown_user"  # ours, strict
+
+
+def test_idn_spellings_meet_across_config_odoo_and_mail() -> None:
+    """A table written in punycode, Odoo's rows in Unicode, mail in either: one domain, ASCII downstream."""
+    table = AliasTable(domains=(Domain("xn--bcher-kva.example", default_alias="info@Bücher.example."),),
+                       aliases=(Alias("info@BÜCHER.example", "crm.lead"),),
+                       incoming_local_domains=("Bücher.Example",))
+    assert table.domain("bücher.example") is table.domain("XN--BCHER-KVA.example.") is not None
+    assert table.domains[0].default_alias == "info@xn--bcher-kva.example"
+    assert table.catchall_addresses() == {"catchall@xn--bcher-kva.example"}
+    assert table.incoming_local_domains == ("xn--bcher-kva.example",)
+    merged = merge_aliases(table, [{"alias_name": "Hilfe", "alias_domain": "Bücher.Example", "model": "crm.lead"}])
+    assert merged.added == ("hilfe@xn--bcher-kva.example",) and not merged.warnings
+    assert resolve_address(merged.table, "hilfe@bücher.example", "rcpt").kind == "alias"
+    rs = resolve_recipients(merged.table, rcpt=("info@bücher.example",), to=("info@xn--bcher-kva.example",))
+    assert [(r.source, r.address) for r in rs] == [("to", "info@xn--bcher-kva.example")]  # one recipient

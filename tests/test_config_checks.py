@@ -92,3 +92,18 @@ def test_listeners_clash_with_the_admin_and_tracking_http_ports() -> None:
 
 def test_port_zero_never_clashes() -> None:
     assert _binds({"port": 0}, {"port": 0, "kind": "lmtp"}, admin={"port": 0}) == []
+
+
+def test_domain_names_are_normalised_and_both_idn_spellings_are_one_domain() -> None:
+    cfg = parse_config({"domains": [{"name": "Shop.Example."}, {"name": "Bücher.Example"}],
+                        "aliases": [{"address": "Sales@shop.example.", "model": "crm.lead"},
+                                    {"address": "info@xn--bcher-kva.example", "model": "crm.lead"}],
+                        "routing": {"incoming_local_domains": ["Partner.Example."]}}, base_dir="/tmp")
+    assert [d.name for d in cfg.domains] == ["shop.example", "xn--bcher-kva.example"]
+    assert [a.address for a in cfg.aliases] == ["sales@shop.example", "info@xn--bcher-kva.example"]
+    assert cfg.routing.incoming_local_domains == ("partner.example",)
+    assert problems({"domains": [{"name": "bücher.example"}, {"name": "XN--BCHER-KVA.example."}]}) == [
+        "domains[1 'XN--BCHER-KVA.example.'].name: the same domain as domains[0]"]
+    got = problems({"domains": [{"name": "bücher..example"}]})
+    assert len(got) == 1 and got[0].startswith("domains[0 'bücher..example'].name: 'bücher..example' is not a valid "
+                                               "domain name")
