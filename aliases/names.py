@@ -5,9 +5,18 @@ Domain names are compared in their ASCII (IDNA, punycode) form, lower-case, with
 SMTPUTF8 puts in the envelope and headers, and the only form a header, a Message-ID or a HELO can carry
 as it is, so it is also the form the router, the relay and Odoo are given. The conversion is Python's
 `idna` codec (IDNA 2003, no extra dependency).
+
+A quoted local part whose content needs no quotes is the same mailbox unquoted (RFC 5321 §4.1.2): `"sales"@`
+and `"s\\ales"@` are `sales@`. One that does need them (`"john doe"@`) is kept as written.
 """
 
 from __future__ import annotations
+
+import re
+
+#: RFC 5322 dot-atom (atext, with RFC 6531's non-ASCII for SMTPUTF8): a local part that needs no quotes
+_ATEXT = r"[a-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]"
+_DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*", re.IGNORECASE)
 
 
 def normalize_domain(name: str, *, strict: bool = False) -> str:
@@ -27,13 +36,32 @@ def normalize_domain(name: str, *, strict: bool = False) -> str:
         return domain
 
 
+def unquote_local(local: str) -> str:
+    """`local` without its quotes when the quoted content, backslash pairs undone, is a dot-atom; else as is."""
+    if len(local) < 2 or not (local.startswith('"') and local.endswith('"')):
+        return local
+    content: list[str] = []
+    chars = iter(local[1:-1])
+    for ch in chars:
+        if ch == "\\":
+            ch = next(chars, "")
+            if not ch:
+                return local  # the closing quote was escaped: not a quoted string
+        elif ch == '"':
+            return local  # an unescaped quote inside: not one quoted string
+        content.append(ch)
+    unquoted = "".join(content)
+    return unquoted if _DOT_ATOM.fullmatch(unquoted) else local
+
+
 def split_address(address: str, *, strict: bool = False) -> tuple[str, str]:
-    """(local, domain): lower-case, the domain normalised; an address without '@' has an empty domain."""
+    """(local, domain): lower-case, the local part unquoted when it can be and the domain normalised; an
+    address without '@' has an empty domain."""
     addr = address.strip().strip("<>").strip().lower()
     local, at, domain = addr.rpartition("@")
     if not at:
         return addr, ""
-    return local, normalize_domain(domain, strict=strict)
+    return unquote_local(local), normalize_domain(domain, strict=strict)
 
 
 def normalize_address(address: str, *, strict: bool = False) -> str:

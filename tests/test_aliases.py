@@ -183,3 +183,24 @@ def test_idn_spellings_meet_across_config_odoo_and_mail() -> None:
     assert resolve_address(merged.table, "hilfe@bücher.example", "rcpt").kind == "alias"
     rs = resolve_recipients(merged.table, rcpt=("info@bücher.example",), to=("info@xn--bcher-kva.example",))
     assert [(r.source, r.address) for r in rs] == [("to", "info@xn--bcher-kva.example")]  # one recipient
+
+
+@pytest.mark.parametrize("address,kind,resolved,tag", [
+    ('"sales"@example.com', "alias", "sales@example.com", None),          # RFC 5321: the same mailbox
+    ('<"Sales+VIP"@Example.com>', "alias", "sales+vip@example.com", "vip"),
+    ('"s\\ales"@example.com', "alias", "sales@example.com", None),        # a backslash pair is its character
+    ('"first.last"@example.com', "unknown", "first.last@example.com", None),
+    ('"john doe"@example.com', "unknown", '"john doe"@example.com', None),  # needs its quotes: kept
+    ('"a..b"@example.com', "unknown", '"a..b"@example.com', None),
+    ('"sales\\"@example.com', "unknown", '"sales\\"@example.com', None),  # escaped closing quote: as written
+])
+def test_quoted_local_parts_that_need_no_quotes_are_unquoted(address, kind, resolved, tag):
+    r = resolve_address(TABLE, address, "rcpt")
+    assert (r.kind, r.address, r.tag) == (kind, resolved, tag)
+
+
+def test_quoted_rcpt_is_accepted_as_the_alias_and_counted_once() -> None:
+    assert rcpt_verdict(TABLE, '"jobs"@strict.example.org')[0] == "accept"
+    assert rcpt_verdict(TABLE, '"nobody"@strict.example.org')[0] == "unknown_user"
+    rs = resolve_recipients(TABLE, rcpt=('"sales"@example.com',), to=("sales@example.com",))
+    assert [(r.source, r.address) for r in rs] == [("to", "sales@example.com")]
