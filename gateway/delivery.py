@@ -30,12 +30,14 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from aliases.model import AliasTable
 from aliases.resolve import resolve_address
 from gateway.config import Config
 from gateway.errors import PermanentError, TransientError
@@ -131,20 +133,31 @@ class WriteLedger:
 class Delivery:
     """Executes decisions against Odoo; one instance is shared by the worker threads."""
 
-    def __init__(self, config: Config, engine: Engine, client: OdooClient | None):
+    def __init__(self, config: Config, engine: Engine, client: OdooClient | None,
+                 tables: Callable[[], AliasTable] | None = None):
+        """`tables`: the route step's current table (config merged with the aliases synced from Odoo), so
+        delivery knows every alias routing knows; without it, the config's aliases only."""
         self.config = config
         self.engine = engine
         self.client = client
         self.mode = config.odoo.mode
-        self.aliases = config.alias_table()
+        self._tables = tables
+        self._config_table = config.alias_table()
         self.refusals = RefusalSender(config, engine)
         self._odoo_own_aliases: tuple[float, frozenset[str] | None] = (0.0, None)
+
+    @property
+    def aliases(self) -> AliasTable:
+        """The alias table routing uses, as the sync refreshes it. With the config's alone, an Odoo-only alias
+        of another model in a reply's Cc got a Delivered-To, and Odoo took the reply for a forward (a new
+        record instead of a message on the thread, spec §1.5)."""
+        return self._tables() if self._tables is not None else self._config_table
 
     def reload(self, config: Config) -> None:
         """SIGHUP: new aliases, mode and limits for the next message (the Odoo client is kept)."""
         self.config = config
         self.mode = config.odoo.mode
-        self.aliases = config.alias_table()
+        self._config_table = config.alias_table()
         self.refusals = RefusalSender(config, self.engine)
         self._odoo_own_aliases = (0.0, None)
 

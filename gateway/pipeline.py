@@ -182,9 +182,11 @@ def reload_aliases(config: Config) -> None:
         part.reload(config)
 
 
-def make_delivery(config: Config, engine: Engine, client: Any = None):  # type: ignore[no-untyped-def]
+def make_delivery(config: Config, engine: Engine, client: Any = None,  # type: ignore[no-untyped-def]
+                  route: RouteStep | None = None):
+    """A delivery; given the route step, it reads that step's alias table (Odoo's synced aliases included)."""
     from gateway.delivery import Delivery
 
-    delivery = Delivery(config, engine, client)
+    delivery = Delivery(config, engine, client, route.current_table if route is not None else None)
     _reloadable.add(delivery)
     return delivery

@@ -153,7 +153,7 @@ def build_worker_factory(config: Config, engine: Engine):  # type: ignore[no-unt
 
     client = odoo_client(config)
     route = make_route_step(config, engine, client)
-    delivery = make_delivery(config, engine, client) if client is not None else None
+    delivery = make_delivery(config, engine, client, route) if client is not None else None
     return lambda i: Worker(config, engine, route=route, deliver=delivery)
 
 

@@ -1047,3 +1047,46 @@ def test_missing_odoo_secret_keeps_every_message_retrying_not_dead(tmp_path: Any
     assert "MAILGATE_TEST_UNSET_KEY is not set" in (msg.last_error or "")
     assert leads(double) == []
     engine.dispose()
+
+
+def test_delivery_knows_the_aliases_synced_from_odoo(tmp_path: Any, double: OdooDouble,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers' delivery read the config's aliases only. A passthrough reply that Cc'd an alias existing
+    in Odoo only (`sync_aliases`) got a Delivered-To for it, and Odoo took the reply for a forward: a new
+    ticket, nothing on the lead. Delivery now reads the route step's table, refreshed with each sync."""
+    import time
+
+    from gateway.serve import build_worker_factory
+
+    monkeypatch.setenv("MAILGATE_TEST_ODOO_KEY", double.api_key if double.major >= 19 else double.password)
+    config = parse_config({
+        "storage": {"url": f"sqlite:///{tmp_path}/mailgate.db"},
+        "odoo": {"url": double.url, "db": double.db, "login": double.login, "password_env": "MAILGATE_TEST_ODOO_KEY",
+                 "sync_aliases": True, "sync_interval": 0.2},
+        "domains": [{"name": DOMAIN}],
+        "aliases": [{"address": f"sales@{DOMAIN}", "model": "crm.lead", "defaults": {"type": "lead"}}],
+    }, base_dir=str(tmp_path))
+    double.add_alias("support", "helpdesk.ticket")
+    engine = open_store(config.storage_url())
+    delivery = build_worker_factory(config, engine)(0).delivery
+    mid, rmid = "<new-sync@customer.example>", "<reply-sync@customer.example>"
+
+    def deliver(raw: bytes, decision: Decision, rcpt: str) -> Any:
+        msg = get_message(engine, spool_one(engine, raw, Envelope(mail_from="alice@customer.example",
+                                                                  rcpt_tos=(rcpt,))))
+        return delivery.deliver(msg, raw, decision)
+
+    deliver(new_mail(mid), create_decision(mid), f"sales@{DOMAIN}")
+    [lead] = leads(double)
+    decision = Decision(action=Action.REPLY, explanation=("test",), message_id=rmid, reason="reply",
+                        targets=(Target(model="crm.lead", res_id=lead["id"], parent_message_id=mid),),
+                        recipients=(f"catchall@{DOMAIN}", f"support@{DOMAIN}"))
+    out = deliver(reply_mail(mid, rmid, extra=f"Cc: support@{DOMAIN}\r\n"), decision, f"catchall@{DOMAIN}")
+    assert out.state == "delivered", out.note
+    assert out.odoo_refs == (("crm.lead", lead["id"]),)
+    assert not double.records("helpdesk.ticket")
+    # an alias added in Odoo later reaches delivery with the next sync
+    double.add_alias("billing", "helpdesk.ticket")
+    time.sleep(0.3)
+    assert delivery.aliases.alias(f"billing@{DOMAIN}") is not None
+    engine.dispose()
