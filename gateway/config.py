@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -125,6 +126,10 @@ class OdooConfig(_Model):
     notify_force_send: bool = False
 
 
+#: an Odoo model's technical name (`crm.lead`, `x_custom`), as `ir.model.model` holds it
+_MODEL_NAME = re.compile(r"[a-z0-9_]+(?:\.[a-z0-9_]+)*")
+
+
 class AliasConfig(_Model):
     address: str
     model: str
@@ -135,6 +140,17 @@ class AliasConfig(_Model):
     tracking: bool = True
     bounced_content: str | None = None
     incoming_local: bool = False  # also match the local part on other domains (Odoo's alias_incoming_local)
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        """The technical name, not the label ("CRM Lead") or nothing: Odoo refuses every mail for a model it
+        does not have, so a typo would only show as failed deliveries. (Whether this Odoo has the model is
+        for `check-config --odoo`.)"""
+        if not _MODEL_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not an Odoo model's technical name (like 'crm.lead': lower-case "
+                             "letters, digits and _, in parts joined by dots)")
+        return value
 
     @field_validator("address")
     @classmethod

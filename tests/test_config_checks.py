@@ -107,3 +107,35 @@ def test_domain_names_are_normalised_and_both_idn_spellings_are_one_domain() -> 
     got = problems({"domains": [{"name": "bücher..example"}]})
     assert len(got) == 1 and got[0].startswith("domains[0 'bücher..example'].name: 'bücher..example' is not a valid "
                                                "domain name")
+
+
+@pytest.mark.parametrize("model", ["", "CRM Lead!!", "crm.Lead", "crm..lead", ".crm", "crm.lead.", "crm lead"])
+def test_alias_model_must_be_a_technical_name(model: str) -> None:
+    got = problems({**BASE, "aliases": [{"address": "s@example.test", "model": model}]})
+    assert got == [f"aliases[0 's@example.test'].model: {model!r} is not an Odoo model's technical name (like "
+                   "'crm.lead': lower-case letters, digits and _, in parts joined by dots)"]
+
+
+@pytest.mark.parametrize("model", ["crm.lead", "x_custom", "helpdesk.ticket", "x_studio.model_2"])
+def test_technical_model_names_pass(model: str) -> None:
+    assert problems({**BASE, "aliases": [{"address": "s@example.test", "model": model}]}) == []
+
+
+def test_check_config_odoo_names_aliases_whose_model_odoo_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mailgate check-config --odoo`: a well-formed model name that this Odoo has no `ir.model` for."""
+    from gateway.odoo.check import check_odoo_access
+    from tests.odoo_double import OdooDouble
+
+    monkeypatch.setenv("MAILGATE_TEST_ODOO_KEY", "double-api-key")
+    with OdooDouble() as odoo:
+        cfg = parse_config({
+            "odoo": {"url": odoo.url, "db": odoo.db, "login": odoo.login, "password_env": "MAILGATE_TEST_ODOO_KEY"},
+            **BASE,
+            "aliases": [{"address": "sales@example.test", "model": "crm.lead"},
+                        {"address": "jobs@example.test", "model": "hr.applicant"},
+                        {"address": "help@example.test", "model": "helpdesk.ticket"}],
+        }, base_dir="/tmp")
+        report = check_odoo_access(cfg)
+    assert report["problems"] == [
+        "odoo: aliases[1].model: 'hr.applicant' (alias jobs@example.test) is not a model in this Odoo (ir.model): "
+        "install its module or fix the name"]

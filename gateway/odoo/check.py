@@ -2,12 +2,14 @@
 
 Why admin-level: with OCA automation_oca installed `message_process` rolls back for lesser users; a restricted
 user's record rules hide duplicates, parents, bounced messages and partners from the gateway (spec §3.1); and
-`ir.model` (for alias sync) needs group_erp_manager, which group_system includes. Each missing right comes back
-as one line saying what to grant.
+`ir.model` (for alias sync and the aliases' models) needs group_erp_manager, which group_system includes. Each
+missing right comes back as one line saying what to grant, each config alias whose model this Odoo lacks as one
+line naming the alias.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from gateway.errors import DeliveryError
@@ -41,8 +43,9 @@ def _is_admin(client: OdooClient, uid: int) -> bool | None:
     return None
 
 
-def check_client(client: OdooClient, *, url: str, login: str) -> dict[str, Any]:
-    """Run the checks on a connected client: {"lines": [...], "problems": [...]}."""
+def check_client(client: OdooClient, *, url: str, login: str, aliases: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run the checks on a connected client: {"lines": [...], "problems": [...]}. `aliases` are the config's
+    (`AliasConfig`): their models are looked up in `ir.model`."""
     lines: list[str] = []
     problems: list[str] = []
     try:
@@ -76,7 +79,24 @@ def check_client(client: OdooClient, *, url: str, login: str) -> dict[str, Any]:
             lines.append(f"can read {model}")
         except DeliveryError as exc:
             problems.append(f"odoo: cannot read {model} ({why}): needs {group}: {exc}")
+    try:
+        problems += missing_models(client, aliases)
+    except DeliveryError as exc:  # ir.model unreadable: already a problem above
+        lines.append(f"could not look up the aliases' models in ir.model: {exc}")
     return {"lines": lines, "problems": problems}
+
+
+def missing_models(client: OdooClient, aliases: Sequence[Any]) -> list[str]:
+    """One problem per config alias whose model is not in Odoo's `ir.model` (its module is not installed, or
+    the name is misspelt): the config check can only see that the name is well-formed, and Odoo refuses
+    every mail for a model it lacks, so without this the mistake shows only as failed deliveries."""
+    wanted = sorted({a.model for a in aliases})
+    if not wanted:
+        return []
+    found = {r["model"] for r in client.search_read("ir.model", [("model", "in", wanted)], ["model"])}
+    return [f"odoo: aliases[{i}].model: {a.model!r} (alias {a.address}) is not a model in this Odoo (ir.model): "
+            "install its module or fix the name"
+            for i, a in enumerate(aliases) if a.model not in found]
 
 
 def alias_lines(client: OdooClient, config: Any) -> list[str]:
@@ -100,7 +120,7 @@ def check_odoo_access(config: Any) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - ConfigError (missing secret), TransientError (down)
         return {"lines": [], "problems": [f"odoo: cannot connect: {exc}"]}
     try:
-        report = check_client(client, url=config.odoo.url, login=config.odoo.login)
+        report = check_client(client, url=config.odoo.url, login=config.odoo.login, aliases=config.aliases)
         if config.odoo.sync_aliases and not report["problems"]:
             try:
                 report["lines"] += alias_lines(client, config)
