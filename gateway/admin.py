@@ -14,13 +14,14 @@ from sqlalchemy import Engine, text
 
 from gateway import metrics_dir
 from gateway.disk_space import FreeSpace
-from gateway.metrics import FreeSpaceCollector, SpoolDepthCollector
+from gateway.metrics import SERVE_ONLY, FreeSpaceCollector, SpoolDepthCollector
 
 
 def exposition(engine: Engine, free_space: FreeSpace | None) -> Callable[[], bytes]:
     """The `/metrics` text: the counters and histograms of every process of this gateway — summed from the
     multiprocess directory when `mailgate serve` set one up (worker processes count there), else this
-    process's registry — followed by what is read at scrape time (spool depth, free disk)."""
+    process's registry — then the serve process's own (`SERVE_ONLY`), then what is read at scrape time
+    (spool depth, free disk)."""
     if metrics_dir.active():
         from prometheus_client import multiprocess
 
@@ -32,7 +33,7 @@ def exposition(engine: Engine, free_space: FreeSpace | None) -> Callable[[], byt
     scraped.register(SpoolDepthCollector(engine))
     if free_space is not None:
         scraped.register(FreeSpaceCollector(free_space.free))
-    return lambda: generate_latest(counted) + generate_latest(scraped)
+    return lambda: generate_latest(counted) + generate_latest(SERVE_ONLY) + generate_latest(scraped)
 
 
 def make_admin_app(engine: Engine, *, free_space: FreeSpace | None = None,

@@ -42,6 +42,7 @@ from gateway.imap_envelope import envelope_from_headers
 from gateway.imap_protocol import (
     FetchedMessage, chunks, has_exists, parse_fetch, parse_search, parse_select, quote_mailbox, uid_set,
 )
+from gateway.metrics import SERVE_ONLY
 from gateway.spool import Envelope
 from gateway.store import utcnow
 
@@ -50,10 +51,13 @@ log = logging.getLogger(__name__)
 PULLED = Counter("mailgate_imap_pulled_total", "Messages spooled from an IMAP source", ["source"])
 DUPLICATES = Counter("mailgate_imap_duplicates_total",
                      "Messages recognised as already spooled (same bytes under an older UIDVALIDITY)", ["source"])
+# The puller runs in the serve process only: its latest value is the value (no per-process copies to sum).
 LAG = Gauge("mailgate_imap_lag_seconds",
-            "Age of the oldest message found in the mailbox and not yet spooled (0 when caught up)", ["source"])
+            "Age of the oldest message found in the mailbox and not yet spooled (0 when caught up)", ["source"],
+            multiprocess_mode="mostrecent")
 CONNECTION = Enum("mailgate_imap_connection", "IMAP source connection state", ["source"],
-                  states=["disconnected", "connecting", "syncing", "idle", "polling", "backoff"])
+                  states=["disconnected", "connecting", "syncing", "idle", "polling", "backoff"],
+                  registry=SERVE_ONLY)
 
 FETCH_ITEMS = "(UID INTERNALDATE BODY.PEEK[])"
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+#: Metrics only the serve process keeps, of kinds prometheus_client's multiprocess mode cannot share (an Enum):
+#: `/metrics` shows them beside the summed ones (gateway.admin.exposition).
+SERVE_ONLY = CollectorRegistry()
 
 ACCEPTED = Counter("mailgate_accepted_total", "Messages accepted (250) after a durable spool write", ["listener"])
 REFUSED = Counter("mailgate_refused_total", "SMTP/LMTP refusals by reply code", ["listener", "code"])

@@ -26,6 +26,7 @@ from gateway.disk_space import FreeSpace
 from gateway.imap import ImapPuller
 from gateway.imap_client import BatchFetchCommand, PullClient, PullProtocol
 from gateway.imap_envelope import envelope_from_headers
+from gateway.metrics import SERVE_ONLY
 from gateway.imap_protocol import has_exists, parse_fetch, parse_search, parse_select, uid_set
 from gateway.schema import imap_checkpoints, imap_seen, messages
 from gateway.spool import get_raw, list_messages
@@ -247,7 +248,7 @@ async def test_500_messages_pulled_once_each(dovecot, any_engine):
 async def test_message_delivered_while_idling_reaches_spool_within_2s(dovecot, engine):
     src = source(dovecot, rcpt_headers=("X-Original-To", "Delivered-To", "To"))
     run = Running(puller(src, engine))
-    await wait_for(lambda: REGISTRY.get_sample_value(
+    await wait_for(lambda: SERVE_ONLY.get_sample_value(
         "mailgate_imap_connection", {"source": f"imap:{src.name}", "mailgate_imap_connection": "idle"}) == 1,
         10, "the puller to idle")
     await asyncio.sleep(0.3)
@@ -588,7 +589,7 @@ async def test_server_restarted_while_idling_reconnects_at_once(dovecot, engine)
     src = source(dovecot, timeout=20.0)
     run = Running(puller(src, engine))
     idle = {"source": f"imap:{src.name}", "mailgate_imap_connection": "idle"}
-    await wait_for(lambda: REGISTRY.get_sample_value("mailgate_imap_connection", idle) == 1, 10, "idle")
+    await wait_for(lambda: SERVE_ONLY.get_sample_value("mailgate_imap_connection", idle) == 1, 10, "idle")
     await asyncio.to_thread(dovecot.restart)
     await asyncio.to_thread(dovecot.append, USER, [mail(1, tag="after-restart")])
     # Reconnecting must not wait for the dead IDLE's command timeout (20 s here).

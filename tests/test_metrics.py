@@ -41,3 +41,27 @@ def test_worker_process_metrics_reach_the_admin_endpoint(tmp_path: Path) -> None
     finally:
         assert gw.stop() == 0
         odoo.stop()
+
+
+def test_imap_gauges_in_the_multiprocess_exposition(tmp_path: Path) -> None:
+    """In multiprocess mode a plain Gauge gains a `pid` label and an Enum is not shared at all: the IMAP
+    lag must stay one series per source and the connection state must still be shown."""
+    import subprocess
+    import sys
+
+    from tests.gateway_proc import ROOT
+
+    script = (
+        "from gateway.metrics_dir import prepare; prepare()\n"
+        "from sqlalchemy import create_engine\n"
+        "from gateway.admin import exposition\n"
+        "import gateway.imap as imap\n"
+        "imap.LAG.labels('imap:x').set(5)\n"
+        "imap.CONNECTION.labels('imap:x').state('idle')\n"
+        "print(exposition(create_engine('sqlite://'), None)().decode())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "m")})
+    assert out.returncode == 0, out.stderr
+    assert 'mailgate_imap_lag_seconds{source="imap:x"} 5.0' in out.stdout
+    assert 'mailgate_imap_connection{mailgate_imap_connection="idle",source="imap:x"} 1.0' in out.stdout
