@@ -204,6 +204,9 @@ class SpoolHandler:
         if verdict == "unknown_user":
             REFUSED.labels(self.name, "550").inc()
             return f"550 5.1.1 <{address}>: Recipient address rejected: {why}"
+        if verdict == "try_later":  # the gateway cannot tell yet (aliases not loaded): the sender retries
+            REFUSED.labels(self.name, "451").inc()
+            return f"451 4.3.0 <{address}>: Recipient address rejected: {why}; try again later"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"

@@ -38,12 +38,25 @@ log = logging.getLogger(__name__)
 
 def make_rcpt_verdict(config: Config, synced: list[dict[str, Any]] | None = None):  # type: ignore[no-untyped-def]
     """The RCPT-time check: the config's aliases, merged with rows synced from Odoo's `mail.alias` (config
-    wins) when `[odoo] sync_aliases` is on."""
+    wins) when `[odoo] sync_aliases` is on.
+
+    `synced` None means no sync has succeeded yet. Then the table lacks every Odoo-only alias, so an address
+    it calls unknown in a strict domain gets "try_later" (451 4.3.0), not "unknown_user" (550 5.1.1): while
+    Odoo was down at start, senders were told, permanently, that Odoo's aliases did not exist."""
     from aliases.load import build_table
     from aliases.resolve import rcpt_verdict
 
     table = build_table(config, synced if synced and config.odoo.sync_aliases else ())
-    return lambda address: rcpt_verdict(table, address)
+    if synced is not None or not (config.odoo.url and config.odoo.sync_aliases):
+        return lambda address: rcpt_verdict(table, address)
+
+    def until_synced(address: str) -> tuple[str, str]:
+        verdict, why = rcpt_verdict(table, address)
+        if verdict == "unknown_user":
+            return "try_later", f"{address.strip('<>').lower()}: alias list not loaded from Odoo yet"
+        return verdict, why
+
+    return until_synced
 
 
 def primary_domain(config: Config, hostname: str) -> str:
@@ -77,8 +90,9 @@ class Gateway:
     graceful: list[asyncio.Task[Any]] = field(default_factory=list)
     reloaded: int = 0
     #: the last `mail.alias` rows synced from Odoo: a reload merges them into the new file's table, so an
-    #: Odoo-only alias is not refused (550 5.1.1, permanent) until the next sync succeeds
-    synced_alias_rows: list[dict[str, Any]] = field(default_factory=list)
+    #: Odoo-only alias is not refused (550 5.1.1, permanent) until the next sync succeeds. None until a sync
+    #: succeeded (or while the sync is off): unknown addresses in strict domains are then answered 451
+    synced_alias_rows: list[dict[str, Any]] | None = None
     #: bumped at each reload; worker processes poll it and re-read the config file (no signal to race their
     #: start-up: a SIGHUP before a child installed its handler would kill it)
     reload_generation: Any = None
@@ -340,14 +354,15 @@ async def _sync_rcpt_aliases(gw: Gateway) -> None:
             built_for = gw.config.odoo
             sync = alias_sync(gw.config, odoo_client(gw.config))
             if sync is None:
-                gw.synced_alias_rows = []
+                gw.synced_alias_rows = None  # turned on again, it answers 451 until its first sync
         if sync is not None:
             try:
                 rows = await asyncio.to_thread(sync.rows, force=True)
-                verdict = make_rcpt_verdict(gw.config, rows)
-                gw.synced_alias_rows = rows
-                for h in gw.handlers:
-                    h.set_rcpt_verdict(verdict)
+                if sync.loaded:  # else Odoo has not answered once (logged): the table stays "not loaded yet"
+                    verdict = make_rcpt_verdict(gw.config, rows)
+                    gw.synced_alias_rows = rows
+                    for h in gw.handlers:
+                        h.set_rcpt_verdict(verdict)
             except Exception as exc:  # Odoo down or misconfigured: keep the table we have
                 log.warning("alias sync failed; RCPT checks keep the current table: %s", exc)
         try:

@@ -194,3 +194,43 @@ async def test_sighup_turns_the_rcpt_sync_on_and_off(tmp_path, monkeypatch) -> N
     finally:
         await gw.stop(drain_seconds=1)
         odoo.stop()
+
+
+async def _rcpt_reply(port: int, address: str) -> tuple[int, str]:
+    c = await WireClient.connect("127.0.0.1", port)
+    try:
+        await c.reply()
+        await c.cmd("EHLO t.test")
+        await c.cmd("MAIL FROM:<a@client.test>")
+        return await c.cmd(f"RCPT TO:<{address}>")
+    finally:
+        await c.close()
+
+
+async def test_unknown_address_is_refused_temporarily_until_the_first_sync(tmp_path, monkeypatch) -> None:
+    """Odoo down at start: the table held the config's aliases only, and Odoo's were answered 550 5.1.1 —
+    senders bounced the mail — until Odoo came back. Until one sync succeeded, what a strict domain does not
+    know is now 451 (the sender retries); afterwards, strict again."""
+    monkeypatch.setenv("MAILGATE_ODOO_PASSWORD", "admin")
+    odoo = OdooDouble().start()
+    odoo.add_alias("billing", "helpdesk.ticket")
+    odoo.go_down()
+    gw = await start_gateway(_config(tmp_path, odoo), workers=False)
+    try:
+        port = gw.ports["smtp"]
+        await asyncio.sleep(0.5)  # a few failed syncs (sync_interval 0.2)
+        code, text = await _rcpt_reply(port, "billing@example.test")
+        assert code == 451 and "not loaded from Odoo yet" in text, text
+        assert (await _rcpt_reply(port, "nobody@example.test"))[0] == 451
+        assert await _rcpt(port, "sales@example.test") == 250  # the config's aliases are known
+        assert await _rcpt(port, "x@elsewhere.test") == 550     # and foreign domains refused as ever
+        odoo.come_up()
+        assert await _until_accepted(port, "billing@example.test") == 250
+        assert await _rcpt(port, "nobody@example.test") == 550
+        odoo.go_down()  # later failures keep the last rows: strict, not "not loaded"
+        await asyncio.sleep(0.5)
+        assert await _rcpt(port, "nobody@example.test") == 550
+        assert await _rcpt(port, "billing@example.test") == 250
+    finally:
+        await gw.stop(drain_seconds=1)
+        odoo.stop()

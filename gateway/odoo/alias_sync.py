@@ -54,6 +54,8 @@ class AliasSync:
         self._at = 0.0
         self._lock = threading.Lock()
         self.last_error: str | None = None
+        #: a read of Odoo succeeded once: until then the (empty) rows say nothing about which aliases exist
+        self.loaded = False
 
     def rows(self, *, force: bool = False) -> list[dict[str, Any]]:
         with self._lock:
@@ -61,6 +63,7 @@ class AliasSync:
                 try:
                     self._rows = fetch_alias_rows(self.client)
                     self.last_error = None
+                    self.loaded = True
                 except DeliveryError as exc:
                     self.last_error = str(exc)
                     log.warning("alias sync from Odoo failed; keeping %d known aliases: %s", len(self._rows), exc)
