@@ -340,7 +340,8 @@ class Config(_Model):
 
         Raising a ValidationError (not a ValueError) keeps each problem's location: pydantic passes its
         line errors through as they are, so `_format_error` names the entry like any field error."""
-        problems = [*self._domain_problems(), *self._alias_problems(), *self._bind_problems()]
+        problems = [*self._domain_problems(), *self._alias_problems(), *self._bind_problems(),
+                    *self._imap_problems()]
         if problems:
             raise ValidationError.from_exception_data(type(self).__name__, [
                 InitErrorDetails(type=PydanticCustomError("cross_check", "{problem}", {"problem": what}),
@@ -357,6 +358,19 @@ class Config(_Model):
             if name in first:
                 problems.append((("domains", i, "name"), f"the same domain as domains[{first[name]}]"))
             first.setdefault(name, i)
+        return problems
+
+    def _imap_problems(self) -> list[Problem]:
+        """IMAP sources sharing a name: a source's checkpoint, seen-list and spool source (`imap:NAME`) are
+        keyed by its name, so the second account's mail was taken for already seen, neither spooled nor
+        flagged."""
+        first: dict[str, int] = {}
+        problems: list[Problem] = []
+        for i, src in enumerate(self.imap):
+            if src.name in first:
+                problems.append((("imap", i, "name"), f"the same name as imap[{first[src.name]}]; each source "
+                                                      "needs its own (it keys the source's checkpoint)"))
+            first.setdefault(src.name, i)
         return problems
 
     def _alias_problems(self) -> list[Problem]:

@@ -139,3 +139,11 @@ def test_check_config_odoo_names_aliases_whose_model_odoo_lacks(monkeypatch: pyt
     assert report["problems"] == [
         "odoo: aliases[1].model: 'hr.applicant' (alias jobs@example.test) is not a model in this Odoo (ir.model): "
         "install its module or fix the name"]
+
+
+def test_two_imap_sources_with_one_name_are_refused() -> None:
+    """Two accounts under one name shared a checkpoint: the second's mail was taken for already seen."""
+    src = {"login": "catchall", "password_env": "PW", "host": "127.0.0.1", "port": 993}
+    got = problems({**BASE, "imap": [{**src, "name": "catchall"}, {**src, "name": "other"},
+                                     {**src, "name": "catchall", "host": "127.0.0.2"}]})
+    assert len(got) == 1 and got[0].startswith("imap[2") and "the same name as imap[0]" in got[0]
