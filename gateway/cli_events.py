@@ -57,11 +57,12 @@ def format_line(event: dict[str, Any]) -> str:
 def cmd_tail(args: argparse.Namespace) -> int:
     from gateway.events import GapWatch, read_events, read_settled
     from gateway.schema import events
+    from gateway.store import reading
 
     config = load_or_exit(args.config)
     engine = open_engine(config)
     types = [t for t in args.types.split(",") if t]
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         top = conn.execute(select(func.max(events.c.seq))).scalar() or 0
     after = max(0, top - max(0, args.lines)) if not types else 0
     rows = read_events(engine, after=after, types=types, limit=100_000 if types else max(args.lines, 1))

@@ -34,7 +34,7 @@ from sqlalchemy import Connection, Engine, String, and_, cast, exists, func, ins
 from gateway.config import Config, EventsConfig, WebhookConfig, secret as env_secret
 from gateway.outbox import EVENT_TYPES, event_to_json
 from gateway.schema import events, kv, webhook_deliveries
-from gateway.store import as_utc, utcnow
+from gateway.store import as_utc, reading, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def read_events(engine: Engine, *, after: int = 0, types: Sequence[str] = (), li
     q = select(events).where(events.c.seq > after).order_by(events.c.seq).limit(limit)
     if types:
         q = q.where(events.c.type.in_(list(types)))
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return [event_to_json(r) for r in conn.execute(q)]
 
 
@@ -315,7 +315,7 @@ def read_settled(engine: Engine, gaps: GapWatch, *, after: int = 0, types: Seque
     q = select(events).where(events.c.seq > after).order_by(events.c.seq).limit(limit)
     if types:
         q = q.where(events.c.type.in_(list(types)))
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(q).all()
         if not rows:
             return [], after

@@ -32,7 +32,7 @@ from gateway.body_log import (
 )
 from gateway.fastsql import driver_insert
 from gateway.schema import message_bodies, message_body_refs, message_log, messages
-from gateway.store import as_utc, utcnow
+from gateway.store import as_utc, reading, utcnow
 from routing.threads import normalize_message_id
 
 log = logging.getLogger(__name__)
@@ -439,8 +439,10 @@ def spool_one(engine: Engine, raw: bytes, envelope: Envelope) -> int:
 
 
 # ------------------------------------------------------------------------------------------- readers
+# Every reader here goes through `gateway.store.reading`: on SQLite a plain engine.connect() would take the
+# write lock at BEGIN and hold the spool writer (so every SMTP reply) for as long as the read runs.
 def get_message(engine: Engine, ident: int) -> SpooledMessage | None:
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(select(messages).where(messages.c.id == ident)).first()
     return _row_to_message(row) if row else None
 
@@ -448,7 +450,7 @@ def get_message(engine: Engine, ident: int) -> SpooledMessage | None:
 def get_raw(engine: Engine, ident: int) -> bytes | None:
     """The message's bytes as received; None when retention purged them. Raises BodyLogError when they are
     in a body log segment that cannot be read back intact."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         raw = conn.execute(select(message_bodies.c.raw).where(message_bodies.c.message == ident)).scalar()
         if raw is not None:
             return raw
@@ -479,7 +481,7 @@ def verify_logged_bodies(engine: Engine, *, chunk: int = 500) -> tuple[int, list
         return 0, []
     checked, problems, after = 0, [], 0
     while True:
-        with engine.connect() as conn:
+        with reading(engine) as conn:
             rows = conn.execute(_LOGGED.where(message_body_refs.c.message > after)
                                 .order_by(message_body_refs.c.message).limit(chunk)).all()
         if not rows:
@@ -508,14 +510,14 @@ def list_messages(engine: Engine, *, states: Iterable[str] | None = None, limit:
         q = q.where(messages.c.state.in_(list(states)))
     if action:
         q = q.where(messages.c.action == action)
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return [_row_to_message(r) for r in conn.execute(q)]
 
 
 def history(engine: Engine, ident: int) -> list[dict[str, Any]]:
     """State changes of a message, oldest first. The first, "received via <source> <listener>", comes from the
     message row (spooling writes no log row for it); stores written before that keep their own first row."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         msg = conn.execute(select(messages.c.received_at, messages.c.source, messages.c.listener)
                            .where(messages.c.id == ident)).first()
         rows = conn.execute(select(message_log).where(message_log.c.message == ident)
@@ -528,7 +530,7 @@ def history(engine: Engine, ident: int) -> list[dict[str, Any]]:
 
 
 def counts_by_state(engine: Engine) -> dict[str, int]:
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(select(messages.c.state, func.count()).group_by(messages.c.state)).all()
     out = {s: 0 for s in STATES}
     out.update({r[0]: int(r[1]) for r in rows})
@@ -734,7 +736,7 @@ def collect_segments(engine: Engine, segments: Iterable[str] | None = None) -> l
         return []
 
     def still_referenced(name: str) -> bool:
-        with engine.connect() as conn:
+        with reading(engine) as conn:
             return conn.execute(select(message_body_refs.c.message)
                                 .where(message_body_refs.c.segment == name).limit(1)).first() is not None
 

@@ -12,10 +12,12 @@ import os
 import random
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.pool import NullPool
 
 if TYPE_CHECKING:
@@ -76,18 +78,40 @@ def make_engine(url: str, *, synchronous: str = "FULL", pool_size: int = 8, page
             cur.close()
 
         # pysqlite's own transaction handling defers BEGIN; take the write lock at BEGIN instead, so two
-        # writers queue on busy_timeout rather than failing with "database is locked" mid-transaction.
+        # writers queue on busy_timeout rather than failing with "database is locked" mid-transaction (in WAL
+        # mode a deferred transaction that reads and then writes fails at once with SQLITE_BUSY_SNAPSHOT when
+        # another writer committed in between). A connection from `reading()` begins deferred: a read must not
+        # take the write lock, or every listing and lookup queues the spool writer (and so SMTP replies)
+        # behind it for as long as it runs.
         @event.listens_for(engine, "connect")
         def _no_autobegin(dbapi_conn, _record):  # type: ignore[no-untyped-def]
             dbapi_conn.isolation_level = None
 
         @event.listens_for(engine, "begin")
         def _begin(conn):  # type: ignore[no-untyped-def]
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
                          pool_recycle=1800)
+
+
+#: execution option of a `reading()` connection: its transactions begin deferred on SQLite (no write lock)
+READ_ONLY = "mailgate_read_only"
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads only: `with reading(engine) as conn: conn.execute(select(...))`.
+
+    On SQLite its transactions start with a plain (deferred) BEGIN, so it reads a WAL snapshot without the
+    write lock, and the spool writer (and every other writer) commits while it runs. `engine.connect()` and
+    `engine.begin()` take the write lock at BEGIN (see `make_engine`), which is right for a transaction that
+    writes and wrong for a listing that reads for seconds. Do not write on this connection: a deferred
+    transaction that writes after another process committed fails with SQLITE_BUSY_SNAPSHOT. On PostgreSQL it
+    is a plain connection."""
+    with engine.connect() as conn:
+        yield conn.execution_options(**{READ_ONLY: True})
 
 
 def _set_wal(cur: Any, tries: int = 100) -> None:

@@ -373,3 +373,79 @@ def test_released_mail_gets_a_full_retry_horizon_from_the_release(engine: Engine
     assert m is not None
     assert (m.state, m.attempts) == ("retrying", 1), (m.state, m.last_error)
     assert m.next_attempt_at > utcnow()  # backoff, not an immediate second try
+
+
+def _writer_can_commit(path: str) -> bool:
+    """Whether another connection can take the write lock and commit at once (no busy wait)."""
+    import sqlite3
+
+    other = sqlite3.connect(path, timeout=0.1, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("CREATE TABLE IF NOT EXISTS probe (x)")
+        other.execute("INSERT INTO probe VALUES (1)")
+        other.execute("COMMIT")
+        return True
+    except sqlite3.OperationalError as exc:
+        assert "locked" in str(exc)
+        return False
+    finally:
+        other.close()
+
+
+def test_a_reading_connection_leaves_the_write_lock_to_writers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SQLite: a `reading()` transaction begins deferred, so a writer commits while it is open (the spool writer
+    is not held up by a listing); a transaction from `engine.begin()` still holds the write lock from BEGIN."""
+    from gateway.store import reading
+
+    path = str(tmp_path / "store.db")
+    engine = open_store(f"sqlite:///{path}")
+    spool_one(engine, mail("<r@x>"), env())
+    with reading(engine) as conn:
+        assert conn.execute(select(messages.c.message_id)).scalar() == "<r@x>"
+        assert conn.in_transaction()
+        assert _writer_can_commit(path)
+        assert conn.execute(select(messages.c.message_id)).scalar() == "<r@x>"  # its snapshot still reads
+    with engine.begin() as conn:
+        conn.execute(select(messages.c.id)).all()
+        assert not _writer_can_commit(path)
+    assert _writer_can_commit(path)
+    engine.dispose()
+
+
+def test_spool_and_event_readers_read_while_a_writer_holds_the_lock(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SQLite: every reader in gateway.spool and gateway.events goes through `reading()`; with another
+    connection holding the write lock, each answers at once (before, each waited out busy_timeout)."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    from gateway.events import GapWatch, read_events, read_settled
+    from gateway.spool import collect_segments, verify_logged_bodies
+
+    path = str(tmp_path / "store.db")
+    engine = open_store(f"sqlite:///{path}")
+    ident = spool_one(engine, mail("<w@x>"), env())
+    engine.dispose()
+
+    @event.listens_for(engine, "connect")
+    def _short_busy(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        dbapi_conn.execute("PRAGMA busy_timeout=200")
+
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("UPDATE messages SET attempts = attempts WHERE id = ?", (ident,))
+    try:
+        assert get_message(engine, ident).message_id == "<w@x>"  # type: ignore[union-attr]
+        assert get_raw(engine, ident) == mail("<w@x>")
+        assert [m.id for m in list_messages(engine)] == [ident]
+        assert history(engine, ident)[0]["state"] == "received"
+        assert counts_by_state(engine)["received"] == 1
+        assert verify_logged_bodies(engine) == (0, [])
+        assert collect_segments(engine) == []
+        assert read_events(engine) == []
+        assert read_settled(engine, GapWatch()) == ([], 0)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        engine.dispose()
