@@ -38,6 +38,7 @@ from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from aliases.model import AliasTable
+from aliases.names import normalize_address
 from aliases.resolve import resolve_address
 from gateway.config import Config
 from gateway.errors import PermanentError, TransientError
@@ -345,7 +346,8 @@ class Delivery:
                 log.warning("cannot read Odoo's mail.alias (%s): gateway-only aliases beside Odoo's are not "
                             "delivered separately in passthrough", exc)
                 return None
-            found = frozenset(str(r["alias_full_name"]).lower() for r in rows if r.get("alias_full_name"))
+            # the spelling the alias table uses (punycode domain): Odoo may hold an IDN domain in Unicode
+            found = frozenset(normalize_address(str(r["alias_full_name"])) for r in rows if r.get("alias_full_name"))
             self._odoo_own_aliases = (time.monotonic(), found)
         return found
 
@@ -369,8 +371,8 @@ class Delivery:
         odoo_aliases = self._odoo_own_alias_set()
         if odoo_aliases is None:
             return []
-        unknown = [t for t in candidates if t.alias and t.alias.lower() not in odoo_aliases]
-        odoo_routes = any(r in odoo_aliases for r in recipients)
+        unknown = [t for t in candidates if t.alias and normalize_address(t.alias) not in odoo_aliases]
+        odoo_routes = any(normalize_address(r) in odoo_aliases for r in recipients)
         return [t for t in unknown if odoo_routes or t != fallback]
 
     def _delivered_to(self, decision: Decision, mail: msgdict.ParsedMail) -> list[str]:
@@ -425,7 +427,7 @@ class Delivery:
     def _author(self, model: str, res_id: int | None, address: str) -> int | None:
         """followers of the record, then users, then partners; never an alias address (spec §1.8, §3.4)."""
         client = self._odoo()
-        if not address or address in self._alias_addresses():
+        if not address or normalize_address(address) in self._alias_addresses():
             return None
         if res_id:
             followers = client.search_read("mail.followers", [("res_model", "=", model), ("res_id", "=", res_id)],

@@ -1,7 +1,7 @@
 """SMTP and LMTP listeners: aiosmtpd speaks the protocol, `SpoolHandler` gives the verdicts.
 
 The handler answers RCPT from the alias table (550 5.7.1 foreign domain, 550 5.1.1 unknown user in a strict
-domain) and DATA only once the message is durable in the spool (250), or 451 4.3.0 when the store failed.
+domain, 451 4.3.0 while the aliases synced from Odoo have never been read) and DATA only once the message is durable in the spool (250), or 451 4.3.0 when the store failed.
 
 Why a subclass of aiosmtpd's server at all: stock aiosmtpd reads DATA one line at a time in Python and parses
 every address through the email header registry (PERF-NOTES.md: ≈3.4 µs a line, ≈350 µs a message). Here DATA

@@ -1090,3 +1090,15 @@ def test_delivery_knows_the_aliases_synced_from_odoo(tmp_path: Any, double: Odoo
     time.sleep(0.3)
     assert delivery.aliases.alias(f"billing@{DOMAIN}") is not None
     engine.dispose()
+
+
+def test_odoo_aliases_in_unicode_spelling_match_the_tables_punycode(tmp_path: Any, double: OdooDouble) -> None:
+    """Odoo may hold an IDN alias domain in Unicode; the alias table spells it in punycode. Compared as
+    written, Odoo's own alias looked gateway-only (delivered a second time beside Odoo's routing), and a
+    mail from that alias address was given an author."""
+    rig = Rig(tmp_path, double, "passthrough")
+    dom = double.store.create("mail.alias.domain", {"name": "Bücher.Example"})
+    double.store.create("mail.alias", {"alias_name": "Info", "alias_domain_id": dom,
+                                       "alias_model_id": 1, "alias_contact": "everyone"})
+    assert "info@xn--bcher-kva.example" in rig.delivery._odoo_own_alias_set()
+    assert rig.delivery._author("crm.lead", None, "INFO@bücher.example") is None
