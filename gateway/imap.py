@@ -25,7 +25,7 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aioimaplib
@@ -347,20 +347,35 @@ class ImapPuller:
         cfg = self.cfg
         uset = uid_set(uids)
         if cfg.after == "seen":
-            await _ok(await client.uid("store", uset, "+FLAGS.SILENT", r"(\Seen)"), "UID STORE \\Seen")
+            await self._command(client.uid("store", uset, "+FLAGS.SILENT", r"(\Seen)"), "UID STORE \\Seen")
         elif cfg.after == "move" and client.has_capability("MOVE"):
-            await _ok(await client.uid("move", uset, quote_mailbox(cfg.move_to or "")), f"UID MOVE {cfg.move_to}")
+            await self._command(client.uid("move", uset, quote_mailbox(cfg.move_to or "")),
+                                f"UID MOVE {cfg.move_to}")
         else:
             if cfg.after == "move":
-                await _ok(await client.uid("copy", uset, quote_mailbox(cfg.move_to or "")),
-                          f"UID COPY {cfg.move_to}")
-            await _ok(await client.uid("store", uset, "+FLAGS.SILENT", r"(\Deleted)"), "UID STORE \\Deleted")
+                await self._command(client.uid("copy", uset, quote_mailbox(cfg.move_to or "")),
+                                    f"UID COPY {cfg.move_to}")
+            await self._command(client.uid("store", uset, "+FLAGS.SILENT", r"(\Deleted)"), "UID STORE \\Deleted")
             if client.has_capability("UIDPLUS"):
-                await _ok(await client.uid("expunge", uset), "UID EXPUNGE")
+                await self._command(client.uid("expunge", uset), "UID EXPUNGE")
             else:
                 # Without UIDPLUS, EXPUNGE also removes what a person flagged \Deleted: that was their intent.
                 await _ok(await client.expunge(), "EXPUNGE")
         await self._db(mark_after_done, self.engine, self.name, uidvalidity, list(uids))
+
+    async def _command(self, command: Awaitable[aioimaplib.Response], what: str) -> aioimaplib.Response:
+        """Await a command aioimaplib runs without a timer (UID STORE/COPY/MOVE/EXPUNGE), bounded by `timeout`.
+
+        No answer in time means a half-open connection (a NAT or firewall dropped it silently): nothing more
+        will arrive on it, so it is treated as lost and `run` reconnects with backoff; the after-action is
+        redone from the store, which is safe because it is idempotent.
+        """
+        try:
+            resp = await asyncio.wait_for(command, self.cfg.timeout)
+        except asyncio.TimeoutError:
+            raise ImapConnectionLost(f"{what}: no answer from {self.cfg.host}:{self.cfg.port} in "
+                                     f"{self.cfg.timeout:g} s") from None
+        return await _ok(resp, what)
 
     # ------------------------------------------------------------------------------------------ idle
     async def _idle(self, client: PullClient, stop: asyncio.Event) -> None:

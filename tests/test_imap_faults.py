@@ -1,0 +1,203 @@
+"""IMAP puller against a scripted fake server: the faults a real Dovecot will not produce on demand.
+
+A half-open connection, a message the server cannot read, a body the server leaves out, a connection that
+drops between COPY and STORE: each is a hook on one command of `FakeImap`, a few lines of IMAP on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+from sqlalchemy import select
+
+from gateway.config import ImapSourceConfig
+from gateway.imap import ImapPuller
+from gateway.schema import imap_checkpoints, imap_seen
+from gateway.store import open_store
+
+Hook = Callable[["FakeImap", str, str, asyncio.StreamWriter], Awaitable[bool]]
+
+
+def msg(n: int) -> bytes:
+    return (f"From: a@example.test\r\nTo: catchall@example.test\r\nMessage-ID: <m{n}@fake.test>\r\n"
+            f"Subject: s{n}\r\n\r\nbody {n}\r\n").encode()
+
+
+class FakeImap:
+    """A tiny IMAP server: enough of RFC 3501 for the puller; `hooks[command]` overrides one command and
+    returns True when it answered (or chose not to)."""
+
+    def __init__(self, msgs: dict[int, bytes] | None = None, caps: str = "IMAP4rev1 IDLE UIDPLUS MOVE"):
+        self.msgs = dict(msgs or {})
+        self.caps = caps
+        self.log: list[str] = []
+        self.hooks: dict[str, Hook] = {}
+        self.flags: dict[int, set[str]] = {}
+        self.idle_tag: str | None = None
+        self.port = 0
+
+    async def start(self) -> "FakeImap":
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def close(self) -> None:
+        self.server.close()
+
+    def count(self, command: str) -> int:
+        return sum(1 for line in self.log if line.split(" ", 1)[-1].upper().startswith(command))
+
+    async def _conn(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"* OK [CAPABILITY " + self.caps.encode() + b"] fake ready\r\n")
+        try:
+            while line := await r.readline():
+                text = line.rstrip(b"\r\n").decode()
+                self.log.append(text)
+                if text == "DONE":
+                    if self.idle_tag:
+                        w.write(f"{self.idle_tag} OK idle done\r\n".encode())
+                        self.idle_tag = None
+                    continue
+                tag, _, rest = text.partition(" ")
+                cmd, _, args = rest.partition(" ")
+                cmd = cmd.upper()
+                if cmd == "UID":
+                    sub, _, args = args.partition(" ")
+                    cmd = f"UID {sub.upper()}"
+                hook = self.hooks.get(cmd)
+                if not (hook and await hook(self, tag, args, w)):
+                    self.default(tag, cmd, args, w)
+                await w.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            w.close()
+
+    def uids_in(self, spec: str) -> list[int]:
+        top = max(self.msgs, default=0)
+        out: set[int] = set()
+        for part in spec.split(","):
+            lo, _, hi = part.partition(":")
+            a = int(lo)
+            b = a if not hi else (top if hi == "*" else int(hi))
+            out |= {u for u in self.msgs if min(a, b) <= u <= max(a, b)}
+        return sorted(out)
+
+    def fetch_line(self, seq: int, uid: int) -> bytes:
+        body = self.msgs[uid]
+        return (f'* {seq} FETCH (UID {uid} INTERNALDATE "01-Jan-2024 00:00:00 +0000" BODY[] {{{len(body)}}}\r\n'
+                .encode() + body + b")\r\n")
+
+    def default(self, tag: str, cmd: str, args: str, w: asyncio.StreamWriter) -> None:
+        ok = f"{tag} OK done\r\n".encode()
+        if cmd == "CAPABILITY":
+            w.write(f"* CAPABILITY {self.caps}\r\n".encode() + ok)
+        elif cmd == "SELECT":
+            w.write(f"* {len(self.msgs)} EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n{tag} OK [READ-WRITE] selected\r\n"
+                    .encode())
+        elif cmd == "UID SEARCH":
+            spec = args.split()[-1]
+            w.write(("* SEARCH " + " ".join(map(str, self.uids_in(spec)))).encode().rstrip() + b"\r\n" + ok)
+        elif cmd == "UID FETCH":
+            for seq, uid in enumerate(self.uids_in(args.split()[0]), 1):
+                w.write(self.fetch_line(seq, uid))
+            w.write(ok)
+        elif cmd == "UID STORE":
+            spec, _, flags = args.partition(" ")
+            for uid in self.uids_in(spec):
+                self.flags.setdefault(uid, set()).update(flags.split("(", 1)[-1].rstrip(")").split())
+            w.write(ok)
+        elif cmd in ("UID EXPUNGE", "UID MOVE"):
+            for uid in self.uids_in(args.split()[0]):
+                self.msgs.pop(uid, None)
+            w.write(ok)
+        elif cmd == "IDLE":
+            self.idle_tag = tag
+            w.write(b"+ idling\r\n")
+        elif cmd == "LOGOUT":
+            w.write(b"* BYE\r\n" + ok)
+        elif cmd in ("LOGIN", "NOOP", "EXPUNGE", "UID COPY"):
+            w.write(ok)
+        else:
+            w.write(f"{tag} BAD unknown {cmd}\r\n".encode())
+
+
+@pytest.fixture
+async def fake() -> "Iterator[FakeImap]":  # type: ignore[misc]
+    server = await FakeImap().start()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def engine(tmp_path):  # type: ignore[no-untyped-def]
+    eng = open_store(f"sqlite:///{tmp_path}/spool.db", synchronous="NORMAL")
+    yield eng
+    eng.dispose()
+
+
+def puller(server: FakeImap, engine, **kw) -> ImapPuller:  # type: ignore[no-untyped-def]
+    values = dict(name="fake", host="127.0.0.1", port=server.port, security="none", login="u",
+                  password_env="MAILGATE_TEST_IMAP_PW", timeout=5.0, backoff_max=0.5)
+    values.update(kw)
+    p = ImapPuller(ImapSourceConfig(**values), engine, password="pw")
+    p.backoff_initial = 0.1
+    return p
+
+
+class Running:
+    def __init__(self, p: ImapPuller):
+        self.puller = p
+        self.stop_event = asyncio.Event()
+        self.task = asyncio.create_task(p.run(self.stop_event))
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        await asyncio.wait_for(self.task, 20)
+        self.puller.close()
+
+
+def seen(engine, *, done: bool | None = None) -> list[int]:  # type: ignore[no-untyped-def]
+    q = select(imap_seen.c.uid).order_by(imap_seen.c.uid)
+    if done is not None:
+        q = q.where(imap_seen.c.after_done.is_(done))
+    with engine.connect() as conn:
+        return list(conn.execute(q).scalars())
+
+
+def last_uid(engine) -> int:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return int(conn.execute(select(imap_checkpoints.c.last_uid)).scalar_one())
+
+
+async def wait_for(predicate, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+# ------------------------------------------------------------------------------------------ the tests
+async def test_an_unanswered_after_action_counts_as_a_lost_connection(fake, engine):
+    """A half-open connection during UID STORE: the puller gives up after `timeout` and reconnects, instead
+    of waiting forever (the after-actions had no timeout at all)."""
+    fake.msgs = {1: msg(1)}
+    swallowed: list[str] = []
+
+    async def store(server, tag, args, w):  # type: ignore[no-untyped-def]
+        if not swallowed:
+            swallowed.append(args)
+            return True  # never answered
+        return False
+
+    fake.hooks["UID STORE"] = store
+    run = Running(puller(fake, engine, timeout=1.0))
+    await wait_for(lambda: seen(engine, done=True) == [1], 8, "the after-action redone on a new connection")
+    await run.stop()
+    assert fake.count("LOGIN") >= 2
+    assert "\\Seen" in fake.flags[1]
