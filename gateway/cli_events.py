@@ -94,9 +94,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"unknown subscriber {args.subscriber!r} (configured: {names})", file=sys.stderr)
         return 1
     engine = open_engine(config)
-    with engine.begin() as conn:
-        while fan_out(conn, hooks[args.subscriber]):
-            pass
+    while True:  # a transaction per batch: between them the spool writer gets the write lock (SMTP intake)
+        with engine.begin() as conn:
+            if not fan_out(conn, hooks[args.subscriber]):
+                break
     n = replay(engine, args.subscriber, args.since)
     print(f"{n} event(s) queued again for {args.subscriber}; a running gateway sends them within seconds")
     return 0

@@ -85,7 +85,9 @@ def _cursor_key(name: str) -> str:
 
 
 def fan_out(conn: Connection, hook: WebhookConfig) -> int:
-    """Create delivery rows (pending or skipped) for events this subscriber has not seen; returns how many."""
+    """Create delivery rows (pending or skipped) for up to FANOUT_BATCH events this subscriber has not seen;
+    returns how many. A caller that loops until 0 commits each batch on its own (`mailgate events replay`):
+    one transaction over them all held the write lock, and so the SMTP listeners, for the whole fan-out."""
     row = conn.execute(select(kv.c.value).where(kv.c.key == _cursor_key(hook.name))).first()
     cursor = int(row.value) if row and row.value else 0
     already = exists().where(and_(webhook_deliveries.c.event_seq == events.c.seq,
@@ -97,10 +99,11 @@ def fan_out(conn: Connection, hook: WebhookConfig) -> int:
     if not rows:
         return 0
     now = utcnow()
-    for r in rows:
-        state = "pending" if wants(hook, r.type) else "skipped"
-        conn.execute(insert(webhook_deliveries).values(
-            event_seq=r.seq, subscriber=hook.name, state=state, attempts=0, next_attempt_at=now))
+    # One executemany, not a statement per event: a replay fans out every event the store has, and this
+    # runs while its transaction holds SQLite's write lock.
+    conn.execute(insert(webhook_deliveries), [
+        {"event_seq": r.seq, "subscriber": hook.name, "state": "pending" if wants(hook, r.type) else "skipped",
+         "attempts": 0, "next_attempt_at": now} for r in rows])
     top = max(cursor, rows[-1].seq)
     if row is None:
         conn.execute(insert(kv).values(key=_cursor_key(hook.name), value=str(top), updated_at=now))

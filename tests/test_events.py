@@ -229,3 +229,52 @@ def test_cli_tail_and_replay(engine, tmp_path, capsys):
     assert main(["events", "replay", "--config", str(cfg), "--subscriber", "seq"]) == 0
     assert "2 event(s)" in capsys.readouterr().out
     assert main(["events", "replay", "--config", str(cfg), "--subscriber", "nope"]) == 1
+
+
+def test_fan_out_inserts_a_batch_with_one_statement(engine):
+    """One executemany per batch, not an INSERT per event (the fan-out holds the write lock while it runs)."""
+    from sqlalchemy import event
+
+    add(engine, *(ev("delivered", f"<b{i}>", i) for i in range(5)))
+    inserts: list[bool] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.startswith("INSERT INTO webhook_deliveries"):
+            inserts.append(executemany)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        with engine.begin() as conn:
+            assert fan_out(conn, hook()) == 5
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert inserts == [True]
+
+
+def test_cli_replay_commits_each_fan_out_batch(engine, tmp_path, capsys, monkeypatch):
+    """`events replay` commits every fan-out batch before the next: one transaction over all of them held
+    SQLite's write lock (and so SMTP intake) for the whole fan-out."""
+    from sqlalchemy import func
+
+    import gateway.events
+    from gateway.cli import main
+    from gateway.store import reading
+
+    db = tmp_path / "e.db"
+    cfg = tmp_path / "mailgate.toml"
+    cfg.write_text(f'storage = {{ url = "sqlite:///{db}" }}\n'
+                   '[[events.webhooks]]\nname = "seq"\nurl = "http://127.0.0.1:9/x"\nsecret_env = "X"\n')
+    add(engine, *(ev("delivered", f"<r{i}>", i) for i in range(7)))
+    monkeypatch.setattr(gateway.events, "FANOUT_BATCH", 3)
+    real = gateway.events.fan_out
+    committed_before: list[int] = []
+
+    def counting(conn, h):  # type: ignore[no-untyped-def]
+        with reading(engine) as other:  # what other connections see: committed rows only
+            committed_before.append(other.execute(select(func.count()).select_from(webhook_deliveries)).scalar())
+        return real(conn, h)
+
+    monkeypatch.setattr(gateway.events, "fan_out", counting)
+    assert main(["events", "replay", "--config", str(cfg), "--subscriber", "seq"]) == 0
+    assert committed_before == [0, 3, 6, 7]
+    assert "7 event(s)" in capsys.readouterr().out
