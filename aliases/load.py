@@ -69,10 +69,14 @@ def alias_from_odoo_row(row: Mapping[str, Any]) -> Alias:
         raise ValueError(f"alias {full!r}: unknown alias_contact {contact!r}")
     force = row.get("alias_force_thread_id") or None
     bounced = row.get("alias_bounced_content") or None
+    parent_model = row.get("parent_model") or None
+    parent_thread = row.get("alias_parent_thread_id") or None
     return Alias(address=str(full).lower(), model=model, defaults=_defaults(row.get("alias_defaults")),
                  contact=contact, force_thread_id=int(force) if force else None,
                  bounced_content=bounced if isinstance(bounced, str) else None, source="odoo",
-                 incoming_local=bool(row.get("alias_incoming_local")))
+                 incoming_local=bool(row.get("alias_incoming_local")),
+                 parent_model=parent_model if isinstance(parent_model, str) else None,
+                 parent_thread_id=int(parent_thread) if parent_model and parent_thread else None)
 
 
 def merge_aliases(config_table: AliasTable, odoo_rows: Iterable[Mapping[str, Any]]) -> MergeResult:

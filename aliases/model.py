@@ -57,6 +57,10 @@ class Alias:
     # Odoo's `alias_incoming_local`: the local part matches on any domain allowed by the table's
     # `incoming_local_domains` (Odoo's `mail.catchall.domain.allowed`; empty = any domain).
     incoming_local: bool = False
+    # Odoo's alias parent (`alias_parent_model_id`, `alias_parent_thread_id`): the record whose followers the
+    # `followers` policy checks when the alias creates records (a project's followers for its task alias).
+    parent_model: str | None = None
+    parent_thread_id: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "address", normalize_address(self.address))

@@ -140,6 +140,20 @@ class AliasConfig(_Model):
     tracking: bool = True
     bounced_content: str | None = None
     incoming_local: bool = False  # also match the local part on other domains (Odoo's alias_incoming_local)
+    # Odoo's alias parent: whose followers `contact = "followers"` checks when the alias creates records
+    parent_model: str | None = None
+    parent_thread_id: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _followers_need_a_record(self) -> "AliasConfig":
+        """Odoo calls `followers` without a record to follow a configuration error (spec §1.8): every mail
+        to the alias would be refused. A forced thread, or a parent record, gives it one."""
+        if (self.parent_model is None) != (self.parent_thread_id is None):
+            raise ValueError("parent_model and parent_thread_id must be given together")
+        if self.contact == "followers" and not self.force_thread_id and not self.parent_thread_id:
+            raise ValueError("contact = 'followers' needs a record whose followers may write: set "
+                             "force_thread_id, or parent_model and parent_thread_id")
+        return self
 
     @field_validator("model")
     @classmethod
@@ -432,7 +446,8 @@ class Config(_Model):
         aliases = tuple(
             Alias(address=a.address, model=a.model, defaults=tuple(sorted(a.defaults.items())),
                   contact=a.contact, force_thread_id=a.force_thread_id, create_partner=a.create_partner,
-                  tracking=a.tracking, bounced_content=a.bounced_content, incoming_local=a.incoming_local)
+                  tracking=a.tracking, bounced_content=a.bounced_content, incoming_local=a.incoming_local,
+                  parent_model=a.parent_model, parent_thread_id=a.parent_thread_id)
             for a in self.aliases
         )
         return AliasTable(domains=domains, aliases=aliases,

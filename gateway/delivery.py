@@ -424,11 +424,13 @@ class Delivery:
         """Every alias address (config + Odoo): never an author (spec §3.4)."""
         return frozenset(a.address for a in self.aliases.aliases) | (self._odoo_own_alias_set() or frozenset())
 
-    def _author(self, model: str, res_id: int | None, address: str) -> int | None:
-        """followers of the record, then users, then partners; never an alias address (spec §1.8, §3.4)."""
+    def _author(self, target: Target, address: str) -> int | None:
+        """followers of the record (the one updated, else the alias's parent), then users, then partners;
+        never an alias address (spec §1.8, §3.4)."""
         client = self._odoo()
         if not address or normalize_address(address) in self._alias_addresses():
             return None
+        model, res_id = target.follow_record() or (target.model, None)
         if res_id:
             followers = client.search_read("mail.followers", [("res_model", "=", model), ("res_id", "=", res_id)],
                                            ["partner_id"])
@@ -454,14 +456,15 @@ class Delivery:
         if policy == "partners":
             return None if author else "sender is not a known partner"
         if policy == "followers":
-            if not target.res_id:
-                return "policy 'followers' needs a record to follow (alias without a forced thread)"
+            record = target.follow_record()  # the record updated, else the alias's parent (spec §1.8)
+            if record is None:
+                return "policy 'followers' needs a record to follow (alias without a forced thread or a parent)"
             if not author:
                 return "sender is not a known partner"
-            hit = self._odoo().search_count("mail.followers", [("res_model", "=", target.model),
-                                                               ("res_id", "=", target.res_id),
+            hit = self._odoo().search_count("mail.followers", [("res_model", "=", record[0]),
+                                                               ("res_id", "=", record[1]),
                                                                ("partner_id", "=", author)])
-            return None if hit else "sender does not follow the record"
+            return None if hit else f"sender does not follow {record[0]} {record[1]}"
         if policy == "employees":
             if not author:
                 return "sender is not an employee"
@@ -563,7 +566,7 @@ class Delivery:
             return self._collision(message, mid, known)
         for target in decision.targets:
             label = target.alias or target.model
-            author = self._author(target.model, target.res_id, mail.from_address)
+            author = self._author(target, mail.from_address)
             if author is None and target.create_partner and mail.from_address:
                 step = f"partner:{mail.from_address}"
                 author = ledger.res_id(step)
@@ -662,7 +665,7 @@ class Delivery:
         known = self._existing(mid)
         if known and ledger.empty and not self._same_mail_elsewhere(message):
             return self._collision(message, mid, known)
-        author = self._author(target.model, target.res_id, mail.from_address)
+        author = self._author(target, mail.from_address)
         refused = self._contact_refusal(target, author) if target.alias else None
         if refused:
             sent = self._refuse(message, raw, mail, alias=target.alias or "", mid=mid)
@@ -727,7 +730,7 @@ class Delivery:
         full = msgdict.parse_mail(raw)
         ledger = WriteLedger(self.engine, message.id)
         mid, _ = self._message_id(message, decision, full)
-        author = self._author(target.model, target.res_id, full.from_address)
+        author = self._author(target, full.from_address)
         parent_id, _internal = self._parent(target)
         posted = self._post(ledger, full, mid, target.model, target.res_id, subtype=NOTE, author=author,
                             parent_id=parent_id)

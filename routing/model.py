@@ -92,6 +92,19 @@ class Target:
     defaults: tuple[tuple[str, Any], ...] = ()
     create_partner: bool = False
     parent_message_id: str | None = None  # the referenced Message-ID that matched (replies)
+    # the alias's parent record (Odoo's alias_parent_model_id / alias_parent_thread_id): whose followers the
+    # `followers` policy checks, and whose followers come first in the author lookup, when creating
+    parent_model: str | None = None
+    parent_res_id: int | None = None
+
+    def follow_record(self) -> tuple[str, int] | None:
+        """The record the `followers` policy and the author lookup look at: this target's record when it
+        updates one, else the alias's parent record; None when there is neither (spec §1.8)."""
+        if self.res_id:
+            return self.model, self.res_id
+        if self.parent_model and self.parent_res_id:
+            return self.parent_model, self.parent_res_id
+        return None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model}
@@ -107,6 +120,8 @@ class Target:
             out["create_partner"] = True
         if self.parent_message_id:
             out["parent_message_id"] = self.parent_message_id
+        if self.parent_model and self.parent_res_id:
+            out["parent_model"], out["parent_res_id"] = self.parent_model, self.parent_res_id
         return out
 
 
@@ -160,7 +175,8 @@ class Decision:
                        contact=t.get("contact", "everyone"),
                        defaults=tuple((t.get("defaults") or {}).items()),
                        create_partner=bool(t.get("create_partner", False)),
-                       parent_message_id=t.get("parent_message_id"))
+                       parent_message_id=t.get("parent_message_id"),
+                       parent_model=t.get("parent_model"), parent_res_id=t.get("parent_res_id"))
                 for t in data.get("targets", ())
             ),
             bounces=tuple(

@@ -93,7 +93,8 @@ def _safe(why: _Why, name: str, fn: Callable[..., Any], *args: Any, **kw: Any) -
 
 def _alias_target(alias: Alias) -> Target:
     return Target(model=alias.model, res_id=alias.force_thread_id, alias=alias.address, contact=alias.contact,
-                  defaults=alias.defaults, create_partner=alias.create_partner)
+                  defaults=alias.defaults, create_partner=alias.create_partner,
+                  parent_model=alias.parent_model, parent_res_id=alias.parent_thread_id)
 
 
 def _distinct_aliases(resolved: list[Resolved]) -> list[Resolved]:

@@ -115,7 +115,8 @@ M2O: dict[str, dict[str, str]] = {
                      "subtype_id": "mail.message.subtype"},
     "mail.followers": {"partner_id": "res.partner"},
     "mail.notification": {"mail_message_id": "mail.message", "res_partner_id": "res.partner"},
-    "mail.alias": {"alias_domain_id": "mail.alias.domain", "alias_model_id": "ir.model"},
+    "mail.alias": {"alias_domain_id": "mail.alias.domain", "alias_model_id": "ir.model",
+                   "alias_parent_model_id": "ir.model"},
 }
 
 MODELS = ("res.partner", "res.users", "crm.lead", "helpdesk.ticket", "mail.message", "mail.followers",

@@ -234,3 +234,33 @@ async def test_unknown_address_is_refused_temporarily_until_the_first_sync(tmp_p
     finally:
         await gw.stop(drain_seconds=1)
         odoo.stop()
+
+
+def test_synced_alias_carries_its_parent_record_to_the_route() -> None:
+    """A project's task alias (`followers`, parent: the project) reaches the router with the record whose
+    followers may write; without it, explicit delivery refused every sender."""
+    from aliases.load import build_table
+    from routing.router import _alias_target
+
+    class WithParent(_Odoo17Aliases):
+        def search_read(self, model: str, domain: list[Any], fields: list[str], **kw: Any) -> list[dict[str, Any]]:
+            assert "alias_parent_model_id" in fields and "alias_parent_thread_id" in fields
+            row = super().search_read(model, domain, fields, **kw)[0]
+            return [{**row, "alias_name": "apollo", "alias_full_name": "apollo@example.test",
+                     "alias_model_id": [10, "Task"], "alias_contact": "followers",
+                     "alias_parent_model_id": [13, "Project"], "alias_parent_thread_id": 4}]
+
+        def read(self, model: str, ids: list[int], fields: list[str]) -> list[dict[str, Any]]:
+            if model == "ir.model":
+                return [r for r in [{"id": 10, "model": "project.task"}, {"id": 13, "model": "project.project"}]
+                        if r["id"] in ids]
+            return super().read(model, ids, fields)
+
+    from gateway.odoo.alias_sync import fetch_alias_rows
+
+    config = parse_config({"domains": [{"name": "example.test", "strict": True}]}, base_dir="/tmp")
+    table = build_table(config, fetch_alias_rows(WithParent()))  # type: ignore[arg-type]
+    [alias] = [a for a in table.aliases if a.address == "apollo@example.test"]
+    target = _alias_target(alias)
+    assert (target.model, target.contact) == ("project.task", "followers")
+    assert target.follow_record() == ("project.project", 4)

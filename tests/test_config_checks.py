@@ -147,3 +147,12 @@ def test_two_imap_sources_with_one_name_are_refused() -> None:
     got = problems({**BASE, "imap": [{**src, "name": "catchall"}, {**src, "name": "other"},
                                      {**src, "name": "catchall", "host": "127.0.0.2"}]})
     assert len(got) == 1 and got[0].startswith("imap[2") and "the same name as imap[0]" in got[0]
+
+
+def test_followers_policy_needs_a_record_to_follow() -> None:
+    """Odoo calls `followers` without a record a configuration error: every mail would be refused."""
+    alias = {"address": "tasks@example.test", "model": "project.task", "contact": "followers"}
+    assert any("needs a record whose followers may write" in p for p in problems({**BASE, "aliases": [alias]}))
+    assert problems({**BASE, "aliases": [{**alias, "force_thread_id": 7}]}) == []
+    assert problems({**BASE, "aliases": [{**alias, "parent_model": "project.project", "parent_thread_id": 4}]}) == []
+    assert any("together" in p for p in problems({**BASE, "aliases": [{**alias, "parent_model": "project.project"}]}))

@@ -670,6 +670,31 @@ def test_explicit_contact_policy_refuses_once_per_window(tmp_path: Any, double: 
         assert len(conn.execute(select(refusals)).all()) == 1  # second one rate-limited
 
 
+def test_followers_policy_of_an_alias_that_creates_checks_its_parent_record(tmp_path: Any,
+                                                                            double: OdooDouble) -> None:
+    """Odoo's project task alias: `followers` of the parent project may create tasks (spec §1.8, the alias
+    parent record is the one checked when nothing is updated). It was refused for everyone ("needs a
+    record to follow"); now a follower of the parent creates, a stranger is refused."""
+    rig = Rig(tmp_path, double, "explicit")
+    project = double.store.create("crm.lead", {"name": "Project Apollo"})  # the parent record
+    pam = double.store.create("res.partner", {"name": "Pam", "email": "pam@customer.example"})
+    double.store.create("mail.followers", {"res_model": "crm.lead", "res_id": project, "partner_id": pam})
+    double.store.create("res.partner", {"name": "Stan", "email": "stan@nowhere.example"})
+    tasks = Target(model="crm.lead", alias=f"tasks@{DOMAIN}", contact="followers",
+                   parent_model="crm.lead", parent_res_id=project)
+    mid = "<task-1@customer.example>"
+    _m, out = rig.deliver(new_mail(mid, sender="Pam <pam@customer.example>", to=f"tasks@{DOMAIN}"),
+                          create_decision(mid, tasks), rcpt=f"tasks@{DOMAIN}", mail_from="pam@customer.example")
+    assert out.state == "delivered", out.note
+    [(model, task)] = out.odoo_refs
+    assert task != project and email_messages(double, model, task)[0]["author_id"] == pam
+    mid = "<task-2@nowhere.example>"
+    _m, out = rig.deliver(new_mail(mid, sender="stan@nowhere.example", to=f"tasks@{DOMAIN}"),
+                          create_decision(mid, tasks), rcpt=f"tasks@{DOMAIN}", mail_from="stan@nowhere.example")
+    assert out.state == "dropped" and f"does not follow crm.lead {project}" in out.note
+    assert Decision.from_json(create_decision(mid, tasks).to_json()).targets[0].follow_record() == ("crm.lead", project)
+
+
 def test_thread_lookup_index_then_odoo_cached(tmp_path: Any, double: OdooDouble) -> None:
     rig = Rig(tmp_path, double, "explicit")
     lead = double.store.create("crm.lead", {"name": "Deal"})
@@ -1101,4 +1126,4 @@ def test_odoo_aliases_in_unicode_spelling_match_the_tables_punycode(tmp_path: An
     double.store.create("mail.alias", {"alias_name": "Info", "alias_domain_id": dom,
                                        "alias_model_id": 1, "alias_contact": "everyone"})
     assert "info@xn--bcher-kva.example" in rig.delivery._odoo_own_alias_set()
-    assert rig.delivery._author("crm.lead", None, "INFO@bücher.example") is None
+    assert rig.delivery._author(Target(model="crm.lead"), "INFO@bücher.example") is None

@@ -278,7 +278,7 @@ def test_every_decision_field_survives_the_json_round_trip():
 
     target = Target(model="crm.lead", res_id=5, alias="partners@test.mycompany.com", contact="partners",
                     defaults=(("type", "lead"), ("team_id", 3)), create_partner=True,
-                    parent_message_id="<parent@test>")
+                    parent_message_id="<parent@test>", parent_model="crm.team", parent_res_id=2)
     bounce = BounceResult("gone@client.net", "hard", "userunknown", "5.1.1", "550 5.1.1 no such user",
                           "<out@test>", "delayed", "mx.client.net", "dsn")
     complaint = Complaint("abuse", "victim@client.net", "<out@test>", "Yahoo!-Mail-Feedback/1.0", "192.0.2.1",

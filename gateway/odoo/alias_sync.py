@@ -19,7 +19,8 @@ from gateway.odoo.client import OdooClient, m2o_id
 log = logging.getLogger(__name__)
 
 ALIAS_FIELDS = ["alias_name", "alias_full_name", "alias_domain_id", "alias_model_id", "alias_defaults",
-                "alias_force_thread_id", "alias_contact", "alias_incoming_local", "alias_bounced_content"]
+                "alias_force_thread_id", "alias_contact", "alias_incoming_local", "alias_bounced_content",
+                "alias_parent_model_id", "alias_parent_thread_id"]
 
 
 def fetch_alias_rows(client: OdooClient) -> list[dict[str, Any]]:
@@ -28,7 +29,8 @@ def fetch_alias_rows(client: OdooClient) -> list[dict[str, Any]]:
     kept, each became the address `False@domain`, accepted at RCPT and routed to that team's model."""
     rows = [r for r in client.search_read("mail.alias", [("alias_model_id", "!=", False)], ALIAS_FIELDS)
             if r.get("alias_name")]
-    model_ids = sorted({m for m in (m2o_id(r.get("alias_model_id")) for r in rows) if m})
+    model_ids = sorted({m for r in rows for m in (m2o_id(r.get("alias_model_id")), m2o_id(r.get("alias_parent_model_id")))
+                        if m})
     models = {r["id"]: r["model"] for r in client.read("ir.model", model_ids, ["model"])} if model_ids else {}
     domain_ids = sorted({d for d in (m2o_id(r.get("alias_domain_id")) for r in rows) if d})
     domains = {r["id"]: r["name"] for r in client.read("mail.alias.domain", domain_ids, ["name"])} if domain_ids else {}
@@ -36,6 +38,7 @@ def fetch_alias_rows(client: OdooClient) -> list[dict[str, Any]]:
     for r in rows:
         row = dict(r)
         row["model"] = models.get(m2o_id(r.get("alias_model_id")) or 0)
+        row["parent_model"] = models.get(m2o_id(r.get("alias_parent_model_id")) or 0)
         dom = domains.get(m2o_id(r.get("alias_domain_id")) or 0)
         if dom:
             row["alias_domain"] = str(dom).lower()
