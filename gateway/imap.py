@@ -232,22 +232,24 @@ class ImapPuller:
         """Spool every message above the checkpoint, batch by batch; returns how many were spooled.
 
         Searches again until a search finds nothing: mail that arrived during a FETCH or STORE was announced
-        in that command's response (which aioimaplib does not surface), and IDLE would not announce it again.
-        For the same reason a search that finds nothing but whose own response announces new mail (it arrived
-        after the server answered the search) is not the last one: otherwise that mail would wait for the
-        next IDLE renewal, up to `idle_renew` (25 min).
+        in that command's response, and IDLE would not announce it again. For the same reason a search that
+        finds nothing while `* n EXISTS` arrived with it (the mail landed as the server answered; Dovecot
+        answers `* SEARCH` and then `* n EXISTS`) is not the last one: otherwise that mail would wait for the
+        next IDLE renewal, up to `idle_renew` (25 min). aioimaplib drops those lines, so the protocol counts
+        them (`PullProtocol.exists_announced`).
         """
         total = 0
         while stop is None or not stop.is_set():
             self._check_storage()
             assert self._checkpoint is not None
             cp = self._checkpoint
+            announced = client.protocol.exists_announced
             resp = await client.uid_search(f"UID {cp.last_uid + 1}:*", charset=None)
             await _ok(resp, "UID SEARCH")
             # `n:*` always matches the highest UID, even below n.
             uids = [u for u in parse_search(resp.lines) if u > cp.last_uid]
             if not uids:
-                if has_exists(resp.lines):
+                if client.protocol.exists_announced != announced:
                     continue
                 break
             total += await self._pull_uids(client, cp.uidvalidity, uids, stop)

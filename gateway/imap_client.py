@@ -6,21 +6,45 @@ Why not the stock client as is:
   line. `PullProtocol._handle_responses` does the same work in a loop, with offsets.
 * its FETCH completion check rescans every line received so far at each new line (quadratic in the batch).
 * it has no STARTTLS.
+* it hands a command only the untagged lines it expects (FETCH and EXPUNGE, or the command's own name), so
+  `* n EXISTS` sent during a SEARCH or STORE is dropped; `PullProtocol` counts them (`exists_announced`).
 The protocol semantics (commands, states, IDLE) are aioimaplib's own; only these paths are replaced.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from typing import Any, Callable, Optional
 
 import aioimaplib
 from aioimaplib.aioimaplib import CRLF, Command, IncompleteRead, literal_data_re
 
+_EXISTS_LINE = re.compile(rb"^\* (\d+) EXISTS\b", re.IGNORECASE)
+
 
 class PullProtocol(aioimaplib.IMAP4ClientProtocol):
-    """aioimaplib's protocol with a loop instead of recursion in the response reader."""
+    """aioimaplib's protocol with a loop instead of recursion in the response reader, noting `* n EXISTS`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        #: how many `* n EXISTS` lines arrived on this connection, whatever command they came with
+        self.exists_announced = 0
+        #: the message count the latest of them gave
+        self.exists: int | None = None
+
+    def _handle_line(self, line: bytes, current_cmd: Command | None) -> Command | None:
+        """Count `* n EXISTS` before aioimaplib routes the line.
+
+        Servers announce new mail in the response of whatever command is running, and Dovecot does not
+        announce it again once IDLE starts; aioimaplib gives a SEARCH only `SEARCH` lines and logs the rest
+        as ignored. The puller compares the count around its last search to know whether to search again.
+        """
+        if (m := _EXISTS_LINE.match(line)) is not None:
+            self.exists_announced += 1
+            self.exists = int(m.group(1))
+        return super()._handle_line(line, current_cmd)
 
     def _handle_responses(self, data: bytes, line_handler: Callable[[bytes, Command], Optional[Command]],
                           current_cmd: Command | None = None) -> None:

@@ -616,38 +616,24 @@ async def test_lag_reports_the_age_of_the_oldest_unspooled_message(dovecot, engi
     assert seen_lag and 3500 < seen_lag[0] < 3700, seen_lag
 
 
-async def test_a_search_that_announces_new_mail_is_not_the_last_one(engine, monkeypatch) -> None:
-    """Mail that lands after the server answered a UID SEARCH is announced (`* n EXISTS`) in that search's own
-    response, which aioimaplib hands back with the result; IDLE will not announce it again. `sync` must search
-    once more instead of going to IDLE (the lost wake-up left such mail waiting for the IDLE renewal: 25 min)."""
-    src = ImapSourceConfig(name="lost-wakeup", login=USER, password_env="MAILGATE_TEST_IMAP_PW", security="none")
-    puller = ImapPuller(src, engine, password=PASSWORD)
-    from gateway.imap_checkpoint import Checkpoint
+async def test_mail_announced_during_the_last_search_is_pulled_without_waiting_for_idle(dovecot, engine,
+                                                                                         monkeypatch):
+    """A message delivered as the puller sends its final UID SEARCH: Dovecot answers `* SEARCH 1` (nothing
+    new: the search ran on its old view) and then `* 2 EXISTS`, and does not announce it again once IDLE
+    starts. aioimaplib drops that EXISTS line, so the puller went to IDLE and the message waited for the IDLE
+    renewal (25 min by default)."""
+    await asyncio.to_thread(dovecot.append, USER, [mail(1, tag="wakeup")])
+    src = source(dovecot, idle_renew=600)
+    searches = [0]
+    original = PullClient.uid_search
 
-    puller._checkpoint = Checkpoint(puller.name, 7, 0)
-    answers = [
-        aioimaplib.Response("OK", [b"SEARCH", b"1 EXISTS", b"Search completed"]),  # found nothing, but mail came
-        aioimaplib.Response("OK", [b"SEARCH 1", b"Search completed"]),
-        aioimaplib.Response("OK", [b"SEARCH", b"Search completed"]),
-    ]
-    searches: list[str] = []
+    async def uid_search(self, *args, **kw):  # type: ignore[no-untyped-def]
+        searches[0] += 1
+        if searches[0] == 2:  # the search after the first batch: a second message lands right now
+            await asyncio.to_thread(dovecot.append, USER, [mail(2, tag="wakeup")])
+        return await original(self, *args, **kw)
 
-    class Client:
-        async def uid_search(self, criteria: str, charset: str | None = None) -> aioimaplib.Response:
-            searches.append(criteria)
-            return answers[len(searches) - 1]
-
-    pulled: list[list[int]] = []
-
-    async def pull(client, uidvalidity, uids, stop):  # type: ignore[no-untyped-def]
-        pulled.append(list(uids))
-        puller._checkpoint = Checkpoint(puller.name, uidvalidity, max(uids))
-        return len(uids)
-
-    monkeypatch.setattr(puller, "_pull_uids", pull)
-    try:
-        assert await puller.sync(Client()) == 1  # type: ignore[arg-type]
-    finally:
-        puller.close()
-    assert pulled == [[1]]
-    assert searches == ["UID 1:*", "UID 1:*", "UID 2:*"]
+    monkeypatch.setattr(PullClient, "uid_search", uid_search)
+    run = Running(puller(src, engine))
+    await wait_for(lambda: count(engine, src) == 2, 5, "the message announced during the search")
+    await run.stop()

@@ -201,3 +201,25 @@ async def test_an_unanswered_after_action_counts_as_a_lost_connection(fake, engi
     await run.stop()
     assert fake.count("LOGIN") >= 2
     assert "\\Seen" in fake.flags[1]
+
+
+async def test_exists_sent_with_an_empty_search_answer_means_search_again(fake, engine):
+    """`* SEARCH` (nothing) then `* 2 EXISTS`: the mail arrived as the server answered. aioimaplib hands the
+    SEARCH command only its SEARCH line, so the puller must notice the EXISTS on the protocol, not in the
+    response, and search again before it goes to IDLE (which will not announce that mail again)."""
+    fake.msgs = {1: msg(1)}
+    searches: list[str] = []
+
+    async def search(server, tag, args, w):  # type: ignore[no-untyped-def]
+        searches.append(args)
+        if len(searches) == 2:
+            server.msgs[2] = msg(2)
+            w.write(f"* SEARCH\r\n* 2 EXISTS\r\n{tag} OK search done\r\n".encode())
+            return True
+        return False
+
+    fake.hooks["UID SEARCH"] = search
+    run = Running(puller(fake, engine, idle_renew=600))
+    await wait_for(lambda: seen(engine) == [1, 2], 5, "the message announced with the empty search")
+    await run.stop()
+    assert len(searches) >= 3
