@@ -448,8 +448,9 @@ class Delivery:
         with_user = [p for p in partners if p.get("user_ids")]
         return int((with_user or partners)[0]["id"])
 
-    def _contact_refusal(self, target: Target, author: int | None) -> str | None:
-        """Why the contact policy refuses this sender, or None when allowed."""
+    def _contact_refusal(self, target: Target, author: int | None, address: str = "") -> str | None:
+        """Why the contact policy refuses this sender (`author`, the partner found for the From `address`),
+        or None when allowed."""
         policy = target.contact
         if policy == "everyone":
             return None
@@ -466,11 +467,31 @@ class Delivery:
                                                                ("partner_id", "=", author)])
             return None if hit else f"sender does not follow {record[0]} {record[1]}"
         if policy == "employees":
-            if not author:
-                return "sender is not an employee"
-            hit = self._odoo().search_count("res.users", [("partner_id", "=", author), ("share", "=", False)])
-            return None if hit else "sender is not an employee"
+            return None if self._is_employee(address, author) else "sender is not an employee"
         return f"unknown contact policy {policy!r}"
+
+    def _is_employee(self, address: str, author: int | None) -> bool:
+        """Odoo's `employees` policy (hr, spec §1.8): the From address is an employee's work email, or the
+        email of an employee's user. Compared case-insensitively but whole (`=ilike`), where Odoo's `ilike`
+        is a substring test that lets bob@x.com in on the strength of an employee jimbob@x.com.
+
+        Without the hr module (no `hr.employee`; Odoo then offers no `employees` policy, a config alias may
+        still say it) the sender must be the partner of an internal user, as before."""
+        client = self._odoo()
+        address = address.strip()
+        if not address:
+            return False
+        try:
+            if client.search_count("hr.employee", [("work_email", "=ilike", address)]):
+                return True
+            users = client.search("res.users", [("email", "=ilike", address)])
+            return bool(users) and bool(client.search_count("hr.employee", [("user_id", "in", users)]))
+        except PermanentError as exc:
+            if "hr.employee" not in str(exc):
+                raise
+        if not author:
+            return False
+        return bool(client.search_count("res.users", [("partner_id", "=", author), ("share", "=", False)]))
 
     def _refuse(self, message: SpooledMessage, raw: bytes, mail: msgdict.ParsedMail, *, alias: str, mid: str,
                 text: str | None = None) -> str:
@@ -574,7 +595,7 @@ class Delivery:
                     name = mail.email_from.split("<")[0].strip().strip('"') or mail.from_address
                     author = client.create("res.partner", {"name": name, "email": mail.from_address})
                     ledger.record(step, "res.partner", author)
-            refused = self._contact_refusal(target, author)
+            refused = self._contact_refusal(target, author, mail.from_address)
             if refused:
                 alias_conf = self.aliases.alias(target.alias) if target.alias else None
                 sent = self._refuse(message, raw, mail, alias=label, mid=mid,
@@ -666,7 +687,7 @@ class Delivery:
         if known and ledger.empty and not self._same_mail_elsewhere(message):
             return self._collision(message, mid, known)
         author = self._author(target, mail.from_address)
-        refused = self._contact_refusal(target, author) if target.alias else None
+        refused = self._contact_refusal(target, author, mail.from_address) if target.alias else None
         if refused:
             sent = self._refuse(message, raw, mail, alias=target.alias or "", mid=mid)
             return DeliveryOutcome("dropped", f"explicit reply refused ({refused}){sent}")

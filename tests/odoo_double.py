@@ -114,6 +114,7 @@ M2O: dict[str, dict[str, str]] = {
     "mail.message": {"author_id": "res.partner", "parent_id": "mail.message",
                      "subtype_id": "mail.message.subtype"},
     "mail.followers": {"partner_id": "res.partner"},
+    "hr.employee": {"user_id": "res.users"},
     "mail.notification": {"mail_message_id": "mail.message", "res_partner_id": "res.partner"},
     "mail.alias": {"alias_domain_id": "mail.alias.domain", "alias_model_id": "ir.model",
                    "alias_parent_model_id": "ir.model"},
@@ -121,7 +122,7 @@ M2O: dict[str, dict[str, str]] = {
 
 MODELS = ("res.partner", "res.users", "crm.lead", "helpdesk.ticket", "mail.message", "mail.followers",
           "mail.notification", "ir.attachment", "mail.alias", "mail.alias.domain", "ir.model",
-          "mail.message.subtype", "mail.thread")
+          "mail.message.subtype", "mail.thread", "hr.employee")  # hr.employee: the hr module (delete it to go without)
 #: models that are mail.thread (message_* methods) and mail.thread.blacklist (message_bounce)
 THREAD_MODELS = ("res.partner", "crm.lead", "helpdesk.ticket")
 BLACKLIST_MODELS = ("res.partner", "crm.lead")

@@ -695,6 +695,39 @@ def test_followers_policy_of_an_alias_that_creates_checks_its_parent_record(tmp_
     assert Decision.from_json(create_decision(mid, tasks).to_json()).targets[0].follow_record() == ("crm.lead", project)
 
 
+@pytest.mark.parametrize("hr", [True, False])
+def test_employees_policy_is_odoos_hr_rule(tmp_path: Any, double: OdooDouble, hr: bool) -> None:
+    """With hr: the From is an employee's work email, or an employee's user's email (case-insensitive,
+    whole: not Odoo's substring ilike). An internal user who is no employee was let in before, and an
+    employee without a user was refused. Without hr: an internal user's partner, as before."""
+    rig = Rig(tmp_path, double, "explicit")
+    d = double.store
+    if not hr:
+        del d.tables["hr.employee"]
+    erin = d.create("res.partner", {"name": "Erin", "email": "erin@staff.example"})
+    uma_partner = d.create("res.partner", {"name": "Uma", "email": "uma@staff.example"})
+    uma = d.create("res.users", {"login": "uma", "partner_id": uma_partner, "email": "uma@staff.example",
+                                 "share": False})
+    ivan_partner = d.create("res.partner", {"name": "Ivan", "email": "ivan@staff.example"})
+    d.create("res.users", {"login": "ivan", "partner_id": ivan_partner, "email": "ivan@staff.example", "share": False})
+    if hr:
+        d.create("hr.employee", {"name": "Erin", "work_email": "Erin@Staff.example"})  # no user
+        d.create("hr.employee", {"name": "Uma", "work_email": False, "user_id": uma})
+        d.create("hr.employee", {"name": "Jim", "work_email": "jimbob@staff.example"})
+    staff = Target(model="crm.lead", alias=f"staff@{DOMAIN}", contact="employees")
+    verdicts = {}
+    for who in ("erin", "uma", "ivan", "bob"):
+        mid = f"<{who}@staff.example>"
+        _m, out = rig.deliver(new_mail(mid, sender=f"{who}@staff.example", to=f"staff@{DOMAIN}"),
+                              create_decision(mid, staff), rcpt=f"staff@{DOMAIN}", mail_from=f"{who}@staff.example")
+        verdicts[who] = out.state
+    assert erin  # (a partner without a user: only hr knows her)
+    if hr:
+        assert verdicts == {"erin": "delivered", "uma": "delivered", "ivan": "dropped", "bob": "dropped"}
+    else:
+        assert verdicts == {"erin": "dropped", "uma": "delivered", "ivan": "delivered", "bob": "dropped"}
+
+
 def test_thread_lookup_index_then_odoo_cached(tmp_path: Any, double: OdooDouble) -> None:
     rig = Rig(tmp_path, double, "explicit")
     lead = double.store.create("crm.lead", {"name": "Deal"})
