@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 #: Modules that contribute subcommands, in help order. A missing module is skipped (partial installs).
 COMMAND_MODULES = (
@@ -71,6 +72,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def add_config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", required=True, help="path to mailgate.toml")
+
+
+#: the largest id and count the stores take (a signed 64-bit integer): a larger one is an OverflowError in the
+#: database driver, not an answer
+MAX_INT = 2**63 - 1
+
+
+def bounded_int(lo: int, hi: int = MAX_INT, what: str = "") -> Any:
+    """An argparse type: an integer in lo..hi, else a usage error (exit 2) that says the range. A negative
+    --limit meant "no limit" to SQLite; an id past 2**63-1 was a traceback."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what or 'expected'} {lo}..{hi}")
+        return value
+
+    parse.__name__ = what or "integer"  # argparse names the type in its messages
+    return parse
+
+
+#: a message id; a count (at least one); an id to page after (0: from the start)
+message_id = bounded_int(1, what="an id")
+count = bounded_int(1, what="a count")
+after_id = bounded_int(0, what="an id")
 
 
 def load_or_exit(path: str):  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from gateway.cli import add_config_arg, load_or_exit, open_engine
+from gateway.cli import add_config_arg, after_id, count, load_or_exit, open_engine
 
 
 def register(sub: Any) -> None:
@@ -21,8 +21,8 @@ def register(sub: Any) -> None:
     dsub = p.add_subparsers(dest="dead_command", metavar="ACTION")
     lp = dsub.add_parser("list", help="list dead messages with the reason")
     add_config_arg(lp)
-    lp.add_argument("--limit", type=int, default=100)
-    lp.add_argument("--after", type=int, default=0, help="only ids above this one")
+    lp.add_argument("--limit", type=count, default=100)
+    lp.add_argument("--after", type=after_id, default=0, help="only ids above this one")
     lp.add_argument("--json", action="store_true", help="one JSON object per line")
     lp.set_defaults(func=cmd_list)
     rp = dsub.add_parser("retry", help="route and deliver dead messages again")

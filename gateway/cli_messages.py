@@ -7,17 +7,19 @@ import json
 import sys
 from typing import Any
 
-from gateway.cli import add_config_arg, load_or_exit, open_engine
+from gateway.cli import add_config_arg, after_id, count, load_or_exit, open_engine
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("messages", help="inspect spooled messages")
     msub = p.add_subparsers(dest="messages_command", metavar="ACTION")
-    lp = msub.add_parser("list", help="list messages (newest last)")
+    lp = msub.add_parser("list", help="list the newest messages (newest last), or page through from an id")
     add_config_arg(lp)
     lp.add_argument("--state", action="append", help="filter by state (repeatable)")
-    lp.add_argument("--limit", type=int, default=100)
-    lp.add_argument("--after", type=int, default=0, help="only ids above this one")
+    lp.add_argument("--limit", type=count, default=100,
+                    help="how many (default 100): the newest ones, or with --after the first ones above that id")
+    lp.add_argument("--after", type=after_id, default=None, metavar="ID",
+                    help="page forward instead: ids above this one, oldest first (--after 0: from the start)")
     lp.add_argument("--json", action="store_true", help="one JSON object per line")
     lp.set_defaults(func=cmd_list)
     sp = msub.add_parser("show", help="one message: envelope, state, decision, history")
@@ -51,10 +53,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from gateway.spool import list_messages
+    """The newest `--limit` messages, oldest of them first (the oldest 100 of a busy spool are days old), or,
+    with `--after`, the next `--limit` above that id. Read and printed 500 at a time, so a long listing
+    neither builds up in memory nor holds one read transaction open."""
+    from gateway.spool import iter_messages, newest_after_id
 
     engine = open_engine(load_or_exit(args.config))
-    for m in list_messages(engine, states=args.state, limit=args.limit, after_id=args.after):
+    after = args.after if args.after is not None else newest_after_id(engine, args.limit, states=args.state)
+    for m in iter_messages(engine, states=args.state, limit=args.limit, after_id=after):
         if args.json:
             d = m.to_json()
             d.pop("decision", None)

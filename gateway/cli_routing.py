@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from gateway.cli import add_config_arg, load_or_exit, open_engine
+from gateway.cli import add_config_arg, after_id, count, load_or_exit, open_engine
 
 
 def register(subparsers: Any) -> None:
@@ -29,8 +29,8 @@ def register(subparsers: Any) -> None:
     qs = q.add_subparsers(dest="quarantine_command", metavar="ACTION")
     ql = qs.add_parser("list", help="quarantined messages, oldest first")
     add_config_arg(ql)
-    ql.add_argument("--limit", type=int, default=100)
-    ql.add_argument("--after", type=int, default=0, help="only ids greater than this (paging)")
+    ql.add_argument("--limit", type=count, default=100)
+    ql.add_argument("--after", type=after_id, default=0, help="only ids greater than this (paging)")
     ql.add_argument("--json", action="store_true")
     ql.set_defaults(func=cmd_quarantine_list)
     for name, func, helptext in (("show", cmd_quarantine_show, "one message: envelope, decision, history"),

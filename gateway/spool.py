@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -505,6 +505,9 @@ def _body_dir(engine: Engine) -> Path:
 
 def list_messages(engine: Engine, *, states: Iterable[str] | None = None, limit: int = 100,
                   after_id: int = 0, action: str | None = None) -> list[SpooledMessage]:
+    """Up to `limit` messages with ids above `after_id`, oldest first (`iter_messages` for long listings)."""
+    if limit < 1:  # SQLite takes LIMIT -1 for "no limit": the whole spool in one list
+        raise ValueError(f"limit must be at least 1, not {limit}")
     q = select(messages).where(messages.c.id > after_id).order_by(messages.c.id).limit(limit)
     if states:
         q = q.where(messages.c.state.in_(list(states)))
@@ -512,6 +515,38 @@ def list_messages(engine: Engine, *, states: Iterable[str] | None = None, limit:
         q = q.where(messages.c.action == action)
     with reading(engine) as conn:
         return [_row_to_message(r) for r in conn.execute(q)]
+
+
+def iter_messages(engine: Engine, *, states: Iterable[str] | None = None, after_id: int = 0,
+                  limit: int | None = None, chunk: int = 500) -> Iterator[SpooledMessage]:
+    """Messages with ids above `after_id`, oldest first, at most `limit` (None: all), read `chunk` rows at a
+    time, each chunk in a short read transaction of its own. A listing of a spool of millions neither builds
+    it in memory nor holds one snapshot open (which keeps SQLite from checkpointing the WAL) while it prints."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    left = limit
+    while left is None or left > 0:
+        rows = list_messages(engine, states=states, limit=chunk if left is None else min(chunk, left),
+                             after_id=after_id)
+        yield from rows
+        if len(rows) < chunk:
+            return
+        after_id = rows[-1].id
+        if left is not None:
+            left -= len(rows)
+
+
+def newest_after_id(engine: Engine, n: int, *, states: Iterable[str] | None = None) -> int:
+    """The `after_id` from which the newest `n` messages (in `states`) follow: `iter_messages(after_id=...,
+    limit=n)` then lists them oldest first. 0 when there are no more than `n`."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, not {n}")
+    q = select(messages.c.id).order_by(messages.c.id.desc()).offset(n - 1).limit(1)
+    if states:
+        q = q.where(messages.c.state.in_(list(states)))
+    with reading(engine) as conn:
+        first = conn.execute(q).scalar()
+    return 0 if first is None else int(first) - 1
 
 
 def history(engine: Engine, ident: int) -> list[dict[str, Any]]:

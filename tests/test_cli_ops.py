@@ -1,0 +1,90 @@
+"""Operator commands against a store: listings that page and stream, argument bounds, stores that cannot be
+opened, and what `check-config` prints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from gateway.cli import main
+from gateway.spool import Envelope, spool_one, transition
+from gateway.store import open_store
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """(config path, engine) of a SQLite store with nothing in it."""
+    cfg = tmp_path / "mailgate.toml"
+    cfg.write_text('[storage]\nurl = "sqlite:///mg.db"\n\n[[domains]]\nname = "example.test"\n')
+    engine = open_store(f"sqlite:///{tmp_path}/mg.db")
+    yield str(cfg), engine
+    engine.dispose()
+
+
+def _spool(engine: Engine, n: int) -> list[int]:
+    return [spool_one(engine, f"Message-ID: <m{i}@x>\r\nSubject: {i}\r\n\r\nbody\r\n".encode(),
+                      Envelope("a@client.test", ("s@example.test",))) for i in range(n)]
+
+
+def _listed(capsys) -> list[int]:  # type: ignore[no-untyped-def]
+    return [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()]
+
+
+def test_messages_list_shows_the_newest_oldest_first_and_pages_forward(store, capsys) -> None:  # type: ignore[no-untyped-def]
+    cfg, engine = store
+    ids = _spool(engine, 7)
+    transition(engine, ids[6], "delivered")
+    assert main(["messages", "list", "-c", cfg, "--json", "--limit", "3"]) == 0
+    assert _listed(capsys) == ids[4:]
+    assert main(["messages", "list", "-c", cfg, "--json", "--limit", "2", "--state", "received"]) == 0
+    assert _listed(capsys) == ids[4:6]
+    assert main(["messages", "list", "-c", cfg, "--json", "--after", str(ids[1]), "--limit", "3"]) == 0
+    assert _listed(capsys) == ids[2:5]
+    assert main(["messages", "list", "-c", cfg, "--json", "--after", "0", "--limit", "100"]) == 0
+    assert _listed(capsys) == ids
+    assert main(["messages", "list", "-c", cfg, "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    first = json.loads(lines[0])
+    assert len(lines) == 7 and first["id"] == ids[0]  # fewer than the default 100: all of them
+    assert {"id", "state", "message_id", "mail_from", "rcpt_tos", "sha256", "size"} <= set(first)
+    assert first["message_id"] == "<m0@x>" and first["rcpt_tos"] == ["s@example.test"] and "decision" not in first
+
+
+@pytest.mark.parametrize("argv", [["messages", "list", "--limit", "-1"], ["messages", "list", "--limit", "0"],
+                                  ["messages", "list", "--after", "-5"], ["quarantine", "list", "--limit", "-1"],
+                                  ["dead", "list", "--limit", "0"]])
+def test_list_limits_below_one_are_usage_errors(store, argv, capsys) -> None:  # type: ignore[no-untyped-def]
+    """SQLite reads LIMIT -1 as "no limit": `--limit -1` printed the whole spool."""
+    cfg, engine = store
+    _spool(engine, 3)
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "-c", cfg])
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "out of range" in captured.err
+
+
+def test_iter_messages_reads_in_chunks_up_to_the_limit(store, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A long listing is read a chunk at a time (each in its own short read), not as one list."""
+    import gateway.spool
+    from gateway.spool import iter_messages, list_messages, newest_after_id
+
+    _, engine = store
+    ids = _spool(engine, 5)
+    asked: list[int] = []
+
+    def recording(engine, **kw):  # type: ignore[no-untyped-def]
+        asked.append(kw["limit"])
+        return list_messages(engine, **kw)
+
+    monkeypatch.setattr(gateway.spool, "list_messages", recording)
+    assert [m.id for m in iter_messages(engine, chunk=2)] == ids and asked == [2, 2, 2]
+    asked.clear()
+    assert [m.id for m in iter_messages(engine, chunk=2, limit=3)] == ids[:3] and asked == [2, 1]
+    assert [m.id for m in iter_messages(engine, after_id=newest_after_id(engine, 2), limit=2)] == ids[3:]
+    assert newest_after_id(engine, 9) == 0
+    with pytest.raises(ValueError):
+        list_messages(engine, limit=-1)
