@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from gateway.cli import add_config_arg, load_or_exit, open_engine
+from gateway.cli import add_config_arg, bounded_int, load_or_exit, open_engine
 
 
 def register(subparsers: Any) -> None:
@@ -21,7 +21,8 @@ def register(subparsers: Any) -> None:
     add_config_arg(tail)
     tail.add_argument("--json", action="store_true", help="one JSON event per line (docs/events.md)")
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    tail.add_argument("-n", "--lines", type=int, default=20, help="how many recent events first (default 20)")
+    tail.add_argument("-n", "--lines", type=bounded_int(0, what="a count"), default=20,
+                      help="how many recent events first (default 20; 0: none, only --follow's new ones)")
     tail.add_argument("--types", default="", help="comma-separated event types to show")
     tail.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     tail.set_defaults(func=cmd_tail)
@@ -55,7 +56,9 @@ def format_line(event: dict[str, Any]) -> str:
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
-    from gateway.events import GapWatch, read_events, read_settled
+    """The newest -n events of --types (read newest first and reversed, up to the top sequence number), then
+    with --follow everything after that top: nothing between the two is skipped or printed twice."""
+    from gateway.events import GapWatch, newest_events, read_settled
     from gateway.schema import events
     from gateway.store import reading
 
@@ -64,12 +67,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     types = [t for t in args.types.split(",") if t]
     with reading(engine) as conn:
         top = conn.execute(select(func.max(events.c.seq))).scalar() or 0
-    after = max(0, top - max(0, args.lines)) if not types else 0
-    rows = read_events(engine, after=after, types=types, limit=100_000 if types else max(args.lines, 1))
-    if types:
-        rows = rows[-args.lines:] if args.lines else []
     cursor = top
-    _print(rows, args.json)
+    _print(newest_events(engine, args.lines, types=types, upto=top), args.json)
     gaps = GapWatch()
     while args.follow:
         time.sleep(args.interval)

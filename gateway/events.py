@@ -279,6 +279,22 @@ def read_events(engine: Engine, *, after: int = 0, types: Sequence[str] = (), li
         return [event_to_json(r) for r in conn.execute(q)]
 
 
+def newest_events(engine: Engine, n: int, *, types: Sequence[str] = (), upto: int | None = None,
+                  ) -> list[dict]:  # type: ignore[type-arg]
+    """The newest `n` events (of `types`; at or below sequence `upto`), oldest first, in their wire form:
+    ORDER BY seq DESC LIMIT n, then reversed, so the store reads n rows however many older ones match."""
+    if n < 1:
+        return []
+    q = select(events).order_by(events.c.seq.desc()).limit(n)
+    if types:
+        q = q.where(events.c.type.in_(list(types)))
+    if upto is not None:
+        q = q.where(events.c.seq <= upto)
+    with reading(engine) as conn:
+        rows = conn.execute(q).all()
+    return [event_to_json(r) for r in reversed(rows)]
+
+
 class GapWatch:
     """Sequence numbers found missing below a reader's position, and since when (this process's view).
 

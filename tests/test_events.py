@@ -278,3 +278,27 @@ def test_cli_replay_commits_each_fan_out_batch(engine, tmp_path, capsys, monkeyp
     assert main(["events", "replay", "--config", str(cfg), "--subscriber", "seq"]) == 0
     assert committed_before == [0, 3, 6, 7]
     assert "7 event(s)" in capsys.readouterr().out
+
+
+def test_cli_tail_with_types_shows_the_newest_and_refuses_a_negative_count(engine, tmp_path, capsys):
+    """`-n N --types X` read the first 100,000 matching events and printed the last N of those (old events
+    once more matched); `-n -5` printed all but the first five."""
+    from gateway.cli import main
+
+    db = tmp_path / "e.db"
+    cfg = tmp_path / "mailgate.toml"
+    cfg.write_text(f'storage = {{ url = "sqlite:///{db}" }}\n')
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO events (id, type, occurred_at, data) VALUES (?, ?, ?, '{}')",
+                             [(f"evt_{i}", "bounced" if i % 2 else "delivered", "2024-01-01 00:00:00.000000")
+                              for i in range(200_010)])
+    assert main(["events", "tail", "--config", str(cfg), "--json", "-n", "2", "--types", "bounced"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["seq"], e["type"]) for e in got] == [(200_008, "bounced"), (200_010, "bounced")]
+    assert main(["events", "tail", "--config", str(cfg), "--json", "-n", "3"]) == 0
+    assert [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()] == [200_008, 200_009, 200_010]
+    assert main(["events", "tail", "--config", str(cfg), "-n", "0", "--types", "bounced"]) == 0
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit) as exc:
+        main(["events", "tail", "--config", str(cfg), "-n", "-5", "--types", "bounced"])
+    assert exc.value.code == 2 and capsys.readouterr().out == ""
