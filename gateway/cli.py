@@ -74,6 +74,18 @@ def add_config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", required=True, help="path to mailgate.toml")
 
 
+def masked_url(url: str) -> str:
+    """The store URL as an operator command prints it: the password shown as ***, never in clear (check-config
+    output and error messages end up in tickets and chat)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(unparsable storage url)"
+
+
 #: the largest id and count the stores take (a signed 64-bit integer): a larger one is an OverflowError in the
 #: database driver, not an answer
 MAX_INT = 2**63 - 1

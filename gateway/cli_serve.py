@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from gateway.cli import add_config_arg, load_or_exit
+from gateway.cli import add_config_arg, load_or_exit, masked_url
 from gateway.disk_space import FreeSpace, spool_free_space
 
 
@@ -80,7 +80,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         }, indent=2, default=str))
     else:
         print(f"{args.config}: OK" if not problems else f"{args.config}: {len(problems)} problem(s)")
-        print(f"storage: {config.storage_url()}")
+        print(f"storage: {masked_url(config.storage_url())}")
         bodies = body_log_dir(config.storage_url()) if config.storage.body_log_min else None
         if bodies is not None:
             print(f"body log: bodies of {config.storage.body_log_min} bytes and more in {bodies}/ "

@@ -88,3 +88,13 @@ def test_iter_messages_reads_in_chunks_up_to_the_limit(store, monkeypatch) -> No
     assert newest_after_id(engine, 9) == 0
     with pytest.raises(ValueError):
         list_messages(engine, limit=-1)
+
+
+def test_check_config_masks_the_store_password(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "pg.toml"
+    cfg.write_text('[storage]\nurl = "postgresql+psycopg2://mailgate:s3cr%40t@db.internal:5432/mailgate"\n\n'
+                   '[[domains]]\nname = "example.test"\n')
+    main(["check-config", "-c", str(cfg)])
+    captured = capsys.readouterr()
+    assert "storage: postgresql+psycopg2://mailgate:***@db.internal:5432/mailgate" in captured.out
+    assert "s3cr" not in captured.out + captured.err
