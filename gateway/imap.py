@@ -26,6 +26,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aioimaplib
@@ -60,6 +61,14 @@ CONNECTION = Enum("mailgate_imap_connection", "IMAP source connection state", ["
                   registry=SERVE_ONLY)
 
 FETCH_ITEMS = "(UID INTERNALDATE BODY.PEEK[])"
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """One batch's FETCH: the messages returned, and the UIDs still on the server that were not (ascending)."""
+
+    messages: list[FetchedMessage]
+    unread: list[int]
 
 
 class ImapError(Exception):
@@ -102,7 +111,8 @@ class ImapPuller:
         self._can_idle = False
         self.backoff_initial = 1.0
         self.fetch_ahead = True
-        #: fault injection for tests: called with the batch's UIDs after the spool commit, before the after-action
+        #: fault injection for tests: called with the batch's fetched UIDs after the spool commit, before the
+        #: after-action
         self.after_commit_hook: Callable[[Sequence[int]], Any] | None = None
         self._set_state("disconnected")
         LAG.labels(self.name).set(0)
@@ -253,6 +263,8 @@ class ImapPuller:
                     continue
                 break
             total += await self._pull_uids(client, cp.uidvalidity, uids, stop)
+            if self._checkpoint.last_uid < uids[-1] and client.protocol.exists_announced == announced:
+                break  # a message the server did not return holds the checkpoint: retry at the next wake-up
         LAG.labels(self.name).set(0)
         return total
 
@@ -261,10 +273,13 @@ class ImapPuller:
         """Fetch batch k+1 while batch k commits: the commit waits on the disk (fsync), the fetch on the network.
 
         Fetching ahead is safe: it only reads (BODY.PEEK), and nothing is acted on before its own commit.
+        A message still on the server but not returned holds the checkpoint below it for this pass and the
+        batches after it, which are spooled all the same (the seen-list keeps them from being spooled twice).
         """
         batches = list(chunks(uids, self.cfg.batch_size))
         total = 0
-        ahead: asyncio.Task[list[FetchedMessage]] | None = None
+        ceiling: int | None = None  # the checkpoint may not pass this UID in this pass
+        ahead: asyncio.Task[Fetched] | None = None
         try:
             for i, batch in enumerate(batches):
                 if stop is not None and stop.is_set():
@@ -274,7 +289,10 @@ class ImapPuller:
                 self._check_storage()  # before each commit: one batch can be large, and the disk is shared
                 if self.fetch_ahead and i + 1 < len(batches):
                     ahead = asyncio.create_task(self._fetch(client, batches[i + 1]))
-                total += await self._spool_and_act(client, uidvalidity, batch, fetched)
+                if fetched.unread:
+                    ceiling = min(fetched.unread[0], ceiling if ceiling is not None else fetched.unread[0])
+                through = batch[-1] if ceiling is None else min(batch[-1], ceiling - 1)
+                total += await self._spool_and_act(client, uidvalidity, fetched.messages, through)
         finally:
             if ahead is not None:
                 ahead.cancel()
@@ -282,18 +300,37 @@ class ImapPuller:
                     await ahead
         return total
 
-    async def _fetch(self, client: PullClient, batch: Sequence[int]) -> list[FetchedMessage]:
+    async def _fetch(self, client: PullClient, batch: Sequence[int]) -> Fetched:
+        """The batch's messages, and the UIDs the server left out although they are still there.
+
+        A server may answer OK and leave a message out (`BODY[] NIL`, or no FETCH line at all: Exchange and
+        Gmail do this for a message they cannot render at that moment). Passing it would lose it for good,
+        so what was left out is looked up: gone (expunged meanwhile) may be passed, still there may not.
+        """
         resp = await client.uid_fetch(uid_set(batch), FETCH_ITEMS)
         await _ok(resp, "UID FETCH")
         wanted = set(batch)
-        return [m for m in parse_fetch(resp.lines) if m.uid in wanted]
+        messages = [m for m in parse_fetch(resp.lines) if m.uid in wanted]
+        missing = sorted(wanted - {m.uid for m in messages})
+        unread = await self._still_there(client, missing) if missing else []
+        for uid in unread:
+            log.warning("%s: UID %d is on the server but its FETCH returned no body; it is fetched again "
+                        "later and the checkpoint stays below it", self.name, uid)
+        return Fetched(messages, unread)
 
-    async def _spool_and_act(self, client: PullClient, uidvalidity: int, batch: Sequence[int],
-                             fetched: list[FetchedMessage]) -> int:
-        """Commit a fetched batch (spool + seen-list + checkpoint), then run and confirm its after-action."""
+    async def _still_there(self, client: PullClient, uids: Sequence[int]) -> list[int]:
+        resp = await client.uid_search(f"UID {uid_set(uids)}", charset=None)
+        await _ok(resp, "UID SEARCH")
+        asked = set(uids)
+        return [u for u in parse_search(resp.lines) if u in asked]
+
+    async def _spool_and_act(self, client: PullClient, uidvalidity: int, fetched: list[FetchedMessage],
+                             through_uid: int) -> int:
+        """Commit a fetched batch (spool + seen-list + checkpoint up to `through_uid`), then run and confirm
+        its after-action."""
         self._note_lag(fetched)
-        result: BatchResult = await self._db(self._spool_fetched, uidvalidity, fetched, batch[-1])
-        self._checkpoint = Checkpoint(self.name, uidvalidity, max(batch[-1], self._checkpoint.last_uid
+        result: BatchResult = await self._db(self._spool_fetched, uidvalidity, fetched, through_uid)
+        self._checkpoint = Checkpoint(self.name, uidvalidity, max(through_uid, self._checkpoint.last_uid
                                                                   if self._checkpoint else 0))
         if result.spooled:
             PULLED.labels(self.name).inc(len(result.spooled))
@@ -304,7 +341,7 @@ class ImapPuller:
             log.info("%s: %d message(s) already spooled under an older UIDVALIDITY", self.name,
                      len(result.duplicates))
         if self.after_commit_hook is not None:
-            await _maybe_await(self.after_commit_hook(batch))
+            await _maybe_await(self.after_commit_hook([m.uid for m in fetched]))
         await self._after_action(client, uidvalidity, result.to_act)
         if result.already_seen:
             # Another run recorded these first; make sure their after-action is not left behind.

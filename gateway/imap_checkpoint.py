@@ -80,9 +80,11 @@ def spool_pulled(engine: Engine, source: str, uidvalidity: int, items: Sequence[
                  through_uid: int) -> BatchResult:
     """Spool a batch and record it in imap_seen in one transaction; advance last_uid to `through_uid`.
 
-    `through_uid` is the highest UID the batch was meant to cover: UIDs a person expunged between SEARCH
-    and FETCH are simply passed. Same bytes already seen under another UIDVALIDITY are not spooled again
-    but are recorded (with the old spool id) so their after-action still runs.
+    `through_uid` is the highest UID the batch may pass: UIDs a person expunged between SEARCH and FETCH are
+    simply passed, but the caller keeps it below a UID still on the server that the FETCH did not return
+    (passing that one would lose it: nothing at or below the checkpoint is searched for again). Same bytes
+    already seen under another UIDVALIDITY are not spooled again but are recorded (with the old spool id) so
+    their after-action still runs.
     """
     now = utcnow()
     spooled: dict[int, int] = {}

@@ -223,3 +223,45 @@ async def test_exists_sent_with_an_empty_search_answer_means_search_again(fake, 
     await wait_for(lambda: seen(engine) == [1, 2], 5, "the message announced with the empty search")
     await run.stop()
     assert len(searches) >= 3
+
+
+async def test_a_message_fetched_without_its_body_holds_the_checkpoint_until_it_is_read(fake, engine, caplog):
+    """UID FETCH answered OK, UID 3 as `BODY[] NIL` (the server could not render it just then). The others are
+    spooled, but the checkpoint must not pass UID 3 (it was passed for good: never fetched again)."""
+    fake.msgs = {u: msg(u) for u in range(1, 5)}
+    flaky = {"on": True}
+
+    async def fetch(server, tag, args, w):  # type: ignore[no-untyped-def]
+        for seq, uid in enumerate(server.uids_in(args.split()[0]), 1):
+            if uid == 3 and flaky["on"]:
+                w.write(f"* {seq} FETCH (UID 3 BODY[] NIL)\r\n".encode())
+            else:
+                w.write(server.fetch_line(seq, uid))
+        w.write(f"{tag} OK fetch done\r\n".encode())
+        return True
+
+    fake.hooks["UID FETCH"] = fetch
+    run = Running(puller(fake, engine, idle=False, poll_interval=0.1))
+    await wait_for(lambda: seen(engine) == [1, 2, 4], 5, "the readable messages")
+    assert last_uid(engine) == 2
+    assert "UID 3 is on the server but its FETCH returned no body" in caplog.text
+    flaky["on"] = False  # the server can serve it now
+    await wait_for(lambda: seen(engine) == [1, 2, 3, 4] and last_uid(engine) == 4, 5, "UID 3 on a later pass")
+    await wait_for(lambda: seen(engine, done=False) == [], 5, "the after-actions")
+    await run.stop()
+
+
+async def test_a_message_expunged_between_search_and_fetch_is_passed(fake, engine):
+    fake.msgs = {u: msg(u) for u in range(1, 5)}
+
+    async def search(server, tag, args, w):  # type: ignore[no-untyped-def]
+        if args.split()[-1] == "1:*":
+            w.write(f"* SEARCH 1 2 3 4\r\n{tag} OK\r\n".encode())
+            server.msgs.pop(3)  # a person deletes it right after the search
+            return True
+        return False
+
+    fake.hooks["UID SEARCH"] = search
+    run = Running(puller(fake, engine))
+    await wait_for(lambda: seen(engine, done=True) == [1, 2, 4] and last_uid(engine) == 4, 5, "1, 2, 4")
+    await run.stop()
