@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 #: Modules that contribute subcommands, in help order. A missing module is skipped (partial installs).
 COMMAND_MODULES = (
     "gateway.cli_serve",      # serve, check-config
@@ -146,7 +148,19 @@ def open_engine(config):  # type: ignore[no-untyped-def]
         engine.dispose()
         print(str(exc), file=sys.stderr)
         raise SystemExit(1) from None
+    except DBAPIError as exc:
+        engine.dispose()
+        raise cannot_open(url, exc) from None
     return engine
+
+
+def cannot_open(url: str, exc: DBAPIError) -> SystemExit:
+    """`<url>: cannot open store: <reason>` on stderr, and the exit 1 to raise: a file that is not a database,
+    a directory where the database should be, a read-only store or an unreachable server is a problem for the
+    operator to fix, not a traceback (the password masked: this ends up in tickets)."""
+    reason = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
+    print(f"{masked_url(url)}: cannot open store: {reason[0] if reason else type(exc).__name__}", file=sys.stderr)
+    return SystemExit(1)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -154,9 +168,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from gateway.migrate import SchemaMismatch, check, current, head, upgrade
     from gateway.store import open_configured_store
 
-    engine = open_configured_store(load_or_exit(args.config), migrate=False)
+    config = load_or_exit(args.config)
+    engine = open_configured_store(config, migrate=False)
     try:
-        before = current(engine)
+        try:
+            before = current(engine)
+        except DBAPIError as exc:
+            raise cannot_open(config.storage_url(), exc) from None
         try:
             check(engine)
             print(f"schema already at {before}")

@@ -29,6 +29,14 @@ def _spool(engine: Engine, n: int) -> list[int]:
                       Envelope("a@client.test", ("s@example.test",))) for i in range(n)]
 
 
+def _exit_code(argv: list[str]) -> int:
+    """What `mailgate ARGV` exits with (main returns it, or raises SystemExit)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
 def _listed(capsys) -> list[int]:  # type: ignore[no-untyped-def]
     return [json.loads(line)["id"] for line in capsys.readouterr().out.splitlines()]
 
@@ -98,3 +106,24 @@ def test_check_config_masks_the_store_password(tmp_path: Path, capsys) -> None: 
     captured = capsys.readouterr()
     assert "storage: postgresql+psycopg2://mailgate:***@db.internal:5432/mailgate" in captured.out
     assert "s3cr" not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("kind", ["not a database", "a directory", "unreachable server"])
+@pytest.mark.parametrize("command", [["messages", "list"], ["migrate"], ["events", "tail"]])
+def test_a_store_that_cannot_be_opened_is_one_line_and_exit_1(tmp_path: Path, capsys, kind, command) -> None:  # type: ignore[no-untyped-def]
+    db = tmp_path / "var" / "mg.db"
+    db.parent.mkdir()
+    url = f"sqlite:///{db}"
+    if kind == "not a database":
+        db.write_bytes(b"this is not sqlite at all\n" * 10)
+    elif kind == "a directory":
+        db.mkdir()
+    else:
+        url = "postgresql+psycopg2://mailgate:s3cret@127.0.0.1:1/mailgate"  # nothing listens on port 1
+    cfg = tmp_path / "mailgate.toml"
+    cfg.write_text(f'[storage]\nurl = "{url}"\n\n[[domains]]\nname = "example.test"\n')
+    assert _exit_code([*command, "-c", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    masked = url.replace("s3cret", "***")
+    assert err and all(line.startswith(f"{masked}: cannot open store: ") for line in err), err
+    assert "Traceback" not in "\n".join(err) and "s3cret" not in "\n".join(err)
