@@ -21,7 +21,8 @@ def register(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: [worker] concurrency)")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("check-config", help="validate the config; show domains, aliases and Odoo access")
+    p = sub.add_parser("check-config", help="validate the config; show domains, aliases (and, with --odoo, "
+                                            "Odoo access)")
     add_config_arg(p)
     p.add_argument("--json", action="store_true", help="print the effective alias table as JSON")
     p.add_argument("--odoo", action="store_true", help="also log in to Odoo and check the user's rights")
@@ -63,7 +64,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     table = config.alias_table()
     problems: list[str] = []
     odoo_report: dict[str, Any] | None = None
-    if config.odoo.url:
+    if args.odoo and config.odoo.url:  # only when asked: a config check must not log in to production Odoo
         from gateway.odoo.check import check_odoo_access
 
         odoo_report = check_odoo_access(config)

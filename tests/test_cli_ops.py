@@ -127,3 +127,23 @@ def test_a_store_that_cannot_be_opened_is_one_line_and_exit_1(tmp_path: Path, ca
     masked = url.replace("s3cret", "***")
     assert err and all(line.startswith(f"{masked}: cannot open store: ") for line in err), err
     assert "Traceback" not in "\n".join(err) and "s3cret" not in "\n".join(err)
+
+
+def test_check_config_contacts_odoo_only_with_the_odoo_flag(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--odoo did nothing: Odoo was logged in to whenever [odoo] url was set, and never without it."""
+    import gateway.odoo.check
+
+    calls: list[str] = []
+
+    def fake(config):  # type: ignore[no-untyped-def]
+        calls.append(config.odoo.url)
+        return {"problems": [], "lines": ["logged in as mailgate"]}
+
+    monkeypatch.setattr(gateway.odoo.check, "check_odoo_access", fake)
+    cfg = tmp_path / "mailgate.toml"
+    cfg.write_text(f'[storage]\nurl = "sqlite:///{tmp_path}/mg.db"\n\n[[domains]]\nname = "example.test"\n\n'
+                   '[odoo]\nurl = "http://127.0.0.1:9"\ndb = "odoo"\n')
+    main(["check-config", "-c", str(cfg)])
+    assert calls == [] and "odoo:" not in capsys.readouterr().out
+    main(["check-config", "-c", str(cfg), "--odoo"])
+    assert calls == ["http://127.0.0.1:9"] and "odoo: logged in as mailgate" in capsys.readouterr().out
