@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from gateway.cli import add_config_arg, after_id, count, load_or_exit, open_engine
+from gateway.cli import add_config_arg, after_id, count, load_or_exit, message_id, open_engine
 
 
 def register(sub: Any) -> None:
@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
     lp.set_defaults(func=cmd_list)
     rp = dsub.add_parser("retry", help="route and deliver dead messages again")
     add_config_arg(rp)
-    rp.add_argument("ids", type=int, nargs="*", metavar="ID")
+    rp.add_argument("ids", type=message_id, nargs="*", metavar="ID")
     rp.add_argument("--all", action="store_true", help="every dead message")
     rp.set_defaults(func=cmd_retry)
 

@@ -30,7 +30,7 @@ def register(subparsers: Any) -> None:
     rep = sub.add_parser("replay", help="send a webhook subscriber's events again (sent and dead-lettered)")
     add_config_arg(rep)
     rep.add_argument("--subscriber", required=True, help="webhook name from config [[events.webhooks]]")
-    rep.add_argument("--since", type=int, default=None, help="only events with this sequence number or later")
+    rep.add_argument("--since", type=bounded_int(0, what="a sequence number"), default=None, help="only events with this sequence number or later")
     rep.set_defaults(func=cmd_replay)
 
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

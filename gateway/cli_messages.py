@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from gateway.cli import add_config_arg, after_id, count, load_or_exit, open_engine
+from gateway.cli import add_config_arg, after_id, count, load_or_exit, message_id, open_engine
 
 
 def register(sub: Any) -> None:
@@ -24,7 +24,7 @@ def register(sub: Any) -> None:
     lp.set_defaults(func=cmd_list)
     sp = msub.add_parser("show", help="one message: envelope, state, decision, history")
     add_config_arg(sp)
-    sp.add_argument("id", type=int)
+    sp.add_argument("id", type=message_id)
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--raw", action="store_true", help="print the raw message bytes")
     sp.set_defaults(func=cmd_show)

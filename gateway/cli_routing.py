@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from gateway.cli import add_config_arg, after_id, count, load_or_exit, open_engine
+from gateway.cli import add_config_arg, after_id, count, load_or_exit, message_id, open_engine
 
 
 def register(subparsers: Any) -> None:
@@ -38,7 +38,7 @@ def register(subparsers: Any) -> None:
                                  ("delete", cmd_quarantine_delete, "delete it and its raw bytes")):
         sp = qs.add_parser(name, help=helptext)
         add_config_arg(sp)
-        sp.add_argument("id", type=int)
+        sp.add_argument("id", type=message_id)
         sp.add_argument("--json", action="store_true")
         sp.set_defaults(func=func)
     q.set_defaults(func=lambda args: (q.print_help(), 2)[1])

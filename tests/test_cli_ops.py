@@ -147,3 +147,24 @@ def test_check_config_contacts_odoo_only_with_the_odoo_flag(tmp_path: Path, monk
     assert calls == [] and "odoo:" not in capsys.readouterr().out
     main(["check-config", "-c", str(cfg), "--odoo"])
     assert calls == ["http://127.0.0.1:9"] and "odoo: logged in as mailgate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["messages", "show", "99999999999999999999999"], ["messages", "show", "0"],
+    ["messages", "list", "--after", "99999999999999999999999"], ["quarantine", "show", "99999999999999999999999"],
+    ["quarantine", "release", "9223372036854775808"], ["quarantine", "delete", "-1"],
+    ["quarantine", "list", "--after", "99999999999999999999999"], ["dead", "retry", "99999999999999999999999"],
+    ["dead", "list", "--after", "99999999999999999999999"], ["events", "replay", "--subscriber", "x", "--since",
+                                                             "99999999999999999999999"],
+])
+def test_ids_past_the_stores_range_are_usage_errors(store, argv, capsys) -> None:  # type: ignore[no-untyped-def]
+    """An id the database cannot hold was an OverflowError traceback from the driver."""
+    cfg, _ = store
+    assert _exit_code([*argv, "-c", cfg]) == 2
+    assert "out of range" in capsys.readouterr().err
+
+
+def test_the_largest_id_is_just_not_found(store, capsys) -> None:  # type: ignore[no-untyped-def]
+    cfg, _ = store
+    assert _exit_code(["messages", "show", str(2**63 - 1), "-c", cfg]) == 1
+    assert "no message 9223372036854775807" in capsys.readouterr().err
