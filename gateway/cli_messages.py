@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from gateway.cli import add_config_arg, after_id, count, load_or_exit, message_id, open_engine
+from gateway.cli import add_config_arg, after_id, bounded_int, count, load_or_exit, message_id, open_engine
 
 
 def register(sub: Any) -> None:
@@ -35,7 +35,10 @@ def register(sub: Any) -> None:
     vp.set_defaults(func=cmd_verify)
     pp = msub.add_parser("purge", help="retention: drop raw bodies of finished mail older than N days")
     add_config_arg(pp)
-    pp.add_argument("--older-than-days", type=int, default=None, help="default: [retention] raw_days")
+    # Not below 0: a negative age is a cutoff in the future, and every finished message's body went, the
+    # quarantined mail received a minute ago included.
+    pp.add_argument("--older-than-days", type=bounded_int(0, 100_000, what="days"), default=None,
+                    help="default: [retention] raw_days")
     pp.set_defaults(func=cmd_purge)
 
 

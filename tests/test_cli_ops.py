@@ -168,3 +168,19 @@ def test_the_largest_id_is_just_not_found(store, capsys) -> None:  # type: ignor
     cfg, _ = store
     assert _exit_code(["messages", "show", str(2**63 - 1), "-c", cfg]) == 1
     assert "no message 9223372036854775807" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("days", ["-1", "99999999999"])
+def test_purge_refuses_a_negative_or_absurd_age(store, days, capsys) -> None:  # type: ignore[no-untyped-def]
+    """`--older-than-days -1` put the cutoff in the future and purged every finished body, fresh quarantined
+    mail included."""
+    from gateway.spool import get_raw
+
+    cfg, engine = store
+    [ident] = _spool(engine, 1)
+    transition(engine, ident, "quarantined")
+    assert _exit_code(["messages", "purge", "-c", cfg, "--older-than-days", days]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert get_raw(engine, ident) is not None
+    assert _exit_code(["messages", "purge", "-c", cfg, "--older-than-days", "0"]) == 0
+    assert get_raw(engine, ident) is None
