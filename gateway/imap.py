@@ -56,11 +56,17 @@ DUPLICATES = Counter("mailgate_imap_duplicates_total",
 LAG = Gauge("mailgate_imap_lag_seconds",
             "Age of the oldest message found in the mailbox and not yet spooled (0 when caught up)", ["source"],
             multiprocess_mode="mostrecent")
+UNREADABLE = Counter("mailgate_imap_unreadable_total",
+                     "Messages skipped because the server would not return them, attempt after attempt; they "
+                     "stay on the server, unflagged", ["source"])
 CONNECTION = Enum("mailgate_imap_connection", "IMAP source connection state", ["source"],
                   states=["disconnected", "connecting", "syncing", "idle", "polling", "backoff"],
                   registry=SERVE_ONLY)
 
 FETCH_ITEMS = "(UID INTERNALDATE BODY.PEEK[])"
+#: fetches of one message that may fail (NO, or no body) before it is skipped: one unreadable message must not
+#: hold the checkpoint, and re-fetch everything above it, forever
+UNREADABLE_TRIES = 5
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,8 @@ class ImapPuller:
         self._can_idle = False
         self.backoff_initial = 1.0
         self.fetch_ahead = True
+        self.unreadable_tries = UNREADABLE_TRIES
+        self._failed_reads: dict[tuple[int, int], int] = {}  # (uidvalidity, uid) → failed fetches, this process
         #: fault injection for tests: called with the batch's fetched UIDs after the spool commit, before the
         #: after-action
         self.after_commit_hook: Callable[[Sequence[int]], Any] | None = None
@@ -284,11 +292,11 @@ class ImapPuller:
             for i, batch in enumerate(batches):
                 if stop is not None and stop.is_set():
                     break
-                fetched = await ahead if ahead is not None else await self._fetch(client, batch)
+                fetched = await ahead if ahead is not None else await self._fetch(client, uidvalidity, batch)
                 ahead = None
                 self._check_storage()  # before each commit: one batch can be large, and the disk is shared
                 if self.fetch_ahead and i + 1 < len(batches):
-                    ahead = asyncio.create_task(self._fetch(client, batches[i + 1]))
+                    ahead = asyncio.create_task(self._fetch(client, uidvalidity, batches[i + 1]))
                 if fetched.unread:
                     ceiling = min(fetched.unread[0], ceiling if ceiling is not None else fetched.unread[0])
                 through = batch[-1] if ceiling is None else min(batch[-1], ceiling - 1)
@@ -300,23 +308,64 @@ class ImapPuller:
                     await ahead
         return total
 
-    async def _fetch(self, client: PullClient, batch: Sequence[int]) -> Fetched:
+    async def _fetch(self, client: PullClient, uidvalidity: int, batch: Sequence[int]) -> Fetched:
         """The batch's messages, and the UIDs the server left out although they are still there.
 
         A server may answer OK and leave a message out (`BODY[] NIL`, or no FETCH line at all: Exchange and
-        Gmail do this for a message they cannot render at that moment). Passing it would lose it for good,
-        so what was left out is looked up: gone (expunged meanwhile) may be passed, still there may not.
+        Gmail do this for a message they cannot render at that moment), or send the others and a tagged NO
+        (Gmail's "Some messages could not be FETCHed", Dovecot's NO [SERVERBUG]). After a NO, what is missing
+        is fetched one by one, so one unreadable message does not keep the batch from the spool. Passing a
+        missing message would lose it for good, so it is looked up: gone (expunged meanwhile) may be passed,
+        still there may not, until it has failed `unreadable_tries` times (`_count_unread`).
         """
         resp = await client.uid_fetch(uid_set(batch), FETCH_ITEMS)
-        await _ok(resp, "UID FETCH")
+        if resp.result != "NO":
+            await _ok(resp, "UID FETCH")
         wanted = set(batch)
         messages = [m for m in parse_fetch(resp.lines) if m.uid in wanted]
         missing = sorted(wanted - {m.uid for m in messages})
+        if resp.result == "NO" and len(batch) > 1 and missing:
+            log.warning("%s: UID FETCH of %d message(s) refused (%s): fetching the %d missing one(s) one by one",
+                        self.name, len(batch), _text(resp), len(missing))
+            for uid in missing:
+                one = await self._fetch_one(client, uid)
+                if one is not None:
+                    messages.append(one)
+            messages.sort(key=lambda m: m.uid)
+            missing = sorted(wanted - {m.uid for m in messages})
+        for m in messages:
+            self._failed_reads.pop((uidvalidity, m.uid), None)
         unread = await self._still_there(client, missing) if missing else []
+        return Fetched(messages, self._count_unread(uidvalidity, unread))
+
+    async def _fetch_one(self, client: PullClient, uid: int) -> FetchedMessage | None:
+        """One message alone; None when the server answers NO or sends no body (BAD still raises)."""
+        resp = await client.uid_fetch(str(uid), FETCH_ITEMS)
+        if resp.result != "NO":
+            await _ok(resp, "UID FETCH")
+        return next((m for m in parse_fetch(resp.lines) if m.uid == uid), None)
+
+    def _count_unread(self, uidvalidity: int, unread: Sequence[int]) -> list[int]:
+        """Count a failed read for each UID; those that still hold the checkpoint (the others are skipped).
+
+        The count lives in the puller, so it survives reconnects but not a restart (which starts over at 0).
+        """
+        holding = []
         for uid in unread:
-            log.warning("%s: UID %d is on the server but its FETCH returned no body; it is fetched again "
-                        "later and the checkpoint stays below it", self.name, uid)
-        return Fetched(messages, unread)
+            key = (uidvalidity, uid)
+            tries = self._failed_reads[key] = self._failed_reads.get(key, 0) + 1
+            if tries < self.unreadable_tries:
+                log.warning("%s: UID %d is on the server but its FETCH returned no body (attempt %d of %d); it is "
+                            "fetched again later and the checkpoint stays below it", self.name, uid, tries,
+                            self.unreadable_tries)
+                holding.append(uid)
+                continue
+            del self._failed_reads[key]
+            UNREADABLE.labels(self.name).inc()
+            log.error("%s: UID %d could not be fetched in %d attempts: skipped, so the messages after it are "
+                      "not held up; it stays on the server, unflagged, for someone to look at", self.name, uid,
+                      tries)
+        return holding
 
     async def _still_there(self, client: PullClient, uids: Sequence[int]) -> list[int]:
         resp = await client.uid_search(f"UID {uid_set(uids)}", charset=None)

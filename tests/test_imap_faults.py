@@ -265,3 +265,32 @@ async def test_a_message_expunged_between_search_and_fetch_is_passed(fake, engin
     run = Running(puller(fake, engine))
     await wait_for(lambda: seen(engine, done=True) == [1, 2, 4] and last_uid(engine) == 4, 5, "1, 2, 4")
     await run.stop()
+
+
+async def test_one_unreadable_message_does_not_stop_the_source(fake, engine, caplog):
+    """The batch FETCH answers with the other messages and a tagged NO; UID 3 alone answers NO too. The others
+    are spooled at once (the whole batch was thrown away and retried forever), UID 3 holds the checkpoint
+    for `unreadable_tries` attempts, then is skipped with an error and a metric, left on the server."""
+    from prometheus_client import REGISTRY
+
+    fake.msgs = {u: msg(u) for u in range(1, 6)}
+
+    async def fetch(server, tag, args, w):  # type: ignore[no-untyped-def]
+        for seq, uid in enumerate(server.uids_in(args.split()[0]), 1):
+            if uid != 3:
+                w.write(server.fetch_line(seq, uid))
+        w.write(f"{tag} NO Some messages could not be FETCHed (Failure)\r\n".encode())
+        return True
+
+    fake.hooks["UID FETCH"] = fetch
+    p = puller(fake, engine, name="poison", idle=False, poll_interval=0.1)
+    run = Running(p)
+    await wait_for(lambda: seen(engine) == [1, 2, 4, 5], 5, "the readable messages")
+    await wait_for(lambda: last_uid(engine) == 5, 10, "UID 3 skipped")
+    await wait_for(lambda: seen(engine, done=False) == [], 5, "the after-actions")
+    await run.stop()
+    assert seen(engine) == [1, 2, 4, 5]
+    assert fake.count("UID FETCH 3 ") == p.unreadable_tries  # each attempt fetched it alone
+    assert REGISTRY.get_sample_value("mailgate_imap_unreadable_total", {"source": "imap:poison"}) == 1
+    assert "UID 3 could not be fetched in 5 attempts: skipped" in caplog.text
+    assert 3 in fake.msgs and 3 not in fake.flags  # left on the server as it was
