@@ -72,9 +72,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
         elif m.raw_purged:
             print(f"{ident}: raw body purged by retention; cannot be delivered again", file=sys.stderr)
             status = 1
-        elif release(engine, ident, note="dead retry by operator"):
+        elif release(engine, ident, note="dead retry by operator", states=("dead",)):
             print(f"{ident}: queued for delivery again")
-        else:
-            print(f"{ident}: could not be released", file=sys.stderr)
+        else:  # the check above is a transaction of its own: the message may have changed since
+            now = get_message(engine, ident)
+            why = f"is {now.state} now, not dead; left alone" if now is not None and now.state != "dead" \
+                else "could not be released"
+            print(f"{ident}: {why}", file=sys.stderr)
             status = 1
     return status

@@ -177,12 +177,14 @@ def cmd_quarantine_release(args: argparse.Namespace) -> int:
     engine = open_engine(config)
     if _get_quarantined(engine, args.id) is None:
         return 1
-    ok = release(engine, args.id, note="released from quarantine by operator; routed again with current config")
+    ok = release(engine, args.id, note="released from quarantine by operator; routed again with current config",
+                 states=("quarantined",))
     if args.json:
         print(json.dumps({"id": args.id, "released": ok}))
-    else:
-        print(f"message {args.id} released: it will be routed again" if ok
-              else f"message {args.id} could not be released (raw bytes purged?)")
+    elif ok:
+        print(f"message {args.id} released: it will be routed again")
+    elif _get_quarantined(engine, args.id) is not None:  # else it says what the message is now
+        print(f"message {args.id} could not be released (raw bytes purged?)", file=sys.stderr)
     return 0 if ok else 1
 
 
@@ -193,9 +195,11 @@ def cmd_quarantine_delete(args: argparse.Namespace) -> int:
     engine = open_engine(config)
     if _get_quarantined(engine, args.id) is None:
         return 1
-    ok = delete_message(engine, args.id)
+    ok = delete_message(engine, args.id, states=("quarantined",))
     if args.json:
         print(json.dumps({"id": args.id, "deleted": ok}))
-    else:
-        print(f"message {args.id} deleted" if ok else f"message {args.id} was not deleted")
+    elif ok:
+        print(f"message {args.id} deleted")
+    elif _get_quarantined(engine, args.id) is not None:  # else it says what the message is now
+        print(f"message {args.id} was not deleted", file=sys.stderr)
     return 0 if ok else 1

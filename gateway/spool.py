@@ -686,14 +686,26 @@ def renew_lease(engine: Engine, ident: int, owner: str, lease_seconds: float) ->
     return res.rowcount == 1
 
 
-def release(engine: Engine, ident: int, *, note: str = "released by operator") -> bool:
-    """Put a quarantined/dead/dropped message back to `received` so it is routed again with today's config,
-    with a full retry horizon from now (`retry_since`): mail put back after an outage longer than the horizon
-    otherwise had a single attempt before a transient error parked it dead again."""
+#: the states an operator may put a message back from (`release`): mail that was never delivered
+RELEASABLE = ("quarantined", "dead", "dropped")
+
+
+def release(engine: Engine, ident: int, *, note: str = "released by operator",
+            states: Sequence[str] = RELEASABLE) -> bool:
+    """Put a message in one of `states` (quarantined/dead/dropped) back to `received` so it is routed again
+    with today's config, with a full retry horizon from now (`retry_since`): mail put back after an outage
+    longer than the horizon otherwise had a single attempt before a transient error parked it dead again.
+    False when it is not in `states` (or its body was purged).
+
+    The state is checked in the UPDATE itself: an operator command that looked at the message in an earlier
+    transaction must not re-route mail that was delivered since (delivered mail is never put back: it would
+    reach Odoo twice)."""
+    if not states or set(states) - set(RELEASABLE):
+        raise ValueError(f"only {', '.join(RELEASABLE)} messages can be released, not {', '.join(states)}")
     now = utcnow()
     with engine.begin() as conn:
         res = conn.execute(update(messages).where(
-            messages.c.id == ident, messages.c.state.in_(["quarantined", "dead", "dropped", "delivered"]),
+            messages.c.id == ident, messages.c.state.in_(list(states)),
             messages.c.raw_purged.is_(False),
         ).values(state="received", next_attempt_at=now, updated_at=now, lease_owner=None, lease_until=None,
                  attempts=0, last_error=None, retry_since=now))
@@ -703,8 +715,16 @@ def release(engine: Engine, ident: int, *, note: str = "released by operator") -
     return True
 
 
-def delete_message(engine: Engine, ident: int) -> bool:
+def delete_message(engine: Engine, ident: int, *, states: Sequence[str] | None = None) -> bool:
+    """Delete a message, its body and history; with `states`, only while it is in one of them, checked in the
+    deleting transaction (`quarantine delete` must not delete mail delivered since the operator looked)."""
     with engine.begin() as conn:
+        if states is not None:
+            q = select(messages.c.id).where(messages.c.id == ident, messages.c.state.in_(list(states)))
+            if engine.dialect.name == "postgresql":  # SQLite's BEGIN IMMEDIATE already excludes other writers
+                q = q.with_for_update()
+            if conn.execute(q).first() is None:
+                return False
         refs = _drop_refs(conn, [ident])
         conn.execute(delete(message_bodies).where(message_bodies.c.message == ident))
         conn.execute(delete(message_log).where(message_log.c.message == ident))

@@ -184,3 +184,26 @@ def test_purge_refuses_a_negative_or_absurd_age(store, days, capsys) -> None:  #
     assert get_raw(engine, ident) is not None
     assert _exit_code(["messages", "purge", "-c", cfg, "--older-than-days", "0"]) == 0
     assert get_raw(engine, ident) is None
+
+
+@pytest.mark.parametrize("argv", [["quarantine", "release"], ["quarantine", "delete"], ["dead", "retry"]])
+def test_a_stale_state_check_cannot_touch_delivered_mail(store, monkeypatch, argv, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The commands checked the state in a transaction of their own, then released (delivered included) or
+    deleted by id alone: mail delivered in between was routed again, or deleted. The state is now part of the
+    UPDATE/DELETE. Here the check is made to see a stale state."""
+    import dataclasses
+
+    import gateway.spool
+    from gateway.spool import get_message, get_raw
+
+    cfg, engine = store
+    [ident] = _spool(engine, 1)
+    transition(engine, ident, "delivered")
+    real = gateway.spool.get_message
+    stale = "dead" if argv[0] == "dead" else "quarantined"
+    monkeypatch.setattr(gateway.spool, "get_message",
+                        lambda e, i: dataclasses.replace(real(e, i), state=stale))  # type: ignore[arg-type]
+    assert _exit_code([*argv, "-c", cfg, str(ident)]) == 1
+    monkeypatch.undo()
+    assert get_message(engine, ident).state == "delivered"  # type: ignore[union-attr]
+    assert get_raw(engine, ident) is not None

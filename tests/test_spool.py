@@ -449,3 +449,21 @@ def test_spool_and_event_readers_read_while_a_writer_holds_the_lock(tmp_path) ->
         holder.execute("ROLLBACK")
         holder.close()
         engine.dispose()
+
+
+def test_release_and_delete_take_the_expected_states_in_the_same_statement(engine: Engine) -> None:
+    """Delivered mail is never put back (it would reach Odoo twice), and a caller's expected states are part of
+    the UPDATE/DELETE: a check made in an earlier transaction cannot act on mail that moved since."""
+    ident = spool_one(engine, mail("<d@x>"), env())
+    transition(engine, ident, "delivered")
+    assert not release(engine, ident)
+    assert not delete_message(engine, ident, states=["quarantined"])
+    assert get_message(engine, ident).state == "delivered"  # type: ignore[union-attr]
+    assert get_raw(engine, ident) is not None and history(engine, ident)[-1]["state"] == "delivered"
+    transition(engine, ident, "dead")
+    assert not release(engine, ident, states=["quarantined"])
+    assert release(engine, ident, states=["dead"])
+    with pytest.raises(ValueError):
+        release(engine, ident, states=["delivered"])
+    assert delete_message(engine, ident, states=["received"])
+    assert get_message(engine, ident) is None
