@@ -7,6 +7,7 @@ aioimaplib hands back a command's untagged lines as a flat list (`bytes` lines, 
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import imaplib
 import re
@@ -144,8 +145,32 @@ def uid_set(uids: Iterable[int]) -> str:
 
 
 def quote_mailbox(name: str) -> str:
-    """A mailbox name as an IMAP quoted string (spaces, quotes and backslashes are legal in names)."""
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A mailbox name as an IMAP quoted string (spaces, quotes and backslashes are legal in names), in modified
+    UTF-7: IMAP4rev1 names are 7-bit, and Dovecot answers NO to raw UTF-8 unless UTF8=ACCEPT was enabled."""
+    encoded = mutf7(name)
+    return '"' + encoded.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def mutf7(name: str) -> str:
+    """A mailbox name in RFC 3501 §5.1.3 modified UTF-7: printable ASCII as itself (`&` as `&-`), every run
+    of other characters as `&` + base64 of its UTF-16BE with `,` for `/` and no padding + `-`."""
+    out: list[str] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if run:
+            b64 = base64.b64encode("".join(run).encode("utf-16-be")).decode("ascii")
+            out.append("&" + b64.rstrip("=").replace("/", ",") + "-")
+            run.clear()
+
+    for ch in name:
+        if 0x20 <= ord(ch) <= 0x7E:
+            flush()
+            out.append("&-" if ch == "&" else ch)
+        else:
+            run.append(ch)
+    flush()
+    return "".join(out)
 
 
 def chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:

@@ -27,7 +27,7 @@ from gateway.imap import ImapPuller
 from gateway.imap_client import BatchFetchCommand, PullClient, PullProtocol
 from gateway.imap_envelope import envelope_from_headers
 from gateway.metrics import SERVE_ONLY
-from gateway.imap_protocol import has_exists, parse_fetch, parse_search, parse_select, uid_set
+from gateway.imap_protocol import has_exists, mutf7, parse_fetch, parse_search, parse_select, quote_mailbox, uid_set
 from gateway.schema import imap_checkpoints, imap_seen, messages
 from gateway.spool import get_raw, list_messages
 from gateway.store import open_store
@@ -169,6 +169,15 @@ def test_uid_set_is_compact():
     assert uid_set([4]) == "4"
     with pytest.raises(ValueError):
         uid_set([])
+
+
+def test_mailbox_names_are_sent_in_modified_utf7():
+    assert quote_mailbox("Entwürfe") == '"Entw&APw-rfe"'
+    assert mutf7("~peter/mail/台北/日本語") == "~peter/mail/&U,BTFw-/&ZeVnLIqe-"  # RFC 3501 §5.1.3
+    assert mutf7("Tom & Jerry") == "Tom &- Jerry"
+    assert mutf7("😀 ü") == "&2D3eAA- &APw-"  # astral: a surrogate pair; each run its own shift
+    assert quote_mailbox('a"b\\c') == '"a\\"b\\\\c"'
+    assert mutf7("INBOX") == "INBOX"
 
 
 def test_envelope_from_configured_headers_first_present_wins():
@@ -528,6 +537,24 @@ async def test_move_without_the_move_extension_copies_then_expunges(dovecot, eng
     assert len(dovecot.uids(USER, mailbox="Archive")) == 12
     assert "MOVE" in asked and "UIDPLUS" in asked  # the COPY + UID EXPUNGE path was taken
     assert_exactly_once(engine, src, sent)
+
+
+async def test_non_ascii_mailbox_and_move_to(dovecot, engine):
+    """IMAP4rev1 mailbox names are modified UTF-7 on the wire; raw UTF-8 got NO from Dovecot at SELECT."""
+    box, archive = "Anfragen für Verkauf", "Erledigt ✓"
+    c = dovecot.client(USER)
+    for name in (box, archive):
+        assert c.create(f'"{mutf7(name)}"')[0] == "OK"
+    c.logout()
+    sent = [mail(i, tag="utf7") for i in range(3)]
+    await asyncio.to_thread(dovecot.append, USER, sent, mailbox=mutf7(box))
+    src = source(dovecot, mailbox=box, after="move", move_to=archive)
+    run = Running(puller(src, engine))
+    await wait_for(lambda: count(engine, src) == 3 and all_after_done(engine, src), 10, "3 spooled and moved")
+    await run.stop()
+    assert_exactly_once(engine, src, sent)
+    assert dovecot.uids(USER, mailbox=mutf7(box)) == []
+    assert len(dovecot.uids(USER, mailbox=mutf7(archive))) == 3
 
 
 async def test_run_imap_sources_reads_the_password_from_the_environment(dovecot, engine, monkeypatch, caplog):
