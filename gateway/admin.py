@@ -15,6 +15,7 @@ from sqlalchemy import Engine, text
 from gateway import metrics_dir
 from gateway.disk_space import FreeSpace
 from gateway.metrics import SERVE_ONLY, FreeSpaceCollector, SpoolDepthCollector
+from gateway.store import reading
 
 
 def exposition(engine: Engine, free_space: FreeSpace | None) -> Callable[[], bytes]:
@@ -44,7 +45,7 @@ def make_admin_app(engine: Engine, *, free_space: FreeSpace | None = None,
 
     async def healthz(_request: web.Request) -> web.Response:
         def probe() -> None:
-            with engine.connect() as conn:
+            with reading(engine) as conn:
                 conn.execute(text("SELECT 1"))
 
         try:

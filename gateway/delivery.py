@@ -47,7 +47,7 @@ from gateway.outbox import EventDraft
 from gateway.refusal import RefusalSender
 from gateway.schema import messages, odoo_writes
 from gateway.spool import SpooledMessage
-from gateway.store import utcnow
+from gateway.store import reading, utcnow
 from gateway.thread_lookup import forget_record, index_message, is_outbound, record_of, replying_recipient
 from routing import msgdict
 from routing.autoreply import no_answer_reason
@@ -92,7 +92,7 @@ class WriteLedger:
     def __init__(self, engine: Engine, message: int):
         self.engine = engine
         self.message = message
-        with engine.connect() as conn:
+        with reading(engine) as conn:
             rows = conn.execute(select(odoo_writes).where(odoo_writes.c.message == message)).all()
         self._done: dict[str, Any] = {r.step: r for r in rows}
 
@@ -123,7 +123,7 @@ class WriteLedger:
             with self.engine.begin() as conn:
                 conn.execute(insert(odoo_writes).values(**values))
         except IntegrityError:  # an earlier attempt recorded it after we read the ledger: keep its row
-            with self.engine.connect() as conn:
+            with reading(self.engine) as conn:
                 self._done[step] = conn.execute(select(odoo_writes).where(
                     odoo_writes.c.message == self.message, odoo_writes.c.step == step[:255])).first()
             return
@@ -224,7 +224,7 @@ class Delivery:
     def _same_mail_elsewhere(self, message: SpooledMessage) -> bool:
         """Another spooled copy of these very bytes (same sha256: the MTA delivered it twice) already wrote to
         Odoo: what Odoo holds under this Message-ID is this mail, not another sender's."""
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             row = conn.execute(select(odoo_writes.c.id).select_from(
                 odoo_writes.join(messages, messages.c.id == odoo_writes.c.message)).where(
                 messages.c.sha256 == message.sha256, messages.c.id != message.id).limit(1)).first()

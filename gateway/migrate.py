@@ -72,7 +72,9 @@ def _newer(engine: Engine, at: str) -> SchemaMismatch:
 def current(engine: Engine) -> str | None:
     from alembic.runtime.migration import MigrationContext
 
-    with engine.connect() as conn:
+    from gateway.store import reading  # (gateway.store runs migrations: imported here, not at the top)
+
+    with reading(engine) as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 

@@ -36,7 +36,7 @@ from gateway.listener import LeanSMTPMixin, mail_path_refusal, rcpt_path_refusal
 from gateway.session_limits import SessionLimits
 from gateway.relay_batch import Committer
 from gateway.schema import outbound_mails, outbound_queue, outbound_recipients, thread_index
-from gateway.store import utcnow
+from gateway.store import reading, utcnow
 from gateway.tracking import click_url, pixel_url
 from routing.bounce import VerpHit
 from routing.rewrite import RewriteOptions, list_unsubscribe_targets, rewrite_message, scan_headers
@@ -421,7 +421,7 @@ def resolve_verp(engine: Engine, secret: bytes | str | None, address: str) -> Ve
     rid = read_verp(key, address)
     if rid is None:
         return None
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(
             select(outbound_recipients.c.recipient, outbound_mails.c.message_id)
             .join(outbound_mails, outbound_mails.c.id == outbound_recipients.c.mail)

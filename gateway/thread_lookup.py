@@ -22,7 +22,7 @@ from sqlalchemy import Engine, and_, delete, insert, select, update
 
 from gateway.odoo.client import OdooClient, m2o_id
 from gateway.schema import messages, outbound_mails, outbound_recipients, thread_index
-from gateway.store import utcnow
+from gateway.store import reading, utcnow
 from routing.model import ThreadHit
 
 
@@ -66,7 +66,7 @@ class IndexThreadLookup:
 
     def _from_index(self, ids: list[str]) -> ThreadHit | None:
         position = {m: n for n, m in enumerate(ids)}
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             rows = conn.execute(select(thread_index).where(thread_index.c.message_id.in_(ids))).all()
             if not rows:
                 return None
@@ -147,7 +147,7 @@ def is_outbound(engine: Engine, message_id: str | None) -> ThreadHit | None:
     """The thread_index row of a mail we relayed (outbound), or None."""
     if not message_id:
         return None
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(select(thread_index).where(thread_index.c.message_id == message_id,
                                                       thread_index.c.outbound.is_(True))
                            .order_by(thread_index.c.id.desc()).limit(1)).first()
@@ -166,7 +166,7 @@ def replying_recipient(engine: Engine, message_id: str | None, sender: str | Non
     sender = (sender or "").strip()
     if not message_id:
         return sender or None
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         rows = conn.execute(select(outbound_recipients.c.recipient).select_from(
             outbound_recipients.join(outbound_mails, outbound_mails.c.id == outbound_recipients.c.mail)).where(
             outbound_mails.c.message_id == message_id)).all()
@@ -183,7 +183,7 @@ def record_of(engine: Engine, message_id: str | None) -> tuple[str | None, int |
     """(model, res_id) the thread index knows for a Message-ID (for event records), else (None, None)."""
     if not message_id:
         return None, None
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(select(thread_index.c.model, thread_index.c.res_id)
                            .where(thread_index.c.message_id == message_id, thread_index.c.model.is_not(None))
                            .order_by(thread_index.c.id.desc()).limit(1)).first()
@@ -204,7 +204,7 @@ class SpoolDuplicateLookup:
         cond.append(messages.c.message_id == message_id if message_id else messages.c.message_id.is_(None))
         if self.exclude_id is not None:
             cond.append(messages.c.id != self.exclude_id)
-        with self.engine.connect() as conn:
+        with reading(self.engine) as conn:
             return conn.execute(select(messages.c.id).where(and_(*cond)).limit(1)).first() is not None
 
 

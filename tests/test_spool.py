@@ -467,3 +467,46 @@ def test_release_and_delete_take_the_expected_states_in_the_same_statement(engin
         release(engine, ident, states=["delivered"])
     assert delete_message(engine, ident, states=["received"])
     assert get_message(engine, ident) is None
+
+
+def test_the_workers_lookups_read_while_a_writer_holds_the_lock(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SQLite: the reads a worker makes per message (thread index, outbound lookups, the write ledger, the
+    duplicate check, VERP resolution, the schema check) go through `reading()`: with another connection
+    holding the write lock (the spool writer committing) each answers at once, where each took the write
+    lock itself at BEGIN and queued behind every commit — and made the writer queue behind it."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    from gateway.delivery import WriteLedger
+    from gateway.migrate import current, head
+    from gateway.relay import resolve_verp
+    from gateway.thread_lookup import (
+        IndexThreadLookup, SpoolDuplicateLookup, index_message, is_outbound, record_of, replying_recipient,
+    )
+
+    path = str(tmp_path / "store.db")
+    engine = open_store(f"sqlite:///{path}")
+    ident = spool_one(engine, mail("<w@x>"), env())
+    index_message(engine, "<sent@x>", "crm.lead", 7, outbound=True)
+    engine.dispose()
+
+    @event.listens_for(engine, "connect")
+    def _short_busy(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        dbapi_conn.execute("PRAGMA busy_timeout=200")
+
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("UPDATE messages SET attempts = attempts WHERE id = ?", (ident,))
+    try:
+        assert is_outbound(engine, "<sent@x>") is not None
+        assert record_of(engine, "<sent@x>") == ("crm.lead", 7)
+        assert replying_recipient(engine, "<sent@x>", "a@b.example") == "a@b.example"
+        assert IndexThreadLookup(engine, None)._from_index(["<sent@x>"]) is not None  # type: ignore[arg-type]
+        assert not SpoolDuplicateLookup(engine).seen("<w@x>", "0" * 64)
+        assert WriteLedger(engine, ident).empty
+        assert resolve_verp(engine, b"k" * 32, "bounce+nothing@example.test") is None
+        assert current(engine) == head()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
