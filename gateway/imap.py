@@ -119,6 +119,7 @@ class ImapPuller:
         self.fetch_ahead = True
         self.unreadable_tries = UNREADABLE_TRIES
         self._failed_reads: dict[tuple[int, int], int] = {}  # (uidvalidity, uid) → failed fetches, this process
+        self._copied: set[tuple[int, int]] = set()  # (uidvalidity, uid) copied to move_to, not yet expunged
         #: fault injection for tests: called with the batch's fetched UIDs after the spool commit, before the
         #: after-action
         self.after_commit_hook: Callable[[Sequence[int]], Any] | None = None
@@ -422,13 +423,17 @@ class ImapPuller:
             log.info("%s: completing the after-action of %d message(s) spooled before a restart",
                      self.name, len(uids))
             for batch in chunks(uids, 500):
-                await self._after_action(client, self._checkpoint.uidvalidity, batch)
+                await self._after_action(client, self._checkpoint.uidvalidity, batch, redo=True)
 
-    async def _after_action(self, client: PullClient, uidvalidity: int, uids: Sequence[int]) -> None:
+    async def _after_action(self, client: PullClient, uidvalidity: int, uids: Sequence[int], *,
+                            redo: bool = False) -> None:
         """Flag, move or delete spooled messages, then confirm it in the store.
 
         All three are idempotent for UIDs already gone (UID commands ignore missing UIDs), which is what makes
-        redoing them after a crash safe.
+        redoing them after a crash safe. COPY is not: a move without MOVE (COPY, STORE \\Deleted, EXPUNGE)
+        redone after a fault between its steps would leave two copies in `move_to`, so the redo copies only
+        what this puller has not copied yet (`_copied`, across reconnects) and what is not flagged \\Deleted
+        yet (the STORE after the COPY ran, before a restart).
         """
         if not uids:
             return
@@ -441,8 +446,7 @@ class ImapPuller:
                                 f"UID MOVE {cfg.move_to}")
         else:
             if cfg.after == "move":
-                await self._command(client.uid("copy", uset, quote_mailbox(cfg.move_to or "")),
-                                    f"UID COPY {cfg.move_to}")
+                await self._copy(client, uidvalidity, uids, redo=redo)
             await self._command(client.uid("store", uset, "+FLAGS.SILENT", r"(\Deleted)"), "UID STORE \\Deleted")
             if client.has_capability("UIDPLUS"):
                 await self._command(client.uid("expunge", uset), "UID EXPUNGE")
@@ -450,6 +454,20 @@ class ImapPuller:
                 # Without UIDPLUS, EXPUNGE also removes what a person flagged \Deleted: that was their intent.
                 await _ok(await client.expunge(), "EXPUNGE")
         await self._db(mark_after_done, self.engine, self.name, uidvalidity, list(uids))
+        self._copied.difference_update((uidvalidity, uid) for uid in uids)
+
+    async def _copy(self, client: PullClient, uidvalidity: int, uids: Sequence[int], *, redo: bool) -> None:
+        """COPY to `move_to` what has not been copied already (see `_after_action`)."""
+        todo = [uid for uid in uids if (uidvalidity, uid) not in self._copied]
+        if todo and redo:
+            resp = await client.uid_search(f"UID {uid_set(todo)} UNDELETED", charset=None)
+            await _ok(resp, "UID SEARCH UNDELETED")
+            undeleted = set(parse_search(resp.lines))
+            todo = [uid for uid in todo if uid in undeleted]
+        if todo:
+            await self._command(client.uid("copy", uid_set(todo), quote_mailbox(self.cfg.move_to or "")),
+                                f"UID COPY {self.cfg.move_to}")
+            self._copied.update((uidvalidity, uid) for uid in todo)
 
     async def _command(self, command: Awaitable[aioimaplib.Response], what: str) -> aioimaplib.Response:
         """Await a command aioimaplib runs without a timer (UID STORE/COPY/MOVE/EXPUNGE), bounded by `timeout`.

@@ -36,6 +36,7 @@ class FakeImap:
         self.log: list[str] = []
         self.hooks: dict[str, Hook] = {}
         self.flags: dict[int, set[str]] = {}
+        self.copies: list[int] = []  # UIDs copied (to any mailbox), once per COPY
         self.idle_tag: str | None = None
         self.port = 0
 
@@ -98,9 +99,11 @@ class FakeImap:
         elif cmd == "SELECT":
             w.write(f"* {len(self.msgs)} EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n{tag} OK [READ-WRITE] selected\r\n"
                     .encode())
-        elif cmd == "UID SEARCH":
-            spec = args.split()[-1]
-            w.write(("* SEARCH " + " ".join(map(str, self.uids_in(spec)))).encode().rstrip() + b"\r\n" + ok)
+        elif cmd == "UID SEARCH":  # UID <set> [UNDELETED]
+            words = args.split()
+            found = [u for u in self.uids_in(words[1])
+                     if "UNDELETED" not in words or "\\Deleted" not in self.flags.get(u, ())]
+            w.write(("* SEARCH " + " ".join(map(str, found))).encode().rstrip() + b"\r\n" + ok)
         elif cmd == "UID FETCH":
             for seq, uid in enumerate(self.uids_in(args.split()[0]), 1):
                 w.write(self.fetch_line(seq, uid))
@@ -119,7 +122,10 @@ class FakeImap:
             w.write(b"+ idling\r\n")
         elif cmd == "LOGOUT":
             w.write(b"* BYE\r\n" + ok)
-        elif cmd in ("LOGIN", "NOOP", "EXPUNGE", "UID COPY"):
+        elif cmd == "UID COPY":
+            self.copies.extend(self.uids_in(args.split()[0]))
+            w.write(ok)
+        elif cmd in ("LOGIN", "NOOP", "EXPUNGE"):
             w.write(ok)
         else:
             w.write(f"{tag} BAD unknown {cmd}\r\n".encode())
@@ -294,3 +300,36 @@ async def test_one_unreadable_message_does_not_stop_the_source(fake, engine, cap
     assert REGISTRY.get_sample_value("mailgate_imap_unreadable_total", {"source": "imap:poison"}) == 1
     assert "UID 3 could not be fetched in 5 attempts: skipped" in caplog.text
     assert 3 in fake.msgs and 3 not in fake.flags  # left on the server as it was
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["store-lost-reconnect", "store-done-restart"])
+async def test_move_without_move_redone_after_a_fault_copies_once(fake, engine, restart):
+    """COPY, STORE \\Deleted, EXPUNGE, and the connection drops at the STORE: the redo must not COPY again
+    (two copies in move_to). Either the STORE never reached the server and the puller reconnects (it
+    remembers its copy), or the STORE was done and the puller restarts (the \\Deleted flag says: copied)."""
+    fake.caps = "IMAP4rev1 IDLE UIDPLUS"
+    fake.msgs = {1: msg(1)}
+    first = puller(fake, engine, after="move", move_to="Archive", idle=False, poll_interval=0.1)
+    run = Running(first)
+    dropped = asyncio.Event()
+
+    async def store(server, tag, args, w):  # type: ignore[no-untyped-def]
+        if dropped.is_set():
+            return False
+        dropped.set()
+        if restart:
+            server.flags.setdefault(1, set()).add("\\Deleted")
+            run.stop_event.set()  # the process dies with the STORE done, its answer unsent
+        w.close()  # a server restart or a network drop, before the answer
+        return True
+
+    fake.hooks["UID STORE"] = store
+    await asyncio.wait_for(dropped.wait(), 5)
+    if restart:
+        await run.stop()
+        assert seen(engine, done=False) == [1]
+        run = Running(puller(fake, engine, after="move", move_to="Archive", idle=False, poll_interval=0.1))
+    await wait_for(lambda: seen(engine, done=True) == [1], 8, "the move redone")
+    await run.stop()
+    assert fake.copies == [1]
+    assert fake.msgs == {}
