@@ -15,7 +15,7 @@ from sqlalchemy import Engine, and_, insert, select, update
 
 from gateway.schema import imap_checkpoints, imap_seen
 from gateway.spool import Envelope, insert_messages, sha256_of
-from gateway.store import utcnow
+from gateway.store import reading, utcnow
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class BatchResult:
 
 
 def load_checkpoint(engine: Engine, source: str) -> Checkpoint | None:
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         row = conn.execute(select(imap_checkpoints).where(imap_checkpoints.c.source == source)).first()
     return Checkpoint(source, int(row.uidvalidity), int(row.last_uid)) if row else None
 
@@ -128,7 +128,7 @@ def spool_pulled(engine: Engine, source: str, uidvalidity: int, items: Sequence[
 
 def pending_after(engine: Engine, source: str, uidvalidity: int) -> list[int]:
     """UIDs spooled (or deduplicated) whose after-action has not been confirmed: redo these first."""
-    with engine.connect() as conn:
+    with reading(engine) as conn:
         return sorted(conn.execute(select(imap_seen.c.uid).where(
             imap_seen.c.source == source, imap_seen.c.uidvalidity == uidvalidity,
             imap_seen.c.after_done.is_(False))).scalars())
