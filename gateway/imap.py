@@ -4,7 +4,8 @@ Odoo's fetchmail polls every 5 minutes for UNSEEN mail and loses a message whene
 (spec §1.0, §5.2–5.3). Here, per source:
 
 * selection is by UID above a checkpoint, never by `\\Seen`, so a person reading the mailbox hides nothing;
-* bodies are fetched with `BODY.PEEK[]` in UID batches and spooled together with their `imap_seen` rows and
+* bodies are fetched with `BODY.PEEK[]` in UID batches (at most `batch_size` messages and `BATCH_BYTES` by
+  their RFC822.SIZE, a larger message alone) and spooled together with their `imap_seen` rows and
   the new checkpoint in one transaction (`gateway.imap_checkpoint`); only then does the after-action run
   (flag `\\Seen`, move, or delete), and it is confirmed in the store afterwards, so a crash at any point
   neither loses nor duplicates a message;
@@ -41,7 +42,8 @@ from gateway.imap_checkpoint import (
 )
 from gateway.imap_envelope import envelope_from_headers
 from gateway.imap_protocol import (
-    FetchedMessage, chunks, has_exists, parse_fetch, parse_search, parse_select, quote_mailbox, uid_set,
+    FetchedMessage, chunks, cut_batches, has_exists, parse_fetch, parse_search, parse_select, parse_sizes,
+    quote_mailbox, uid_set,
 )
 from gateway.metrics import SERVE_ONLY
 from gateway.spool import Envelope
@@ -64,6 +66,14 @@ CONNECTION = Enum("mailgate_imap_connection", "IMAP source connection state", ["
                   registry=SERVE_ONLY)
 
 FETCH_ITEMS = "(UID INTERNALDATE BODY.PEEK[])"
+SIZE_ITEMS = "(UID RFC822.SIZE)"
+#: bytes of message bodies one FETCH may bring (a larger message is fetched alone): a batch is in memory whole,
+#: so `batch_size` alone let 100 attachments of 35 MB make 3.5 GB; fetching ahead is skipped for a batch over
+#: half of it, so two batches in memory stay within it too
+BATCH_BYTES = 64 * 1024 * 1024
+#: UIDs whose sizes one `UID FETCH (UID RFC822.SIZE)` asks for: one round trip per this many messages, and
+#: a first pull of a huge mailbox does not hold every size at once
+SIZE_WINDOW = 5000
 #: fetches of one message that may fail (NO, or no body) before it is skipped: one unreadable message must not
 #: hold the checkpoint, and re-fetch everything above it, forever
 UNREADABLE_TRIES = 5
@@ -117,6 +127,7 @@ class ImapPuller:
         self._can_idle = False
         self.backoff_initial = 1.0
         self.fetch_ahead = True
+        self.batch_bytes = BATCH_BYTES
         self.unreadable_tries = UNREADABLE_TRIES
         self._failed_reads: dict[tuple[int, int], int] = {}  # (uidvalidity, uid) → failed fetches, this process
         self._copied: set[tuple[int, int]] = set()  # (uidvalidity, uid) copied to move_to, not yet expunged
@@ -281,33 +292,55 @@ class ImapPuller:
                          stop: asyncio.Event | None) -> int:
         """Fetch batch k+1 while batch k commits: the commit waits on the disk (fsync), the fetch on the network.
 
-        Fetching ahead is safe: it only reads (BODY.PEEK), and nothing is acted on before its own commit.
-        A message still on the server but not returned holds the checkpoint below it for this pass and the
-        batches after it, which are spooled all the same (the seen-list keeps them from being spooled twice).
+        Batches are cut by count (`batch_size`) and by bytes (`batch_bytes`, from the sizes the server gives
+        first, `_sizes`), since a batch's bodies are all in memory at once. Fetching ahead is skipped when this
+        batch or the next is over half of `batch_bytes`: it would hold both. Fetching ahead is safe: it only
+        reads (BODY.PEEK), and nothing is acted on before its own commit. A message still on the server but
+        not returned holds the checkpoint below it for this pass and the batches after it, which are spooled
+        all the same (the seen-list keeps them from being spooled twice).
         """
-        batches = list(chunks(uids, self.cfg.batch_size))
         total = 0
         ceiling: int | None = None  # the checkpoint may not pass this UID in this pass
         ahead: asyncio.Task[Fetched] | None = None
+        small = self.batch_bytes // 2
         try:
-            for i, batch in enumerate(batches):
+            for window in chunks(uids, SIZE_WINDOW):
                 if stop is not None and stop.is_set():
                     break
-                fetched = await ahead if ahead is not None else await self._fetch(client, uidvalidity, batch)
-                ahead = None
-                self._check_storage()  # before each commit: one batch can be large, and the disk is shared
-                if self.fetch_ahead and i + 1 < len(batches):
-                    ahead = asyncio.create_task(self._fetch(client, uidvalidity, batches[i + 1]))
-                if fetched.unread:
-                    ceiling = min(fetched.unread[0], ceiling if ceiling is not None else fetched.unread[0])
-                through = batch[-1] if ceiling is None else min(batch[-1], ceiling - 1)
-                total += await self._spool_and_act(client, uidvalidity, fetched.messages, through)
+                batches = cut_batches(window, await self._sizes(client, window), self.cfg.batch_size,
+                                      self.batch_bytes)
+                for i, (batch, size) in enumerate(batches):
+                    if stop is not None and stop.is_set():
+                        break
+                    fetched = await ahead if ahead is not None else await self._fetch(client, uidvalidity, batch)
+                    ahead = None
+                    self._check_storage()  # before each commit: one batch can be large, and the disk is shared
+                    if self.fetch_ahead and i + 1 < len(batches) and size <= small and batches[i + 1][1] <= small:
+                        ahead = asyncio.create_task(self._fetch(client, uidvalidity, batches[i + 1][0]))
+                    if fetched.unread:
+                        ceiling = min(fetched.unread[0], ceiling if ceiling is not None else fetched.unread[0])
+                    through = batch[-1] if ceiling is None else min(batch[-1], ceiling - 1)
+                    total += await self._spool_and_act(client, uidvalidity, fetched.messages, through)
+                    del fetched  # the bodies: not held while the next batch is fetched
         finally:
             if ahead is not None:
                 ahead.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await ahead
         return total
+
+    async def _sizes(self, client: PullClient, uids: Sequence[int]) -> dict[int, int]:
+        """UID → RFC822.SIZE for `uids` (ascending), in one cheap FETCH, to cut batches by bytes.
+
+        Asked as the range first:last (a short command however sparse the UIDs; the server skips the gaps).
+        A NO (a server that cannot read some message) still gives the others; a UID left out counts as
+        small, and its body FETCH decides what happens to it.
+        """
+        resp = await client.uid_fetch(f"{uids[0]}:{uids[-1]}" if len(uids) > 1 else str(uids[0]), SIZE_ITEMS)
+        if resp.result != "NO":
+            await _ok(resp, "UID FETCH RFC822.SIZE")
+        wanted = set(uids)
+        return {uid: size for uid, size in parse_sizes(resp.lines).items() if uid in wanted}
 
     async def _fetch(self, client: PullClient, uidvalidity: int, batch: Sequence[int]) -> Fetched:
         """The batch's messages, and the UIDs the server left out although they are still there.

@@ -120,18 +120,34 @@ class PullClient(aioimaplib.IMAP4):
 
 class BatchFetchCommand(aioimaplib.FetchCommand):
     """aioimaplib's FETCH, with the parenthesis balance of the current message kept as lines arrive instead
-    of recomputed over the whole response at every line; the verdict is the same."""
+    of recomputed over the whole response at every line; the verdict is the same. Each literal is stored as
+    `bytes` once complete (`append_literal_data`)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._scanned = 0
         self._balance = 0
+        self._literals: set[int] = set()  # indexes in the response lines that are literals
+
+    def append_literal_data(self, data: bytes) -> bytes:
+        """Upstream's, then a complete literal is turned into `bytes` at once and its bytearray dropped.
+
+        `FetchedMessage.raw` is `bytes`: converted after the response, every message of the batch was in
+        memory twice (the response's bytearrays and their copies) until the response was dropped; here only
+        the message being converted is.
+        """
+        before = len(self._resp_lines)
+        rest = super().append_literal_data(data)
+        if len(self._resp_lines) > before:
+            self._resp_lines[-1] = bytes(self._resp_lines[-1])
+            self._literals.add(before)
+        return rest
 
     def wait_data(self) -> bool:
         lines = self._resp_lines
         for idx in range(self._scanned, len(lines)):
             line = lines[idx]
-            if type(line) is bytes:  # literal data arrives as bytearray and is not counted, as upstream
+            if type(line) is bytes and idx not in self._literals:  # literals are not counted, as upstream
                 if self.FETCH_MESSAGE_DATA_RE.match(line):
                     self._balance = 0
                 self._balance += line.count(b"(") - line.count(b")")

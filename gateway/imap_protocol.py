@@ -21,6 +21,7 @@ _FETCH_START = re.compile(rb"^(\d+) FETCH \(", re.IGNORECASE)
 _UID = re.compile(rb"\bUID (\d+)", re.IGNORECASE)
 _INTERNALDATE = re.compile(rb'INTERNALDATE "[^"]+"', re.IGNORECASE)
 _LITERAL = re.compile(rb"\{(\d+)\}$")
+_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ def parse_fetch(lines: Sequence[bytes | bytearray]) -> list[FetchedMessage]:
     A literal follows the line that announced it (`... BODY[] {123}`); the UID may come before the literal or
     in the closing line after it (servers choose the order). Unsolicited FETCH lines (a flag changed in
     another session) carry no body and are skipped.
+
+    The literal is whatever item follows its announcing line: aioimaplib stores it as a `bytearray`,
+    `PullClient.uid_fetch` as `bytes` already (so it is taken as is, not copied: a copy of every literal here
+    held each batch twice in memory).
     """
     out: list[FetchedMessage] = []
     i = 0
@@ -99,8 +104,9 @@ def parse_fetch(lines: Sequence[bytes | bytearray]) -> list[FetchedMessage]:
         head = bytes(line)
         raw: bytes | None = None
         tail = b""
-        if _LITERAL.search(head) and i + 1 < n and isinstance(lines[i + 1], bytearray):
-            raw = bytes(lines[i + 1])
+        if _LITERAL.search(head) and i + 1 < n and isinstance(lines[i + 1], (bytes, bytearray)):
+            literal = lines[i + 1]
+            raw = literal if type(literal) is bytes else bytes(literal)
             if i + 2 < n and isinstance(lines[i + 2], bytes) and not _FETCH_START.match(lines[i + 2]):
                 tail = lines[i + 2]
                 i += 3
@@ -115,6 +121,27 @@ def parse_fetch(lines: Sequence[bytes | bytearray]) -> list[FetchedMessage]:
             continue
         out.append(FetchedMessage(int(m.group(1)), raw, _internaldate(head + b" " + tail)))
     return out
+
+
+def parse_sizes(lines: Iterable[bytes | bytearray]) -> dict[int, int]:
+    """UID → size in bytes from a `UID FETCH ... (UID RFC822.SIZE)` response.
+
+    Unsolicited FETCH lines (flag changes) carry no RFC822.SIZE and are skipped; so is any literal (the item
+    after a line ending in `{n}`), whatever it contains.
+    """
+    sizes: dict[int, int] = {}
+    literal_next = False
+    for line in lines:
+        if literal_next or not isinstance(line, (bytes, bytearray)):
+            literal_next = False
+            continue
+        literal_next = _LITERAL.search(line) is not None
+        if not _FETCH_START.match(line):
+            continue
+        uid, size = _UID.search(line), _SIZE.search(line)
+        if uid is not None and size is not None:
+            sizes[int(uid.group(1))] = int(size.group(1))
+    return sizes
 
 
 def _internaldate(text: bytes) -> dt.datetime | None:
@@ -176,3 +203,27 @@ def mutf7(name: str) -> str:
 def chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def cut_batches(uids: Sequence[int], sizes: dict[int, int], max_count: int,
+                max_bytes: int) -> list[tuple[list[int], int]]:
+    """Consecutive batches of at most `max_count` UIDs and `max_bytes` bytes, each with its size in bytes.
+
+    A batch's bodies are all in memory at once (the FETCH response, then the spool transaction), so a count
+    alone let 100 attachments of 35 MB make one 3.5 GB batch. A message larger than `max_bytes` goes alone.
+    A UID without a size (the server left it out of the SIZE fetch: expunged, or unreadable) counts 0 bytes:
+    its body FETCH decides.
+    """
+    batches: list[tuple[list[int], int]] = []
+    batch: list[int] = []
+    total = 0
+    for uid in uids:
+        size = sizes.get(uid, 0)
+        if batch and (len(batch) >= max_count or total + size > max_bytes):
+            batches.append((batch, total))
+            batch, total = [], 0
+        batch.append(uid)
+        total += size
+    if batch:
+        batches.append((batch, total))
+    return batches

@@ -27,7 +27,9 @@ from gateway.imap import ImapPuller
 from gateway.imap_client import BatchFetchCommand, PullClient, PullProtocol
 from gateway.imap_envelope import envelope_from_headers
 from gateway.metrics import SERVE_ONLY
-from gateway.imap_protocol import has_exists, mutf7, parse_fetch, parse_search, parse_select, quote_mailbox, uid_set
+from gateway.imap_protocol import (
+    cut_batches, has_exists, mutf7, parse_fetch, parse_search, parse_select, parse_sizes, quote_mailbox, uid_set,
+)
 from gateway.schema import imap_checkpoints, imap_seen, messages
 from gateway.spool import get_raw, list_messages
 from gateway.store import open_store
@@ -171,6 +173,16 @@ def test_uid_set_is_compact():
         uid_set([])
 
 
+def test_batches_cut_by_count_and_bytes_a_large_message_alone():
+    sizes = parse_sizes([b"1 FETCH (UID 1 RFC822.SIZE 10)", b"2 FETCH (RFC822.SIZE 50 UID 2)",
+                         b"3 FETCH (FLAGS (\\Seen))", b"3 FETCH (UID 3 RFC822.SIZE 20)",
+                         b"4 FETCH (BODY[] {30}", b"5 FETCH (UID 5 RFC822.SIZE 1)\r\n......", b")"])
+    assert sizes == {1: 10, 2: 50, 3: 20}  # a literal is not a line, whatever it holds
+    assert cut_batches([1, 2, 3, 4], sizes, 100, 40) == [([1], 10), ([2], 50), ([3, 4], 20)]  # 4: no size
+    assert cut_batches([1, 3, 4], sizes, 2, 1000) == [([1, 3], 30), ([4], 0)]
+    assert cut_batches([], sizes, 2, 1000) == []
+
+
 def test_mailbox_names_are_sent_in_modified_utf7():
     assert quote_mailbox("Entwürfe") == '"Entw&APw-rfe"'
     assert mutf7("~peter/mail/台北/日本語") == "~peter/mail/&U,BTFw-/&ZeVnLIqe-"  # RFC 3501 §5.1.3
@@ -217,6 +229,10 @@ def test_pull_protocol_reads_responses_like_aioimaplib_at_any_read_boundary():
         [(10 + i, body) for i, body in enumerate(bodies)] + [(99, b"abc")]
     for chunk in (1, 2, 3, 7, 64, 1000, len(stream)):
         assert _feed(PullProtocol, stream, chunk) == expected, f"differs with {chunk}-byte reads"
+    # Literals are stored as bytes once complete, and taken as they are: no second copy of the batch.
+    lines = _feed(PullProtocol, stream, 7).lines
+    assert all(type(lines[i]) is bytes for i in (1, 4, 7, 10))
+    assert parse_fetch(lines)[2].raw is lines[7]
 
 
 def test_pull_protocol_survives_a_response_of_thousands_of_lines():

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 from sqlalchemy import select
 
 from gateway.config import ImapSourceConfig
-from gateway.imap import ImapPuller
+from gateway.imap import BATCH_BYTES, ImapPuller
 from gateway.schema import imap_checkpoints, imap_seen
 from gateway.store import open_store
 
@@ -28,7 +29,8 @@ def msg(n: int) -> bytes:
 
 class FakeImap:
     """A tiny IMAP server: enough of RFC 3501 for the puller; `hooks[command]` overrides one command and
-    returns True when it answered (or chose not to)."""
+    returns True when it answered (or chose not to). `UID FETCH` is a body fetch; the puller's size fetch,
+    `UID FETCH <set> (UID RFC822.SIZE)`, is the command `UID FETCH SIZE`."""
 
     def __init__(self, msgs: dict[int, bytes] | None = None, caps: str = "IMAP4rev1 IDLE UIDPLUS MOVE"):
         self.msgs = dict(msgs or {})
@@ -68,6 +70,8 @@ class FakeImap:
                 if cmd == "UID":
                     sub, _, args = args.partition(" ")
                     cmd = f"UID {sub.upper()}"
+                    if cmd == "UID FETCH" and "RFC822.SIZE" in args and "BODY" not in args.upper():
+                        cmd = "UID FETCH SIZE"
                 hook = self.hooks.get(cmd)
                 if not (hook and await hook(self, tag, args, w)):
                     self.default(tag, cmd, args, w)
@@ -104,6 +108,10 @@ class FakeImap:
             found = [u for u in self.uids_in(words[1])
                      if "UNDELETED" not in words or "\\Deleted" not in self.flags.get(u, ())]
             w.write(("* SEARCH " + " ".join(map(str, found))).encode().rstrip() + b"\r\n" + ok)
+        elif cmd == "UID FETCH SIZE":
+            for seq, uid in enumerate(self.uids_in(args.split()[0]), 1):
+                w.write(f"* {seq} FETCH (UID {uid} RFC822.SIZE {len(self.msgs[uid])})\r\n".encode())
+            w.write(ok)
         elif cmd == "UID FETCH":
             for seq, uid in enumerate(self.uids_in(args.split()[0]), 1):
                 w.write(self.fetch_line(seq, uid))
@@ -333,3 +341,55 @@ async def test_move_without_move_redone_after_a_fault_copies_once(fake, engine, 
     await run.stop()
     assert fake.copies == [1]
     assert fake.msgs == {}
+
+
+
+def body_fetches_and_stores(server: FakeImap) -> list[str]:
+    """The body FETCHes and STOREs the server saw, in order, as `FETCH 1:2` / `STORE 1:2`."""
+    return [f"{cmd.split()[2]} {cmd.split()[3]}" for cmd in server.log
+            if " UID STORE " in cmd or (" UID FETCH " in cmd and "BODY.PEEK[]" in cmd)]
+
+
+async def test_batches_are_cut_by_bytes_and_large_ones_not_fetched_ahead(fake, engine):
+    """8 messages of 4 MiB with a budget of 8 MiB: every body FETCH carries at most 2 UIDs, and no two batches
+    are in memory at once (each is over half the budget, so the next is fetched only after this one is
+    spooled and flagged). Cut by count only (100), all 8 came in one FETCH and were held twice (the
+    response's literals and their copies): 67 MiB traced for 32 MiB of mail, 13 MiB now."""
+    mib = 1024 * 1024
+    text = b"x" * 998 + b"\r\n"
+    fake.msgs = {u: msg(u) + text * (4 * mib // len(text)) for u in range(1, 9)}
+
+    async def fetch(server, tag, args, w):  # type: ignore[no-untyped-def]
+        """The default FETCH, drained after each message: the server's own buffers stay one message."""
+        for seq, uid in enumerate(server.uids_in(args.split()[0]), 1):
+            w.write(server.fetch_line(seq, uid))
+            await w.drain()
+        w.write(f"{tag} OK done\r\n".encode())
+        return True
+
+    fake.hooks["UID FETCH"] = fetch
+    p = puller(fake, engine, batch_size=100, idle=False, poll_interval=0.1)
+    assert p.batch_bytes == BATCH_BYTES
+    p.batch_bytes = 8 * mib
+    tracemalloc.start()
+    try:
+        run = Running(p)
+        await wait_for(lambda: seen(engine, done=True) == list(range(1, 9)), 30, "all 8 spooled and flagged")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    await run.stop()
+    assert body_fetches_and_stores(fake) == [f"{cmd} {u}:{u + 1}" for u in (1, 3, 5, 7) for cmd in ("FETCH", "STORE")]
+    assert last_uid(engine) == 8
+    assert peak < 24 * mib, f"peak {peak / mib:.0f} MiB traced while pulling 4 batches of 8 MiB"
+
+
+async def test_small_batches_are_still_fetched_ahead(fake, engine):
+    """Small mail keeps its round trips: one size FETCH per search, and batch k+1 fetched while k commits."""
+    fake.msgs = {u: msg(u) for u in range(1, 7)}
+    run = Running(puller(fake, engine, batch_size=2, idle=False, poll_interval=0.1))
+    await wait_for(lambda: seen(engine, done=True) == list(range(1, 7)), 5, "all 6 spooled and flagged")
+    await run.stop()
+    assert sum(1 for cmd in fake.log if "RFC822.SIZE" in cmd) == 1
+    assert body_fetches_and_stores(fake) == ["FETCH 1:2", "FETCH 3:4", "STORE 1:2", "FETCH 5:6", "STORE 3:4",
+                                             "STORE 5:6"]
