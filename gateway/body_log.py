@@ -20,6 +20,7 @@ PostgreSQL stores every body in `message_bodies` (the database may be on another
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as dt
 import errno
@@ -136,18 +137,36 @@ class BodyLog:
     def _open_segment(self) -> None:
         """Create a segment under a temporary name, lock it, then give it its name: a collector only looks at
         named segments, so it can never see one that is not locked yet. The directory is synced so the name
-        is durable before any committed row points at it."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        is durable before any committed row points at it (and its parent, when the folder is new).
+
+        The name is published with `link`, which fails on an existing name, not `rename`, which replaces it:
+        two gateways on one volume, each in a container where it is pid 1, made the same name in the same
+        second, and the second rename replaced a segment whose bodies had been acknowledged. The name also
+        carries random bits, so that such a clash is rare and only costs another try."""
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _sync_dir(self.directory.parent)
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        name = f"{stamp}-{os.getpid()}-{next(_counter)}{SEGMENT_SUFFIX}"
-        tmp = self.directory / (name + ".new")
+        base = f"{stamp}-{os.getpid()}-{next(_counter)}"
+        tmp = self.directory / f".{base}-{os.urandom(6).hex()}{SEGMENT_SUFFIX}.new"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
-            os.rename(tmp, self.directory / name)
+            for _ in range(100):
+                name = f"{base}-{os.urandom(4).hex()}{SEGMENT_SUFFIX}"
+                try:
+                    os.link(tmp, self.directory / name)
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise BodyLogError(f"no free segment name in {self.directory}")
+            os.unlink(tmp)
             _sync_dir(self.directory)
         except BaseException:
             os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
         self._fd, self._name, self._end = fd, name, 0
         self._held[name] = fd
@@ -261,8 +280,8 @@ _FALLOCATE = _fallocate()
 
 
 def sweep_leftovers(directory: Path, *, older_than: float = 3600.0) -> list[str]:
-    """Delete what a crash can leave besides segments: a `.seg.new` created but not yet renamed (a writer
-    renames it microseconds later, so one an hour old has no writer) and a start-up `.probe-*` file. Neither
+    """Delete what a crash can leave besides segments: a `.seg.new` created but not yet linked to its
+    name and removed (a writer does both microseconds later, so one an hour old has no writer) and a start-up `.probe-*` file. Neither
     is ever referenced. Returns the deleted names."""
     cutoff = time.time() - older_than
     gone = []

@@ -425,3 +425,29 @@ def test_messages_verify_reads_back_every_logged_body(tmp_path: Path, capsys: py
     assert [(d["id"], "sha256" in d["problem"] or "missing" in d["problem"]) for d in lines[:-1]] == [
         (first[1], True), (second[0], True)]
     assert lines[-1] == {"checked": 4, "problems": 2}
+
+
+def test_a_segment_name_made_twice_never_replaces_the_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two gateways on one volume, each pid 1 in its container, opening a segment in the same second made
+    the same name; the second `rename` replaced the first segment, bodies already acknowledged included.
+    Names are now published with `link` (no replace) and carry random bits."""
+    import itertools
+
+    import gateway.body_log as body_log
+
+    monkeypatch.setattr(body_log.os, "getpid", lambda: 1)
+    real_urandom = os.urandom
+    draws = itertools.chain([b"\0" * 6, b"\0" * 4, b"\0" * 6, b"\0" * 4], iter(lambda: real_urandom(6), None))
+    monkeypatch.setattr(body_log.os, "urandom", lambda n: next(draws)[:n])
+    monkeypatch.setattr(body_log, "_counter", itertools.count())
+    first = BodyLog(tmp_path, min_size=1)
+    [ref_a] = first.append_all([b"acknowledged body A"])
+    monkeypatch.setattr(body_log, "_counter", itertools.count())  # the other container's counter
+    second = BodyLog(tmp_path, min_size=1)
+    [ref_b] = second.append_all([b"body B"])
+    assert ref_a.segment != ref_b.segment
+    assert read_body(tmp_path, ref_a) == b"acknowledged body A"
+    assert read_body(tmp_path, ref_b) == b"body B"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".new")]  # the temporary names are gone
+    first.close()
+    second.close()
