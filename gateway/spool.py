@@ -458,7 +458,20 @@ def get_raw(engine: Engine, ident: int) -> bytes | None:
     if not logged:
         return None
     ref, sha = logged[ident]
-    return read_body(_body_dir(engine), ref, sha)
+    try:
+        return read_body(_body_dir(engine), ref, sha)
+    except BodyLogError:
+        if not _still_logged(engine, ident, ref):
+            return None  # retention purged it between our read of the reference and of the segment
+        raise
+
+
+def _still_logged(engine: Engine, ident: int, ref: BodyRef) -> bool:
+    """Whether `ident`'s body is still `ref`: a body that failed to read back because retention purged it
+    meanwhile (its reference dropped, then its bytes) is gone, not damaged."""
+    with reading(engine) as conn:
+        now = _logged_bodies(conn, [ident]).get(ident)
+    return now is not None and now[0] == ref
 
 
 _LOGGED = (select(message_body_refs.c.message, message_body_refs.c.segment, message_body_refs.c.byte_offset,
@@ -489,10 +502,12 @@ def verify_logged_bodies(engine: Engine, *, chunk: int = 500) -> tuple[int, list
         directory = _body_dir(engine)
         for ident, segment, offset, length, sha in rows:
             checked += 1
+            ref = BodyRef(segment, offset, length)
             try:
-                read_body(directory, BodyRef(segment, offset, length), sha)
+                read_body(directory, ref, sha)
             except BodyLogError as exc:
-                problems.append((ident, str(exc)))
+                if _still_logged(engine, ident, ref):  # (else purged while we read: not damage)
+                    problems.append((ident, str(exc)))
         after = rows[-1][0]
 
 
@@ -734,7 +749,11 @@ def delete_message(engine: Engine, ident: int, *, states: Sequence[str] | None =
 
 
 def purge_raw(engine: Engine, older_than: dt.datetime, *, chunk: int = 500) -> int:
-    """Retention: drop raw bodies of finished messages older than the cutoff; keep rows and decisions.
+    """Retention: drop raw bodies of messages that finished before the cutoff; keep rows and decisions.
+
+    "Finished" is when the message reached its final state (`updated_at`), not when it arrived: mail released
+    by an operator long after receipt, or retried for days, had its body purged at the next hourly pass,
+    before anyone could look at it or release it again.
 
     In transactions of `chunk` messages, walking the ids upwards: one transaction over every message due
     (the first pass after retention is turned on, or after a long outage, can be hundreds of thousands) would
@@ -745,7 +764,7 @@ def purge_raw(engine: Engine, older_than: dt.datetime, *, chunk: int = 500) -> i
     while True:
         with engine.begin() as conn:
             ids = list(conn.execute(select(messages.c.id).where(
-                messages.c.id > after, messages.c.received_at < older_than, messages.c.state.in_(done),
+                messages.c.id > after, messages.c.updated_at < older_than, messages.c.state.in_(done),
                 messages.c.raw_purged.is_(False)).order_by(messages.c.id).limit(chunk)).scalars())
             if not ids:
                 return purged

@@ -451,3 +451,28 @@ def test_a_segment_name_made_twice_never_replaces_the_first(tmp_path: Path, monk
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".new")]  # the temporary names are gone
     first.close()
     second.close()
+
+
+def test_a_body_purged_while_it_is_read_is_gone_not_damaged(sqlite_engine: Engine,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention drops a body between a reader's look-up of its reference and its read of the segment:
+    `messages show --raw` answered "damaged" and `messages verify` exited 1 for mail that was simply purged."""
+    import gateway.spool as spool
+    from gateway.spool import verify_logged_bodies
+
+    log = make_body_log(sqlite_engine, BIG)
+    assert log is not None
+    ids = spool_many(sqlite_engine, [(mail(f"<p{i}@x>", 8_000), env()) for i in range(2)], body_log=log)
+    log.close()
+    finish_all(sqlite_engine, ids[:1])
+    real_read = spool.read_body
+
+    def purge_first(*args, **kw):  # type: ignore[no-untyped-def]
+        purge_raw(sqlite_engine, dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1))
+        return real_read(*args, **kw)
+
+    monkeypatch.setattr(spool, "read_body", purge_first)
+    assert get_raw(sqlite_engine, ids[0]) is None
+    monkeypatch.setattr(spool, "read_body", real_read)
+    assert get_raw(sqlite_engine, ids[1]) == mail("<p1@x>", 8_000)  # the other one is still whole
+    assert verify_logged_bodies(sqlite_engine) == (1, [])

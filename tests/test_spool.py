@@ -124,18 +124,24 @@ def test_release_and_delete(engine: Engine) -> None:
 
 
 def test_retention_purges_bodies_keeps_decisions(engine: Engine) -> None:
+    """Bodies go `raw_days` after the message *finished*: one received 40 days ago and quarantined again
+    today (an operator released it late) keeps its body, where it lost it at the next hourly pass."""
     old = spool_one(engine, mail("<old@x>"), env())
     new = spool_one(engine, mail("<new@x>"), env())
     pending = spool_one(engine, mail("<pending@x>"), env())
+    late = spool_one(engine, mail("<late@x>"), env())
+    long_ago = utcnow() - dt.timedelta(days=40)
     with engine.begin() as conn:
-        conn.execute(update(messages).where(messages.c.id.in_([old, pending]))
-                     .values(received_at=utcnow() - dt.timedelta(days=40)))
+        conn.execute(update(messages).where(messages.c.id.in_([old, pending, late]))
+                     .values(received_at=long_ago, updated_at=long_ago))
         conn.execute(update(messages).where(messages.c.id.in_([old, new]))
                      .values(state="delivered", decision='{"action": "create"}', action="create"))
+        conn.execute(update(messages).where(messages.c.id == late).values(state="quarantined", updated_at=utcnow()))
     assert purge_raw(engine, utcnow() - dt.timedelta(days=30)) == 1
     assert get_raw(engine, old) is None and get_message(engine, old).raw_purged  # type: ignore[union-attr]
     assert get_message(engine, old).decision == {"action": "create"}  # type: ignore[union-attr]
     assert get_raw(engine, new) is not None and get_raw(engine, pending) is not None  # unfinished mail is kept
+    assert get_raw(engine, late) is not None
 
 
 def test_retention_purges_in_short_transactions(engine: Engine) -> None:
@@ -145,7 +151,7 @@ def test_retention_purges_in_short_transactions(engine: Engine) -> None:
     ids = [spool_one(engine, mail(f"<r{i}@x>"), env()) for i in range(8)]
     with engine.begin() as conn:
         conn.execute(update(messages).where(messages.c.id.in_(ids[:7]))
-                     .values(state="delivered", received_at=utcnow() - dt.timedelta(days=40)))
+                     .values(state="delivered", updated_at=utcnow() - dt.timedelta(days=40)))
     commits: list[int] = []
 
     def count(conn: object) -> None:
