@@ -201,6 +201,8 @@ class ImapSourceConfig(_Model):
     move_to: str | None = None
     rcpt_headers: tuple[str, ...] = ("Delivered-To", "X-Original-To", "To")
     batch_size: int = Field(100, gt=0)
+    # bytes of mail fetched in one batch (by the sizes the server gives first); a larger message goes alone
+    batch_bytes: int = Field(64 * 1024 * 1024, gt=0)
     idle: bool = True
     poll_interval: float = Field(30.0, gt=0)
     idle_renew: float = Field(25 * 60.0, gt=0)

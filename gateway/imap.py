@@ -127,7 +127,7 @@ class ImapPuller:
         self._can_idle = False
         self.backoff_initial = 1.0
         self.fetch_ahead = True
-        self.batch_bytes = BATCH_BYTES
+        self.batch_bytes = source.batch_bytes
         self.unreadable_tries = UNREADABLE_TRIES
         self._failed_reads: dict[tuple[int, int], int] = {}  # (uidvalidity, uid) → failed fetches, this process
         self._copied: set[tuple[int, int]] = set()  # (uidvalidity, uid) copied to move_to, not yet expunged
