@@ -166,8 +166,8 @@ def test_retention_purge_cli(tmp_path: Path) -> None:
     fresh = spool_one(engine, make_mail(message_id="<fresh@x>"), Envelope("a@x", ("sales@example.test",)))
     with engine.begin() as conn:
         conn.execute(update(messages).values(state="delivered"))
-        conn.execute(update(messages).where(messages.c.id == old)
-                     .values(received_at=utcnow() - dt.timedelta(days=31)))
+        conn.execute(update(messages).where(messages.c.id == old)  # finished 31 days ago
+                     .values(received_at=utcnow() - dt.timedelta(days=32), updated_at=utcnow() - dt.timedelta(days=31)))
     res = _cli("messages", "purge", "--config", str(path))
     assert res.returncode == 0 and "raw bodies of 1 message" in res.stdout
     assert get_raw(engine, old) is None and get_message(engine, old).state == "delivered"  # type: ignore[union-attr]
