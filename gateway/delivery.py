@@ -481,10 +481,11 @@ class Delivery:
         address = address.strip()
         if not address:
             return False
+        pattern = like_literal(address)  # Odoo's =ilike is SQL ILIKE: "%@corp.example" matched every employee
         try:
-            if client.search_count("hr.employee", [("work_email", "=ilike", address)]):
+            if client.search_count("hr.employee", [("work_email", "=ilike", pattern)]):
                 return True
-            users = client.search("res.users", [("email", "=ilike", address)])
+            users = client.search("res.users", [("email", "=ilike", pattern)])
             return bool(users) and bool(client.search_count("hr.employee", [("user_id", "in", users)]))
         except PermanentError as exc:
             if "hr.employee" not in str(exc):
@@ -874,6 +875,13 @@ class Delivery:
                                  "odoo_message_id": odoo_message_id})
         return DeliveryOutcome(outcome.state, outcome.note, events=outcome.events + (event,),
                                odoo_refs=outcome.odoo_refs)
+
+
+def like_literal(value: str) -> str:
+    """`value` as a LIKE pattern that matches only itself: Odoo passes `=like`/`=ilike` values to SQL as they
+    are, so `%` and `_` (both legal in a mail address) are wildcards unless escaped (backslash is
+    PostgreSQL's default LIKE escape)."""
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _bounce_data(b: BounceResult) -> dict[str, Any]:

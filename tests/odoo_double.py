@@ -149,6 +149,21 @@ def _addresses(values: list[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- the store
+def _like_regex(pattern: str) -> str:
+    """A SQL LIKE pattern (backslash escape) as a regular expression."""
+    out, chars = [], iter(pattern)
+    for ch in chars:
+        if ch == "\\":
+            out.append(re.escape(next(chars, "\\")))
+        elif ch == "%":
+            out.append(".*")
+        elif ch == "_":
+            out.append(".")
+        else:
+            out.append(re.escape(ch))
+    return "".join(out)
+
+
 class Store:
     """In-memory models with Odoo's search domains (prefix notation) and read shapes."""
 
@@ -243,12 +258,13 @@ class Store:
             else:
                 hit = have in values or (False in values and have in (None, False))
             return hit if op == "in" else not hit
-        if op in ("ilike", "not ilike", "like", "=ilike", "=like"):
-            hv, vv = str(have or ""), str(value)
-            if op in ("ilike", "not ilike", "=ilike"):
-                hv, vv = hv.lower(), vv.lower()
-            hit = (hv == vv) if op.startswith("=") else (vv in hv)
-            return hit if op != "not ilike" else not hit
+        if op in ("ilike", "not ilike", "like", "not like", "=ilike", "=like"):
+            # SQL LIKE, as Odoo runs it: `%` and `_` are wildcards, backslash escapes; (not) (i)like wrap the
+            # value in `%…%` without escaping it (odoo/osv/expression.py __leaf_to_sql)
+            pattern = str(value) if op.startswith("=") else f"%{value}%"
+            flags = re.S | (re.I if "ilike" in op else 0)
+            hit = re.fullmatch(_like_regex(pattern), str(have or ""), flags) is not None
+            return not hit if op.startswith("not") else hit
         if op in (">", "<", ">=", "<="):
             if have in (None, False):
                 return False

@@ -724,6 +724,12 @@ def test_employees_policy_is_odoos_hr_rule(tmp_path: Any, double: OdooDouble, hr
     assert erin  # (a partner without a user: only hr knows her)
     if hr:
         assert verdicts == {"erin": "delivered", "uma": "delivered", "ivan": "dropped", "bob": "dropped"}
+        # Odoo's =ilike is SQL ILIKE: a forged From of "%@staff.example" matched every employee; "_" any letter
+        for forged in ("%@staff.example", "er_n@staff.example"):
+            mid = f"<forged-{len(forged)}@x.example>"
+            _m, out = rig.deliver(new_mail(mid, sender=forged, to=f"staff@{DOMAIN}"), create_decision(mid, staff),
+                                  rcpt=f"staff@{DOMAIN}", mail_from="x@x.example")
+            assert out.state == "dropped", (forged, out.note)
     else:
         assert verdicts == {"erin": "dropped", "uma": "delivered", "ivan": "delivered", "bob": "dropped"}
 
