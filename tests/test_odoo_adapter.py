@@ -475,3 +475,15 @@ def test_a_json2_404_that_names_the_call_stays_permanent(name: str, message: str
             client.search_count("no.such.model", [])
     finally:
         page.close()
+
+
+def test_odoo_19_lock_error_is_retried() -> None:
+    """Odoo 19 answers a row another transaction holds with LockError, HTTP 409 on JSON-2: a retry gets past
+    it, where it parked the mail dead."""
+    from gateway.errors import TransientError
+    from gateway.odoo.errors import from_odoo_error
+
+    assert isinstance(from_odoo_error("odoo.exceptions.LockError", "Record locked", where="crm.lead.write"),
+                      TransientError)
+    assert isinstance(from_odoo_error("werkzeug.exceptions.Conflict", "locked", where="crm.lead.write", status=409),
+                      TransientError)

@@ -32,6 +32,7 @@ _TRANSIENT_NAMES = (
     "SerializationFailure", "TransactionRollbackError", "DeadlockDetected", "LockNotAvailable",
     "OperationalError", "InterfaceError", "ConcurrencyError", "SessionExpired", "AccessDenied",
     "Unauthorized", "MemoryError", "ServiceUnavailable", "TooManyRequests", "RetryableJobError",
+    "LockError",  # Odoo 19: a row another transaction holds (JSON-2 answers it 409)
 )
 
 
@@ -85,7 +86,7 @@ def from_odoo_error(name: str, message: str, *, where: str, status: int | None =
     text = f"Odoo {where}: {name}: {short}"
     if status == 415 or (status == 404 and not names_the_call(name, message or "", where=where)):
         return endpoint_error(status, f"{name}: {short}", where=where, url=url)
-    if is_transient_name(name) or (status is not None and status in (401, 408, 429, 502, 503, 504)):
+    if is_transient_name(name) or (status is not None and status in (401, 408, 409, 429, 502, 503, 504)):
         if "AccessDenied" in name or "Unauthorized" in name or status == 401:
             return TransientError(text, hint="the login, password or API key was refused (expired key?): "
                                              "replace it; mail stays spooled and is retried")
