@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy import Engine, select, update
@@ -419,19 +421,17 @@ def test_a_reading_connection_leaves_the_write_lock_to_writers(tmp_path) -> None
     engine.dispose()
 
 
-def test_spool_and_event_readers_read_while_a_writer_holds_the_lock(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """SQLite: every reader in gateway.spool and gateway.events goes through `reading()`; with another
-    connection holding the write lock, each answers at once (before, each waited out busy_timeout)."""
+@contextlib.contextmanager
+def _write_lock_held(tmp_path, seed: Callable[[Engine], int]):  # type: ignore[no-untyped-def]
+    """A SQLite store (seeded by `seed`, which returns a message id) whose engine waits at most 200 ms for a
+    lock, while another connection holds the write lock: yields (engine, id)."""
     import sqlite3
 
     from sqlalchemy import event
 
-    from gateway.events import GapWatch, read_events, read_settled
-    from gateway.spool import collect_segments, verify_logged_bodies
-
     path = str(tmp_path / "store.db")
     engine = open_store(f"sqlite:///{path}")
-    ident = spool_one(engine, mail("<w@x>"), env())
+    ident = seed(engine)
     engine.dispose()
 
     @event.listens_for(engine, "connect")
@@ -442,6 +442,20 @@ def test_spool_and_event_readers_read_while_a_writer_holds_the_lock(tmp_path) ->
     holder.execute("BEGIN IMMEDIATE")
     holder.execute("UPDATE messages SET attempts = attempts WHERE id = ?", (ident,))
     try:
+        yield engine, ident
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        engine.dispose()
+
+
+def test_spool_and_event_readers_read_while_a_writer_holds_the_lock(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SQLite: every reader in gateway.spool and gateway.events goes through `reading()`; with another
+    connection holding the write lock, each answers at once (before, each waited out busy_timeout)."""
+    from gateway.events import GapWatch, read_events, read_settled
+    from gateway.spool import collect_segments, verify_logged_bodies
+
+    with _write_lock_held(tmp_path, lambda engine: spool_one(engine, mail("<w@x>"), env())) as (engine, ident):
         assert get_message(engine, ident).message_id == "<w@x>"  # type: ignore[union-attr]
         assert get_raw(engine, ident) == mail("<w@x>")
         assert [m.id for m in list_messages(engine)] == [ident]
@@ -451,11 +465,6 @@ def test_spool_and_event_readers_read_while_a_writer_holds_the_lock(tmp_path) ->
         assert collect_segments(engine) == []
         assert read_events(engine) == []
         assert read_settled(engine, GapWatch()) == ([], 0)
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
-        engine.dispose()
-
 
 def test_release_and_delete_take_the_expected_states_in_the_same_statement(engine: Engine) -> None:
     """Delivered mail is never put back (it would reach Odoo twice), and a caller's expected states are part of
@@ -480,10 +489,6 @@ def test_the_workers_lookups_read_while_a_writer_holds_the_lock(tmp_path) -> Non
     duplicate check, VERP resolution, the schema check) go through `reading()`: with another connection
     holding the write lock (the spool writer committing) each answers at once, where each took the write
     lock itself at BEGIN and queued behind every commit — and made the writer queue behind it."""
-    import sqlite3
-
-    from sqlalchemy import event
-
     from gateway.delivery import WriteLedger
     from gateway.migrate import current, head
     from gateway.relay import resolve_verp
@@ -491,20 +496,11 @@ def test_the_workers_lookups_read_while_a_writer_holds_the_lock(tmp_path) -> Non
         IndexThreadLookup, SpoolDuplicateLookup, index_message, is_outbound, record_of, replying_recipient,
     )
 
-    path = str(tmp_path / "store.db")
-    engine = open_store(f"sqlite:///{path}")
-    ident = spool_one(engine, mail("<w@x>"), env())
-    index_message(engine, "<sent@x>", "crm.lead", 7, outbound=True)
-    engine.dispose()
+    def seed(engine: Engine) -> int:
+        index_message(engine, "<sent@x>", "crm.lead", 7, outbound=True)
+        return spool_one(engine, mail("<w@x>"), env())
 
-    @event.listens_for(engine, "connect")
-    def _short_busy(dbapi_conn, _record):  # type: ignore[no-untyped-def]
-        dbapi_conn.execute("PRAGMA busy_timeout=200")
-
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("BEGIN IMMEDIATE")
-    holder.execute("UPDATE messages SET attempts = attempts WHERE id = ?", (ident,))
-    try:
+    with _write_lock_held(tmp_path, seed) as (engine, ident):
         assert is_outbound(engine, "<sent@x>") is not None
         assert record_of(engine, "<sent@x>") == ("crm.lead", 7)
         assert replying_recipient(engine, "<sent@x>", "a@b.example") == "a@b.example"
@@ -513,6 +509,3 @@ def test_the_workers_lookups_read_while_a_writer_holds_the_lock(tmp_path) -> Non
         assert WriteLedger(engine, ident).empty
         assert resolve_verp(engine, b"k" * 32, "bounce+nothing@example.test") is None
         assert current(engine) == head()
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
