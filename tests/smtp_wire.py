@@ -59,6 +59,18 @@ class WireClient:
             pass
 
 
+async def rcpt_reply(port: int, address: str, host: str = "127.0.0.1") -> tuple[int, str]:
+    """The reply to `RCPT TO:<address>` in a fresh session (EHLO, MAIL FROM) on a listener."""
+    c = await WireClient.connect(host, port)
+    try:
+        await c.reply()
+        await c.cmd("EHLO t.test")
+        await c.cmd("MAIL FROM:<a@client.test>")
+        return await c.cmd(f"RCPT TO:<{address}>")
+    finally:
+        await c.close()
+
+
 def make_mail(subject: str = "hello", *, size: int = 0, message_id: str | None = "<m1@client.test>",
               extra_headers: str = "", body: str | None = None) -> bytes:
     """A small valid CRLF message; `size` pads the body with 76-char lines."""

@@ -14,7 +14,7 @@ from gateway.store import open_store
 from routing.model import Action
 from tests.gateway_proc import to_toml
 from tests.odoo_double import OdooDouble
-from tests.smtp_wire import WireClient, make_mail
+from tests.smtp_wire import make_mail, rcpt_reply
 
 
 def _config(tmp_path, odoo: OdooDouble, port: int = 0):  # type: ignore[no-untyped-def]
@@ -91,14 +91,7 @@ def test_nameless_odoo_aliases_are_not_addresses() -> None:
 
 
 async def _rcpt(port: int, address: str) -> int:
-    c = await WireClient.connect("127.0.0.1", port)
-    try:
-        await c.reply()
-        await c.cmd("EHLO t.test")
-        await c.cmd("MAIL FROM:<a@client.test>")
-        return (await c.cmd(f"RCPT TO:<{address}>"))[0]
-    finally:
-        await c.close()
+    return (await rcpt_reply(port, address))[0]
 
 
 async def _until_accepted(port: int, address: str) -> int:
@@ -196,17 +189,6 @@ async def test_sighup_turns_the_rcpt_sync_on_and_off(tmp_path, monkeypatch) -> N
         odoo.stop()
 
 
-async def _rcpt_reply(port: int, address: str) -> tuple[int, str]:
-    c = await WireClient.connect("127.0.0.1", port)
-    try:
-        await c.reply()
-        await c.cmd("EHLO t.test")
-        await c.cmd("MAIL FROM:<a@client.test>")
-        return await c.cmd(f"RCPT TO:<{address}>")
-    finally:
-        await c.close()
-
-
 async def test_unknown_address_is_refused_temporarily_until_the_first_sync(tmp_path, monkeypatch) -> None:
     """Odoo down at start: the table held the config's aliases only, and Odoo's were answered 550 5.1.1 —
     senders bounced the mail — until Odoo came back. Until one sync succeeded, what a strict domain does not
@@ -219,9 +201,9 @@ async def test_unknown_address_is_refused_temporarily_until_the_first_sync(tmp_p
     try:
         port = gw.ports["smtp"]
         await asyncio.sleep(0.5)  # a few failed syncs (sync_interval 0.2)
-        code, text = await _rcpt_reply(port, "billing@example.test")
+        code, text = await rcpt_reply(port, "billing@example.test")
         assert code == 451 and "not loaded from Odoo yet" in text, text
-        assert (await _rcpt_reply(port, "nobody@example.test"))[0] == 451
+        assert (await rcpt_reply(port, "nobody@example.test"))[0] == 451
         assert await _rcpt(port, "sales@example.test") == 250  # the config's aliases are known
         assert await _rcpt(port, "x@elsewhere.test") == 550     # and foreign domains refused as ever
         odoo.come_up()

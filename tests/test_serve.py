@@ -17,7 +17,7 @@ import pytest
 
 from gateway.logs import setup_logging
 from tests.gateway_proc import ROOT, GatewayProcess, base_config, free_port, to_toml
-from tests.smtp_wire import make_mail
+from tests.smtp_wire import make_mail, rcpt_reply
 from tests.waiting import wait_until
 
 
@@ -256,7 +256,6 @@ async def test_sighup_moves_the_bare_postmaster_to_the_new_first_domain(tmp_path
     dropped that domain, the RFC 5321 §4.5.1 address every server must take was refused 550 5.7.1."""
     from gateway.config import load_config
     from gateway.serve import start_gateway
-    from tests.smtp_wire import WireClient
 
     cfg = base_config(tmp_path, smtp_port=0, admin_port=0, admin={"enabled": False}, worker={"processes": 0})
     cfg["domains"] = [{"name": "old.test", "strict": True}]
@@ -265,14 +264,7 @@ async def test_sighup_moves_the_bare_postmaster_to_the_new_first_domain(tmp_path
     path.write_text(to_toml(cfg))
 
     async def rcpt(port: int, address: str) -> int:
-        c = await WireClient.connect("127.0.0.1", port)
-        try:
-            await c.reply()
-            await c.cmd("EHLO t.test")
-            await c.cmd("MAIL FROM:<a@client.test>")
-            return (await c.cmd(f"RCPT TO:<{address}>"))[0]
-        finally:
-            await c.close()
+        return (await rcpt_reply(port, address))[0]
 
     gw = await start_gateway(load_config(str(path)), config_path=str(path), workers=False)
     try:
