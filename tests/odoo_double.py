@@ -134,6 +134,75 @@ CREATION_SUBTYPE = {"crm.lead": "crm.mt_lead_create", "helpdesk.ticket": "helpde
 SUBTYPES = {"mail.mt_comment": (1, "Discussions", False), "mail.mt_note": (2, "Note", True),
             "crm.mt_lead_create": (3, "Lead Created", False), "helpdesk.mt_ticket_new": (4, "Ticket Created", False)}
 
+#: the fields each served model has in Odoo 17 (those that matter here; checked against odoo/odoo 17.0's model
+#: definitions). Unknown names raise ValueError as Odoo's ORM does: in read/search_read `fields`, create/write
+#: values and domain leaves. `fields_for(model, major)` applies the differences between versions.
+MAGIC_FIELDS = ("id", "display_name", "create_date", "create_uid", "write_date", "write_uid")
+_THREAD_FIELDS = ("message_ids", "message_follower_ids", "message_partner_ids", "message_is_follower",
+                  "has_message", "message_attachment_count", "message_has_error", "message_main_attachment_id")
+_PARTNER_FIELDS = (
+    "name", "email", "email_normalized", "email_formatted", "phone", "mobile", "user_ids", "user_id", "is_company",
+    "company_type", "parent_id", "child_ids", "commercial_partner_id", "company_id", "company_name", "type",
+    "street", "street2", "city", "zip", "state_id", "country_id", "lang", "tz", "ref", "vat", "website",
+    "comment", "function", "title", "category_id", "active", "employee", "color", "image_1920",
+    "message_bounce", "is_blacklisted")
+FIELDS: dict[str, tuple[str, ...]] = {
+    "res.partner": _PARTNER_FIELDS + _THREAD_FIELDS,
+    # _inherits res.partner: every partner field reads through partner_id
+    "res.users": _PARTNER_FIELDS + _THREAD_FIELDS + (
+        "login", "password", "partner_id", "share", "groups_id", "company_ids", "signature", "notification_type",
+        "login_date"),
+    "crm.lead": _THREAD_FIELDS + (
+        "name", "type", "email_from", "email_normalized", "email_cc", "partner_id", "partner_name", "contact_name",
+        "phone", "mobile", "description", "team_id", "user_id", "stage_id", "company_id", "tag_ids", "priority",
+        "probability", "expected_revenue", "date_deadline", "referred", "website", "street", "city", "country_id",
+        "lang_id", "function", "title", "active", "message_bounce", "is_blacklisted", "medium_id", "source_id",
+        "campaign_id", "lost_reason_id"),
+    # enterprise (helpdesk): what the double already had
+    "helpdesk.ticket": _THREAD_FIELDS + (
+        "name", "partner_email", "partner_id", "partner_name", "team_id", "description", "user_id", "stage_id",
+        "ticket_type_id", "tag_ids", "priority", "company_id", "email_cc", "active"),
+    "mail.message": (
+        "subject", "date", "body", "preview", "attachment_ids", "parent_id", "child_ids", "model", "res_id",
+        "record_name", "message_type", "subtype_id", "mail_activity_type_id", "is_internal", "email_from",
+        "author_id", "author_avatar", "author_guest_id", "partner_ids", "notification_ids", "needaction",
+        "starred", "starred_partner_ids", "tracking_value_ids", "message_id", "reply_to", "reply_to_force_new",
+        "mail_server_id", "email_layout_xmlid", "email_add_signature", "record_company_id", "reaction_ids",
+        "has_error"),
+    "mail.followers": ("res_model", "res_id", "partner_id", "subtype_ids", "name", "email", "is_active"),
+    "mail.notification": ("author_id", "mail_message_id", "mail_mail_id", "res_partner_id", "notification_type",
+                          "notification_status", "is_read", "read_date", "failure_type", "failure_reason"),
+    "ir.attachment": ("name", "description", "res_name", "res_model", "res_field", "res_id", "company_id", "type",
+                      "url", "public", "access_token", "raw", "datas", "db_datas", "store_fname", "file_size",
+                      "checksum", "mimetype", "index_content", "original_id", "local_url"),
+    "mail.alias": ("alias_name", "alias_full_name", "alias_domain_id", "alias_domain", "alias_model_id",
+                   "alias_defaults", "alias_force_thread_id", "alias_parent_model_id", "alias_parent_thread_id",
+                   "alias_contact", "alias_incoming_local", "alias_bounced_content", "alias_status"),
+    "mail.alias.domain": ("name", "company_ids", "sequence", "bounce_alias", "bounce_email", "catchall_alias",
+                          "catchall_email", "default_from", "default_from_email"),
+    "ir.model": ("name", "model", "order", "info", "field_id", "inherited_model_ids", "state", "access_ids",
+                 "rule_ids", "transient", "modules", "view_ids", "count", "is_mail_thread", "is_mail_activity",
+                 "is_mail_blacklist"),
+    "mail.message.subtype": ("name", "description", "internal", "parent_id", "relation_field", "res_model",
+                             "default", "sequence", "hidden", "track_recipients"),
+    "mail.thread": _THREAD_FIELDS,
+    "hr.employee": ("name", "active", "user_id", "work_email", "work_contact_id", "work_phone", "mobile_phone",
+                    "private_email", "department_id", "job_id", "job_title", "company_id", "parent_id", "coach_id",
+                    "resource_id", "employee_type"),
+}
+
+
+def fields_for(model: str, major: int) -> frozenset[str]:
+    """The model's field names on this major version (the `major` switch: 17 is the reference)."""
+    names = set(FIELDS.get(model, ())) | set(MAGIC_FIELDS)
+    if major >= 19 and model == "res.users":
+        names = (names - {"groups_id"}) | {"group_ids"}            # renamed in Odoo 19
+    if major < 17 and model == "mail.alias":                       # alias domains are new in 17
+        names -= {"alias_domain_id", "alias_full_name", "alias_incoming_local", "alias_status"}
+        names |= {"alias_user_id"}
+    return frozenset(names)
+
+
 _ANGLE_TOKEN = re.compile(r"<[^<>]+>")
 
 
@@ -192,14 +261,51 @@ class Store:
         email_field = {"res.partner": "email", "crm.lead": "email_from", "res.users": "email"}.get(model)
         if email_field:
             rec["email_normalized"] = normalize_email(rec.get(email_field)) or False
+        if model in ("res.partner", "res.users"):  # tools.formataddr: the name always quoted
+            rec["email_formatted"] = f'"{rec.get("name") or "False"}" <{rec["email"]}>' if rec.get("email") else False
         if model == "mail.alias":
             dom = self.tables["mail.alias.domain"].get(rec.get("alias_domain_id") or 0)
             rec["alias_full_name"] = f"{rec['alias_name']}@{dom['name']}" if dom else rec["alias_name"]
+            rec["alias_domain"] = dom["name"] if dom else False
         if model == "mail.alias.domain":
             rec["bounce_email"] = f"{rec.get('bounce_alias', 'bounce')}@{rec['name']}"
             rec["catchall_email"] = f"{rec.get('catchall_alias', 'catchall')}@{rec['name']}"
         if model in BLACKLIST_MODELS:
             rec.setdefault("message_bounce", 0)
+
+    # -- Odoo's checks of field names (the RPC methods run them; the double's own bookkeeping does not)
+    def check_fields(self, model: str, names: Any, major: int) -> None:
+        """read/search_read `fields`, create/write values: models.py raises ValueError for a name the model
+        lacks (check_field_access_rights on read, _create/write on values)."""
+        known = fields_for(model, major)
+        for name in names or ():
+            if name not in known:
+                raise OdooDoubleError(f"Invalid field {name!r} on model {model!r}", name="builtins.ValueError")
+
+    def check_domain(self, model: str, domain: Any, major: int) -> None:
+        """osv/expression.py: a leaf on an unknown field raises ValueError; a path is checked model by model
+        (its first parts must be many2one fields the double can follow)."""
+        for leaf in domain or ():
+            if not isinstance(leaf, (list, tuple)) or len(leaf) != 3 or leaf[0] in (0, 1):
+                continue
+            current = model
+            parts = str(leaf[0]).split(".")
+            for i, part in enumerate(parts):
+                if part not in fields_for(current, major):
+                    raise OdooDoubleError(f"Invalid field {current}.{part} in leaf {tuple(leaf)!s}",
+                                          name="builtins.ValueError")
+                if i < len(parts) - 1:
+                    nxt = M2O.get(current, {}).get(part)
+                    if nxt is None:
+                        raise OdooDoubleError(f"the Odoo double follows only many2one paths: {current}.{part} "
+                                              f"in {tuple(leaf)!s}", name="builtins.NotImplementedError")
+                    current = nxt
+
+    def check_order(self, model: str, order: str | None, major: int) -> None:
+        """models.py _order_to_sql: an unknown field in `order` raises ValueError too."""
+        for part in (order or "").split(","):
+            if part.strip():
+                self.check_fields(model, [part.split()[0]], major)
 
     # -- reads
     def get(self, model: str, rid: int) -> dict[str, Any] | None:
@@ -232,25 +338,31 @@ class Store:
                 a, b = stack.pop(), stack.pop()
                 stack.append((a and b) if token == "&" else (a or b))
             elif isinstance(token, (list, tuple)) and len(token) == 3:
-                stack.append(self._leaf(rec, token))
+                stack.append(self._leaf(model, rec, token))
             else:
                 raise ValueError(f"Invalid leaf {token!r}")
         return all(stack)
 
-    @staticmethod
-    def _leaf(rec: dict[str, Any], leaf: Any) -> bool:
+    def _leaf(self, model: str, rec: dict[str, Any], leaf: Any) -> bool:
         fname, op, value = leaf
         if fname in (1, 0) and fname == value:  # TRUE_LEAF / FALSE_LEAF
             return op == "=" and fname == 1
         if isinstance(fname, str) and "." in fname:
-            fname = fname.split(".", 1)[0]
+            # a many2one path: the leaf on the linked record (Odoo's subquery); an empty link matches nothing
+            head, rest = fname.split(".", 1)
+            comodel = M2O.get(model, {}).get(head)
+            if comodel is None:
+                raise OdooDoubleError(f"the Odoo double follows only many2one paths: {model}.{head} in {leaf!r}",
+                                      name="builtins.NotImplementedError")
+            target = self.tables[comodel].get(rec.get(head) or 0)
+            return target is not None and self._leaf(comodel, target, (rest, op, value))
         have = rec.get(fname, False)
         if op == "=":
             if isinstance(have, list):
                 return value in have or (value is False and not have)
             return have == value or (value is False and have in (None, False, 0, ""))
         if op == "!=":
-            return not Store._leaf(rec, (fname, "=", value))
+            return not self._leaf(model, rec, (fname, "=", value))
         if op in ("in", "not in"):
             values = list(value) if isinstance(value, (list, tuple)) else [value]
             if isinstance(have, list):
@@ -286,6 +398,8 @@ class Store:
         m2o = M2O.get(model, {})
         for f in names:
             value = rec.get(f, False)
+            if f == "display_name":  # computed: mail.alias shows its address, the others their name
+                value = rec.get("alias_full_name") if model == "mail.alias" else self.display_name(model, rec)
             if model == "res.partner" and f == "user_ids":  # one2many, computed from res.users
                 value = [u["id"] for u in self.tables["res.users"].values() if u.get("partner_id") == rec["id"]]
             if f in m2o:
@@ -491,7 +605,7 @@ class OdooDouble:
         """Run one object method as the RPC user (the shared core of both transports)."""
         if method.startswith("_") or method == "init" or (self.major >= 19 and method in ("browse", "exists")):
             raise AccessError(f"Private methods (such as '{model}.{method}') cannot be called remotely.")
-        if model not in self.store.tables:
+        if model not in self.store.tables or (model == "mail.alias.domain" and self.major < 17):
             raise UserError(f"Object {model} doesn't exist", status=404)
         fn: Callable[..., Any] | None = getattr(self, "m_" + method, None)
         if fn is None or (method.startswith("message_") and method not in ("message_process",)
@@ -511,20 +625,27 @@ class OdooDouble:
     # ------------------------------------------------------------------------------ ORM methods
     def m_search(self, model: str, domain: list[Any] | None = None, offset: int = 0, limit: int | None = None,
                  order: str | None = None, *, context: dict[str, Any]) -> list[int]:
+        self.store.check_domain(model, domain, self.major)
+        self.store.check_order(model, order, self.major)
         return self.store.search(model, domain or [], order=order, limit=limit, offset=offset)
 
     def m_search_count(self, model: str, domain: list[Any] | None = None, limit: int | None = None, *,
                        context: dict[str, Any]) -> int:
+        self.store.check_domain(model, domain, self.major)
         return len(self.store.search(model, domain or [], limit=limit))
 
     def m_search_read(self, model: str, domain: list[Any] | None = None, fields: list[str] | None = None,
                       offset: int = 0, limit: int | None = None, order: str | None = None, *,
                       context: dict[str, Any]) -> list[dict[str, Any]]:
+        self.store.check_fields(model, fields, self.major)
+        self.store.check_domain(model, domain, self.major)
+        self.store.check_order(model, order, self.major)
         ids = self.store.search(model, domain or [], order=order, limit=limit, offset=offset)
         return self.store.read(model, ids, fields)
 
     def m_read(self, model: str, ids: list[int], fields: list[str] | None = None, *,
                context: dict[str, Any]) -> list[dict[str, Any]]:
+        self.store.check_fields(model, fields, self.major)
         return self.store.read(model, ids, fields)
 
     def m_create(self, model: str, vals_list: Any = None, *, context: dict[str, Any]) -> Any:
@@ -537,6 +658,7 @@ class OdooDouble:
         return ids[0]
 
     def _create_checked(self, model: str, vals: dict[str, Any]) -> int:
+        self.store.check_fields(model, vals, self.major)
         if model == "ir.attachment":
             if "datas" in vals:
                 try:
@@ -569,6 +691,7 @@ class OdooDouble:
             # A record rule limits writes to the user's own rows: refused even to admin (spec §6).
             raise AccessError("Due to security restrictions, you are not allowed to modify "
                               "'Message Notifications' (mail.notification) records.")
+        self.store.check_fields(model, vals, self.major)
         self.store.write(model, ids, dict(vals or {}))
         return True
 
@@ -619,6 +742,7 @@ class OdooDouble:
             if not self.store.get(model, rid):
                 raise MissingError(f"Record does not exist or has been deleted. (Record: {model}({rid},))")
         if update_vals:
+            self.store.check_fields(model, update_vals, self.major)
             self.store.write(model, ids, dict(update_vals))
         return True
 
@@ -660,16 +784,41 @@ class OdooDouble:
             att_ids.append(self.store.create("ir.attachment", {
                 "name": name, "datas": base64.b64encode(raw).decode(), "datas_raw": raw,
                 "mimetype": "application/octet-stream", "res_model": model, "res_id": rid}))
+        author_id, email_from = self._message_compute_author(author_id, email_from)
         mid = self._post(model, rid, body=body, subject=subject, message_type=message_type,
                          subtype_xmlid=subtype_xmlid, subtype_id=subtype_id, email_from=email_from,
-                         author_id=author_id or self.admin_partner, message_id=message_id, date=date,
+                         author_id=author_id, message_id=message_id, date=date,
                          parent_id=parent_id, attachment_ids=att_ids, partner_ids=partner_ids,
                          is_internal=is_internal,
                          # Odoo 17 skips the *acting user's* partner (the RPC user, active), not the author,
                          # so a following customer gets a copy of their own mail; 18+ skip the real author.
                          skip_partner=(0 if notify_author else
-                                       self.admin_partner if self.major < 18 else (author_id or self.admin_partner)))
+                                       self.admin_partner if self.major < 18 else (author_id or 0)))
         return self._returns_record("mail.message", mid, int_before_19=True)
+
+    def _message_compute_author(self, author_id: int | None, email_from: str | None) -> tuple[int | bool, str | bool]:
+        """mail_thread.py (17) `_message_compute_author(author_id, email_from, raise_on_email=True)`: no author_id
+        → the partner found for email_from (`_mail_find_partner_from_emails`, records=None: users, then partners;
+        none is created) or empty; neither → the current user's partner and its email_formatted. An author
+        without email_from → the author's email_formatted; no email_from at all → UserError (not superuser)."""
+        if author_id is None:
+            if email_from:
+                author_id = self._find_author(None, None, normalize_email(email_from) or "") or False
+            else:
+                author_id = self.admin_partner
+                email_from = self._email_formatted(author_id)
+        if email_from is None and author_id:
+            email_from = self._email_formatted(author_id)
+        if not email_from:
+            raise UserError("Unable to send message, please configure the sender's email address.")
+        return author_id, email_from
+
+    def _email_formatted(self, partner_id: int) -> str | bool:
+        """res.partner.email_formatted: tools.formataddr((name or "False", email)), quoted name; False without email."""
+        partner = self.store.get("res.partner", partner_id) or {}
+        if not partner.get("email"):
+            return False
+        return f'"{partner.get("name") or "False"}" <{partner["email"]}>'
 
     def _new_message_id(self, model: str, rid: int) -> str:
         return f"<{random.randint(10**14, 10**15 - 1)}.{time.time():.15f}-openerp-{rid}-{model}@double>"

@@ -177,3 +177,77 @@ def test_store_domains() -> None:
     s.write("res.partner", [b], {"active": False})
     assert s.search("res.partner", []) == [a]
     assert s.search("res.partner", [("active", "=", False)]) == [b]
+
+
+def _value_error(data: dict[str, Any], text: str) -> None:
+    assert "result" not in data, data
+    assert data["error"]["data"]["name"] == "builtins.ValueError", data
+    assert text in data["error"]["data"]["message"], data
+
+
+@pytest.mark.parametrize("version", ["17.0", "19.0"])
+def test_unknown_fields_raise_as_odoo_does(version: str) -> None:
+    """models.py / osv/expression.py refuse a field the model lacks: read/search_read fields, create/write
+    values, domain leaves (a path checked model by model), order."""
+    with OdooDouble(version=version) as d:
+        ann = d.add_partner("Ann", "ann@customer.example")
+        _value_error(kw(d, "res.partner", "read", [[ann], ["name", "no_such_field"]]),
+                     "Invalid field 'no_such_field' on model 'res.partner'")
+        _value_error(kw(d, "res.partner", "search_read", [[], ["emails"]]), "Invalid field 'emails'")
+        _value_error(kw(d, "res.partner", "create", [{"name": "Bob", "e_mail": "bob@x"}]), "Invalid field 'e_mail'")
+        _value_error(kw(d, "res.partner", "write", [[ann], {"e_mail": "x"}]), "Invalid field 'e_mail'")
+        _value_error(kw(d, "res.partner", "search", [[("e_mail", "=", "x")]]),
+                     "Invalid field res.partner.e_mail in leaf")
+        _value_error(kw(d, "res.partner", "search_count", [[("name", "=", "Ann"), ("e_mail", "=", "x")]]),
+                     "Invalid field res.partner.e_mail")
+        _value_error(kw(d, "res.users", "search", [[("partner_id.e_mail", "=", "x")]]),
+                     "Invalid field res.partner.e_mail")
+        _value_error(kw(d, "res.partner", "search", [[]], {"order": "nope desc"}), "Invalid field 'nope'")
+        _value_error(kw(d, "mail.alias", "search_read", [[], ["alias_user_id"]]), "Invalid field 'alias_user_id'")
+        assert d.records("res.partner", [("name", "=", "Bob")]) == []  # nothing was created
+        # JSON-2 reports the same exception class
+        status, body, _c = j2(d, "res.partner", "read", {"ids": [ann], "fields": ["no_such_field"]}) \
+            if version == "19.0" else (0, {"name": "builtins.ValueError"}, "")
+        assert body["name"] == "builtins.ValueError"
+        # the version switch: res.users.groups_id is group_ids from 19
+        groups = "group_ids" if version == "19.0" else "groups_id"
+        other = "groups_id" if version == "19.0" else "group_ids"
+        assert "result" in kw(d, "res.users", "search_count", [[(groups, "in", [1])]])
+        _value_error(kw(d, "res.users", "search_count", [[(other, "in", [1])]]), f"res.users.{other}")
+        # computed fields the double sets stay readable; a many2one path follows the link
+        row = kw(d, "res.partner", "read", [[ann], ["email_normalized", "email_formatted", "display_name"]])
+        assert row["result"][0] == {"id": ann, "email_normalized": "ann@customer.example",
+                                    "email_formatted": '"Ann" <ann@customer.example>', "display_name": "Ann"}
+        alias = kw(d, "mail.alias", "search_read", [[("alias_name", "=", "sales")],
+                                                     ["alias_full_name", "display_name", "alias_domain"]])
+        assert alias["result"][0]["alias_full_name"] == "sales@example.test"
+        assert alias["result"][0]["display_name"] == "sales@example.test"
+        users = kw(d, "res.users", "search", [[("partner_id.email", "=ilike", "ADMIN@example.test")]])
+        assert users["result"] == [d.uid]
+        assert kw(d, "res.users", "search", [[("partner_id.email", "=", "ann@customer.example")]])["result"] == []
+
+
+def test_message_post_author_computed_as_odoo_17(d17: OdooDouble) -> None:
+    """mail_thread.py _message_compute_author: no author_id → the partner of email_from (users, then partners;
+    never created) or empty; neither → the current user's partner and its formatted address."""
+    d = d17
+    lead = kw(d, "crm.lead", "create", [{"name": "Deal"}])["result"]
+    ann = d.add_partner("Ann", "ann@customer.example")
+
+    def post_(**kwargs: Any) -> dict[str, Any]:
+        mid = kw(d, "crm.lead", "message_post", [[lead]], {"body": "x", **kwargs})["result"]
+        return d.store.get("mail.message", mid)
+
+    m = post_(email_from="Ann <ANN@customer.example>")
+    assert m["author_id"] == ann and m["email_from"] == "Ann <ANN@customer.example>"
+    partners = len(d.records("res.partner"))
+    m = post_(email_from="stranger@nowhere.example")
+    assert m["author_id"] is False and m["email_from"] == "stranger@nowhere.example"
+    assert len(d.records("res.partner")) == partners  # no partner created
+    m = post_()
+    assert m["author_id"] == d.admin_partner and m["email_from"] == '"Mitchell Admin" <admin@example.test>'
+    m = post_(author_id=ann)
+    assert m["author_id"] == ann and m["email_from"] == '"Ann" <ann@customer.example>'
+    noemail = kw(d, "res.partner", "create", [{"name": "Mute"}])["result"]
+    err = kw(d, "crm.lead", "message_post", [[lead]], {"body": "x", "author_id": noemail})
+    assert err["error"]["data"]["name"] == "odoo.exceptions.UserError"
