@@ -59,12 +59,29 @@ class LazyOdooClient:
             raise TransientError(f"cannot connect to Odoo at {self._config.odoo.url}: {exc}",
                                  hint="mail stays spooled and is retried; check [odoo] url and protocol") from None
 
+    def reload(self, config: Config) -> None:
+        """SIGHUP: a changed `[odoo]` (URL, database, login, secret variable, protocol, timeout, pool) is used
+        from the next call on; the workers kept the old connection until a restart. Calls in flight finish on
+        the old one."""
+        if config.odoo == self._config.odoo:
+            self._config = config
+            return
+        with self._lock:
+            self._config, self._client = config, None
+        log.info("[odoo] changed: the next Odoo call connects to %s", config.odoo.url)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._get(), name)
 
 
 def odoo_client(config: Config) -> LazyOdooClient | None:
-    return LazyOdooClient(config) if config.odoo.url else None
+    """The Odoo client (connected on first use), followed by SIGHUP; None without an `[odoo] url` (adding
+    one later needs a restart: the workers were built without delivery)."""
+    if not config.odoo.url:
+        return None
+    client = LazyOdooClient(config)
+    _reloadable.add(client)
+    return client
 
 
 def alias_sync(config: Config, client: Any):  # type: ignore[no-untyped-def]

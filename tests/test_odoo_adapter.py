@@ -487,3 +487,40 @@ def test_odoo_19_lock_error_is_retried() -> None:
                       TransientError)
     assert isinstance(from_odoo_error("werkzeug.exceptions.Conflict", "locked", where="crm.lead.write", status=409),
                       TransientError)
+
+
+def test_sighup_with_a_new_odoo_section_reconnects_the_workers_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGHUP that changed [odoo] (a new URL, database or key) reached the RCPT alias sync but the workers
+    kept their old Odoo connection until a restart; now the next call connects with the new settings, and an
+    unchanged [odoo] keeps the connection."""
+    import gateway.odoo.client as client_module
+    from gateway.config import parse_config
+    from gateway.pipeline import odoo_client, reload_aliases
+
+    connected: list[str] = []
+
+    class Fake:
+        def __init__(self, url: str):
+            self.url = url
+
+        def version(self) -> str:
+            return self.url
+
+    def connect(odoo: Any) -> Fake:
+        connected.append(odoo.url)
+        return Fake(odoo.url)
+
+    monkeypatch.setattr(client_module, "connect", connect)
+
+    def config(url: str, aliases: int = 0) -> Any:
+        return parse_config({"odoo": {"url": url, "db": "d", "login": "l"}, "domains": [{"name": "example.test"}],
+                             "aliases": [{"address": f"a{i}@example.test", "model": "crm.lead"}
+                                         for i in range(aliases)]}, base_dir="/tmp")
+
+    client = odoo_client(config("http://old.example:8069"))
+    assert client is not None and client.version() == "http://old.example:8069"
+    reload_aliases(config("http://old.example:8069", aliases=1))  # [odoo] unchanged: the connection stays
+    assert client.version() == "http://old.example:8069" and connected == ["http://old.example:8069"]
+    reload_aliases(config("http://new.example:8069"))
+    assert client.version() == "http://new.example:8069"
+    assert connected == ["http://old.example:8069", "http://new.example:8069"]
