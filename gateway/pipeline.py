@@ -16,10 +16,11 @@ from sqlalchemy import Engine
 from aliases.load import build_table
 from aliases.model import AliasTable
 from gateway.config import Config, secret
+from gateway.errors import TransientError
 from gateway.explain import route_raw
 from gateway.spool import SpooledMessage
 from gateway.thread_lookup import IndexThreadLookup, SpoolDuplicateLookup
-from routing.model import Decision, RoutingEnvelope
+from routing.model import Action, Decision, RoutingEnvelope
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,12 @@ class RouteStep:
         _, decision = route_raw(raw, envelope, table=self.current_table(), config=self.config, threads=self.threads,
                                 duplicates=SpoolDuplicateLookup(self.engine, exclude_id=message.id),
                                 verp=self.verp, sha256=message.sha256)
+        if decision.action == Action.QUARANTINE and self.sync is not None and not self.sync.loaded:
+            # Routed without Odoo's aliases (never read: Odoo down since start), mail to an alias that exists
+            # only in Odoo has no route and was quarantined; it waits for the alias list instead, as RCPT does.
+            raise TransientError("Odoo's aliases were never loaded (sync_aliases): the mail waits for them "
+                                 f"rather than be quarantined ({decision.reason or 'no route'})",
+                                 hint="mail stays spooled; check that Odoo answers")
         return decision
 
 

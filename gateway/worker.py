@@ -166,6 +166,10 @@ class Worker:
             return
         try:
             decision = self._decision(msg, item.raw)
+        except TransientError as exc:  # the route step waits for something (Odoo's alias list): not a bug
+            log.warning("routing deferred: %s", exc, extra=ctx)
+            self._retry_or_dead(msg, str(exc), kind="transient")
+            return
         except Exception as exc:  # routing is pure and must not raise; if it does, keep the mail and say so
             log.exception("routing failed", extra=ctx)
             self._retry_or_dead(msg, f"routing error: {exc.__class__.__name__}: {exc}", kind="route")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from gateway.config import load_config, parse_config
 from gateway.pipeline import make_route_step, odoo_client
 from gateway.serve import start_gateway
@@ -246,3 +248,33 @@ def test_synced_alias_carries_its_parent_record_to_the_route() -> None:
     target = _alias_target(alias)
     assert (target.model, target.contact) == ("project.task", "followers")
     assert target.follow_record() == ("project.project", 4)
+
+
+def test_mail_routed_before_odoos_aliases_were_ever_read_waits_instead_of_quarantine(tmp_path) -> None:
+    """Odoo down since start: routing had the config's aliases only, so mail to an alias that exists only
+    in Odoo (in a domain that is not strict: RCPT took it) found no route and was quarantined. It now waits
+    (a transient error, retried) until the alias list was read once; then it routes to Odoo's alias."""
+    from gateway.errors import DeliveryError, TransientError
+    from gateway.pipeline import RouteStep
+
+    class Down(_Odoo17Aliases):
+        up = False
+
+        def search_read(self, *args: Any, **kw: Any) -> list[dict[str, Any]]:
+            if not self.up:
+                raise DeliveryError("Odoo unreachable (simulated)")
+            return super().search_read(*args, **kw)
+
+    config = parse_config({"domains": [{"name": "example.test"}],
+                           "odoo": {"url": "http://odoo.invalid", "sync_aliases": True}}, base_dir=str(tmp_path))
+    engine = open_store(f"sqlite:///{tmp_path}/w.db")
+    raw = make_mail(message_id="<bill-1@client.test>").replace(b"To: sales@example.test", b"To: billing@example.test")
+    message = get_message(engine, spool_one(engine, raw, Envelope("a@client.test", ("billing@example.test",))))
+    odoo = Down()
+    step = RouteStep(config, engine, odoo)
+    with pytest.raises(TransientError, match="never loaded"):
+        step(raw, message)
+    odoo.up = True
+    step.sync._at = 0.0  # type: ignore[union-attr]  # (the next read is due)
+    decision = step(raw, message)
+    assert [t.model for t in decision.targets] == ["helpdesk.ticket"]
