@@ -34,6 +34,7 @@ from gateway.schema import imap_checkpoints, imap_seen, messages
 from gateway.spool import get_raw, list_messages
 from gateway.store import open_store
 from tests.dovecot import Dovecot, dovecot_available
+from tests.running_puller import Running
 
 pytestmark = pytest.mark.imap
 
@@ -103,20 +104,6 @@ async def wait_for(predicate, timeout: float, what: str) -> float:  # type: igno
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.02)
     return time.monotonic() - start
-
-
-class Running:
-    """A puller task with a stop event; `await stop()` ends it the way `serve` does."""
-
-    def __init__(self, puller: ImapPuller):
-        self.puller = puller
-        self.stop_event = asyncio.Event()
-        self.task = asyncio.create_task(puller.run(self.stop_event))
-
-    async def stop(self) -> None:
-        self.stop_event.set()
-        await asyncio.wait_for(self.task, 20)
-        self.puller.close()
 
 
 def puller(src: ImapSourceConfig, engine) -> ImapPuller:  # type: ignore[no-untyped-def]

@@ -18,6 +18,7 @@ from gateway.config import ImapSourceConfig
 from gateway.imap import BATCH_BYTES, ImapPuller
 from gateway.schema import imap_checkpoints, imap_seen
 from gateway.store import open_store
+from tests.running_puller import Running
 
 Hook = Callable[["FakeImap", str, str, asyncio.StreamWriter], Awaitable[bool]]
 
@@ -160,18 +161,6 @@ def puller(server: FakeImap, engine, **kw) -> ImapPuller:  # type: ignore[no-unt
     p = ImapPuller(ImapSourceConfig(**values), engine, password="pw")
     p.backoff_initial = 0.1
     return p
-
-
-class Running:
-    def __init__(self, p: ImapPuller):
-        self.puller = p
-        self.stop_event = asyncio.Event()
-        self.task = asyncio.create_task(p.run(self.stop_event))
-
-    async def stop(self) -> None:
-        self.stop_event.set()
-        await asyncio.wait_for(self.task, 20)
-        self.puller.close()
 
 
 def seen(engine, *, done: bool | None = None) -> list[int]:  # type: ignore[no-untyped-def]
