@@ -34,7 +34,7 @@ from gateway.schema import imap_checkpoints, imap_seen, messages
 from gateway.spool import get_raw, list_messages
 from gateway.store import open_store
 from tests.dovecot import Dovecot, dovecot_available
-from tests.running_puller import Running
+from tests.running_puller import Running, wait_for
 
 pytestmark = pytest.mark.imap
 
@@ -95,15 +95,6 @@ def count(engine, src: ImapSourceConfig) -> int:  # type: ignore[no-untyped-def]
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(messages)
                                 .where(messages.c.source == f"imap:{src.name}")).scalar_one())
-
-
-async def wait_for(predicate, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 def puller(src: ImapSourceConfig, engine) -> ImapPuller:  # type: ignore[no-untyped-def]

@@ -7,7 +7,6 @@ drops between COPY and STORE: each is a hook on one command of `FakeImap`, a few
 from __future__ import annotations
 
 import asyncio
-import time
 import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -18,7 +17,7 @@ from gateway.config import ImapSourceConfig
 from gateway.imap import BATCH_BYTES, ImapPuller
 from gateway.schema import imap_checkpoints, imap_seen
 from gateway.store import open_store
-from tests.running_puller import Running
+from tests.running_puller import Running, wait_for
 
 Hook = Callable[["FakeImap", str, str, asyncio.StreamWriter], Awaitable[bool]]
 
@@ -174,15 +173,6 @@ def seen(engine, *, done: bool | None = None) -> list[int]:  # type: ignore[no-u
 def last_uid(engine) -> int:  # type: ignore[no-untyped-def]
     with engine.connect() as conn:
         return int(conn.execute(select(imap_checkpoints.c.last_uid)).scalar_one())
-
-
-async def wait_for(predicate, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 # ------------------------------------------------------------------------------------------ the tests
