@@ -230,7 +230,8 @@ class Delivery:
                 messages.c.sha256 == message.sha256, messages.c.id != message.id).limit(1)).first()
         return row is not None
 
-    def _collision(self, message: SpooledMessage, mid: str, rows: list[dict[str, Any]]) -> DeliveryOutcome:
+    def _collision(self, message: SpooledMessage, ledger: WriteLedger, mid: str,
+                   rows: list[dict[str, Any]]) -> DeliveryOutcome:
         """Odoo already holds `mid`, and not from this mail (no write of ours, different body): another sender
         reused the Message-ID (scanners, broken clients). Odoo would call it a duplicate and this mail would be
         nowhere while the outcome read "delivered" on the first sender's record: quarantined instead.
@@ -243,7 +244,6 @@ class Delivery:
             return DeliveryOutcome("dropped", f"Odoo's own mail came back: Odoo already holds {mid} ({where})")
         log.warning("spool %s: Message-ID %s is already in Odoo (%s) from another mail; quarantined",
                     message.id, mid, where)
-        ledger = WriteLedger(self.engine, message.id)
         if ledger.get("collision") is None:  # a release delivers it under an id of its own (`_message_id`)
             ledger.record("collision", None, None, {"landed": [list(r) for r in _refs(rows)]})
         return DeliveryOutcome("quarantined", f"Message-ID collision: Odoo already holds {mid} ({where}) from "
@@ -290,7 +290,7 @@ class Delivery:
             refs = _refs(existing)
             if result is False and existing and not earlier and not self._same_mail_elsewhere(message):
                 ledger.record("collision", None, None, {"landed": [list(r) for r in refs]})
-                return self._collision(message, mid, existing)
+                return self._collision(message, ledger, mid, existing)
             landed = list(refs)
             ledger.record(step, refs[0][0] if refs else None, refs[0][1] if refs else None,
                           {"result": result, "landed": [list(r) for r in refs]})
@@ -585,7 +585,7 @@ class Delivery:
         notes: list[str] = []
         known = self._existing(mid)  # one look-up serves every create and post check of this attempt
         if known and ledger.empty and not self._same_mail_elsewhere(message):
-            return self._collision(message, mid, known)
+            return self._collision(message, ledger, mid, known)
         for target in decision.targets:
             label = target.alias or target.model
             author = self._author(target, mail.from_address)
@@ -686,7 +686,7 @@ class Delivery:
         assert target.res_id is not None, "a reply decision names its record"
         known = self._existing(mid)
         if known and ledger.empty and not self._same_mail_elsewhere(message):
-            return self._collision(message, mid, known)
+            return self._collision(message, ledger, mid, known)
         author = self._author(target, mail.from_address)
         refused = self._contact_refusal(target, author, mail.from_address) if target.alias else None
         if refused:

@@ -68,16 +68,11 @@ class IndexThreadLookup:
         position = {m: n for n, m in enumerate(ids)}
         with reading(self.engine) as conn:
             rows = conn.execute(select(thread_index).where(thread_index.c.message_id.in_(ids))).all()
-            if not rows:
-                return None
-            row = max(rows, key=lambda r: (position.get(r.message_id, -1), r.id))
-            recipient = None
-            if row.outbound and row.outbound_mail is not None:
-                rcpts = conn.execute(select(outbound_recipients.c.recipient)
-                                     .where(outbound_recipients.c.mail == row.outbound_mail).limit(2)).scalars().all()
-                recipient = rcpts[0] if len(rcpts) == 1 else None
+        if not rows:
+            return None
+        row = max(rows, key=lambda r: (position.get(r.message_id, -1), r.id))
         return ThreadHit(message_id=row.message_id, model=row.model, res_id=row.res_id, outbound=bool(row.outbound),
-                         is_internal=bool(row.is_internal), recipient=recipient)
+                         is_internal=bool(row.is_internal))
 
     def _from_odoo(self, ids: list[str]) -> ThreadHit | None:
         if self.client is None:

@@ -228,7 +228,6 @@ class ThreadHit:
     res_id: int | None
     outbound: bool = False           # we relayed it (so a reply is a `replied` event)
     is_internal: bool = False        # parent is an internal note (reply becomes a note)
-    recipient: str | None = None     # for outbound: which recipient it went to, when known
 
 
 class ThreadLookup(Protocol):
