@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -367,27 +368,16 @@ class Config(_Model):
 
     def _domain_problems(self) -> list[Problem]:
         """Domains listed twice (the table keeps one entry per name: the other's settings would be lost)."""
-        first: dict[str, int] = {}
-        problems: list[Problem] = []
-        for i, dom in enumerate(self.domains):
-            name = dom.name
-            if name in first:
-                problems.append((("domains", i, "name"), f"the same domain as domains[{first[name]}]"))
-            first.setdefault(name, i)
-        return problems
+        return _listed_twice("domains", [d.name for d in self.domains], "name",
+                             lambda first: f"the same domain as domains[{first}]")
 
     def _imap_problems(self) -> list[Problem]:
         """IMAP sources sharing a name: a source's checkpoint, seen-list and spool source (`imap:NAME`) are
         keyed by its name, so the second account's mail was taken for already seen, neither spooled nor
         flagged."""
-        first: dict[str, int] = {}
-        problems: list[Problem] = []
-        for i, src in enumerate(self.imap):
-            if src.name in first:
-                problems.append((("imap", i, "name"), f"the same name as imap[{first[src.name]}]; each source "
-                                                      "needs its own (it keys the source's checkpoint)"))
-            first.setdefault(src.name, i)
-        return problems
+        return _listed_twice("imap", [src.name for src in self.imap], "name",
+                             lambda first: f"the same name as imap[{first}]; each source needs its own (it keys "
+                                           "the source's checkpoint)")
 
     def _alias_problems(self) -> list[Problem]:
         """Aliases outside our domains or listed twice, and default aliases that name no alias."""
@@ -457,6 +447,18 @@ class Config(_Model):
 
     def storage_url(self) -> str:
         return resolve_storage_url(self.storage.url, self.base_dir)
+
+
+def _listed_twice(section: str, names: list[str], key: str, same_as: Callable[[int], str]) -> list[Problem]:
+    """The entries of `section` whose `key` (their `names[i]`) an earlier entry already has, each named
+    against the first one (`same_as(its index)` says so)."""
+    first: dict[str, int] = {}
+    problems: list[Problem] = []
+    for i, name in enumerate(names):
+        if name in first:
+            problems.append(((section, i, key), same_as(first[name])))
+        first.setdefault(name, i)
+    return problems
 
 
 def _bind_points(host: str) -> tuple[tuple[str, str], ...]:
