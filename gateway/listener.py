@@ -257,9 +257,7 @@ class LeanSMTPMixin:
         client = _ip(self.session.peer)  # type: ignore[attr-defined]
         refusal = limits.admit(client)
         if refusal is not None:
-            REFUSED.labels(self._listener_name(), "421").inc()
-            await self.push(f"421 4.7.0 {self.hostname} Error: {refusal}; try again later")  # type: ignore[attr-defined]
-            self.transport.close()  # type: ignore[attr-defined]
+            self._disconnect(f"421 4.7.0 {self.hostname} Error: {refusal}; try again later")  # type: ignore[attr-defined]
             return
         try:
             await super()._handle_client()  # type: ignore[misc]
@@ -349,10 +347,14 @@ class LeanSMTPMixin:
                 self.limits.auth.failed(_ip(self.session.peer))  # type: ignore[attr-defined]
         if self._errors < self.hard_error_limit and self._auth_failures < self.auth_failure_limit:
             return
-        REFUSED.labels(self._listener_name(), "421").inc()
         log.warning("%s: too many errors from %s; disconnecting", self._listener_name(),
                     _ip(self.session.peer))  # type: ignore[attr-defined]
-        self._writer.write(b"421 4.7.0 Error: too many errors\r\n")  # type: ignore[attr-defined]
+        self._disconnect("421 4.7.0 Error: too many errors")
+
+    def _disconnect(self, reply: str) -> None:
+        """Answer `reply` (a 421), count it, and close the connection: the session limits' refusals."""
+        REFUSED.labels(self._listener_name(), "421").inc()
+        self._writer.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
         transport = self.transport  # type: ignore[attr-defined]
         if transport is not None:
             transport.close()
@@ -363,10 +365,8 @@ class LeanSMTPMixin:
         client = _ip(self.session.peer)  # type: ignore[attr-defined]
         wait = self.limits.auth.blocked_for(client) if self.limits is not None else 0.0
         if wait > 0:
-            REFUSED.labels(self._listener_name(), "421").inc()
-            self._writer.write(f"421 4.7.0 Error: too many failed AUTH attempts from {client}; try again in "  # type: ignore[attr-defined]
-                               f"{int(wait) + 1} s\r\n".encode())
-            self.transport.close()  # type: ignore[attr-defined]
+            self._disconnect(f"421 4.7.0 Error: too many failed AUTH attempts from {client}; try again in "
+                             f"{int(wait) + 1} s")
             return
         await super().smtp_AUTH(arg)  # type: ignore[misc]
 
