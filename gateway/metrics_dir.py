@@ -40,10 +40,40 @@ def prepare() -> str | None:
         for old in path.glob("*.db"):
             old.unlink(missing_ok=True)
         return str(path)
-    made = tempfile.mkdtemp(prefix="mailgate-metrics-")
+    _remove_orphans(Path(tempfile.gettempdir()))
+    made = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
     os.environ[ENV] = made
     atexit.register(shutil.rmtree, made, True)
     return made
+
+
+_PREFIX = "mailgate-metrics-"
+
+
+def _remove_orphans(tmp: Path) -> None:
+    """Remove the directories of earlier `serve` processes that died without their atexit (SIGKILL, OOM
+    killer, power loss): each holds a few MB of memory-mapped files, and a service that crash-loops would
+    leave one per start. A directory is an orphan when the pid in its name is no longer running; one of a
+    live `serve` (two gateways on one host) is left alone. Directories named without a pid (before this
+    naming) are left too: nothing tells whose they are."""
+    for path in tmp.glob(f"{_PREFIX}*-*"):
+        pid_text = path.name[len(_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit() or not path.is_dir():
+            continue
+        if _running(int(pid_text)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s: the metrics of a serve process (pid %s) that did not exit cleanly", path, pid_text)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to clean
+        return True
+    return True
 
 
 def active() -> bool:

@@ -65,3 +65,31 @@ def test_imap_gauges_in_the_multiprocess_exposition(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert 'mailgate_imap_lag_seconds{source="imap:x"} 5.0' in out.stdout
     assert 'mailgate_imap_connection{mailgate_imap_connection="idle",source="imap:x"} 1.0' in out.stdout
+
+
+def test_metrics_dirs_of_dead_serve_processes_are_removed_at_start(tmp_path: Path) -> None:
+    """A `serve` killed with SIGKILL never runs its atexit: its metrics directory stayed in /tmp, one per
+    crash. The next start removes those whose process is gone, and leaves a live one's alone."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.gateway_proc import ROOT
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tmp_path / f"mailgate-metrics-{dead.pid}-abc"
+    live = tmp_path / f"mailgate-metrics-{os.getpid()}-def"
+    unnamed = tmp_path / "mailgate-metrics-xyz"     # the older naming: whose it is cannot be told
+    for d in (orphan, live, unnamed):
+        d.mkdir()
+        (d / "counter_1.db").write_bytes(b"x")
+    script = "from gateway.metrics_dir import prepare; print(prepare())"
+    env = {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    made = Path(out.stdout.strip())
+    assert made.parent == tmp_path and not made.exists()            # its own, removed at its exit
+    assert not orphan.exists()
+    assert live.exists() and unnamed.exists()
