@@ -42,6 +42,7 @@ from gateway.relay import QueuedCopy, verp_domain
 from gateway.relay_batch import Committer
 from gateway.schema import outbound_mails, outbound_queue, outbound_recipients
 from gateway.store import as_utc, utcnow
+from routing.bounce_status import classify_status
 from routing.tokens import verp_address
 
 log = logging.getLogger(__name__)
@@ -76,20 +77,6 @@ class SmtpResult:
 # RFC 3463 / RFC 2034: the enhanced code opens the reply text (anything later, e.g. an IP address, is not one).
 _ENHANCED = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})(?![.\d])")
 
-# Sisimai's vocabulary for what an SMTP answer says (first match wins).
-_REASON_BY_STATUS = (
-    ("5.1.1", "userunknown"), ("5.1.10", "notaccept"), ("5.1.2", "hostunknown"), ("5.1.6", "hasmoved"),
-    ("5.2.2", "mailboxfull"), ("4.2.2", "mailboxfull"), ("5.2.3", "mesgtoolarge"), ("5.3.4", "mesgtoolarge"),
-    ("5.2.1", "suspend"), ("5.7.1", "blocked"), ("5.7.26", "securityerror"), ("5.7.", "policyviolation"),
-    ("5.4.", "networkerror"), ("4.4.", "networkerror"), ("5.3.", "systemerror"), ("5.6.", "contenterror"),
-)
-_REASON_BY_TEXT = (
-    ("user unknown", "userunknown"), ("no such user", "userunknown"), ("does not exist", "userunknown"),
-    ("mailbox full", "mailboxfull"), ("quota", "mailboxfull"), ("too large", "mesgtoolarge"),
-    ("spam", "spamdetected"), ("blocked", "blocked"), ("relay", "norelaying"),
-)
-
-
 def enhanced_status(code: int, text: str) -> str | None:
     """The enhanced status code at the start of a reply's text, when its class agrees with the reply code
     (RFC 3463 §2: a `450 5.1.1` is contradictory, and the basic code is the one that counts)."""
@@ -110,23 +97,20 @@ def classify_reply(code: int, text: str, remote_mta: str | None = None) -> SmtpR
 
 
 def bounce_reason(result: SmtpResult) -> str:
-    """A reason from the fixed vocabulary (routing.model.BOUNCE_REASONS) for an SMTP failure."""
-    status = result.status or ""
-    for prefix, reason in _REASON_BY_STATUS:
-        if status == prefix or (prefix.endswith(".") and status.startswith(prefix)):
-            return reason
-    low = (result.text or "").lower()
-    for frag, reason in _REASON_BY_TEXT:
-        if frag in low:
-            return reason
-    return "undefined"
+    """A reason from the fixed vocabulary (routing.model.BOUNCE_REASONS) for an SMTP failure.
+
+    The inbound DSN classifier's (`routing.bounce_status.classify_status`): a refusal answered here and the
+    same refusal coming back later as a DSN must get one reason, or the events contradict each other."""
+    return classify_status(result.status, result.text)[0]
 
 
 def bounce_kind(result: SmtpResult, reason: str) -> str:
-    """Hard for a permanent 5xx answer; soft for a full mailbox (it empties) and for expired retries."""
-    if reason in ("mailboxfull", "expired") or result.outcome != "bounced":
+    """Hard only where the inbound classifier says retrying can never help (unknown user or host, moved, no
+    mail accepted); soft for everything else: blocklists, spam filters, DMARC, size limits, a bare 554, and
+    expired retries. Calling those hard made Odoo blacklist good addresses after one policy refusal."""
+    if reason == "expired" or result.outcome != "bounced":
         return "soft"
-    return "hard"
+    return classify_status(result.status, result.text)[1]
 
 
 def retry_delay(attempts: int, minimum: float, maximum: float) -> float:

@@ -11,7 +11,8 @@ import pytest
 from aiosmtpd.smtp import SMTP
 
 from gateway.config import parse_config
-from gateway.outbound import SmtpTransport, bounce_reason, classify_reply, order_mx, wire_payload
+from gateway.outbound import SmtpTransport, bounce_kind, bounce_reason, classify_reply, order_mx, wire_payload
+from routing.bounce_status import classify_status
 from tests.test_relay_support import base_config, free_port
 
 pytestmark = pytest.mark.events
@@ -142,7 +143,7 @@ def test_mx_hosts_of_equal_preference_come_in_random_order() -> None:
 
 
 @pytest.mark.parametrize("code,text,status,reason", [
-    (550, "Your IP 5.9.1.10 is listed at a DNSBL", "5.0.0", "undefined"),  # an address, not a status code
+    (550, "Your IP 5.9.1.10 is listed at a DNSBL", "5.0.0", None),  # an address, not a status code
     (450, "5.1.1 <jo@customer.test>: user unknown", "4.0.0", None),  # class disagrees: the 450 counts
     (550, "5.1.10 Recipient address has null MX", "5.1.10", "notaccept"),
     (550, "5.1.1: no such user", "5.1.1", "userunknown"),
@@ -155,4 +156,26 @@ def test_the_enhanced_status_code_is_read_only_where_it_belongs(code: int, text:
     reported as an unknown user."""
     result = classify_reply(code, text)
     assert result.status == status
-    assert (bounce_reason(result) if result.outcome == "bounced" else None) == reason
+    if reason is not None:  # None: only the status code is the point of the case
+        assert bounce_reason(result) == reason
+
+
+@pytest.mark.parametrize("code,text,reason,kind", [
+    (550, "5.7.1 Service unavailable; client host [192.0.2.9] blocked using zen.spamhaus.org", "blocked", "soft"),
+    (554, "5.7.1 Message rejected as spam", "spamdetected", "soft"),
+    (550, "5.7.26 Unauthenticated email from example.test is not accepted due to DMARC policy",
+     "securityerror", "soft"),
+    (552, "5.3.4 Message size exceeds fixed limit", "mesgtoolarge", "soft"),
+    (554, "Transaction failed", "undefined", "soft"),
+    (530, "5.7.0 Authentication required", "securityerror", "soft"),
+    (552, "5.2.2 Mailbox full", "mailboxfull", "soft"),
+    (550, "5.1.1 <gone@customer.test>: Recipient address rejected: User unknown", "userunknown", "hard"),
+    (550, "5.1.10 Recipient address has null MX", "notaccept", "hard"),
+])
+def test_an_smtp_refusal_gets_the_reason_and_kind_the_dsn_classifier_gives(code: int, text: str, reason: str,
+                                                                           kind: str) -> None:
+    """Every 5xx but a full mailbox was a hard bounce here, while the same refusal coming back as a DSN was
+    soft (blocklists, spam, DMARC, size, a bare 554): one policy refusal got a good address blacklisted."""
+    result = classify_reply(code, text)
+    assert (bounce_reason(result), bounce_kind(result, bounce_reason(result))) == (reason, kind)
+    assert (reason, kind) == classify_status(result.status, text)
