@@ -240,6 +240,16 @@ class OutboundConfig(_Model):
     # Where delivery sends polite refusal mails (host:port); None → `smarthost`; neither → not sent (logged).
     refusal_smarthost: str | None = None
 
+    @model_validator(mode="after")
+    def _smarthost_password(self) -> "OutboundConfig":
+        """A login needs the variable holding its password: without one the transport skipped AUTH, the
+        smarthost answered 530 and every copy bounced. (The variable's value is checked when the relay
+        starts: `gateway.outbound.smarthost_password`.)"""
+        if self.smarthost_login and not self.smarthost_password_env:
+            raise ValueError("smarthost_login needs smarthost_password_env (the environment variable holding "
+                             "the smarthost password)")
+        return self
+
 
 class TrackingConfig(_Model):
     enabled: bool = True

@@ -158,6 +158,41 @@ class SmarthostLoginError(Exception):
     """The smarthost refused our credentials (or offers no AUTH): our configuration, not the mail, is wrong."""
 
 
+def smarthost_password(config: Config) -> str | None:
+    """The smarthost password when `smarthost_login` is set; a ConfigError naming the variable when it is unset
+    or empty. Read as optional, a password lost in a deploy silently skipped AUTH: the smarthost answered 530
+    and every copy in the queue bounced for good."""
+    ob = config.outbound
+    if not ob.smarthost_login:
+        return None
+    return env_secret(ob.smarthost_password_env, required=True,
+                      what=f"outbound.smarthost_password_env (the password of smarthost login {ob.smarthost_login!r})")
+
+
+#: Enhanced codes by which a smarthost refuses the sender for who we are, not for the mail: authentication
+#: required (5.7.0, RFC 4954 §6), relaying denied / not authorised (5.7.1).
+_SETUP_STATUSES = frozenset({"5.7.0", "5.7.1"})
+#: How often, at most, the same refusal of our own setup is logged as an error (one line per copy would
+#: bury the log under a queue's worth of identical lines).
+SETUP_ALARM_SECONDS = 60.0
+
+
+def smarthost_setup_refusal(stage: str, result: SmtpResult) -> bool:
+    """Whether the smarthost's refusal at `stage` ("MAIL" or "RCPT") is about our setup rather than the mail.
+
+    Any 5xx to MAIL FROM is: the smarthost takes all our mail, and refusing our sender there means a missing
+    login, a sender it does not let us use, an IP not allowed to relay. At RCPT, a 530, 5.7.0 or a relaying
+    refusal says the same (Postfix refuses relaying at RCPT). Bouncing those bounced the whole queue for an
+    operator's mistake; like Postfix's smtp_sasl_auth_soft_bounce, they are deferred until it is fixed."""
+    if result.outcome != "bounced":
+        return False
+    if stage == "MAIL":
+        return True
+    relaying = classify_status(result.status, result.text)[0] == "norelaying"
+    return result.code == 530 or result.status == "5.7.0" or relaying or (
+        result.status in _SETUP_STATUSES and "relay" in result.text.lower())
+
+
 Resolver = Callable[[str], Awaitable[list[tuple[str, int]]]]
 
 
@@ -229,13 +264,14 @@ class SmtpTransport:
             host, _, port = ob.smarthost.rpartition(":")
             self.smarthost = (host or ob.smarthost, int(port) if host and port.isdigit() else 25)
         self.resolver = resolver or make_mx_resolver(ob.mx_port)
-        self.password = env_secret(ob.smarthost_password_env) if ob.smarthost_password_env else None
+        self.password = smarthost_password(config)
         self.helo = ob.helo_name
         # RFC 5321 §4.5.3.2.6: 10 minutes for the reply to the final dot. The server may still be scanning the
         # mail; giving up sooner defers a mail it then accepts, and every retry delivers it again.
         self.data_end_timeout = max(DATA_END_TIMEOUT, ob.timeout)
         self._plaintext_until: dict[tuple[str, int], float] = {}  # MX hosts whose STARTTLS failed
         self._host_pools: dict[tuple[str, int], list[aiosmtplib.SMTP]] = defaultdict(list)
+        self._alarms: dict[str, float] = {}  # setup refusals logged, by text: when
 
     async def close(self) -> None:
         for conns in self._host_pools.values():
@@ -254,7 +290,7 @@ class SmtpTransport:
                                use_tls=tls_mode == "ssl", start_tls=tls_mode == "starttls", validate_certs=True)
         await smtp.connect()
         await _greet(smtp)
-        if self.ob.smarthost_login and self.password:
+        if self.ob.smarthost_login:
             await self._login(smtp, host)
         return smtp
 
@@ -341,7 +377,7 @@ class SmtpTransport:
         try:
             smtp = await self._connect(host, port)
         except SmarthostLoginError as exc:
-            log.warning("outbound: %s", exc)
+            self._alarm(str(exc))
             return SmtpResult("deferred", 454, "4.7.0", str(exc), host)
         except aiosmtplib.SMTPConnectResponseError as exc:
             return _refused_greeting(classify_reply(exc.code, exc.message, host))
@@ -378,10 +414,10 @@ class SmtpTransport:
             reply = await smtp.execute_command(b"MAIL", b"FROM:<" + mail_from.encode(encoding) + b">", *options)
             answered = True
             if reply.code != 250:
-                return await self._refused(smtp, reply, host, reused=reused, at_mail=True)
+                return await self._refused(smtp, reply, host, reused=reused, stage="MAIL")
             reply = await smtp.execute_command(b"RCPT", b"TO:<" + recipient.encode(encoding) + b">")
             if reply.code not in (250, 251):
-                return await self._refused(smtp, reply, host)
+                return await self._refused(smtp, reply, host, stage="RCPT")
             reply = await smtp.execute_command(b"DATA")
             if reply.code != 354:
                 return await self._refused(smtp, reply, host)
@@ -412,16 +448,30 @@ class SmtpTransport:
                     pass
 
     async def _refused(self, smtp: aiosmtplib.SMTP, reply: aiosmtplib.SMTPResponse, host: str, *,
-                       reused: bool = False, at_mail: bool = False) -> SmtpResult | None:
+                       reused: bool = False, stage: str = "DATA") -> SmtpResult | None:
         """A refused MAIL, RCPT or DATA: reset the envelope (the connection is closed after anyway)."""
-        if at_mail and reused and reply.code == 421:  # a pooled connection the server had given up on
+        if stage == "MAIL" and reused and reply.code == 421:  # a pooled connection the server had given up on
             return None
         if smtp.is_connected and reply.code != 421:
             try:
                 await smtp.execute_command(b"RSET")
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
                 pass
-        return classify_reply(reply.code, reply.message, host)
+        result = classify_reply(reply.code, reply.message, host)
+        if self.smarthost is not None and smarthost_setup_refusal(stage, result):
+            self._alarm(f"smarthost {host} refused our {stage} with {reply.code} {reply.message} — a problem "
+                        "with our login or relay permission there, not with the mail; copies are deferred "
+                        "until it is fixed")
+            return _as_deferral(result)
+        return result
+
+    def _alarm(self, message: str) -> None:
+        """Log a problem of our own setup as an error, once per SETUP_ALARM_SECONDS for the same message."""
+        now = asyncio.get_running_loop().time()
+        if now - self._alarms.get(message, float("-inf")) >= SETUP_ALARM_SECONDS:
+            self._alarms = {m: t for m, t in self._alarms.items() if now - t < SETUP_ALARM_SECONDS}
+            self._alarms[message] = now
+            log.error("outbound: %s", message)
 
 
 _END_OF_DATA = b".\r\n"
@@ -449,6 +499,11 @@ def _refused_greeting(result: SmtpResult) -> SmtpResult | None:
     the next MX is tried (Postfix's smtp_skip_5xx_greeting=yes). None for a 2xx that was not a 220."""
     if result.outcome == "delivered":
         return None
+    return _as_deferral(result)
+
+
+def _as_deferral(result: SmtpResult) -> SmtpResult:
+    """A refusal kept as a temporary failure (its reply code and text unchanged, its status made 4.x.x)."""
     status = "4" + (result.status or "5.0.0")[1:]
     return dataclasses.replace(result, outcome="deferred", status=status)
 
@@ -872,5 +927,5 @@ class OutboundWorker:
 __all__ = [
     "DestinationError", "OutboundWorker", "SmtpResult", "SmtpTransport", "bounce_kind", "bounce_reason",
     "claim_due", "classify_reply", "destination", "enhanced_status", "make_mx_resolver", "order_mx", "record_result",
-    "record_results", "retry_delay", "Attempt",
+    "record_results", "retry_delay", "smarthost_password", "smarthost_setup_refusal", "Attempt",
 ]

@@ -119,6 +119,8 @@ async def start_outbound_services(config: Config, engine: Engine, stop: asyncio.
     """Start everything; the worker and dispatcher run as tasks until `stop` is set. `session_limits`: where
     to keep each submission listener's caps (by `listener_key`), for `serve` to change them on reload."""
     secret = site_secret(config)
+    # Before anything starts: a smarthost login whose password variable is unset is a ConfigError here.
+    transport = transport or SmtpTransport(config)
     batcher = make_committer(config, engine)
     if isinstance(batcher, ProcessTransactionBatcher):
         await batcher.start()
