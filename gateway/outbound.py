@@ -38,7 +38,7 @@ from aliases.model import AliasTable
 from gateway.config import Config, secret as env_secret
 from gateway.fastsql import execute_many
 from gateway.outbox import EventDraft, record_events
-from gateway.relay import QueuedCopy, verp_domain
+from gateway.relay import QueuedCopy, reverse_path, verp_domain
 from gateway.relay_batch import Committer
 from gateway.schema import outbound_mails, outbound_queue, outbound_recipients
 from gateway.store import as_utc, utcnow
@@ -401,6 +401,7 @@ class SmtpTransport:
         keep = False
         answered = False
         sent = False
+        mail_from = reverse_path(mail_from)  # a null sender stored as "<>" goes out as MAIL FROM:<>
         try:
             utf8 = not (mail_from.isascii() and recipient.isascii())
             if utf8 and not smtp.supports_extension("smtputf8"):
@@ -636,7 +637,7 @@ def claim_due(conn: Connection, *, limit: int, secret: bytes, table: AliasTable,
     copies = []
     for r in rows:
         dom = verp_domain(r.mail_from or "", table) if verp else None
-        sender = verp_address(secret, r.recipient, dom) if dom else (r.mail_from or "")
+        sender = verp_address(secret, r.recipient, dom) if dom else reverse_path(r.mail_from)
         copies.append(QueuedCopy(
             rcpt_id=r.recipient, recipient=r.rcpt, mail_id=r.mail, message_id=r.message_id, model=r.model,
             res_id=r.res_id, mail_from=sender, raw=r.raw, created_at=as_utc(r.created_at) or now,

@@ -129,8 +129,20 @@ def tracking_allowed(facts: SubmissionFacts, table: AliasTable, *, enabled: bool
     return True
 
 
+def reverse_path(mail_from: str | None) -> str:
+    """The envelope sender as the relay records and sends it: "" for the null sender, which the listener
+    keeps as the literal "<>" (sent as is, that was `MAIL FROM:<<>>`)."""
+    address = (mail_from or "").strip()
+    return "" if address in ("", "<>") else address
+
+
 def verp_domain(mail_from: str, table: AliasTable) -> str | None:
-    """Where VERP bounces go: the envelope sender's domain when we serve it, else our first domain."""
+    """Where VERP bounces go: the envelope sender's domain when we serve it, else our first domain; None for
+    the null sender. Mail sent with `MAIL FROM:<>` (a DSN, an auto-reply) must not be answered by a bounce
+    (RFC 5321 §4.5.5, RFC 3834): given a VERP return path, it would be, and two systems could bounce each
+    other's bounces for ever."""
+    if not reverse_path(mail_from):
+        return None
     dom = _domain(mail_from)
     if dom and table.domain(dom) is not None:
         return dom
@@ -328,7 +340,7 @@ class SubmissionHandler:
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogateescape")
         facts = read_submission(raw)
-        mail_from = envelope.mail_from or ""
+        mail_from = reverse_path(envelope.mail_from)
         plan = RelayPlan(
             secret=self.secret,
             verp_domain=verp_domain(mail_from, self.table) if self.config.outbound.verp else None,

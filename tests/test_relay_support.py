@@ -183,7 +183,7 @@ class RawSmtpServer:
     """A line-level SMTP server whose every answer the test sets, for what aiosmtpd will not do: refuse at the
     greeting, fail AUTH in clear, break the TLS handshake after 220 to STARTTLS, answer slowly after the final
     dot. `log` holds the verbs it was sent ("CONNECT" per connection, "EOF" when the client hung up without
-    QUIT); `accepted` counts mails it answered `data_end` to."""
+    QUIT); `lines` the command lines as sent; `accepted` counts mails it answered `data_end` to."""
 
     greeting: str = "220 raw.test ESMTP"
     ehlo: tuple[str, ...] = ("250-raw.test", "250 SIZE 100000")
@@ -194,6 +194,7 @@ class RawSmtpServer:
     data_end: str = "250 2.0.0 Ok: queued"
     data_end_delay: float = 0.0
     log: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
     accepted: int = 0
     server: Any = None
     port: int = 0
@@ -222,7 +223,8 @@ class RawSmtpServer:
             await writer.drain()
             return
         while line := await reader.readline():
-            verb = line.decode(errors="replace").strip().split(" ")[0].split(":")[0].upper()
+            self.lines.append(line.decode(errors="replace").rstrip("\r\n"))
+            verb = self.lines[-1].strip().split(" ")[0].split(":")[0].upper()
             self.log.append(verb)
             answer = await self._answer(verb, reader, writer)
             if answer is None:
