@@ -40,6 +40,7 @@ from gateway.store import reading, utcnow
 from gateway.tracking import click_url, pixel_url
 from routing.bounce import VerpHit
 from routing.rewrite import RewriteOptions, list_unsubscribe_targets, rewrite_message, scan_headers
+from routing.threads import normalize_message_id
 from routing.tokens import read_verp, verp_address
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ _ODOO_OBJECT = re.compile(r"^\s*([A-Za-z0-9_.]+)-(\d+)\s*$")
 class SubmissionFacts:
     """What the relay needs from a submitted mail's headers."""
 
-    message_id: str | None          # "<id>" as Odoo sent it (stripped), None when absent
+    message_id: str | None          # "<id>" normalised as the inbound side looks it up, None when absent
     model: str | None
     res_id: int | None
     from_addr: str | None
@@ -87,7 +88,9 @@ def read_submission(raw: bytes) -> SubmissionFacts:
     end = raw.find(b"\r\n\r\n")
     head = raw[:end] if end >= 0 else raw.split(b"\n\n", 1)[0]
     headers = scan_headers(head, _SUBMISSION_HEADERS)
-    mid = headers.get("message-id", "").strip() or None
+    # Normalised as routing.threads does for every lookup (References, In-Reply-To, a DSN's original id): a
+    # bare id, a comment after it, or folding whitespace inside made the indexed id one no reply could find.
+    mid = normalize_message_id(headers.get("message-id"))
     rec = odoo_record(headers.get("x-odoo-objects"), mid)
     return SubmissionFacts(
         message_id=mid, model=rec[0] if rec else None, res_id=rec[1] if rec else None,
