@@ -13,7 +13,8 @@ What is never rewritten (the recipient must reach it untouched):
   ``/automation_oca/track/...`` pixel, mass mailing's ``/r/<code>/m/<id>`` and ``/mail/track/<id>/blank.gif``;
 - our own tracking URLs (a mail relayed twice is not double-wrapped).
 A mail carrying a DKIM-Signature is left alone entirely except for the envelope (rewriting would break the
-signature; sign at the smarthost instead).
+signature; sign at the smarthost instead). So is an S/MIME or PGP signed or encrypted entity
+(multipart/signed, multipart/encrypted, application/pkcs7-mime), wherever it sits in the MIME tree.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ _ODOO_TRACKED_PATHS = (
     re.compile(r"^/mail/track/\d+/[^/]*blank\.gif$"),   # mass mailing open pixel
 )
 _ANGLE = re.compile(r"<([^>]*)>")
+#: Entities whose bytes a signature covers or that are ciphertext (RFC 1847, RFC 3156, RFC 8551): a tracked
+#: link or a pixel inside made the recipient's client report the signature as broken.
+_SEALED_TYPES = frozenset({"multipart/signed", "multipart/encrypted", "application/pkcs7-mime",
+                           "application/x-pkcs7-mime"})
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,8 @@ def _rewrite_entity(head: bytes, headers: Message, body: bytes, opts: RewriteOpt
     if depth > _MAX_DEPTH:
         return head, body
     ctype = headers.get_content_type()
+    if ctype in _SEALED_TYPES:
+        return head, body
     if headers.get_content_maintype() == "multipart":
         boundary = headers.get_param("boundary")
         if not isinstance(boundary, str) or not boundary:

@@ -135,6 +135,30 @@ def test_dkim_signed_mail_keeps_its_body():
     assert out.split(b"\r\n\r\n", 1)[1] == raw.split(b"\r\n\r\n", 1)[1]
 
 
+_SIGNED_HTML = (b"--SIG\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+                b"<html><body><a href=\"https://e.example.com/x\">x</a></body></html>\r\n--SIG\r\n"
+                b"Content-Type: application/pkcs7-signature; name=smime.p7s\r\nContent-Transfer-Encoding: base64\r\n"
+                b"\r\nMIIB\r\n--SIG--\r\n")
+_SIGNED_TYPE = b'multipart/signed; protocol="application/pkcs7-signature"; micalg=sha-256; boundary="SIG"'
+
+
+@pytest.mark.parametrize("raw", [
+    b"Subject: s\r\nMIME-Version: 1.0\r\nContent-Type: " + _SIGNED_TYPE + b"\r\n\r\n" + _SIGNED_HTML,
+    b"Subject: s\r\nMIME-Version: 1.0\r\nContent-Type: multipart/encrypted; protocol=\"application/pgp-encrypted\";"
+    b" boundary=\"SIG\"\r\n\r\n" + _SIGNED_HTML,
+    b"Subject: s\r\nMIME-Version: 1.0\r\nContent-Type: application/pkcs7-mime; smime-type=signed-data\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n\r\n<html><body><a href=\"https://e.example.com/x\">x</a></body></html>\r\n",
+    # a signed entity inside a multipart/mixed: its own bytes stay as they are
+    b"Subject: s\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"OUT\"\r\n\r\n--OUT\r\n"
+    b"Content-Type: " + _SIGNED_TYPE + b"\r\n\r\n" + _SIGNED_HTML + b"--OUT--\r\n",
+])
+def test_smime_and_pgp_signed_or_encrypted_bodies_are_not_rewritten(raw: bytes):
+    """The HTML inside a multipart/signed was rewritten (link wrapped, pixel added): the signature no longer
+    verified and the recipient's client showed the mail as tampered with."""
+    out = rewrite_message(raw, opts())
+    assert out.split(b"\r\n\r\n", 1)[1] == raw.split(b"\r\n\r\n", 1)[1]
+
+
 def test_pixel_goes_into_first_html_part_only_and_attachments_are_untouched():
     raw = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"B1\"\r\n\r\npreamble\r\n"
            b"--B1\r\nContent-Type: text/html\r\n\r\n<p><a href=\"https://a.example/\">a</a></p>\r\n"
