@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 
-from routing.parse import embedded_bytes, leaf_parts
+from routing.parse import decode_bytes, embedded_bytes, leaf_parts
 from routing.threads import normalize_message_id
 
 _ANGLE = re.compile(r"<[^<>]+>")
@@ -97,12 +97,14 @@ def _utc_date(value: str) -> str:
 
 
 def _text(part: Message) -> str:
+    """A body part as text. Odoo fails the whole mail on a charset it cannot decode with (spec §1.1); routing's
+    decoder never does: a mislabelled or non-text charset (idna, bz2, ...) falls back to a guess or latin-1."""
     payload = part.get_payload(decode=True) or b""
-    charset = part.get_content_charset() or "utf-8"
     try:
-        return payload.decode(charset, "replace")
-    except LookupError:  # an unknown charset name: Odoo fails the mail (spec §1.1); we degrade to UTF-8
-        return payload.decode("utf-8", "replace")
+        charset = part.get_content_charset()
+    except Exception:  # noqa: BLE001 - a malformed parameter: guess
+        charset = None
+    return decode_bytes(payload, charset)
 
 
 def _filename_or(part: Message, fallback: str) -> str:
@@ -338,7 +340,12 @@ def to_7bit(raw: bytes) -> bytes:
         if part.is_multipart():
             continue
         cte = str(part.get("Content-Transfer-Encoding", "")).lower().strip()
-        payload = part.get_payload()
+        try:
+            payload = part.get_payload()
+        except (UnicodeError, LookupError, ValueError):
+            # compat32 decodes 8-bit text with the part's charset to return a str: a label like idna raises.
+            # Such a payload is 8-bit, so it is re-encoded below like any other.
+            payload = None
         if isinstance(payload, str) and payload.isascii():
             continue
         if cte in ("base64", "quoted-printable") and isinstance(payload, str):
@@ -350,7 +357,7 @@ def to_7bit(raw: bytes) -> bytes:
         try:
             data = part.get_payload(decode=True) or b""
         except Exception:  # noqa: BLE001 - a broken part: carry its text as UTF-8 rather than fail the mail
-            data = str(payload).encode("utf-8", "surrogateescape")
+            data = str(payload or "").encode("utf-8", "surrogateescape")
         del part["Content-Transfer-Encoding"]
         part.set_payload(base64.encodebytes(data).decode("ascii"))
         part["Content-Transfer-Encoding"] = "base64"

@@ -36,6 +36,11 @@ _CHARSET_ALIASES = {
 
 # ------------------------------------------------------------------------------------------ charsets
 def _codec(charset: str | None) -> str | None:
+    """The codec a charset label names, or None when it names no text encoding.
+
+    The label comes from the sender, and Python's codec registry also holds codecs that are not charsets:
+    bytes-to-bytes ones (bz2, zlib, hex, uu, base64) and rot13 raise LookupError on `bytes.decode`, and a
+    NUL in the name makes `codecs.lookup` raise ValueError. Such a label says nothing about the text."""
     if not charset:
         return None
     name = charset.strip().strip("\"'").lower()
@@ -43,9 +48,15 @@ def _codec(charset: str | None) -> str | None:
     if not name:
         return None
     try:
-        return codecs.lookup(name).name
-    except LookupError:
+        info = codecs.lookup(name)
+    except (LookupError, ValueError):
         return None
+    return info.name if getattr(info, "_is_text_encoding", True) else None
+
+
+#: What decoding with a sender-named codec can raise: UnicodeError (idna, punycode: not only
+#: UnicodeDecodeError, and they refuse the "replace" handler), LookupError, ValueError.
+_DECODE_ERRORS = (UnicodeError, LookupError, ValueError)
 
 
 def decode_bytes(data: bytes, charset: str | None = None) -> str:
@@ -54,7 +65,7 @@ def decode_bytes(data: bytes, charset: str | None = None) -> str:
     if codec:
         try:
             return data.decode(codec)
-        except (UnicodeDecodeError, LookupError):
+        except _DECODE_ERRORS:
             pass  # mislabelled: guess below
     try:
         return data.decode("utf-8")
@@ -70,8 +81,11 @@ def decode_bytes(data: bytes, charset: str | None = None) -> str:
         except Exception:  # noqa: BLE001 - a guesser failing must not fail the mail
             pass
     if codec:
-        return data.decode(codec, "replace")
-    return data.decode("latin-1")
+        try:
+            return data.decode(codec, "replace")
+        except _DECODE_ERRORS:
+            pass
+    return data.decode("latin-1")  # every byte is a latin-1 character: this cannot fail
 
 
 def _unescape(value: str) -> str:

@@ -92,6 +92,19 @@ def test_unknown_charset_degrades_instead_of_failing() -> None:
     assert "hello" in mail.body_html
 
 
+@pytest.mark.parametrize("charset", ["idna", "punycode", "bz2", "rot13"])
+def test_charset_naming_no_text_encoding_degrades_on_both_delivery_paths(charset: str) -> None:
+    # idna/punycode raise UnicodeError (refusing even errors="replace"), bz2/rot13 LookupError: explicit
+    # delivery (parse_mail) and passthrough (to_7bit) must both still carry the mail
+    raw = (b"From: a@b.c\r\nTo: sales@example.test\r\nSubject: x\r\n"
+           b"Content-Type: text/plain; charset=" + charset.encode() + b"\r\n\r\ncaf\xe9\r\n")
+    assert parse_mail(raw).body_html == "<pre>caf\xe9\r\n</pre>"
+    out = passthrough_raw(raw, ["sales@example.test"])
+    assert out.isascii()
+    body = email.message_from_string(out).get_payload(decode=True)
+    assert body.strip() == b"caf\xe9"
+
+
 FORWARDED_AS_ATTACHMENT = (
     b"From: a@x.example\r\nTo: sales@example.test\r\nSubject: Fwd: quote\r\nMIME-Version: 1.0\r\n"
     b"Content-Type: multipart/mixed; boundary=B\r\n\r\n"

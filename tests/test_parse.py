@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
 from routing.parse import decode_bytes, decode_header_value, extract_content, parse_mail, sanitize_filename
 
 
@@ -42,6 +44,28 @@ def test_unknown_charset_never_raises():
     p = parse_mail(b"From: a@b.c\r\nSubject: =?x-nonsense?q?caf=C3=A9?=\r\n\r\nx")
     assert p.subject == "café"
     assert decode_header_value("=?iso-8859-8-i?q?=F9=EC=E5=ED?=") == "שלום"
+
+
+@pytest.mark.parametrize("header, field, text", [
+    # codecs that are no charset: bytes-to-bytes (bz2, hex, zlib) and rot13 raise LookupError on bytes.decode
+    (b"Subject: =?bz2?B?/w==?=", "subject", "\xff"),
+    (b"Subject: =?hex?q?=FF?=", "subject", "\xff"),
+    (b"Subject: =?rot13?q?uryyb?=", "subject", "uryyb"),
+    # text codecs that raise UnicodeError (not UnicodeDecodeError) and refuse the "replace" handler
+    (b"Subject: =?punycode?q?=FF=FE?=", "subject", "\xff\xfe"),
+    (b"From: =?idna?q?=FF?= <a@b.c>", "from_name", "\xff"),
+    # a NUL in the name: codecs.lookup raises ValueError
+    (b"Subject: =?x\x00y?q?hi?=", "subject", "hi"),
+])
+def test_charset_naming_no_text_encoding_never_raises(header: bytes, field: str, text: str):
+    p = parse_mail(b"To: sales@example.com\r\n" + header + b"\r\n\r\nhi\r\n")
+    assert getattr(p, field) == text
+
+
+@pytest.mark.parametrize("charset", ["idna", "punycode", "bz2", "uu", "rot13", "x\x00y"])
+def test_decode_bytes_with_odd_charset_falls_back_to_text(charset: str):
+    assert decode_bytes(b"caf\xe9", charset) == "caf\xe9"
+    assert decode_bytes(b"\xff", charset) == "\xff"
 
 
 def test_mislabelled_charset_falls_back_to_a_guess():

@@ -94,7 +94,10 @@ _HEADER_NAMES = ["From", "To", "Cc", "Delivered-To", "Message-ID", "References",
 _VALUE_BITS = st.sampled_from(["<a@b>", "=?utf-8?q?=C3=A9?=", "=?bogus?b?!!!?=", "sales@example.com", "\xe9",
                                "multipart/report; report-type=delivery-status; boundary=x", '"', "<", ">", ",",
                                "@", " ", "\t", "\r\n ", "bounce+x@example.com", "catchall@example.com", ";",
-                               "filename*0*=utf-8''%E9", "base64", "quoted-printable", "--x", "\x00", "sales+"])
+                               "filename*0*=utf-8''%E9", "base64", "quoted-printable", "--x", "\x00", "sales+",
+                               # charset labels naming no text encoding (bytes codecs, idna, NUL)
+                               "=?bz2?B?/w==?=", "=?punycode?q?=FF=FE?=", "=?idna?q?=FF?=", "=?x\x00y?q?hi?=",
+                               "=?rot13?q?uv?=", "text/plain; charset=idna", "text/plain; charset=zlib"])
 
 
 @st.composite
