@@ -236,7 +236,10 @@ def make_mx_resolver(port: int = 25, timeout: float = 10.0) -> Resolver:
             pass  # no MX: the domain itself is the implicit MX
         except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
             raise DestinationError(f"DNS lookup for {domain} failed: {exc}") from None
+        # The domain itself: an address of either family will do. A failed AAAA lookup threw away a good A
+        # answer (the mail waited for a retry); only when no address came back does a failure count.
         addrs: list[tuple[str, int]] = []
+        failure: Exception | None = None
         for rdtype in ("A", "AAAA"):
             try:
                 answer = await resolver.resolve(domain, rdtype)
@@ -244,10 +247,12 @@ def make_mx_resolver(port: int = 25, timeout: float = 10.0) -> Resolver:
             except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN):
                 continue
             except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
-                raise DestinationError(f"DNS lookup for {domain} failed: {exc}") from None
-        if not addrs:
-            raise DestinationError(f"{domain} has no MX and no address", permanent=True, status="5.1.2")
-        return addrs
+                failure = exc
+        if addrs:
+            return addrs
+        if failure is not None:
+            raise DestinationError(f"DNS lookup for {domain} failed: {failure}")
+        raise DestinationError(f"{domain} has no MX and no address", permanent=True, status="5.1.2")
 
     return resolve
 
