@@ -85,9 +85,11 @@ def _addresses(msg: Message, *names: str) -> list[str]:
 
 
 def _utc_date(value: str) -> str:
+    """The Date header in UTC, or now when it cannot be read (as Odoo does). A year past 9999 raises
+    OverflowError from the stdlib, not ValueError: caught too, or one odd Date would fail the delivery."""
     try:
         parsed = email.utils.parsedate_to_datetime(value) if value else None
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         parsed = None
     if parsed is None:
         parsed = dt.datetime.now(dt.timezone.utc)

@@ -105,6 +105,15 @@ def test_charset_naming_no_text_encoding_degrades_on_both_delivery_paths(charset
     assert body.strip() == b"caf\xe9"
 
 
+@pytest.mark.parametrize("date", ["Mon, 1 Jan 99999999999 00:00:00 +0000", "Mon, 1 Jan 10000 00:00:00 +0000"])
+def test_date_beyond_year_9999_falls_back_to_now(date: str) -> None:
+    # the stdlib raises OverflowError (not ValueError) for such a year; Odoo takes now for an unreadable Date
+    raw = f"From: a@b.c\r\nTo: sales@example.test\r\nDate: {date}\r\nSubject: x\r\n\r\nhi\r\n".encode()
+    before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
+    for mail in (parse_headers(raw), parse_mail(raw)):
+        assert dt.datetime.strptime(mail.date, "%Y-%m-%d %H:%M:%S") >= before
+
+
 FORWARDED_AS_ATTACHMENT = (
     b"From: a@x.example\r\nTo: sales@example.test\r\nSubject: Fwd: quote\r\nMIME-Version: 1.0\r\n"
     b"Content-Type: multipart/mixed; boundary=B\r\n\r\n"
