@@ -254,15 +254,46 @@ class LeanSMTPMixin:
         if limits is None:
             await super()._handle_client()  # type: ignore[misc]
             return
+        if limits.closing:  # accepted just before the listening socket closed, or a submission listener
+            self._shut_down()
+            return
         client = _ip(self.session.peer)  # type: ignore[attr-defined]
-        refusal = limits.admit(client)
+        refusal = limits.admit(client, self)
         if refusal is not None:
             self._disconnect(f"421 4.7.0 {self.hostname} Error: {refusal}; try again later")  # type: ignore[attr-defined]
             return
         try:
             await super()._handle_client()  # type: ignore[misc]
         finally:
-            limits.leave(client)
+            limits.leave(client, self)
+
+    def _in_transaction(self) -> bool:
+        """From an accepted MAIL FROM to the final reply to its DATA (the spool commit included) or RSET:
+        aiosmtpd resets the envelope just before that reply is written."""
+        envelope = self.envelope  # type: ignore[attr-defined]
+        return envelope is not None and envelope.mail_from is not None
+
+    def close_when_idle(self) -> None:
+        """Shutdown (`SessionLimits.drain`): 421 and close now, unless inside a mail transaction — then right
+        after its final reply (`push`)."""
+        if not self._in_transaction():
+            self._shut_down()
+
+    def close_now(self) -> bool:
+        """The drain's time is up: 421 and close even inside a transaction (`push` says nothing after a 421,
+        so its DATA gets no 250). True when a transaction was cut off."""
+        transport = self.transport  # type: ignore[attr-defined]
+        cut = self._in_transaction() and transport is not None and not transport.is_closing()
+        self._shut_down()
+        return cut
+
+    def _shut_down(self) -> None:
+        transport = self.transport  # type: ignore[attr-defined]
+        if transport is None or transport.is_closing():
+            return
+        host = self.hostname  # type: ignore[attr-defined]
+        transport.write(f"421 4.3.2 {host} Service shutting down; try again later\r\n".encode())
+        transport.close()
 
     def _listener_name(self) -> str:
         return str(getattr(self.event_handler, "name", "smtp"))  # type: ignore[attr-defined]
@@ -326,11 +357,17 @@ class LeanSMTPMixin:
         Past `hard_error_limit` refusals in one session, or `auth_failure_limit` failed AUTHs, the client gets
         421 and is disconnected, as with Postfix's smtpd_hard_error_limit: otherwise one connection could
         probe thousands of recipient addresses, or passwords, a second."""
+        transport = self.transport  # type: ignore[attr-defined]
+        if transport is not None and transport.is_closing():
+            return  # after our 421 nothing more is said: not a late 250, not a pipelined command's reply
         response = status if isinstance(status, bytes) else status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii")  # type: ignore[attr-defined]
         self._writer.write(response + b"\r\n")  # type: ignore[attr-defined]
         if response[:1] in (b"4", b"5") and response[:3] != b"421":
             self._count_error(response[:3])
-        transport = self.transport  # type: ignore[attr-defined]
+        limits = self.limits
+        if limits is not None and limits.closing and response[3:4] != b"-" and not self._in_transaction():
+            self._shut_down()  # shutdown: this was the final reply of the session's transaction, or no part of one
+            return
         if transport is None or transport.get_write_buffer_size() > 65536:
             await self._writer.drain()  # type: ignore[attr-defined]
 
@@ -369,6 +406,16 @@ class LeanSMTPMixin:
                              f"{int(wait) + 1} s")
             return
         await super().smtp_AUTH(arg)  # type: ignore[misc]
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """No new mail transaction once shutdown began, nor on a connection being closed: a MAIL FROM
+        pipelined behind the DATA that got the last 250 would otherwise be stored without any reply."""
+        transport = self.transport  # type: ignore[attr-defined]
+        if transport is None or transport.is_closing() or (self.limits is not None and self.limits.closing):
+            self._shut_down()
+            return
+        await super().smtp_MAIL(arg)  # type: ignore[misc]
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:

@@ -1,8 +1,9 @@
 """`mailgate serve`: one event loop that accepts (listeners, IMAP, admin, outbound services), worker
 threads or processes that route and deliver.
 
-Signals: SIGTERM/SIGINT stop accepting (close listening sockets), let sessions in DATA finish (bounded by
-`drain_seconds`), flush the spool writer, stop workers at a message boundary. SIGHUP re-reads the config file
+Signals: SIGTERM/SIGINT stop accepting (close listening sockets), let sessions inside a mail transaction
+finish its DATA and get its reply (bounded by `drain_seconds`), answer every session 421 4.3.2 and close it,
+flush the spool writer, stop workers at a message boundary. SIGHUP re-reads the config file
 and swaps the alias table used at RCPT time, by routing and by delivery — in this process and in the worker
 processes — and the listeners' session limits; listeners keep running. A worker process that dies is started
 again (its claimed messages come back when their lease expires).
@@ -132,16 +133,15 @@ class Gateway:
         log.info("configuration reloaded: %d domain(s), %d alias(es)", len(new.domains), len(new.aliases))
 
     async def stop(self, drain_seconds: float = 30.0) -> None:
+        """SIGTERM: stop accepting; sessions inside a mail transaction finish it and get its reply (at most
+        `drain_seconds`), every session gets 421 4.3.2; then flush the writer and stop everything else."""
         for s in self.servers:
             s.close()
+        # Not `Server.wait_closed()`: in Python 3.11 it returns at once, without waiting for any connection.
+        # Before `stop_event`: a submission session's DATA needs the relay's committer and worker still up.
+        await asyncio.gather(*(limits.drain(drain_seconds) for limits in self.session_limits.values()))
         self.stop_event.set()
         self.alias_sync_wake.set()
-        # Sessions already in DATA finish; wait_closed returns once every connection ended (3.12+), so
-        # bound it and rely on the writer flush for what was acknowledged.
-        try:
-            await asyncio.wait_for(asyncio.gather(*(s.wait_closed() for s in self.servers)), drain_seconds)
-        except asyncio.TimeoutError:
-            log.warning("some sessions were still open after %.0fs; closing", drain_seconds)
         await self.writer.close()
         if self.graceful:
             await asyncio.wait(self.graceful, timeout=max(drain_seconds, 5.0))

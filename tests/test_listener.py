@@ -11,6 +11,7 @@ import pytest
 
 from gateway.config import ListenerConfig
 from gateway.listener import ListenerPolicy, SpoolHandler, bound_port, start_listener
+from gateway.session_limits import SessionLimits
 from gateway.spool import SpoolWriter, get_raw, list_messages
 from gateway.store import open_store
 from tests.smtp_wire import WireClient, make_mail
@@ -51,10 +52,11 @@ async def _gateway(tmp_path, **overrides) -> tuple[Gateway, asyncio.base_events.
     params.update(overrides)
     accept_8bit = params.pop("accept_8bit", True)
     free_space = params.pop("free_space", None)
+    limits = params.pop("limits", None)
     cfg = ListenerConfig(**params)
     handler = SpoolHandler(writer, ListenerPolicy(cfg, simple_verdict, accept_8bit_without_8bitmime=accept_8bit,
                                                   free_space=free_space, primary_domain="example.test"))
-    server = await start_listener(cfg, handler, hostname="mx.example.test")
+    server = await start_listener(cfg, handler, hostname="mx.example.test", limits=limits)
     return Gateway(engine, writer, bound_port(server), handler), server
 
 
@@ -639,6 +641,100 @@ async def test_a_message_just_under_the_limit_is_taken_however_the_terminator_ar
         await c.writer.drain()
         assert (await c.reply())[0] == 250
         await c.close()
+    finally:
+        server.close()
+        await g.writer.close()
+
+
+async def _drained_listener(tmp_path) -> tuple[Gateway, asyncio.base_events.Server, SessionLimits]:
+    limits = SessionLimits(500, 100, name="test")
+    g, server = await _gateway(tmp_path, limits=limits)
+    return g, server, limits
+
+
+async def _closed_by_server(c: WireClient) -> bool:
+    try:
+        return await asyncio.wait_for(c.reader.read(), 5) == b""
+    except ConnectionResetError:  # our last bytes reached the server after its close
+        return True
+
+
+async def test_drain_answers_the_data_in_flight_then_421_and_nothing_to_a_transaction_pipelined_behind_it(
+        tmp_path) -> None:
+    """Shutdown: the session's message is stored and acknowledged, then the session is told 421 and closed. A
+    MAIL FROM pipelined behind that DATA must not start a transaction: it would be stored and never answered
+    (the sender would send it again)."""
+    g, server, limits = await _drained_listener(tmp_path)
+    try:
+        c = await g.client()
+        await _envelope(c, "sales@example.test")
+        assert (await c.cmd("DATA"))[0] == 354
+        first, second = make_mail(message_id="<first@client.test>"), make_mail(message_id="<second@client.test>")
+        c.writer.write(first[:40])
+        await c.writer.drain()
+        await asyncio.sleep(0.1)
+        server.close()
+        drain = asyncio.create_task(limits.drain(10))
+        await asyncio.sleep(0.2)
+        assert not drain.done()  # waiting for this session's DATA
+        c.writer.write(first[40:] + b".\r\nMAIL FROM:<alice@client.test>\r\nRCPT TO:<sales@example.test>\r\n"
+                       b"DATA\r\n" + second + b".\r\n")
+        await c.writer.drain()
+        code, text = await c.reply()
+        assert code == 250, text
+        code, text = await c.reply()
+        assert code == 421 and text.startswith("4.3.2 mx.example.test Service shutting down")
+        assert await _closed_by_server(c)
+        assert await asyncio.wait_for(drain, 5) == 0
+        assert [m.message_id for m in g.stored()] == ["<first@client.test>"]
+    finally:
+        server.close()
+        await g.writer.close()
+
+
+async def test_drain_closes_idle_sessions_and_refuses_new_ones_at_once(tmp_path) -> None:
+    g, server, limits = await _drained_listener(tmp_path)
+    try:
+        idle = await g.client()
+        assert (await idle.cmd("EHLO client.test"))[0] == 250
+        inside = await g.client()  # inside a transaction (MAIL, RCPT) until it resets it
+        await _envelope(inside, "sales@example.test")
+        drain = asyncio.create_task(limits.drain(10))
+        code, text = await idle.reply()
+        assert code == 421 and text.startswith("4.3.2")
+        assert await _closed_by_server(idle)
+        late = await WireClient.connect("127.0.0.1", g.port)  # as on a listening socket not closed yet
+        assert (await late.reply())[0] == 421
+        assert not drain.done()
+        assert (await inside.cmd("RSET"))[0] == 250  # its transaction is over: 421 right behind the 250
+        code, _ = await inside.reply()
+        assert code == 421 and await _closed_by_server(inside)
+        assert await asyncio.wait_for(drain, 5) == 0
+        assert limits.open == 0 and not limits.sessions
+    finally:
+        server.close()
+        await g.writer.close()
+
+
+async def test_drain_cuts_off_a_transaction_still_open_when_its_time_is_up(tmp_path, caplog) -> None:
+    """Past the bound the session is closed with 421 and its message gets no 250: nothing is acknowledged
+    that was not stored."""
+    g, server, limits = await _drained_listener(tmp_path)
+    try:
+        c = await g.client()
+        await _envelope(c, "sales@example.test")
+        assert (await c.cmd("DATA"))[0] == 354
+        c.writer.write(make_mail()[:40])
+        await c.writer.drain()
+        server.close()
+        with caplog.at_level(logging.WARNING, logger="gateway.session_limits"):
+            assert await limits.drain(0.3) == 1
+        assert "1 session(s) still inside a mail transaction" in caplog.text
+        code, text = await c.reply()
+        assert code == 421 and text.startswith("4.3.2")
+        assert await _closed_by_server(c)
+        await asyncio.sleep(0.2)
+        assert g.stored() == []
     finally:
         server.close()
         await g.writer.close()

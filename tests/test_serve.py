@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import signal
 import smtplib
+import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,7 +20,7 @@ import pytest
 
 from gateway.logs import setup_logging
 from tests.gateway_proc import ROOT, GatewayProcess, base_config, free_port, to_toml
-from tests.smtp_wire import make_mail, rcpt_reply
+from tests.smtp_wire import WireClient, make_mail, rcpt_reply
 from tests.waiting import wait_until
 
 
@@ -278,3 +281,107 @@ async def test_sighup_moves_the_bare_postmaster_to_the_new_first_domain(tmp_path
         assert gw.handlers[0].policy.primary_domain == "new.test"
     finally:
         await gw.stop(drain_seconds=1)
+
+
+async def _session_in_data(port: int, hello: str, rcpt: str, head: bytes) -> WireClient:
+    """A session that sent MAIL, RCPT, DATA and the first part of its message (`head`)."""
+    c = await WireClient.connect("127.0.0.1", port)
+    assert (await c.reply())[0] == 220
+    assert (await c.cmd(f"{hello} client.test"))[0] == 250
+    assert (await c.cmd("MAIL FROM:<alice@client.test>"))[0] == 250
+    assert (await c.cmd(f"RCPT TO:<{rcpt}>"))[0] == 250
+    assert (await c.cmd("DATA"))[0] == 354
+    c.writer.write(head)
+    await c.writer.drain()
+    return c
+
+
+async def _finish_data(c: WireClient, rest: bytes) -> tuple[int, str]:
+    """The rest of a message (no line of it starts with a dot) and its terminator; the reply to DATA."""
+    c.writer.write(rest + b".\r\n")
+    await c.writer.drain()
+    return await c.reply(timeout=30)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+async def _closed_by_server(c: WireClient) -> bool:
+    """The server closed the connection (a reset, when our last command reached it after its close)."""
+    try:
+        return await asyncio.wait_for(c.reader.read(), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+async def _connect_while_draining(port: int) -> str:
+    """What a new connection to `port` meets during the drain: "refused", or the greeting's code."""
+    try:
+        c = await WireClient.connect("127.0.0.1", port)
+    except OSError:
+        return "refused"
+    try:
+        return str((await c.reply())[0])
+    finally:
+        c.writer.close()
+
+
+async def test_sigterm_finishes_the_data_in_flight_and_tells_the_other_sessions_421(tmp_path: Path) -> None:
+    """"Graceful SIGTERM: stop accepting, finish DATA in flight, drain." `stop` relied on
+    `Server.wait_closed()`, which in Python 3.11 returns at once: a client that finished its DATA a second
+    after SIGTERM lost its connection (or got 451 from a writer already closed), and nothing was spooled."""
+    smtp_port, lmtp_port, submission_port = free_port(), free_port(), free_port()
+    cfg = base_config(tmp_path, smtp_port=smtp_port, admin_port=free_port(),
+                      outbound={"smarthost": f"127.0.0.1:{free_port()}"},
+                      tracking={"enabled": False, "port": free_port()})
+    cfg["listeners"] += [{"name": "lmtp", "kind": "lmtp", "host": "127.0.0.1", "port": lmtp_port},
+                         {"name": "submission", "kind": "submission", "host": "127.0.0.1", "port": submission_port}]
+    gw = GatewayProcess(tmp_path, cfg, env={"MAILGATE_SECRET": "s3cret-for-the-drain-test"}).start()
+    try:
+        await asyncio.to_thread(wait_until, lambda: _port_open(submission_port), 15, "the submission listener")
+        before = make_mail(message_id="<before@client.test>")
+        between = await _session_in_data(smtp_port, "EHLO", "sales@example.test", before)
+        assert (await _finish_data(between, b""))[0] == 250
+        idle = await WireClient.connect("127.0.0.1", smtp_port)
+        assert (await idle.reply())[0] == 220 and (await idle.cmd("EHLO idle.test"))[0] == 250
+        mail = make_mail(message_id="<inflight@client.test>")
+        lmtp_mail = make_mail(message_id="<inflight-lmtp@client.test>")
+        relayed = make_mail(message_id="<inflight-relay@client.test>").replace(b"To: sales@example.test",
+                                                                               b"To: bob@other.test")
+        smtp = await _session_in_data(smtp_port, "EHLO", "sales@example.test", mail[:60])
+        lmtp = await _session_in_data(lmtp_port, "LHLO", "support@example.test", lmtp_mail[:60])
+        submission = await _session_in_data(submission_port, "EHLO", "bob@other.test", relayed[:60])
+
+        os.kill(gw.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
+        # Sessions outside a mail transaction are told at once: idle, or between two transactions.
+        for c in (idle, between):
+            code, text = await c.reply(timeout=10)
+            assert (code, text.split()[0]) == (421, "4.3.2") and "shutting down" in text
+        assert await _connect_while_draining(smtp_port) == "refused"
+        assert await _connect_while_draining(lmtp_port) == "refused"
+        # The relay's socket is closed by its own service once the drain is over; until then: 421.
+        assert await _connect_while_draining(submission_port) in ("refused", "421")
+
+        await asyncio.sleep(1.0)  # the clients take their time to finish the messages
+        for c, raw in ((smtp, mail), (lmtp, lmtp_mail), (submission, relayed)):
+            code, text = await _finish_data(c, raw[60:])
+            assert code == 250, text
+            # a new transaction after it: 421 (sent right after the 250), then the connection is closed
+            code, text = await c.cmd("MAIL FROM:<alice@client.test>")
+            assert (code, text.split()[0]) == (421, "4.3.2")
+            assert await _closed_by_server(c)
+        assert await asyncio.to_thread(gw.proc.wait, 60) == 0  # type: ignore[union-attr]
+    finally:
+        gw.stop()
+    out = _cli("messages", "list", "--config", str(gw.path), "--json")
+    assert out.returncode == 0, out.stderr
+    assert sorted(json.loads(line)["message_id"] for line in out.stdout.splitlines()) == [
+        "<before@client.test>", "<inflight-lmtp@client.test>", "<inflight@client.test>"]
+    with sqlite3.connect(tmp_path / "spool.db") as db:
+        assert db.execute("SELECT message_id FROM outbound_mails").fetchall() == [("<inflight-relay@client.test>",)]
+    assert "stopped" in gw.log.read_text()
