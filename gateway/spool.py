@@ -758,22 +758,36 @@ def purge_raw(engine: Engine, older_than: dt.datetime, *, chunk: int = 500) -> i
     In transactions of `chunk` messages, walking the ids upwards: one transaction over every message due
     (the first pass after retention is turned on, or after a long outage, can be hundreds of thousands) would
     exceed SQLite's limit on bound variables, and it would hold the write lock for as long as it ran while
-    the spool writer, waiting for that lock, answers 451 to every sender."""
-    done = ["delivered", "dropped", "dead", "quarantined"]
+    the spool writer, waiting for that lock, answers 451 to every sender.
+
+    The SELECT only finds candidates; the UPDATE that marks them purged repeats every condition and says which
+    rows it took, and only their bodies are deleted. On PostgreSQL (READ COMMITTED, no lock taken by the
+    SELECT) an operator's `release` could commit between the two: the mail was `received` again, its body
+    then deleted, and the worker parked it dead ("raw body missing")."""
     purged, after = 0, 0
     while True:
         with engine.begin() as conn:
             ids = list(conn.execute(select(messages.c.id).where(
-                messages.c.id > after, messages.c.updated_at < older_than, messages.c.state.in_(done),
-                messages.c.raw_purged.is_(False)).order_by(messages.c.id).limit(chunk)).scalars())
+                messages.c.id > after, *_purgeable(older_than)).order_by(messages.c.id).limit(chunk)).scalars())
             if not ids:
                 return purged
-            refs = _drop_refs(conn, ids)
-            conn.execute(delete(message_bodies).where(message_bodies.c.message.in_(ids)))
-            conn.execute(update(messages).where(messages.c.id.in_(ids)).values(raw_purged=True))
+            taken = list(conn.execute(update(messages).where(messages.c.id.in_(ids), *_purgeable(older_than))
+                                      .values(raw_purged=True).returning(messages.c.id)).scalars())
+            refs = _drop_refs(conn, taken) if taken else []
+            if taken:
+                conn.execute(delete(message_bodies).where(message_bodies.c.message.in_(taken)))
         _forget_bodies(engine, refs)
-        purged += len(ids)
+        purged += len(taken)
         after = ids[-1]
+
+
+#: the states retention takes bodies from: mail that is finished (`release` puts some back: see `purge_raw`)
+_FINISHED = ("delivered", "dropped", "dead", "quarantined")
+
+
+def _purgeable(older_than: dt.datetime) -> tuple[Any, ...]:
+    """Conditions for a body retention may drop: finished before the cutoff, not purged yet."""
+    return (messages.c.updated_at < older_than, messages.c.state.in_(_FINISHED), messages.c.raw_purged.is_(False))
 
 
 def _drop_refs(conn: Connection, ids: Sequence[int]) -> list[BodyRef]:
