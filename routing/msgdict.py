@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 
-from routing.parse import decode_bytes, embedded_bytes, leaf_parts
+from routing.parse import decode_bytes, embedded_bytes
 from routing.threads import normalize_message_id
 
 _ANGLE = re.compile(r"<[^<>]+>")
@@ -131,18 +131,65 @@ def format_address(name: str, addr: str) -> str:
     return f'"{escaped}" <{addr}>'
 
 
+def _document_order(root: Message) -> list[Message]:
+    """Every part in document order, containers included (as `Message.walk()` gives them, without recursion),
+    except that a message/rfc822 part is one leaf: a forwarded-as-attachment mail keeps the forwarder's body
+    and becomes one .eml attachment (Odoo walks into it and mixes its parts with the outer mail's)."""
+    out: list[Message] = []
+    stack = [root]
+    while stack:
+        part = stack.pop()
+        out.append(part)
+        if part is not root and part.get_content_type() == "message/rfc822":
+            continue
+        payload = part.get_payload() if part.is_multipart() else None
+        if isinstance(payload, list):
+            stack.extend(reversed([p for p in payload if isinstance(p, Message)]))
+    return out
+
+
+_DOCUMENT_TAGS = re.compile(r"(?i)(</?(?:html|body|head|!\s*DOCTYPE)[^>]*>)")
+_TAG_NAME = re.compile(r"(</?)(\w+)([ >])")
+
+
+def _append_to_html(body: str, content: str, *, plaintext: bool) -> str:
+    """Odoo's `tools.append_content_to_html`: plain text as an escaped <pre>, HTML without its document tags,
+    put before the body's </body> (or </html>) when it has one, else at the end."""
+    if plaintext:
+        content = "\n<pre>" + html.escape(content, quote=False) + "</pre>\n"
+    else:
+        content = "\n" + _DOCUMENT_TAGS.sub("", content) + "\n"
+    body = _TAG_NAME.sub(lambda m: m.group(1) + m.group(2).lower() + m.group(3), body)
+    at = body.find("</body>")
+    if at == -1:
+        at = body.find("</html>")
+    return body + content if at == -1 else body[:at] + content + body[at:]
+
+
 def parse_mail(raw: bytes) -> ParsedMail:
-    """Headers, HTML body (HTML wins in alternatives; plain text wrapped in <pre>) and attachments."""
+    """Headers, HTML body and attachments, as Odoo 17's `_message_parse_extract_payload` builds them.
+
+    Its walk, in document order: text/plain is appended as <pre>, text/html is appended too (several HTML
+    parts of a multipart/mixed are concatenated), except that once a multipart/alternative has been seen an
+    HTML part *replaces* the body (the plain-text twin it stands for) and a plain part arriving when there is
+    a body already becomes an attachment named `attachment`. Building "HTML if any, else text" instead lost
+    every text part of a mixed mail that also held HTML."""
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     from_addrs = email.utils.getaddresses([_header(msg, "From")])
     name, addr = from_addrs[0] if from_addrs else ("", "")
     email_from = format_address(name, addr) if addr else _header(msg, "From")
-    html_parts: list[str] = []
-    text_parts: list[str] = []
+    body = ""
+    alternative = mixed = seen_html = False  # Odoo's flags: once set, they hold for the rest of the walk
     attachments: list[MailAttachment] = []
-    for part in leaf_parts(msg):
+    for part in _document_order(msg):
         ctype = part.get_content_type()
-        if ctype == "message/rfc822":
+        if ctype == "multipart/alternative":
+            alternative = True
+        elif ctype == "multipart/mixed":
+            mixed = True
+        if part.get_content_maintype() == "multipart" and part.is_multipart():
+            continue
+        if ctype == "message/rfc822" and part is not msg:
             # a forwarded-as-attachment mail: one .eml attachment, its body never replaces the forwarder's
             attachments.append(MailAttachment(name=_filename_or(part, "message.eml"),
                                               content=embedded_bytes(part), mimetype=ctype))
@@ -153,23 +200,23 @@ def parse_mail(raw: bytes) -> ParsedMail:
         except Exception:  # noqa: BLE001 - malformed parameters: treat as an unnamed attachment
             filename, disposition = None, "attachment"
         cid = (_header(part, "Content-ID").strip("<> ") or None)
-        if filename or disposition == "attachment" or not ctype.startswith("text/") \
-                or ctype not in ("text/plain", "text/html"):
+        is_body = not filename and disposition != "attachment"
+        if is_body and ctype == "text/plain" and not (alternative and body):
+            body = _append_to_html(body, _text(part), plaintext=True)
+        elif is_body and ctype == "text/html":
+            content = _text(part)
+            if alternative and not (seen_html and mixed):
+                body = content
+            else:
+                body = _append_to_html(body, content, plaintext=False)
+            seen_html = seen_html or bool(content)
+        else:
             if ctype == "binary/octet-stream":
                 ctype = "application/octet-stream"
             attachments.append(MailAttachment(name=filename or "attachment",
                                               content=part.get_payload(decode=True) or b"",
                                               mimetype=ctype, cid=cid))
-        elif ctype == "text/html":
-            html_parts.append(_text(part))
-        else:
-            text_parts.append(_text(part))
-    if html_parts:
-        body = "\n".join(html_parts)
-    elif text_parts:
-        body = "<pre>" + html.escape("\n".join(text_parts), quote=False) + "</pre>"
-    else:
-        body = ""
+    body = body.strip()  # the line ends the appends add around each piece; HTML ignores them
     return ParsedMail(
         message_id=normalize_message_id(_header(msg, "Message-ID")),
         subject=_header(msg, "Subject"),

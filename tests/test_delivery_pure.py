@@ -87,6 +87,39 @@ def test_plain_text_is_escaped_and_wrapped() -> None:
     assert mail.body_html.startswith("<pre>") and "&lt;script&gt;" in mail.body_html and "&amp; co" in mail.body_html
 
 
+def _multipart(subtype: str, boundary: str, *parts: bytes) -> bytes:
+    out = f"Content-Type: multipart/{subtype}; boundary={boundary}\r\n\r\n".encode()
+    for part in parts:
+        out += f"--{boundary}\r\n".encode() + part + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def _leaf(ctype: str, text: str) -> bytes:
+    return f"Content-Type: {ctype}; charset=utf-8\r\n\r\n{text}".encode()
+
+
+def test_mixed_mail_keeps_its_text_parts_beside_html_in_document_order() -> None:
+    # Odoo 17 appends every body part of a multipart/mixed: text as <pre>, HTML without its document tags
+    raw = b"From: a@b.c\r\nSubject: x\r\nMIME-Version: 1.0\r\n" + _multipart(
+        "mixed", "M", _leaf("text/plain", "intro & more"),
+        _leaf("text/html", "<HTML><Body><p>middle</p></Body></HTML>"), _leaf("text/plain", "outro"))
+    body = parse_mail(raw).body_html
+    assert body == "<pre>intro &amp; more</pre>\n\n<p>middle</p>\n\n<pre>outro</pre>"
+    assert parse_mail(raw).attachments == ()
+
+
+def test_alternative_html_replaces_its_text_twin_and_later_html_is_appended() -> None:
+    alt = _multipart("alternative", "A", _leaf("text/plain", "plain twin"),
+                     _leaf("text/html", "<html><body><p>rich</p></body></html>"))
+    raw = b"From: a@b.c\r\nSubject: x\r\nMIME-Version: 1.0\r\n" + _multipart(
+        "mixed", "M", alt, _leaf("text/html", "<p>appended</p>"), _leaf("text/plain", "footer"))
+    mail = parse_mail(raw)
+    # the second HTML goes inside the first one's <body>; a text part after an alternative is no body part
+    # for Odoo: it keeps it as an attachment named `attachment`
+    assert mail.body_html == "<html><body><p>rich</p>\n<p>appended</p>\n</body></html>"
+    assert [(a.name, a.mimetype, a.content) for a in mail.attachments] == [("attachment", "text/plain", b"footer")]
+
+
 def test_unknown_charset_degrades_instead_of_failing() -> None:
     mail = parse_mail(b"From: a@b\r\nContent-Type: text/plain; charset=x-no-such\r\n\r\nhello\r\n")
     assert "hello" in mail.body_html
