@@ -712,6 +712,10 @@ def release(engine: Engine, ident: int, *, note: str = "released by operator",
     longer than the horizon otherwise had a single attempt before a transient error parked it dead again.
     False when it is not in `states` (or its body was purged).
 
+    The old decision goes (its summary stays in the history, `messages show`): the worker reuses a stored
+    decision on `retrying` mail, so a transient error on the first routing after the release (Odoo's alias
+    list, a thread lookup) sent the mail back to the quarantine, or to the target it had died on, unrouted.
+
     The state is checked in the UPDATE itself: an operator command that looked at the message in an earlier
     transaction must not re-route mail that was delivered since (delivered mail is never put back: it would
     reach Odoo twice)."""
@@ -723,7 +727,7 @@ def release(engine: Engine, ident: int, *, note: str = "released by operator",
             messages.c.id == ident, messages.c.state.in_(list(states)),
             messages.c.raw_purged.is_(False),
         ).values(state="received", next_attempt_at=now, updated_at=now, lease_owner=None, lease_until=None,
-                 attempts=0, last_error=None, retry_since=now))
+                 attempts=0, last_error=None, retry_since=now, decision=None, action=None))
         if res.rowcount != 1:
             return False
         conn.execute(insert(message_log).values(message=ident, at=now, state="received", note=note))

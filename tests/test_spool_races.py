@@ -49,3 +49,48 @@ def test_a_release_committed_while_retention_runs_keeps_its_body(engine: Engine)
     m = get_message(engine, ident)
     assert m is not None and m.state == "received"
     assert (purged, m.raw_purged, get_raw(engine, ident)) == (0, False, mail("<dead@x>"))
+
+
+def test_a_released_message_is_routed_again_after_a_transient_routing_error(engine: Engine) -> None:
+    """`release` kept the old decision: when the first routing after it failed transiently (Odoo's alias list
+    not read yet), the message went to `retrying` and the next attempt reused the quarantine decision, so the
+    release was silently undone. The old decision stays readable in the history."""
+    from gateway.config import parse_config
+    from gateway.errors import TransientError
+    from gateway.spool import history
+    from gateway.worker import Outcome, Worker
+    from routing.model import Action, Decision
+
+    routes = iter([Decision(Action.QUARANTINE, ("no alias for sales@",), reason="no route"),
+                   TransientError("Odoo's aliases not loaded"), Decision(Action.CREATE, ("alias sales@",))])
+
+    def route(raw: bytes, msg: Any) -> Decision:
+        step = next(routes)
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+    delivered: list[str] = []
+
+    class Odoo:
+        def deliver(self, msg: Any, raw: bytes, decision: Decision) -> Outcome:
+            delivered.append(decision.action.value)
+            return Outcome("delivered", "ok")
+
+    worker = Worker(parse_config({}, base_dir="."), engine, route=route, deliver=Odoo(), owner="w")
+    ident = spool_one(engine, mail("<q@x>"), env())
+    assert worker.run_once() == 1 and get_message(engine, ident).state == "quarantined"  # type: ignore[union-attr]
+    assert release(engine, ident, states=("quarantined",))
+    m = get_message(engine, ident)
+    assert m is not None and (m.decision, m.action) == (None, None)
+    assert worker.run_once() == 1
+    m = get_message(engine, ident)
+    assert m is not None and m.state == "retrying"
+    with engine.begin() as conn:  # the backoff is over
+        conn.execute(update(messages).where(messages.c.id == ident).values(next_attempt_at=utcnow()))
+    assert worker.run_once() == 1
+    m = get_message(engine, ident)
+    assert m is not None and (m.state, m.action, delivered) == ("delivered", "create", ["create"])
+    states = [h["state"] for h in history(engine, ident)]
+    assert states == ["received", "routed", "quarantined", "received", "retrying", "routed", "delivered"]
+    assert "quarantine" in (history(engine, ident)[1]["note"] or "")
