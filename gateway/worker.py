@@ -61,9 +61,16 @@ class DeliverStep(Protocol):
     def deliver(self, message: SpooledMessage, raw: bytes, decision: Decision) -> Any: ...
 
 
+#: past this many doublings every sane base is above any cap; 2.0 ** 1024 overflows a float
+_MAX_DOUBLINGS = 60
+
+
 def backoff_delay(attempts: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with ±25 % jitter, so retries of a burst do not hit Odoo in lockstep."""
-    delay = min(cap, base * (2 ** max(0, attempts)))
+    """Exponential backoff with ±25 % jitter, so retries of a burst do not hit Odoo in lockstep.
+
+    The exponent is bounded: a short `backoff_max` under a long horizon reaches a thousand attempts, and
+    `base * 2 ** 1024` raised OverflowError out of the worker's retry bookkeeping on every later try."""
+    delay = min(cap, base * (2.0 ** min(max(0, attempts), _MAX_DOUBLINGS)))
     jitter = (rng or random).uniform(0.75, 1.25)
     return min(cap, delay * jitter)
 

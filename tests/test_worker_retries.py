@@ -1,0 +1,50 @@
+"""The worker's retry bookkeeping: backoff, and how many failures of which kind park a message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, update
+
+from gateway.config import parse_config
+from gateway.errors import TransientError
+from gateway.schema import messages
+from gateway.spool import Envelope, get_message, spool_one
+from gateway.store import utcnow
+from gateway.worker import Worker, backoff_delay
+from routing.model import Action, Decision
+
+
+def env() -> Envelope:
+    return Envelope(mail_from="alice@client.test", rcpt_tos=("sales@example.test",), client_addr="127.0.0.1",
+                    helo="client.test", listener="test")
+
+
+def mail(mid: str, refs: str = "", body: bytes = b"hello\r\n") -> bytes:
+    head = f"Message-ID: {mid}\r\n" + (f"References: {refs}\r\n" if refs else "") + "Subject: t\r\n\r\n"
+    return head.encode() + body
+
+
+def create(raw: bytes, msg: Any) -> Decision:
+    return Decision(Action.CREATE, ("test",))
+
+
+def test_backoff_after_a_thousand_attempts_is_the_cap_not_an_overflow(engine: Engine) -> None:
+    """`base * 2 ** attempts` overflowed a float past 1,023 attempts (a 60 s cap under the 72 h horizon makes
+    ~4,300): OverflowError escaped `run_once`, the message kept its lease and was never retried on time."""
+    for attempts in (1023, 1024, 5000, 10 ** 9):
+        assert 45.0 <= backoff_delay(attempts, 5.0, 60.0) <= 60.0
+
+    class Odoo503:
+        def deliver(self, msg: Any, raw: bytes, decision: Decision) -> Any:
+            raise TransientError("Odoo HTTP 503")
+
+    ident = spool_one(engine, mail("<o@x>"), env())
+    with engine.begin() as conn:
+        conn.execute(update(messages).values(attempts=1024))
+    worker = Worker(parse_config({"worker": {"backoff_max": 60}}, base_dir="."), engine, route=create,
+                    deliver=Odoo503(), owner="w")
+    assert worker.run_once() == 1
+    m = get_message(engine, ident)
+    assert m is not None and (m.state, m.attempts) == ("retrying", 1025)
+    assert m.next_attempt_at > utcnow()
