@@ -13,7 +13,8 @@ Connections are kept open and reused per host. The worker caps concurrent transa
 serves destinations in turn, as Postfix's qmgr does, so a slow or dead destination holds back only its own
 mail. Retries follow RFC 5321 §4.5.4.1: growing intervals (from `retry_min_seconds` up to
 `retry_max_seconds`) until the give-up horizon (`max_attempts_hours`), after which the copy bounces with
-reason `expired`.
+reason `expired`. A copy that fails for good gets a DSN to its return path, put into the inbound spool with
+the failure (`failure_dsn`; docs/design.md §16), so Odoo hears of the bounce.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import email.utils
 import functools
+import hashlib
 import logging
 import random
 import re
+import socket
 import ssl
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
@@ -41,6 +45,7 @@ from gateway.outbox import EventDraft, record_events
 from gateway.relay import QueuedCopy, reverse_path, verp_domain
 from gateway.relay_batch import Committer
 from gateway.schema import outbound_mails, outbound_queue, outbound_recipients
+from gateway.spool import Envelope, header_block, insert_messages
 from gateway.store import as_utc, utcnow
 from routing.bounce_status import classify_status
 from routing.tokens import verp_address
@@ -533,6 +538,75 @@ def _opportunistic_tls() -> ssl.SSLContext:
     return ctx
 
 
+# ------------------------------------------------------------------------------------------ DSN
+#: The enhanced status of a DSN for a copy whose retries ran out (RFC 3463: delivery time expired).
+EXPIRED_STATUS = "4.4.7"
+#: How much of a failed copy's header section its DSN returns (text/rfc822-headers, RFC 6522), at most.
+DSN_HEADERS_MAX = 64 * 1024
+
+
+def returns_to_us(mail_from: str, table: AliasTable) -> bool:
+    """Whether a copy's return path is in one of our domains (its VERP address, or with VERP off Odoo's own
+    bounce address there): a DSN to it comes back through our inbound spool to Odoo. Never for the null
+    sender: a bounce is not answered with a bounce (RFC 5321 §4.5.5)."""
+    address = reverse_path(mail_from)
+    return "@" in address and table.domain(address.rsplit("@", 1)[1]) is not None
+
+
+def _dsn_line(value: str, limit: int = 900) -> str:
+    """One header-safe DSN field value: no CR/LF (a multi-line SMTP reply becomes one line), bounded."""
+    return " ".join(value.split())[:limit]
+
+
+def _returned_headers(raw: bytes) -> bytes:
+    """The copy's header section with CRLF line ends, cut at a line end within DSN_HEADERS_MAX."""
+    lines = header_block(raw, DSN_HEADERS_MAX).replace(b"\r\n", b"\n").split(b"\n")
+    return b"\r\n".join(line for line in lines if line)
+
+
+def failure_dsn(copy: QueuedCopy, result: SmtpResult, *, expired: bool, reporting_mta: str,
+                now: dt.datetime | None = None) -> bytes:
+    """The RFC 3464 report (multipart/report, CRLF line ends) telling the copy's return path that it failed for
+    good, with the copy's headers returned (text/rfc822-headers: how Odoo finds the mail and its notification).
+
+    No loop marker (`routing.model.LOOP_HEADER`): the router must take it as a bounce for the VERP recipient,
+    exactly as it takes one that came back from a remote MTA, not drop it as our own mail."""
+    now = now or utcnow()
+    domain = copy.mail_from.rsplit("@", 1)[1]
+    recipient = _dsn_line(copy.recipient, 320)
+    status = EXPIRED_STATUS if expired else (result.status or "5.0.0")
+    answer = _dsn_line(f"{result.code or ''} {result.text}".strip()) or "no answer"
+    seed = hashlib.sha256(f"{copy.rcpt_id}\0{copy.mail_from}\0{copy.message_id}".encode()).hexdigest()
+    boundary = f"mailgate-dsn-{seed[:24]}"
+    why = (f"it was not delivered within the retry period; the last answer was: {answer}" if expired
+           else f"the receiving server answered: {answer}")
+    dsn_fields = [f"Reporting-MTA: dns; {_dsn_line(reporting_mta, 255)}",
+                  f"Arrival-Date: {email.utils.format_datetime(copy.created_at)}", "",
+                  f"Final-Recipient: {'rfc822' if recipient.isascii() else 'utf-8'}; {recipient}",
+                  "Action: failed", f"Status: {status}"]
+    if result.remote_mta:
+        dsn_fields.append(f"Remote-MTA: dns; {_dsn_line(result.remote_mta, 255)}")
+    dsn_fields += [f"Diagnostic-Code: smtp; {answer}", f"Last-Attempt-Date: {email.utils.format_datetime(now)}"]
+    head = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{domain}>",
+        f"To: {copy.mail_from}",
+        f"Subject: Undelivered Mail Returned to Sender: {recipient}",
+        f"Date: {email.utils.format_datetime(now)}",
+        f"Message-ID: <dsn.{seed[:32]}@{domain}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "", "This is a delivery status notification (RFC 3464).", "",
+        f"--{boundary}", "Content-Type: text/plain; charset=utf-8", "",
+        f"Your message {copy.message_id} could not be delivered to {recipient}: {why}", "",
+        f"--{boundary}", "Content-Type: message/delivery-status", "",
+        *dsn_fields, "",
+        f"--{boundary}", "Content-Type: text/rfc822-headers", "", "",
+    ]
+    return ("\r\n".join(head).encode() + _returned_headers(copy.raw)
+            + f"\r\n\r\n--{boundary}--\r\n".encode())
+
+
 # ------------------------------------------------------------------------------------------ bookkeeping
 _RCPT = outbound_recipients.c
 _SET_STATE = (update(outbound_recipients).where(_RCPT.id == bindparam("rid"))
@@ -554,6 +628,8 @@ class Attempt:
     attempts: int
     next_attempt_at: dt.datetime | None
     expired: bool
+    #: the DSN for the copy's return path when it failed for good (`OutboundWorker.failure_report`)
+    dsn: bytes | None = None
 
 
 def record_results(conn: Connection, batch: list[Attempt]) -> list[str]:
@@ -566,6 +642,8 @@ def record_results(conn: Connection, batch: list[Attempt]) -> list[str]:
     finals: list[dict[str, object]] = []
     deferred: list[dict[str, object]] = []
     drafts: list[EventDraft] = []
+    settled = _settled_failures(conn, batch)
+    dsn_ids = _spool_dsns(conn, [a for a in batch if a.copy.rcpt_id not in settled])
     for a in batch:
         copy, result, attempts = a.copy, a.result, a.attempts
         outcome = "bounced" if result.outcome == "deferred" and a.expired else result.outcome
@@ -590,7 +668,9 @@ def record_results(conn: Connection, batch: list[Attempt]) -> list[str]:
             reason = "expired" if result.outcome == "deferred" else bounce_reason(result)
             finals.append({"rid": copy.rcpt_id, "state": "bounced", "attempts": attempts, "last": last,
                            "next_at": None, "delivered_at": None})
-            drafts.append(EventDraft(type="bounced", seed=f"out:{copy.rcpt_id}:bounced", **base, data={
+            if settled.get(copy.rcpt_id) == "bounced":
+                continue  # recorded by an earlier attempt, with its event (and DSN)
+            drafts.append(EventDraft(type="bounced", seed=_bounced_seed(copy, dsn_ids.get(copy.rcpt_id)), **base, data={
                 "kind": bounce_kind(result, reason), "reason": reason, "status": result.status,
                 "diagnostic": result.text, "remote_mta": result.remote_mta, "via": "smtp", "attempts": attempts}))
     execute_many(conn, _SET_STATE, finals)
@@ -599,6 +679,40 @@ def record_results(conn: Connection, batch: list[Attempt]) -> list[str]:
     execute_many(conn, _RELEASE_COPY, [{"rid": d["rid"]} for d in deferred])
     record_events(conn, drafts)
     return states
+
+
+def _settled_failures(conn: Connection, batch: list[Attempt]) -> dict[int, str]:
+    """The recipients of copies failing for good here that an earlier attempt already settled (a copy sent
+    twice, its lease having run out on a slow node): their state, delivered or bounced. They get no DSN (a
+    delivered one did arrive; a bounced one has its DSN) and a bounced one no second event."""
+    failing = [a.copy.rcpt_id for a in batch if a.result.outcome == "bounced" or a.expired]
+    if not failing:
+        return {}
+    rows = conn.execute(select(_RCPT.id, _RCPT.state).where(_RCPT.id.in_(failing),
+                                                            _RCPT.state.in_(("bounced", "delivered"))))
+    return {r.id: r.state for r in rows}
+
+
+def _spool_dsns(conn: Connection, batch: list[Attempt]) -> dict[int, int]:
+    """Put the DSNs of copies that failed for good into the inbound spool, in the transaction that records the
+    failures; returns the spool id of each, by recipient row.
+
+    Addressed to the copy's VERP address with the null sender, each comes back through the router and
+    delivery like a bounce a remote MTA sent: the VERP token names the recipient, and a hard bounce is
+    registered in Odoo (message_bounce, the notification marked)."""
+    reported = list({a.copy.rcpt_id: a for a in batch if a.dsn is not None}.values())  # once per copy
+    ids = insert_messages(conn, [(a.dsn or b"", Envelope(mail_from="", rcpt_tos=(a.copy.mail_from,),
+                                                         listener="dsn", source="relay")) for a in reported])
+    return {a.copy.rcpt_id: spool_id for a, spool_id in zip(reported, ids)}
+
+
+def _bounced_seed(copy: QueuedCopy, dsn_id: int | None) -> str:
+    """The fact a relay `bounced` event names. With a DSN spooled it is the fact the inbound route records
+    when it reads that DSN (gateway.delivery `_bounce_events`: `spool:<id>:bounced:<recipient>`), so the two
+    are one event id and the outbox keeps the first, the relay's (docs/design.md §16)."""
+    if dsn_id is None:
+        return f"out:{copy.rcpt_id}:bounced"
+    return f"spool:{dsn_id}:bounced:{copy.recipient.lower()}"
 
 
 def record_result(conn: Connection, copy: QueuedCopy, result: SmtpResult, *, attempts: int,
@@ -774,6 +888,7 @@ class OutboundWorker:
         self.lease_renewal = LEASE_RENEWAL.total_seconds()
         self.drain_seconds = DRAIN_SECONDS
         self.sent = 0
+        self.reporting_mta = self.ob.helo_name or socket.getfqdn()  # once: it may ask DNS
 
     def submit(self, copies: list[QueuedCopy]) -> None:
         """Fast path from the submission listener (copies are already committed and leased); a copy this
@@ -914,8 +1029,19 @@ class OutboundWorker:
         next_at = now + dt.timedelta(seconds=retry_delay(attempts, self.ob.retry_min_seconds,
                                                           self.ob.retry_max_seconds))
         expired = result.outcome == "deferred" and next_at > horizon
-        # The copy's bytes stay here: the bookkeeping does not need them.
-        return Attempt(dataclasses.replace(copy, raw=b""), result, attempts, next_at, expired)
+        dsn = self.failure_report(copy, result, expired) if result.outcome == "bounced" or expired else None
+        # The copy's bytes stay here: the bookkeeping does not need them (its DSN carries its headers).
+        return Attempt(dataclasses.replace(copy, raw=b""), result, attempts, next_at, expired, dsn)
+
+    def failure_report(self, copy: QueuedCopy, result: SmtpResult, expired: bool) -> bytes | None:
+        """The DSN for a copy that failed for good, or None when its return path is not ours (the null sender;
+        VERP off and Odoo's envelope sender elsewhere): then the `bounced` event is all there is.
+
+        Without it a failure after our 250 reached nobody: the event only, and Odoo, which learns of bounces
+        from bounce mail alone, never marked the notification or counted the bounce."""
+        if not returns_to_us(copy.mail_from, self.table):
+            return None
+        return failure_dsn(copy, result, expired=expired, reporting_mta=self.reporting_mta)
 
     async def record(self, attempt: Attempt) -> str:
         """Commit an attempt's outcome and events (grouped with whatever other results are waiting)."""
@@ -933,5 +1059,6 @@ class OutboundWorker:
 __all__ = [
     "DestinationError", "OutboundWorker", "SmtpResult", "SmtpTransport", "bounce_kind", "bounce_reason",
     "claim_due", "classify_reply", "destination", "enhanced_status", "make_mx_resolver", "order_mx", "record_result",
-    "record_results", "retry_delay", "smarthost_password", "smarthost_setup_refusal", "Attempt",
+    "record_results", "retry_delay", "smarthost_password", "smarthost_setup_refusal", "Attempt", "failure_dsn",
+    "returns_to_us",
 ]
