@@ -190,8 +190,15 @@ def original_message_id(msg: email.message.Message) -> str | None:
 
 def _result(recipient: str, *, status: str | None, diagnostic: str | None, delayed: bool, detector: str,
             original_id: str | None, remote_mta: str | None = None, context: str | None = None) -> BounceResult:
-    """One BounceResult; `context` (the notice's prose) explains the failure only when no diagnostic does."""
-    reason, kind = classify_status(status, diagnostic or context, delayed=delayed)
+    """One BounceResult; `context` (the notice's prose about this one recipient) explains the failure when
+    neither the diagnostic nor a specific status names a reason.
+
+    A detector's diagnostic is the line it cut next to the address ("(Originally addressed to u@x)",
+    "Unable to deliver message to <u@x>"); the reason is often a line away in the same notice
+    ("550 5.1.1 unknown user", "mailbox is full"). Reading only the slice gave soft/undefined."""
+    reason, kind = classify_status(status, diagnostic, delayed=delayed)
+    if reason == "undefined" and context and context != diagnostic:
+        reason, kind = classify_status(status, context, delayed=delayed)
     return BounceResult(
         recipient=recipient, kind=kind, reason=reason, status=status, diagnostic=diagnostic,
         original_message_id=original_id, action="delayed" if delayed else "failed", remote_mta=remote_mta,

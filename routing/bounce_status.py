@@ -72,7 +72,9 @@ TEXT_REASONS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((reason, re.compil
                      r"mail exchanger failed|server (?:unavailable|busy)"),
     ("syntaxerror", r"syntax|malformed|bad address|illegal address|\bRFC ?5?822\b"),
     ("contenterror", r"content|header|resent-from|mime|8bit|encoding|attachment"),
-    ("mailererror", r"command died|command output|mailer error|child status|pipe to|\bexit status|local delivery failed|program"),
+    # not a bare "program": every qmail and old Postfix notice opens "This is the qmail-send/Postfix program"
+    ("mailererror", r"command died|command output|mailer error|child status|pipe to|\bexit status|local delivery failed|"
+                    r"(?:deliver(?:y|ing)?|pipe) to (?:the )?program|program (?:exited|failed|died|returned|error)"),
     ("systemerror", r"system error|internal error|server error|temporary (?:local )?problem|i/o error|out of memory|not available"),
     ("rejected", r"rejected|refused|not accepted|denied|permission denied"),
 ))

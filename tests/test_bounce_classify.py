@@ -146,3 +146,28 @@ def test_a_subject_alone_is_flagged_so_the_router_can_ask_the_envelope():
     human["Return-Path"] = "<>"
     assert not classify_bounce(human).subject_only  # the delivering MTA saw a null sender
     assert not classify_bounce(fixture("exim.eml")).subject_only
+
+
+def _prose_ndr(reason_line: str, address_line: str) -> email.message.Message:
+    return email.message_from_string(
+        "From: Mail Delivery System <mailer-daemon@mx.example.net>\nTo: sales@example.com\n"
+        "Subject: Undeliverable mail\n\nYour message could not be delivered.\n"
+        f"{reason_line}\n\n{address_line}\n\nRegards, the mail system\n")
+
+
+@pytest.mark.parametrize("reason_line, reason, kind", [
+    ("The remote server said: 550 Recipient unknown", "userunknown", "hard"),
+    ("Remote mailbox is full, try again later", "mailboxfull", "soft"),
+])
+def test_the_notice_explains_a_lone_recipient_when_the_detector_slice_does_not(reason_line, reason, kind):
+    # the detector's slice is "(Originally addressed to ...)"; the reason is a paragraph away in the notice
+    report = classify_bounce(_prose_ndr(reason_line, "(Originally addressed to ghost@example.org)"))
+    (r,) = report.results
+    assert (r.recipient, r.reason, r.kind) == ("ghost@example.org", reason, kind)
+
+
+def test_a_diagnostic_that_names_a_reason_is_not_overridden_by_the_notice():
+    report = classify_bounce(_prose_ndr("The remote server said: 550 Recipient unknown",
+                                        "Quota violation for ghost@example.org"))
+    (r,) = report.results
+    assert (r.reason, r.kind) == ("mailboxfull", "soft")

@@ -63,6 +63,10 @@ def test_generic_system_code_yields_to_a_clear_user_unknown_text():
     ("554 Too many hops 26 (25 max)", "toomanyconn"),
     ("Command died with status 17", "mailererror"),
     ("message exceeds maximum message size", "mesgtoolarge"),
+    ("delivery to program failed: exit 75", "mailererror"),
+    # every qmail and old Postfix notice introduces itself as a "program": that names no reason
+    ("Hi. This is the qmail-send program at mx.example.net.", None),
+    ("This is the Postfix program at host mx.example.net.", None),
 ])
 def test_text_patterns(text, reason):
     assert reason_from_text(text) == reason
