@@ -24,7 +24,8 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import aiohttp
@@ -314,16 +315,35 @@ class GapWatch:
         return now - first >= self.settle
 
 
+@contextmanager
+def one_snapshot(engine: Engine) -> Iterator[Connection]:
+    """A read transaction whose statements all see the same committed events.
+
+    A page and the gap check that bounds it must agree on what is committed. Under PostgreSQL's READ COMMITTED
+    every statement takes a fresh snapshot: an event with a lower seq committing between the page query and
+    the gap query was missing from the page yet present for the gap check, so the cursor moved past it and the
+    reader never got it. REPEATABLE READ takes one snapshot for the transaction; SQLite's deferred read
+    transaction (`reading`) already reads one WAL snapshot."""
+    with reading(engine) as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="REPEATABLE READ")
+        with conn.begin():
+            yield conn
+
+
 def _first_gap(conn: Connection, after: int, last: int) -> int | None:
-    """The lowest sequence number in (after, last] that no committed event has (`last` is one that has)."""
+    """The lowest sequence number in (after, last] that no committed event has (`last` is one that has).
+
+    Run on a `one_snapshot` connection: the statements here must see the same events as the page."""
     if conn.execute(select(func.count()).where(events.c.seq > after, events.c.seq <= last)).scalar() == last - after:
         return None  # the usual case, and SQLite's always: one writer, and a rolled-back rowid is reused
     if conn.execute(select(events.c.seq).where(events.c.seq == after + 1)).first() is None:
         return after + 1
     following = events.alias("following")
-    return int(conn.execute(select(func.min(events.c.seq) + 1).where(
+    gap = conn.execute(select(func.min(events.c.seq) + 1).where(
         events.c.seq > after, events.c.seq < last,
-        ~exists().where(following.c.seq == events.c.seq + 1))).scalar())
+        ~exists().where(following.c.seq == events.c.seq + 1))).scalar()
+    return None if gap is None else int(gap)  # None cannot happen in one snapshot; if it does, there is no gap
 
 
 def read_settled(engine: Engine, gaps: GapWatch, *, after: int = 0, types: Sequence[str] = (), limit: int = 100,
@@ -334,7 +354,7 @@ def read_settled(engine: Engine, gaps: GapWatch, *, after: int = 0, types: Seque
     q = select(events).where(events.c.seq > after).order_by(events.c.seq).limit(limit)
     if types:
         q = q.where(events.c.type.in_(list(types)))
-    with reading(engine) as conn:
+    with one_snapshot(engine) as conn:
         rows = conn.execute(q).all()
         if not rows:
             return [], after

@@ -302,3 +302,34 @@ def test_cli_tail_with_types_shows_the_newest_and_refuses_a_negative_count(engin
     with pytest.raises(SystemExit) as exc:
         main(["events", "tail", "--config", str(cfg), "-n", "-5", "--types", "bounced"])
     assert exc.value.code == 2 and capsys.readouterr().out == ""
+
+
+def test_a_page_and_its_gap_check_read_one_snapshot(any_engine):
+    """PostgreSQL, READ COMMITTED: an event with a lower seq that committed between the page query and the gap
+    query was not in the page, yet the gap check saw it, so `next` moved past it and the reader never got it.
+    The late transaction commits here right after the page query (the first statement of `read_settled`)."""
+    from sqlalchemy import event
+
+    from gateway.events import GapWatch, read_settled
+
+    if any_engine.dialect.name == "sqlite":
+        pytest.skip("one writer on SQLite: no lower seq can commit after a higher one")
+    late = any_engine.connect()
+    open_tx = late.begin()
+    record_events(late, [ev("bounced", "<late>", 1)])
+    add(any_engine, ev("opened", "<next>", 2))
+
+    def commit_late(*_args):  # type: ignore[no-untyped-def]
+        if open_tx.is_active:
+            open_tx.commit()
+
+    event.listen(any_engine, "after_cursor_execute", commit_late)
+    try:
+        rows, cursor = read_settled(any_engine, GapWatch(settle=60))
+    finally:
+        event.remove(any_engine, "after_cursor_execute", commit_late)
+        late.close()
+    assert not open_tx.is_active  # the race happened
+    assert (rows, cursor) == ([], 0)  # the page did not see <late>: hold before it
+    rows, cursor = read_settled(any_engine, GapWatch(settle=60), after=cursor)
+    assert [e["mail"]["message_id"] for e in rows] == ["<late>", "<next>"]
