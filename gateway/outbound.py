@@ -8,7 +8,8 @@ recipient, because each carries its own VERP envelope sender and tracking tokens
 Destinations: a configured smarthost, or the recipient domain's MX hosts (dnspython; by preference, the
 domain's A/AAAA as implicit MX when it has none, RFC 5321 §5.1; a null MX (RFC 7505) is a hard bounce).
 To an MX, STARTTLS when offered and plaintext when it fails (opportunistic, RFC 7435); to the smarthost, as
-`smarthost_tls` says.
+`smarthost_tls` says. 8-bit mail goes with BODY=8BITMIME where the server offers it, else converted to 7 bits
+(quoted-printable / base64 per part, `routing.rewrite.downgrade_8bit`), else deferred (RFC 6152).
 Connections are kept open and reused per host. The worker caps concurrent transactions per destination and
 serves destinations in turn, as Postfix's qmgr does, so a slow or dead destination holds back only its own
 mail. Retries follow RFC 5321 §4.5.4.1: growing intervals (from `retry_min_seconds` up to
@@ -48,6 +49,7 @@ from gateway.schema import outbound_mails, outbound_queue, outbound_recipients
 from gateway.spool import Envelope, header_block, insert_messages
 from gateway.store import as_utc, utcnow
 from routing.bounce_status import classify_status
+from routing.rewrite import downgrade_8bit
 from routing.tokens import verp_address
 
 log = logging.getLogger(__name__)
@@ -417,8 +419,15 @@ class SmtpTransport:
             if utf8 and not smtp.supports_extension("smtputf8"):
                 return SmtpResult("bounced", 553, "5.6.7", f"{host} does not support SMTPUTF8, needed for a "
                                   "non-ASCII address", host)
-            payload, size = wire_payload(raw)
+            body = _body_for(smtp, raw)
+            if body is None:
+                return SmtpResult("deferred", 451, "4.6.3", f"{host} does not offer 8BITMIME and this mail's "
+                                  "8-bit content cannot be converted to 7 bits (8-bit headers, a DKIM or S/MIME "
+                                  "signature over it, or 8-bit bytes in a message/* part)", host)
+            payload, size = wire_payload(body)
             options = [b"SMTPUTF8"] if utf8 else []
+            if not body.isascii():  # RFC 6152: 8-bit data is declared, and sent only where 8BITMIME is offered
+                options.append(b"BODY=8BITMIME")
             if smtp.supports_extension("size"):
                 options.append(b"SIZE=%d" % size)
             encoding = "utf-8" if utf8 else "ascii"
@@ -486,6 +495,17 @@ class SmtpTransport:
 
 
 _END_OF_DATA = b".\r\n"
+
+
+def _body_for(smtp: aiosmtplib.SMTP, raw: bytes) -> bytes | None:
+    """The message as this server may take it: as is when it is 7-bit or the server offers 8BITMIME, else
+    downgraded to 7 bits (`routing.rewrite.downgrade_8bit`); None when it cannot be.
+
+    8-bit data to a server that did not offer 8BITMIME breaks RFC 6152 §3; some servers mangle or refuse it.
+    A mail that cannot be converted is deferred, not bounced: another MX of the domain may offer 8BITMIME."""
+    if raw.isascii() or smtp.supports_extension("8bitmime"):
+        return raw
+    return downgrade_8bit(raw)
 
 
 def wire_payload(raw: bytes) -> tuple[bytes, int]:

@@ -346,3 +346,77 @@ def _qp_reencode(body: bytes, old: bytes, new: bytes, newline: bytes) -> bytes:
         (_qp_encode(now[:-1], b"\r\n") + b"\r" if now.endswith(b"\r") else _qp_encode(now, newline))
         for kept, was, now in zip(encoded, old_lines, new_lines)
     ])
+
+
+# ------------------------------------------------------------------------------------------ 8-bit downgrade
+def downgrade_8bit(raw: bytes) -> bytes | None:
+    """`raw` with every 8-bit body part re-encoded in 7 bits (text quoted-printable, anything else base64), for
+    a server that does not offer 8BITMIME (RFC 6152 §3: the client converts or does not send); None when that
+    cannot be done faithfully: 8-bit bytes in a header section (that needs SMTPUTF8), a DKIM signature or an
+    S/MIME/PGP entity over the bytes that would change, or 8-bit bytes where MIME allows no re-encoding
+    (a message/* part, a preamble, an already encoded part).
+
+    Only the parts holding 8-bit bytes change, as the rewrite changes only what it tracks."""
+    if raw.isascii():
+        return raw
+    head, sep, body = _split_head(raw)
+    if not head.isascii() or scan_headers(head, frozenset({"dkim-signature"})):
+        return None
+    entity = _downgrade_entity(head, _parse_headers(head), body, depth=0)
+    return None if entity is None else entity[0] + sep + entity[1]
+
+
+def _downgrade_entity(head: bytes, headers: Message, body: bytes, depth: int) -> tuple[bytes, bytes] | None:
+    if body.isascii():
+        return head, body
+    ctype = headers.get_content_type()
+    if depth > _MAX_DEPTH or ctype in _SEALED_TYPES or headers.get_content_maintype() == "message":
+        return None
+    newline = b"\r\n" if b"\r\n" in head else b"\n"
+    if headers.get_content_maintype() == "multipart":
+        boundary = headers.get_param("boundary")
+        if not isinstance(boundary, str) or not boundary:
+            return None
+        new_body = _downgrade_multipart(body, boundary.encode("latin-1", "replace"), depth)
+        return None if new_body is None else (_set_cte(head, b"7bit", newline, add=False), new_body)
+    cte = (headers.get("Content-Transfer-Encoding") or "7bit").strip().lower()
+    if cte not in ("7bit", "8bit", "binary"):
+        return None  # quoted-printable or base64 with 8-bit bytes in it is broken already: not ours to guess
+    if headers.get_content_maintype() == "text":
+        return _set_cte(head, b"quoted-printable", newline), _qp_encode(body, newline)
+    encoded = base64.encodebytes(body).replace(b"\n", newline)
+    return _set_cte(head, b"base64", newline), encoded
+
+
+def _downgrade_multipart(body: bytes, boundary: bytes, depth: int) -> bytes | None:
+    delim = re.compile(rb"(?m)(\r?\n)?^--" + re.escape(boundary) + rb"(--)?[ \t]*(\r?\n|$)")
+    matches = list(delim.finditer(body))
+    if not matches or not body[:matches[0].start()].isascii():
+        return None
+    out = [body[:matches[0].end()]]
+    last_end = matches[0].end()
+    for cur, nxt in zip(matches, matches[1:]):
+        if cur.group(2):
+            break
+        phead, psep, pbody = _split_head(body[cur.end():nxt.start()])
+        if not phead.isascii():
+            return None
+        part = _downgrade_entity(phead, _parse_headers(phead), pbody, depth + 1)
+        if part is None:
+            return None
+        out.append(part[0] + psep + part[1])
+        out.append(body[nxt.start():nxt.end()])
+        last_end = nxt.end()
+    rest = body[last_end:]
+    if not rest.isascii():
+        return None
+    out.append(rest)
+    return b"".join(out)
+
+
+def _set_cte(head: bytes, cte: bytes, newline: bytes, *, add: bool = True) -> bytes:
+    """`head` with its Content-Transfer-Encoding set to `cte` (added when missing, if `add`)."""
+    new_head = _replace_header(head, b"Content-Transfer-Encoding", cte)
+    if new_head == head and add and not re.search(rb"(?im)^Content-Transfer-Encoding[ \t]*:", head):
+        return head + b"Content-Transfer-Encoding: " + cte + newline
+    return new_head

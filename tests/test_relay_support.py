@@ -183,7 +183,8 @@ class RawSmtpServer:
     """A line-level SMTP server whose every answer the test sets, for what aiosmtpd will not do: refuse at the
     greeting, fail AUTH in clear, break the TLS handshake after 220 to STARTTLS, answer slowly after the final
     dot. `log` holds the verbs it was sent ("CONNECT" per connection, "EOF" when the client hung up without
-    QUIT); `lines` the command lines as sent; `accepted` counts mails it answered `data_end` to."""
+    QUIT); `lines` the command lines as sent; `data` each DATA payload as sent (dot-stuffed, without the final
+    dot); `accepted` counts mails it answered `data_end` to."""
 
     greeting: str = "220 raw.test ESMTP"
     ehlo: tuple[str, ...] = ("250-raw.test", "250 SIZE 100000")
@@ -195,6 +196,7 @@ class RawSmtpServer:
     data_end_delay: float = 0.0
     log: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
+    data: list[bytes] = field(default_factory=list)
     accepted: int = 0
     server: Any = None
     port: int = 0
@@ -252,8 +254,10 @@ class RawSmtpServer:
         if verb == "DATA":
             writer.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
             await writer.drain()
+            payload = []
             while (line := await reader.readline()) not in (b".\r\n", b""):
-                pass
+                payload.append(line)
+            self.data.append(b"".join(payload))
             await asyncio.sleep(self.data_end_delay)
             self.accepted += self.data_end.startswith("250")
             return self.data_end
