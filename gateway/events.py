@@ -8,8 +8,9 @@ row `sent`; anything else retries with doubling backoff until the subscriber's h
 (`mailgate events replay` sends dead or sent rows again). Events of one mail (same Message-ID) go out in
 sequence order: event N+1 is not sent before N was answered 2xx or dead-lettered.
 
-Fan-out scans events after a per-subscriber cursor (kv `webhook:<name>:cursor`) with a look-back window
-and an anti-join, so an event whose sequence number committed late (PostgreSQL) is still picked up.
+Fan-out reads events after a per-subscriber cursor (kv `webhook:<name>:cursor`) and, like the pull API, stops
+before a missing sequence number that may still commit (PostgreSQL), so a late commit keeps its place in its
+mail's order; a look-back window with an anti-join still picks up one that commits after it was given up.
 
 Pull API. `GET /events?after=SEQ&types=a,b&limit=N` with `Authorization: Bearer <token>` answers
 `{"events": [...], "next": SEQ}`; `add_events_routes(app, engine, token)` mounts it on any aiohttp app.
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from sqlalchemy import Connection, Engine, String, and_, cast, exists, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, String, and_, cast, exists, func, insert, select, update
 
 from gateway.config import Config, EventsConfig, WebhookConfig, secret as env_secret
 from gateway.outbox import EVENT_TYPES, event_to_json
@@ -40,7 +41,7 @@ from gateway.store import as_utc, reading, utcnow
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Mailgate-Signature"
-FANOUT_LOOKBACK = 1000   # sequence numbers re-examined behind the cursor (late commits on PostgreSQL)
+FANOUT_LOOKBACK = 1000   # sequence numbers behind the cursor re-examined for commits later than a gap's settling
 FANOUT_BATCH = 1000
 PENDING_SCAN = 2000
 
@@ -85,32 +86,60 @@ def _cursor_key(name: str) -> str:
     return f"webhook:{name}:cursor"
 
 
-def fan_out(conn: Connection, hook: WebhookConfig) -> int:
+def fan_out(conn: Connection, hook: WebhookConfig, gaps: GapWatch | None = None) -> int:
     """Create delivery rows (pending or skipped) for up to FANOUT_BATCH events this subscriber has not seen;
     returns how many. A caller that loops until 0 commits each batch on its own (`mailgate events replay`):
-    one transaction over them all held the write lock, and so the SMTP listeners, for the whole fan-out."""
-    row = conn.execute(select(kv.c.value).where(kv.c.key == _cursor_key(hook.name))).first()
-    cursor = int(row.value) if row and row.value else 0
-    already = exists().where(and_(webhook_deliveries.c.event_seq == events.c.seq,
-                                  webhook_deliveries.c.subscriber == hook.name))
-    rows = conn.execute(
-        select(events.c.seq, events.c.type).where(events.c.seq > max(0, cursor - FANOUT_LOOKBACK))
-        .where(~already).order_by(events.c.seq).limit(FANOUT_BATCH)
-    ).all()
-    if not rows:
-        return 0
-    now = utcnow()
-    # One executemany, not a statement per event: a replay fans out every event the store has, and this
-    # runs while its transaction holds SQLite's write lock.
-    conn.execute(insert(webhook_deliveries), [
-        {"event_seq": r.seq, "subscriber": hook.name, "state": "pending" if wants(hook, r.type) else "skipped",
-         "attempts": 0, "next_attempt_at": now} for r in rows])
-    top = max(cursor, rows[-1].seq)
-    if row is None:
-        conn.execute(insert(kv).values(key=_cursor_key(hook.name), value=str(top), updated_at=now))
-    else:
-        conn.execute(update(kv).where(kv.c.key == _cursor_key(hook.name)).values(value=str(top), updated_at=now))
+    one transaction over them all held the write lock, and so the SMTP listeners, for the whole fan-out.
+
+    The cursor stops before a missing sequence number that may still commit, as the pull API's does (`gaps`:
+    the caller's watch, kept across rounds; without one no gap counts as settled yet): fanning out every
+    committed event sent a late commit after a later event of its mail, and lost it once the cursor was more
+    than the look-back past it. Events behind the cursor that still have no row (committed after their number
+    was given up) go out late rather than never."""
+    with _fan_out_view(conn) as view:
+        row = view.execute(select(kv.c.value).where(kv.c.key == _cursor_key(hook.name))).first()
+        cursor = int(row.value) if row and row.value else 0
+        already = exists().where(and_(webhook_deliveries.c.event_seq == events.c.seq,
+                                      webhook_deliveries.c.subscriber == hook.name))
+        page = view.execute(select(events.c.seq, events.c.type).where(events.c.seq > cursor).where(~already)
+                            .order_by(events.c.seq).limit(FANOUT_BATCH)).all()
+        page, top = _settled_rows(view, gaps or GapWatch(), page, cursor)
+        stragglers = view.execute(select(events.c.seq, events.c.type).where(
+            events.c.seq > max(0, cursor - FANOUT_LOOKBACK), events.c.seq <= cursor).where(~already)
+            .order_by(events.c.seq).limit(FANOUT_BATCH)).all()
+    if stragglers:
+        log.warning("webhook %s: events %s committed after their sequence numbers were given up as rolled back; "
+                    "sent now, after later events of their mails", hook.name, [r.seq for r in stragglers])
+    rows = [*stragglers, *page]
+    if rows:
+        # One executemany, not a statement per event: a replay fans out every event the store has, and this
+        # runs while its transaction holds SQLite's write lock.
+        conn.execute(insert(webhook_deliveries), [
+            {"event_seq": r.seq, "subscriber": hook.name, "state": "pending" if wants(hook, r.type) else "skipped",
+             "attempts": 0, "next_attempt_at": utcnow()} for r in rows])
+    if top > cursor:
+        _save_cursor(conn, hook.name, top, exists=row is not None)
     return len(rows)
+
+
+@contextmanager
+def _fan_out_view(conn: Connection) -> Iterator[Connection]:
+    """Where fan-out reads: SQLite's write transaction already sees one state (nobody else commits while it
+    holds the lock); on PostgreSQL a `one_snapshot` of its own, since the caller's transaction may be READ
+    COMMITTED (the page and its gap check must agree)."""
+    if conn.dialect.name == "sqlite":
+        yield conn
+        return
+    with one_snapshot(conn.engine) as view:
+        yield view
+
+
+def _save_cursor(conn: Connection, name: str, value: int, *, exists: bool) -> None:
+    now = utcnow()
+    if exists:
+        conn.execute(update(kv).where(kv.c.key == _cursor_key(name)).values(value=str(value), updated_at=now))
+    else:
+        conn.execute(insert(kv).values(key=_cursor_key(name), value=str(value), updated_at=now))
 
 
 @dataclass(frozen=True)
@@ -199,6 +228,7 @@ class WebhookDispatcher:
         self.secrets = {h.name: (env_secret(h.secret_env, required=True, what=f"webhook {h.name} secret")
                                  or "").encode() for h in self.hooks}
         self.concurrency = concurrency
+        self.gaps = GapWatch()  # kept across rounds: a missing sequence number settles after GapWatch.settle
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -234,7 +264,7 @@ class WebhookDispatcher:
 
     async def _round(self, http: aiohttp.ClientSession, hook: WebhookConfig) -> bool:
         """Fan out, then send every due head once; True when some event was sent (go again at once)."""
-        await asyncio.to_thread(self._tx, fan_out, hook)
+        await asyncio.to_thread(self._tx, fan_out, hook, self.gaps)
         heads = await asyncio.to_thread(self._tx, due_heads, hook.name)
         if not heads:
             return False
@@ -346,6 +376,20 @@ def _first_gap(conn: Connection, after: int, last: int) -> int | None:
     return None if gap is None else int(gap)  # None cannot happen in one snapshot; if it does, there is no gap
 
 
+def _settled_rows(conn: Connection, gaps: GapWatch, rows: Sequence[Row], after: int) -> tuple[list[Row], int]:
+    """The rows of a page (seq > `after`, in order, read on `conn`, a `one_snapshot`) before the first missing
+    sequence number that may still commit, and the cursor to come back with."""
+    if not rows:
+        return [], after
+    last = rows[-1].seq
+    gap = _first_gap(conn, after, last)
+    while gap is not None and gaps.settled(gap):
+        gap = _first_gap(conn, gap, last)
+    if gap is None:
+        return list(rows), last
+    return [r for r in rows if r.seq < gap], gap - 1
+
+
 def read_settled(engine: Engine, gaps: GapWatch, *, after: int = 0, types: Sequence[str] = (), limit: int = 100,
                  ) -> tuple[list[dict], int]:  # type: ignore[type-arg]
     """`read_events` for a reader that comes back with a cursor: the events before the first missing sequence
@@ -355,16 +399,8 @@ def read_settled(engine: Engine, gaps: GapWatch, *, after: int = 0, types: Seque
     if types:
         q = q.where(events.c.type.in_(list(types)))
     with one_snapshot(engine) as conn:
-        rows = conn.execute(q).all()
-        if not rows:
-            return [], after
-        last = rows[-1].seq
-        gap = _first_gap(conn, after, last)
-        while gap is not None and gaps.settled(gap):
-            gap = _first_gap(conn, gap, last)
-    if gap is None:
-        return [event_to_json(r) for r in rows], last
-    return [event_to_json(r) for r in rows if r.seq < gap], gap - 1
+        rows, cursor = _settled_rows(conn, gaps, conn.execute(q).all(), after)
+    return [event_to_json(r) for r in rows], cursor
 
 
 def add_events_routes(app: web.Application, engine: Engine, token: str | None, *, path: str = "/events") -> None:

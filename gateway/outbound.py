@@ -40,6 +40,7 @@ from aiosmtplib.protocol import normalize_message_line_endings
 from sqlalchemy import Connection, ColumnElement, Engine, and_, bindparam, delete, func, not_, or_, select, update
 
 from aliases.model import AliasTable
+from aliases.names import normalize_domain
 from gateway.config import Config, secret as env_secret
 from gateway.fastsql import execute_many
 from gateway.outbox import EventDraft, record_events
@@ -413,7 +414,8 @@ class SmtpTransport:
         keep = False
         answered = False
         sent = False
-        mail_from = reverse_path(mail_from)  # a null sender stored as "<>" goes out as MAIL FROM:<>
+        mail_from = wire_address(reverse_path(mail_from))  # a null sender stored as "<>" goes out as <>
+        recipient = wire_address(recipient)
         try:
             utf8 = not (mail_from.isascii() and recipient.isascii())
             if utf8 and not smtp.supports_extension("smtputf8"):
@@ -495,6 +497,18 @@ class SmtpTransport:
 
 
 _END_OF_DATA = b".\r\n"
+
+
+def wire_address(address: str) -> str:
+    """`address` with its domain in ASCII (IDNA A-label, `xn--…`) form. Only a non-ASCII local part needs
+    SMTPUTF8 (RFC 6531 §3.2): `info@bücher.example` sent as `info@xn--bcher-kva.example` reaches any server,
+    where as written it bounced 5.6.7 at every server without SMTPUTF8. A domain the IDNA codec refuses
+    is kept as written (only SMTPUTF8 can carry it)."""
+    local, at, domain = address.rpartition("@")
+    if not at or domain.isascii():
+        return address
+    a_label = normalize_domain(domain)
+    return f"{local}@{a_label}" if a_label.isascii() else address
 
 
 def _body_for(smtp: aiosmtplib.SMTP, raw: bytes) -> bytes | None:
@@ -1079,6 +1093,6 @@ class OutboundWorker:
 __all__ = [
     "DestinationError", "OutboundWorker", "SmtpResult", "SmtpTransport", "bounce_kind", "bounce_reason",
     "claim_due", "classify_reply", "destination", "enhanced_status", "make_mx_resolver", "order_mx", "record_result",
-    "record_results", "retry_delay", "smarthost_password", "smarthost_setup_refusal", "Attempt", "failure_dsn",
+    "record_results", "retry_delay", "wire_address", "smarthost_password", "smarthost_setup_refusal", "Attempt", "failure_dsn",
     "returns_to_us",
 ]

@@ -333,3 +333,50 @@ def test_a_page_and_its_gap_check_read_one_snapshot(any_engine):
     assert (rows, cursor) == ([], 0)  # the page did not see <late>: hold before it
     rows, cursor = read_settled(any_engine, GapWatch(settle=60), after=cursor)
     assert [e["mail"]["message_id"] for e in rows] == ["<late>", "<next>"]
+
+
+def test_fan_out_keeps_a_late_commit_in_its_mails_order(any_engine):
+    """PostgreSQL: the relay's `delivered` (seq 1) is still uncommitted when the prefetch `opened` (seq 2) of
+    the same mail commits. Fan-out took every committed event: `opened` was POSTed first, and `delivered`
+    after it. Now the cursor waits before the missing number until it commits."""
+    from gateway.events import GapWatch
+
+    if any_engine.dialect.name == "sqlite":
+        pytest.skip("one writer on SQLite: no lower seq can commit after a higher one")
+    h = hook()
+    gaps = GapWatch(settle=60)
+    late = any_engine.connect()
+    open_tx = late.begin()
+    record_events(late, [ev("delivered", "<M>", 1)])
+    add(any_engine, ev("opened", "<M>", 2))
+    with any_engine.begin() as conn:
+        assert fan_out(conn, h, gaps) == 0
+        assert due_heads(conn, "seq") == []
+    open_tx.commit()
+    late.close()
+    with any_engine.begin() as conn:
+        assert fan_out(conn, h, gaps) == 2
+        heads = due_heads(conn, "seq")
+    assert [json.loads(d.body)["type"] for d in heads] == ["delivered"]
+
+
+def test_fan_out_sends_an_event_that_commits_after_its_gap_settled(any_engine):
+    """A number missing for `settle` seconds counts as a rolled-back batch and the cursor passes it; should it
+    commit after all (a transaction open that long), it still goes out, late, instead of never."""
+    from gateway.events import GapWatch
+
+    if any_engine.dialect.name == "sqlite":
+        pytest.skip("one writer on SQLite: no lower seq can commit after a higher one")
+    h = hook()
+    gaps = GapWatch(settle=0)
+    late = any_engine.connect()
+    open_tx = late.begin()
+    record_events(late, [ev("bounced", "<L>", 1)])
+    add(any_engine, ev("opened", "<M>", 2))
+    with any_engine.begin() as conn:
+        assert fan_out(conn, h, gaps) == 1  # settle 0: given up at once, passed over
+    open_tx.commit()
+    late.close()
+    with any_engine.begin() as conn:
+        assert fan_out(conn, h, gaps) == 1
+        assert sorted(d.seq for d in due_heads(conn, "seq")) == [1, 2]

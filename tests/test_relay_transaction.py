@@ -132,6 +132,21 @@ async def test_non_ascii_address_needs_smtputf8() -> None:
         await utf8.stop()
 
 
+async def test_an_idn_domain_with_an_ascii_local_part_goes_as_its_a_label_without_smtputf8() -> None:
+    """`info@bücher.example` bounced 5.6.7 at a server without SMTPUTF8; its A-label form needs none."""
+    plain = await ScriptedHost(utf8=False).start()
+    try:
+        result = await send(plain, "bounce@bücher.example", "info@bücher.example", MAIL)
+        assert result.outcome == "delivered"
+        mail_from, options, rcpts, _ = plain.received[0]
+        assert (mail_from, rcpts) == ("bounce@xn--bcher-kva.example", ["info@xn--bcher-kva.example"])
+        assert "SMTPUTF8" not in options
+        refused = await send(plain, "bounce@example.test", "jörg@bücher.example", MAIL)
+        assert (refused.outcome, refused.status) == ("bounced", "5.6.7")  # a non-ASCII local part still needs it
+    finally:
+        await plain.stop()
+
+
 def test_wire_payload_normalises_only_what_needs_it_and_dot_stuffs() -> None:
     assert wire_payload(b"a\r\nb\r\n") == (b"a\r\nb\r\n.\r\n", 6)
     assert wire_payload(b"a\nb") == (b"a\r\nb\r\n.\r\n", 6)          # bare LF, no final line break
