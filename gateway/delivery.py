@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -46,7 +46,7 @@ from gateway.odoo.client import OdooClient, m2o_id
 from gateway.outbox import EventDraft
 from gateway.refusal import RefusalSender
 from gateway.schema import messages, odoo_writes
-from gateway.spool import SpooledMessage
+from gateway.spool import SpooledMessage, check_lease, lease_fence
 from gateway.store import reading, utcnow
 from gateway.thread_lookup import forget_record, index_message, is_outbound, record_of, replying_recipient
 from routing import msgdict
@@ -130,6 +130,26 @@ class WriteLedger:
         self._done[step] = _Row(**values)
 
 
+class _Fenced:
+    """The Odoo client behind the worker's lease: each call first checks that the message is still this
+    worker's (`gateway.spool.check_lease`). A worker whose lease ran out while Odoo was slow went on writing
+    the lead, the post and the attachments while the worker that took the message over wrote them too."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def fenced(*args: Any, **kwargs: Any) -> Any:
+            check_lease()
+            return attr(*args, **kwargs)
+
+        return fenced
+
+
 # ---------------------------------------------------------------------------------------- the delivery
 class Delivery:
     """Executes decisions against Odoo; one instance is shared by the worker threads."""
@@ -196,7 +216,7 @@ class Delivery:
         if self.client is None:
             raise TransientError("Odoo is not configured ([odoo] url/db/login)",
                                  hint="configure [odoo]; mail stays spooled and is delivered afterwards")
-        return self.client
+        return self.client if lease_fence.get() is None else cast(OdooClient, _Fenced(self.client))
 
     # ---------------------------------------------------------------------------------- helpers
     def _message_id(self, message: SpooledMessage, decision: Decision, mail: msgdict.ParsedMail | None = None

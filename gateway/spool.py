@@ -19,6 +19,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -30,6 +31,7 @@ from gateway.body_log import (
     BodyLog, BodyLogError, BodyRef, body_log_dir, drop_unreferenced, erase, read_body, segment_names,
     sweep_leftovers,
 )
+from gateway.errors import TransientError
 from gateway.fastsql import driver_insert
 from gateway.schema import message_bodies, message_body_refs, message_log, messages
 from gateway.store import as_utc, reading, utcnow
@@ -689,6 +691,24 @@ def transition(engine: Engine, ident: int, state: str, *, owner: str | None = No
         if also is not None:
             also(conn)
     return True
+
+
+class LeaseLost(TransientError):
+    """The worker can no longer vouch for its lease (renewals failed until it ran out, or another worker took
+    the message over): it abandons the message without a state change, and whoever holds it now finishes it."""
+
+
+#: This thread's lease check (`gateway.worker.LeaseKeeper.fence`), set by the worker around delivery and
+#: called before each Odoo call: raises LeaseLost. A context variable and not an attribute of the delivery,
+#: which the worker threads share.
+lease_fence: ContextVar[Callable[[], None] | None] = ContextVar("lease_fence", default=None)
+
+
+def check_lease() -> None:
+    """Raise LeaseLost unless this thread's message is still under its lease (no-op outside a worker)."""
+    fence = lease_fence.get()
+    if fence is not None:
+        fence()
 
 
 def renew_lease(engine: Engine, ident: int, owner: str, lease_seconds: float) -> bool:

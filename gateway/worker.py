@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -34,7 +35,7 @@ from gateway.errors import PermanentError, TransientError
 from gateway.logs import mail_context
 from gateway.metrics import PROCESSED, PROCESSING_SECONDS, RETRIES, ROUTE_SECONDS
 from gateway.outbox import EventDraft, record_events
-from gateway.spool import Claimed, SpooledMessage, claim, renew_lease, transition
+from gateway.spool import Claimed, LeaseLost, SpooledMessage, claim, lease_fence, renew_lease, transition
 from gateway.store import utcnow
 from routing.model import Action, Decision
 
@@ -82,19 +83,30 @@ class LeaseKeeper:
     """Renews the lease of the message a worker is processing, every third of the lease, from a thread of
     its own: explicit delivery is several Odoo calls (each allowed `[odoo] timeout`), plus one per
     attachment, and can outlast the lease while Odoo is slow. An expired lease let another worker claim the
-    message mid-delivery, and Odoo got the lead, the post and the attachments twice."""
+    message mid-delivery, and Odoo got the lead, the post and the attachments twice.
+
+    Renewal can fail too (the store unreachable, the process paused), so the keeper also knows until when
+    the lease is confirmed, and `fence()` (called before each Odoo call) refuses to go on past that: the
+    message may be another worker's by then. Each `holding` is a turn of its own, so a renewal answered
+    late for the previous message says nothing about the next one."""
 
     def __init__(self, engine: Engine, owner: str, lease_seconds: float):
         self.engine, self.owner, self.lease = engine, owner, lease_seconds
         self.lost = False
         self._current: int | None = None
+        self._turn = 0
+        #: time.monotonic() at which the lease may have run out: claimed or last renewed, plus the lease
+        self._deadline = 0.0
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
 
     @contextlib.contextmanager
-    def holding(self, ident: int) -> Iterator["LeaseKeeper"]:
+    def holding(self, ident: int, claimed_at: float) -> Iterator["LeaseKeeper"]:
+        """Keep `ident`'s lease, claimed at `claimed_at` (time.monotonic(), taken before the claim)."""
         with self._wake:
             self._current, self.lost = ident, False
+            self._turn += 1
+            self._deadline = claimed_at + self.lease
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"lease-{self.owner}", daemon=True)
                 self._thread.start()
@@ -104,19 +116,37 @@ class LeaseKeeper:
             with self._wake:
                 self._current = None
 
+    def fence(self) -> None:
+        """Raise LeaseLost unless the lease on the current message is confirmed for now."""
+        with self._wake:
+            ident, lost = self._current, self.lost or time.monotonic() >= self._deadline
+        if lost:
+            raise LeaseLost(f"lease on message {ident} lost or expired (renewals failed): abandoning it, the "
+                            "worker that claims it next resumes it from the write ledger")
+
     def _run(self) -> None:
         while True:
             with self._wake:
                 self._wake.wait(self.lease / 3)
-                ident = self._current
-            if ident is None:
-                continue
-            try:
-                if not renew_lease(self.engine, ident, self.owner, self.lease):
-                    self.lost = True
-                    log.warning("lease on message %s lost while processing it", ident)
-            except Exception as exc:  # the store is briefly unavailable: the lease still has two thirds left
-                log.warning("lease renewal for message %s failed: %s", ident, exc)
+                ident, turn = self._current, self._turn
+            if ident is not None:
+                self._renew(ident, turn)
+
+    def _renew(self, ident: int, turn: int) -> None:
+        asked = time.monotonic()  # before the UPDATE computes its lease_until: the deadline errs early
+        try:
+            renewed = renew_lease(self.engine, ident, self.owner, self.lease)
+        except Exception as exc:  # the store is briefly unavailable: the lease may have two thirds left
+            log.warning("lease renewal for message %s failed: %s", ident, exc)
+            return
+        with self._wake:
+            if turn != self._turn:  # answered after the worker moved on: not about the message it holds now
+                return
+            if renewed:
+                self._deadline = asked + self.lease
+                return
+            self.lost = True
+        log.warning("lease on message %s lost while processing it", ident)
 
 
 class Worker:
@@ -130,7 +160,9 @@ class Worker:
         self.delivery = deliver
         # One owner per worker, not per thread that built it: `run_workers` builds them all in one thread, and
         # a shared owner could not tell whose lease a message is under.
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:w{next(_WORKER_SEQ)}"
+        # The random part: containers of one image can share the host name and, each in its own pid namespace,
+        # the pid; two such workers had the same owner and took each other's leases for their own.
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:w{next(_WORKER_SEQ)}:{uuid.uuid4().hex[:8]}"
         wc = config.worker
         self.lease = wc.lease_seconds
         self.keeper = LeaseKeeper(engine, self.owner, self.lease)
@@ -142,8 +174,9 @@ class Worker:
 
     def run_once(self, batch: int = 1) -> int:
         done = 0
+        claimed_at = time.monotonic()
         for item in claim(self.engine, self.owner, limit=batch, lease_seconds=self.lease, states=self.states):
-            with self.keeper.holding(item.message.id):
+            with self.keeper.holding(item.message.id, claimed_at):
                 self.process(item)
             done += 1
         return done
@@ -190,8 +223,12 @@ class Worker:
             return
         if self.delivery is None:
             return  # stays `routed` until an Odoo is configured
+        fence = lease_fence.set(self.keeper.fence)
         try:
             outcome = self.delivery.deliver(msg, item.raw, decision)
+        except LeaseLost as exc:  # another worker may hold it now: whatever we record would be a second answer
+            log.warning("%s", exc, extra=ctx)
+            return
         except TransientError as exc:
             log.warning("delivery deferred: %s", exc, extra=ctx)
             self._retry_or_dead(msg, str(exc), kind="transient")
@@ -208,6 +245,8 @@ class Worker:
             else:
                 self._retry_or_dead(msg, f"unexpected {exc.__class__.__name__}: {exc}", kind="crash")
             return
+        finally:
+            lease_fence.reset(fence)
         self._finish(msg, outcome.state, note=outcome.note, events=tuple(getattr(outcome, "events", ()) or ()))
 
     def _decision(self, msg: SpooledMessage, raw: bytes) -> Decision | None:
