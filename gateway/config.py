@@ -234,6 +234,8 @@ class OutboundConfig(_Model):
     mx_port: int = Field(25, ge=1, le=65535)
     per_destination_concurrency: int = Field(8, gt=0)
     timeout: float = Field(60.0, gt=0)
+    # 300 s first, not RFC 5321's "at least 30 minutes": Postfix's minimal_backoff_time, so greylisting (which
+    # mostly clears after 5 minutes) costs minutes, not half an hour; the doubling passes 30 min by the 4th retry.
     retry_min_seconds: float = Field(300.0, gt=0)
     retry_max_seconds: float = Field(4000.0, gt=0)
     poll_interval: float = Field(1.0, gt=0)
@@ -248,6 +250,15 @@ class OutboundConfig(_Model):
         if self.smarthost_login and not self.smarthost_password_env:
             raise ValueError("smarthost_login needs smarthost_password_env (the environment variable holding "
                              "the smarthost password)")
+        return self
+
+    @model_validator(mode="after")
+    def _retry_bounds(self) -> "OutboundConfig":
+        """The retry interval doubles from min and is capped at max: min above max made every interval max,
+        silently, whatever the operator meant."""
+        if self.retry_min_seconds > self.retry_max_seconds:
+            raise ValueError(f"retry_min_seconds ({self.retry_min_seconds:g}) is above retry_max_seconds "
+                             f"({self.retry_max_seconds:g})")
         return self
 
 
