@@ -41,6 +41,11 @@ from routing.model import Action, Decision
 
 log = logging.getLogger(__name__)
 
+#: How many unexpected exceptions (bugs, not TransientError) a message may cause before it is parked dead.
+CRASH_LIMIT = 5
+#: the retries metric's `kind` for a crash in each step
+_CRASH_KINDS = {"routing": "route", "delivery": "crash"}
+
 #: Actions that are finished without Odoo.
 LOCAL_ACTIONS = {Action.DUPLICATE: "dropped", Action.LOOP: "dropped", Action.QUARANTINE: "quarantined"}
 
@@ -212,7 +217,7 @@ class Worker:
             return
         except Exception as exc:  # routing is pure and must not raise; if it does, keep the mail and say so
             log.exception("routing failed", extra=ctx)
-            self._retry_or_dead(msg, f"routing error: {exc.__class__.__name__}: {exc}", kind="route")
+            self._crashed(msg, exc, step="routing")
             return
         if decision is None:
             log.warning("lease lost while routing; another worker owns the message now", extra=ctx)
@@ -239,11 +244,7 @@ class Worker:
             return
         except Exception as exc:  # an unexpected bug: retry a few times, then park it with the traceback
             log.exception("delivery crashed", extra=ctx)
-            if msg.attempts + 1 >= 5:
-                self._finish(msg, "dead", note="delivery crashed 5 times",
-                             error="".join(traceback.format_exception_only(exc)).strip())
-            else:
-                self._retry_or_dead(msg, f"unexpected {exc.__class__.__name__}: {exc}", kind="crash")
+            self._crashed(msg, exc, step="delivery")
             return
         finally:
             lease_fence.reset(fence)
@@ -273,6 +274,16 @@ class Worker:
             return
         PROCESSED.labels(state, (msg.action or "")).inc()
         PROCESSING_SECONDS.observe((utcnow() - msg.received_at).total_seconds())
+
+    def _crashed(self, msg: SpooledMessage, exc: Exception, *, step: str) -> None:
+        """An unexpected exception in `step` (a bug): retried a few times, in case it came from a passing state
+        of Odoo or the store, then parked dead with the exception. Routing is pure, so a routing bug is
+        deterministic: retried to the 72 h horizon it held every later mail of its thread back all that time."""
+        if msg.attempts + 1 >= CRASH_LIMIT:
+            self._finish(msg, "dead", note=f"{step} crashed {CRASH_LIMIT} times",
+                         error="".join(traceback.format_exception_only(exc)).strip())
+        else:
+            self._retry_or_dead(msg, f"{step}: unexpected {exc.__class__.__name__}: {exc}", kind=_CRASH_KINDS[step])
 
     def _retry_or_dead(self, msg: SpooledMessage, error: str, *, kind: str) -> None:
         now = utcnow()

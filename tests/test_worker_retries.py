@@ -48,3 +48,38 @@ def test_backoff_after_a_thousand_attempts_is_the_cap_not_an_overflow(engine: En
     m = get_message(engine, ident)
     assert m is not None and (m.state, m.attempts) == ("retrying", 1025)
     assert m.next_attempt_at > utcnow()
+
+
+def _due_now(engine: Engine) -> None:
+    """Every backoff is over."""
+    with engine.begin() as conn:
+        conn.execute(update(messages).values(next_attempt_at=messages.c.received_at))
+
+
+def test_a_mail_routing_keeps_crashing_on_is_parked_and_its_thread_moves_on(engine: Engine) -> None:
+    """Routing is pure: an exception on one mail comes again on every try. It was retried to the 72 h horizon
+    (delivery crashes stop after 5), and every later mail of its thread waited behind it all that time."""
+    def route(raw: bytes, msg: Any) -> Decision:
+        if b"poison" in raw:
+            raise ValueError("router bug on this mail")
+        return Decision(Action.CREATE, ("test",))
+
+    delivered: list[int] = []
+
+    class Odoo:
+        def deliver(self, msg: Any, raw: bytes, decision: Decision) -> Any:
+            delivered.append(msg.id)
+            from gateway.worker import Outcome
+            return Outcome("delivered", "ok")
+
+    worker = Worker(parse_config({}, base_dir="."), engine, route=route, deliver=Odoo(), owner="w")
+    root = spool_one(engine, mail("<root@x>", body=b"poison\r\n"), env())
+    reply = spool_one(engine, mail("<reply@x>", refs="<root@x>"), env())
+    for _ in range(12):
+        _due_now(engine)
+        worker.run_once()
+    poisoned, answered = get_message(engine, root), get_message(engine, reply)
+    assert poisoned is not None and answered is not None
+    assert (poisoned.state, poisoned.attempts) == ("dead", 4)
+    assert "ValueError: router bug on this mail" in (poisoned.last_error or "")
+    assert answered.state == "delivered" and delivered == [reply]
