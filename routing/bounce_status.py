@@ -1,10 +1,17 @@
 """Status code and diagnostic text → (reason, hard/soft), from the fixed vocabulary in routing/model.py.
 
 The enhanced status code (RFC 3463) is the most reliable signal, so it is read first; only a generic code
-(x.0.0, or none) lets the diagnostic text decide. A bounce is *hard* only when retrying can never help:
-the mailbox or host does not exist, has moved, or the domain accepts no mail. Everything else (full
-mailboxes, quotas, greylisting, timeouts, policy blocks that a sender can get lifted, any 4.x.x, anything
-we are guessing) is *soft*, so one odd NDR never blacklists a good address.
+(x.0.0, or none) lets the diagnostic text decide.
+
+*Hard* means "stop sending to this address": a permanent failure (a 5.x.x, or a failed action without a
+code) whose reason is the recipient's address or account — it does not exist, its host does not, it has
+moved, its domain takes no mail, the account is disabled or discontinued — or whose reason we cannot name
+while the MTA states the delivery failed permanently. A permanent failure about *us* or the *message*
+(blocklists, spam filters, policy, DMARC and authentication, size, content) is soft: the sender can fix it
+and the address is good. So is a full mailbox (it empties), and so is anything delayed or 4.x.x.
+
+`classify_status` is a pure function of (status, text): the outbound relay classifies SMTP replies with it,
+so a refusal at delivery time and the same refusal coming back as a DSN get one reason and one kind.
 """
 
 from __future__ import annotations
@@ -13,8 +20,15 @@ import re
 
 from routing.model import BOUNCE_REASONS, BounceKind
 
-#: Reasons where a retry can never succeed.
-HARD_REASONS: frozenset[str] = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept"})
+#: Reasons about the recipient's address or account: after a permanent failure, the address is bad.
+HARD_REASONS: frozenset[str] = frozenset({"userunknown", "hostunknown", "hasmoved", "notaccept", "suspend"})
+
+#: The MTA says delivery to the recipient failed for good ("This is a permanent error; I've given up",
+#: "Delivery to the following recipient failed permanently"). Read only when no reason could be named: a
+#: reason about us or the message would have matched its own pattern first.
+_PERMANENT_FAILURE = re.compile(
+    r"(?<!not a )(?<!not )\bpermanent(?:\s+fatal)?\s+(?:delivery\s+)?(?:error|failure)"
+    r"|\bfailed\s+permanently|\bpermanently\s+(?:failed|undeliverable)", re.IGNORECASE)
 
 #: Enhanced status codes (class stripped: "1.1" means x.1.1) → reason.
 STATUS_REASONS: dict[str, str] = {
@@ -48,7 +62,11 @@ TEXT_REASONS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((reason, re.compil
     ("hasmoved", r"has moved|no longer (?:at|with) |address (?:has )?changed|forwarding address"),
     ("mesgtoolarge", r"too (?:large|big)|size (?:limit|exceeds)|exceed(?:s|ed)? (?:the )?maximum (?:incoming )?message size|message size|message length exceeds"),
     ("mailboxfull", r"mailbox (?:is )?full|mail ?folder is full|full mailbox|over ?quota|quota (?:exceeded|violation|full)|exceed(?:s|ed|ing)? (?:their |the |his |her )?(?:storage |disk |mailbox )?quota|disk quota|insufficient (?:disk )?space|space not enough|too much mail stored|mailbox size limit"),
-    ("suspend", r"disabled|discontinued|suspended|inactive|deactivated|account (?:is )?(?:locked|expired|closed)|not active"),
+    # the recipient's account, never ours: "your account has been suspended" is about the sender
+    ("suspend", r"(?<!your )(?<!sender )(?<!sending )(?<!sender's )\b(?:account|mailbox|user|recipient|address)\b"
+                r"[^.;\n]{0,40}?\b(?:disabled|discontinued|suspended|inactive|deactivated|locked|expired|closed|not active)\b"
+                r"|\b(?:disabled|discontinued|suspended|inactive|deactivated|closed|expired|locked)\s+"
+                r"(?:e-?mail\s+)?(?:account|mailbox|user|recipient|address)\b"),
     ("userunknown", r"user(?:name)? (?:is )?unknown|unknown (?:or illegal )?(?:user|recipient|local[- ]part|mailbox|address|e-?mail)|no such (?:user|mailbox|recipient|account|address|person)|"
                     r"user not (?:found|known|exist)|(?:recipient|address|mailbox|user|account) (?:does not|doesn't|did not) exist|does not exist|doesn't have a .{1,60} account|not listed in|"
                     r"invalid (?:recipient|mailbox|user|address|final delivery|e-?mail)|recipient (?:name )?is not recognized|(?:recipient|user) (?:unknown|not recognized)|"
@@ -61,7 +79,8 @@ TEXT_REASONS: tuple[tuple[str, re.Pattern[str]], ...] = tuple((reason, re.compil
     ("norelaying", r"relay(?:ing)? (?:access )?(?:denied|not permitted|not allowed)|not (?:permitted|allowed) to relay|unable to relay|relay not permitted"),
     ("toomanyconn", r"too many (?:connections|hops|recipients|messages)|connection limit|rate limit|message looping|mail loop|loop detected|loops back"),
     ("blocked", r"blacklist|blocklist|block ?listed|\bRBL\b|spamhaus|\bblocked\b|access denied|client host rejected|"
-                r"reputation|not allowed to send|sender (?:address )?rejected"),
+                r"reputation|not allowed to send|sender (?:address )?rejected|"
+                r"(?:your|sender(?:'s)?|sending) account (?:has been |is )?(?:suspended|disabled|locked|blocked)"),
     ("policyviolation", r"grey-?listed|greylisting|policy|dmarc|moderat|not authori[sz]ed|members-only"),
     ("securityerror", r"authenticat|\bspf\b|dkim|\btls\b|ssl|encrypt"),
     ("filtered", r"not accepting mail from|filter|refused by recipient|rejected by the recipient|automatically rejected"),
@@ -100,10 +119,11 @@ def reason_from_text(text: str | None) -> str | None:
 
 
 def classify_status(status: str | None, diagnostic: str | None, *, delayed: bool = False) -> tuple[str, BounceKind]:
-    """(reason, kind) for one failed recipient.
+    """(reason, kind) for one failed recipient, or one SMTP reply (status, text).
 
     The code decides first (x.1.1 → userunknown); a vague code (x.0.0, x.7.1, x.2.0…) or none lets the
-    text decide; a 4.x.x class, a delayed action, or any reason outside HARD_REASONS is soft.
+    text decide. Hard: a permanent failure whose reason is in HARD_REASONS, or "undefined" with a text stating
+    the delivery failed permanently; everything else, and anything 4.x.x or delayed, is soft.
     """
     cls, subject = _split_status(status)
     reason: str | None = None
@@ -114,14 +134,18 @@ def classify_status(status: str | None, diagnostic: str | None, *, delayed: bool
         reason = text_reason or (STATUS_REASONS.get(subject) if subject else None) or "undefined"
     if reason not in BOUNCE_REASONS:  # defensive: the tables above only hold vocabulary words
         reason = "undefined"
-    soft = delayed or cls == "4" or reason not in HARD_REASONS
+    permanent = not delayed and cls != "4"
+    about_the_address = reason in HARD_REASONS or (
+        reason == "undefined" and bool(_PERMANENT_FAILURE.search(diagnostic or "")))
+    soft = not (permanent and about_the_address)
     if cls == "4" and subject in ("4.4", "4.7") and not delayed and reason == "hostunknown":
         reason = "expired"  # a 4.4.x that finally gave up is a delivery that timed out, not a missing host
     return reason, ("soft" if soft else "hard")
 
 
 def kind_of(reason: str, status: str | None = None, *, delayed: bool = False) -> BounceKind:
-    """Hard only for reasons where a retry can never help, and never for a 4.x.x or a delay."""
+    """Hard only for reasons about the address or account (HARD_REASONS), never for a 4.x.x or a delay.
+    Without the text it cannot tell an "undefined" failure the MTA called permanent: `classify_status` can."""
     if delayed or (status or "").startswith("4") or reason not in HARD_REASONS:
         return "soft"
     return "hard"

@@ -20,7 +20,7 @@ def test_every_table_entry_is_in_the_fixed_vocabulary():
     ("5.1.6", None, "hasmoved", "hard"),
     ("5.1.10", "Recipient address has null MX", "notaccept", "hard"),
     ("5.2.2", "552 Mailbox full", "mailboxfull", "soft"),
-    ("5.2.1", "account disabled", "suspend", "soft"),
+    ("5.2.1", "account disabled", "suspend", "hard"),  # the recipient's account: stop sending
     ("5.3.4", None, "mesgtoolarge", "soft"),
     ("5.4.7", None, "expired", "soft"),
     ("5.7.1", "550 5.7.1 Our system has detected that this message is likely unsolicited mail", "spamdetected", "soft"),
@@ -41,6 +41,32 @@ def test_every_table_entry_is_in_the_fixed_vocabulary():
 ])
 def test_status_and_text_map_to_reason_and_kind(status, diagnostic, reason, kind):
     assert classify_status(status, diagnostic) == (reason, kind)
+
+
+@pytest.mark.parametrize("status, text, reason, kind", [
+    # about the address or account: hard once the failure is permanent
+    ("5.2.1", "550 5.2.1 The email account that you tried to reach is disabled", "suspend", "hard"),
+    (None, "Sorry your message to u@x.example cannot be delivered. This account has been disabled or discontinued",
+     "suspend", "hard"),
+    ("4.2.1", "450 4.2.1 account disabled", "suspend", "soft"),
+    # a reason nobody can name, but the MTA says the recipient failed for good
+    (None, "This is a permanent error; I've given up. Sorry it didn't work out.", "undefined", "hard"),
+    ("5.0.0", "Delivery to the following recipient failed permanently:", "undefined", "hard"),
+    ("5.0.0", "This is not a permanent error", "undefined", "soft"),
+    # permanent, but about us or the message: the address is good
+    ("5.7.1", "Permanent failure: message rejected as spam", "spamdetected", "soft"),
+    ("5.3.4", "Permanent error: message too big for this system", "mesgtoolarge", "soft"),
+    ("5.7.1", "550 5.7.1 Sender account suspended", "blocked", "soft"),
+    ("5.0.0", "Your account has been suspended: permanent failure", "blocked", "soft"),
+    ("5.2.2", "Permanent failure: mailbox full", "mailboxfull", "soft"),
+])
+def test_hard_means_the_address_or_account_failed_permanently(status, text, reason, kind):
+    assert classify_status(status, text) == (reason, kind)
+
+
+def test_a_delayed_permanent_sounding_notice_is_soft():
+    assert classify_status(None, "This is a permanent error", delayed=True) == ("undefined", "soft")
+    assert classify_status("5.2.1", "account disabled", delayed=True) == ("suspend", "soft")
 
 
 def test_a_delay_is_always_soft_even_for_an_unknown_user():
