@@ -581,6 +581,22 @@ def history(engine: Engine, ident: int) -> list[dict[str, Any]]:
     return out
 
 
+#: how the history note of a retry after an unexpected exception (a bug) starts: `crashes` counts them
+CRASH_NOTE = "crashed; "
+
+
+def crashes(engine: Engine, ident: int, since: dt.datetime) -> int:
+    """How many retries after a crash a message has had since `since` (its receipt, or its last release).
+
+    Counted apart from `attempts`, which transient faults raise too: four 503s during an Odoo restart, then
+    one bug, and the message was parked dead as "crashed 5 times". Read from the history (indexed by message),
+    only when a crash happens."""
+    with reading(engine) as conn:
+        return int(conn.execute(select(func.count()).select_from(message_log).where(
+            message_log.c.message == ident, message_log.c.state == "retrying", message_log.c.at >= since,
+            message_log.c.note.like(CRASH_NOTE + "%"))).scalar_one())
+
+
 def counts_by_state(engine: Engine) -> dict[str, int]:
     with reading(engine) as conn:
         rows = conn.execute(select(messages.c.state, func.count()).group_by(messages.c.state)).all()

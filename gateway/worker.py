@@ -35,7 +35,9 @@ from gateway.errors import PermanentError, TransientError
 from gateway.logs import mail_context
 from gateway.metrics import PROCESSED, PROCESSING_SECONDS, RETRIES, ROUTE_SECONDS
 from gateway.outbox import EventDraft, record_events
-from gateway.spool import Claimed, LeaseLost, SpooledMessage, claim, lease_fence, renew_lease, transition
+from gateway.spool import (
+    CRASH_NOTE, Claimed, LeaseLost, SpooledMessage, claim, crashes, lease_fence, renew_lease, transition,
+)
 from gateway.store import utcnow
 from routing.model import Action, Decision
 
@@ -278,14 +280,16 @@ class Worker:
     def _crashed(self, msg: SpooledMessage, exc: Exception, *, step: str) -> None:
         """An unexpected exception in `step` (a bug): retried a few times, in case it came from a passing state
         of Odoo or the store, then parked dead with the exception. Routing is pure, so a routing bug is
-        deterministic: retried to the 72 h horizon it held every later mail of its thread back all that time."""
-        if msg.attempts + 1 >= CRASH_LIMIT:
+        deterministic: retried to the 72 h horizon it held every later mail of its thread back all that time.
+        Only crashes count (since the last release), not the transient faults that raise `attempts` too."""
+        if crashes(self.engine, msg.id, msg.retry_start) + 1 >= CRASH_LIMIT:
             self._finish(msg, "dead", note=f"{step} crashed {CRASH_LIMIT} times",
                          error="".join(traceback.format_exception_only(exc)).strip())
         else:
-            self._retry_or_dead(msg, f"{step}: unexpected {exc.__class__.__name__}: {exc}", kind=_CRASH_KINDS[step])
+            self._retry_or_dead(msg, f"{step}: unexpected {exc.__class__.__name__}: {exc}", kind=_CRASH_KINDS[step],
+                                note_prefix=CRASH_NOTE)
 
-    def _retry_or_dead(self, msg: SpooledMessage, error: str, *, kind: str) -> None:
+    def _retry_or_dead(self, msg: SpooledMessage, error: str, *, kind: str, note_prefix: str = "") -> None:
         now = utcnow()
         if now - msg.retry_start > self.horizon:  # from the receipt, or from the operator's last release
             self._finish(msg, "dead", note=f"gave up after {self.horizon}", error=error)
@@ -294,7 +298,7 @@ class Worker:
         RETRIES.labels(kind).inc()
         transition(self.engine, msg.id, "retrying", owner=self.owner, error=error, attempts_inc=1,
                    next_attempt_at=now + dt.timedelta(seconds=delay),
-                   note=f"retry in {delay:.0f}s: {error}"[:2000])
+                   note=f"{note_prefix}retry in {delay:.0f}s: {error}"[:2000])
 
 
 def run_workers(make_worker: Callable[[int], Worker], count: int, stop: threading.Event,

@@ -83,3 +83,37 @@ def test_a_mail_routing_keeps_crashing_on_is_parked_and_its_thread_moves_on(engi
     assert (poisoned.state, poisoned.attempts) == ("dead", 4)
     assert "ValueError: router bug on this mail" in (poisoned.last_error or "")
     assert answered.state == "delivered" and delivered == [reply]
+
+
+def test_only_crashes_count_toward_the_crash_limit(engine: Engine) -> None:
+    """The cap on unexpected exceptions read `attempts`, which transient faults raise too: four 503s during an
+    Odoo restart, then one bug, and the mail was parked dead as "delivery crashed 5 times". A release starts
+    the count again."""
+    from gateway.spool import release
+
+    faults = iter([TransientError("Odoo HTTP 503")] * 4 + [KeyError("one-off bug")] * 4
+                  + [KeyError("the same bug")] * 5)
+
+    class Odoo:
+        def deliver(self, msg: Any, raw: bytes, decision: Decision) -> Any:
+            raise next(faults)
+
+    worker = Worker(parse_config({}, base_dir="."), engine, route=create, deliver=Odoo(), owner="w")
+    ident = spool_one(engine, mail("<c@x>"), env())
+    for _ in range(8):  # four transient faults, four crashes
+        _due_now(engine)
+        assert worker.run_once() == 1
+    m = get_message(engine, ident)
+    assert m is not None and (m.state, m.attempts) == ("retrying", 8), m.last_error
+    _due_now(engine)
+    assert worker.run_once() == 1
+    m = get_message(engine, ident)
+    assert m is not None and m.state == "dead" and "KeyError" in (m.last_error or "")
+    assert release(engine, ident, states=("dead",))
+    for _ in range(4):
+        _due_now(engine)
+        assert worker.run_once() == 1
+    assert get_message(engine, ident).state == "retrying"  # type: ignore[union-attr]
+    _due_now(engine)
+    assert worker.run_once() == 1
+    assert get_message(engine, ident).state == "dead"  # type: ignore[union-attr]
