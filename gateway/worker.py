@@ -260,7 +260,10 @@ class Worker:
         started = time.perf_counter()
         decision = self.route(raw, msg)
         ROUTE_SECONDS.observe(time.perf_counter() - started)
-        if not transition(self.engine, msg.id, "routed", owner=self.owner, keep_lease=True,
+        # Kept while this worker goes on with the message. A routing-only worker stops at `routed`: a lease
+        # kept there made a delivery worker elsewhere wait up to lease_seconds for mail nobody was working on.
+        keep = self.delivery is not None or decision.action in LOCAL_ACTIONS
+        if not transition(self.engine, msg.id, "routed", owner=self.owner, keep_lease=keep,
                           decision=decision.to_json(),
                           note=f"{decision.action.value}: {'; '.join(decision.explanation[-2:])}"[:2000]):
             return None

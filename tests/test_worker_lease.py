@@ -146,3 +146,32 @@ def test_workers_of_look_alike_containers_have_owners_of_their_own(sqlite_engine
         monkeypatch.setattr(worker_mod, "_WORKER_SEQ", itertools.count(1))
         owners.append(Worker(config, sqlite_engine, route=create, deliver=None).owner)
     assert owners[0] != owners[1]
+
+
+def test_a_routing_only_worker_leaves_routed_mail_to_delivery_at_once(engine: Engine) -> None:
+    """A worker without [odoo] routes and stops at `routed`; it kept the lease there, so a delivery worker on
+    another node waited up to lease_seconds (120 s) for mail nobody was working on."""
+    from gateway.worker import Outcome
+
+    config = parse_config({}, base_dir=".")
+    routing_only = Worker(config, engine, route=create, deliver=None, owner="router")
+    quarantined = spool_one(engine, mail("<nowhere@x>"), env())
+    ident = spool_one(engine, mail("<lead@x>"), env())
+
+    def route(raw: bytes, msg: Any) -> Decision:
+        if msg.id == quarantined:
+            return Decision(Action.QUARANTINE, ("no alias",), reason="no route")
+        return create(raw, msg)
+
+    routing_only.route = route
+    assert routing_only.run_once() == 1 and routing_only.run_once() == 1
+    assert get_message(engine, quarantined).state == "quarantined"  # type: ignore[union-attr]
+    assert get_message(engine, ident).state == "routed"  # type: ignore[union-attr]
+
+    class Odoo:
+        def deliver(self, msg: Any, raw: bytes, decision: Decision) -> Outcome:
+            return Outcome("delivered", "ok")
+
+    delivering = Worker(config, engine, route=create, deliver=Odoo(), owner="deliverer")
+    assert delivering.run_once() == 1
+    assert get_message(engine, ident).state == "delivered"  # type: ignore[union-attr]
