@@ -25,6 +25,7 @@ import hmac
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -327,22 +328,38 @@ def newest_events(engine: Engine, n: int, *, types: Sequence[str] = (), upto: in
 
 
 class GapWatch:
-    """Sequence numbers found missing below a reader's position, and since when (this process's view).
+    """When a missing sequence number counts as gone for good (this process's view).
 
     On PostgreSQL a transaction can commit a lower `seq` after a higher one was read (the spool's workers and
-    the relay's store process record events concurrently). A number missing now is either still in flight or
-    gone for good (a batch rolled back); one that stays missing for `settle` seconds counts as gone."""
+    the relay's store process record events concurrently), and a number can be gone for good (a batch rolled
+    back). Numbers are handed out in increasing order, so every number below the highest committed `seq` seen
+    at some moment was handed out before that moment: once the moment is `settle` seconds old, the numbers
+    below that are still missing have been in flight that long and count as gone. All gaps of a page settle
+    together that way; timing each gap from when it came to the front of a reader's page made the reader
+    wait `settle` seconds at each, one after the other."""
 
     def __init__(self, settle: float = 30.0):
         self.settle = settle
-        self._seen: dict[int, float] = {}
+        self._marks: deque[tuple[float, int]] = deque()  # (monotonic time, highest committed seq seen), rising
 
-    def settled(self, seq: int) -> bool:
+    def observe(self, top: int) -> None:
+        """`top` is a committed sequence number, seen in a snapshot taken before now."""
         now = time.monotonic()
-        first = self._seen.setdefault(seq, now)
-        if len(self._seen) > 10_000:  # gaps long settled need not be remembered
-            self._seen = {k: t for k, t in self._seen.items() if now - t < 2 * self.settle}
-        return now - first >= self.settle
+        self._prune(now)
+        if self._marks and (top <= self._marks[-1][1] or now - self._marks[-1][0] < self.settle / 100):
+            return  # nothing new, or too soon after the last mark: it only makes the horizon come a bit later
+        self._marks.append((now, top))
+
+    def horizon(self) -> int:
+        """Every sequence number at or below this one that no committed event has counts as gone."""
+        now = time.monotonic()
+        self._prune(now)
+        return self._marks[0][1] if self._marks and now - self._marks[0][0] >= self.settle else 0
+
+    def _prune(self, now: float) -> None:
+        """Keep one mark older than `settle` (the newest such: it gives the horizon), drop the rest."""
+        while len(self._marks) > 1 and now - self._marks[1][0] >= self.settle:
+            self._marks.popleft()
 
 
 @contextmanager
@@ -383,8 +400,11 @@ def _settled_rows(conn: Connection, gaps: GapWatch, rows: Sequence[Row], after: 
         return [], after
     last = rows[-1].seq
     gap = _first_gap(conn, after, last)
-    while gap is not None and gaps.settled(gap):
-        gap = _first_gap(conn, gap, last)
+    if gap is not None:
+        gaps.observe(conn.execute(select(func.max(events.c.seq))).scalar() or 0)
+        gone = gaps.horizon()
+        if gap <= gone:
+            gap = _first_gap(conn, gone, last) if gone < last else None
     if gap is None:
         return list(rows), last
     return [r for r in rows if r.seq < gap], gap - 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, insert
+from sqlalchemy import Connection, Table, insert, select
 from sqlalchemy.sql import Executable
 
 
@@ -57,11 +57,24 @@ def driver_insert(dbapi: Any, dialect: Any, table: Table, rows: Sequence[Mapping
 
 
 def _insert_skipping(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], column: str) -> int:
-    """PostgreSQL: one multi-row INSERT … ON CONFLICT DO NOTHING RETURNING; the rows it returns are the new ones."""
+    """PostgreSQL: the rows whose value is not stored yet (looked up first), in one multi-row INSERT … ON CONFLICT
+    DO NOTHING RETURNING; the rows it returns are the new ones.
+
+    PostgreSQL evaluates a serial column's default before it meets the conflict, so a bare ON CONFLICT DO
+    NOTHING burned a sequence number for every row already there (an open pixel fetched again, a fact recorded
+    twice). Each burned number of `events.seq` is a gap that readers of the event stream wait at. The look-up
+    leaves only a concurrent insert of the same value to ON CONFLICT."""
     from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-    stmt = (pg_insert(table).values([dict(row) for row in rows])
-            .on_conflict_do_nothing(index_elements=[column]).returning(table.c[column]))
+    key = table.c[column]
+    firsts: dict[Any, Mapping[str, Any]] = {}
+    for row in rows:  # the first row of each value, in order (a repeat would meet ON CONFLICT, and burn a number)
+        firsts.setdefault(row[column], row)
+    stored = set(conn.execute(select(key).where(key.in_(list(firsts)))).scalars())
+    fresh = [dict(row) for value, row in firsts.items() if value not in stored]
+    if not fresh:
+        return 0
+    stmt = pg_insert(table).values(fresh).on_conflict_do_nothing(index_elements=[column]).returning(key)
     return len(conn.execute(stmt).all())
 
 
