@@ -367,7 +367,8 @@ class BrokenTransport:
 async def test_an_unexpected_error_while_sending_is_a_deferral(engine, env):
     """A copy whose attempt raised kept its lease and was never counted as an attempt, so it could never
     expire; now it is deferred like any temporary failure, with the usual retry schedule."""
-    cfg = parse_config(base_config(smarthost_port=1, tracking_port=free_port(), retry_min_seconds=60),
+    cfg = parse_config(base_config(smarthost_port=1, tracking_port=free_port(), retry_min_seconds=60,
+                                   retry_max_seconds=60),
                        base_dir=".")
     copy = queue_one(engine, cfg, "nia@customer.test")
     events_ = await run_worker_until_events(engine, cfg, [copy], 1, transport=BrokenTransport())
