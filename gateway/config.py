@@ -65,6 +65,9 @@ class ListenerConfig(_Model):
     require_tls: bool = False
     # AUTH PLAIN/LOGIN for submission: login → name of the env var holding its password.
     auth_users_env: dict[str, str] = Field(default_factory=dict)
+    # Submission without tls_cert/tls_key: AUTH from clients beyond loopback too (passwords in clear). Off: they
+    # get 538 5.7.11 (gateway.relay), as RFC 4954 §4 asks of a server without encryption.
+    allow_plaintext_auth: bool = False
     idle_timeout: float = Field(300.0, gt=0)
     # Open sessions: past either limit a new connection is answered 421 4.7.0 and closed (the sending MTA
     # retries later), so a flood or a runaway client cannot use up the file descriptors the spool needs too.
@@ -83,6 +86,16 @@ class ListenerConfig(_Model):
 
     def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]
+
+    def plaintext_auth_note(self) -> str | None:
+        """What a submission listener with logins but no certificate does about AUTH, for the operator
+        (start-up log, check-config); None when it has a certificate or no logins."""
+        if self.kind != "submission" or not self.auth_users_env or self.tls_cert:
+            return None
+        if self.allow_plaintext_auth:
+            return "AUTH is offered without TLS (allow_plaintext_auth): passwords cross the network in clear"
+        return ("AUTH is unavailable without a certificate (tls_cert/tls_key) except to loopback clients: the "
+                "others get 538 5.7.11 (set allow_plaintext_auth = true to accept it in clear)")
 
 
 class StorageConfig(_Model):

@@ -6,7 +6,8 @@ thread), one `outbound_recipients` row per envelope recipient, and one rewritten
 after that transaction committed; the delivery worker (`gateway.outbound`) takes it from there.
 
 Who may relay: clients in the listener's `allowed_networks`, or clients that authenticated (AUTH PLAIN/LOGIN;
-over STARTTLS when the listener has a certificate). Anyone else gets 530 at MAIL FROM.
+over STARTTLS when the listener has a certificate; without one, from loopback only unless
+`allow_plaintext_auth`). Anyone else gets 530 at MAIL FROM.
 """
 
 from __future__ import annotations
@@ -396,6 +397,28 @@ class _SubmissionSMTP(LeanSMTPMixin, SMTP):
     No content rules beyond the size limit: Odoo's mail is taken as it comes and the rewrite re-encodes what
     needs it (e.g. over-long 7-bit lines become quoted-printable)."""
 
+    #: AUTH without TLS from clients beyond loopback (`allow_plaintext_auth`); set by the listener's factory
+    plaintext_auth = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """On a listener without a certificate, AUTH (advertised and accepted) only where the password cannot
+        be read on the way: a loopback client, or everyone when the operator opted in. Offered to all, every
+        login crossed the network in clear (RFC 4954 §4: 538 5.7.11 instead)."""
+        super().connection_made(transport)
+        if self.tls_context is None and self.session is not None:
+            self._auth_require_tls = not (self.plaintext_auth or is_loopback_peer(self.session.peer))
+
+
+def is_loopback_peer(peer: Any) -> bool:
+    """Whether a session's peer (`(host, port, ...)`) is a loopback address (an IPv4-mapped one included)."""
+    host = peer[0] if isinstance(peer, tuple) and peer else None
+    try:
+        ip = ipaddress.ip_address(host) if isinstance(host, str) else None
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip is not None and (ip.is_loopback or bool(mapped and mapped.is_loopback))
+
 
 async def start_submission_listener(listener: ListenerConfig, config: Config, batcher: Committer,
                                     secret: bytes,
@@ -404,9 +427,9 @@ async def start_submission_listener(listener: ListenerConfig, config: Config, ba
     """Start one submission listener on the running loop; returns the asyncio server (port 0 → see sockets)."""
     handler = SubmissionHandler(listener, config, batcher, secret, on_queued)
     ctx = tls_context(listener)
-    if ctx is None and listener.auth_users_env:
-        log.warning("submission listener %s:%s accepts AUTH without TLS; set tls_cert/tls_key",
-                    listener.host, listener.port)
+    note = listener.plaintext_auth_note()
+    if note is not None:
+        log.warning("submission listener %s:%s: %s", listener.host, listener.port, note)
     authenticator = make_authenticator(listener) if listener.auth_users_env else None
     hostname = socket.getfqdn()  # once: aiosmtpd would look it up for every connection
     limits = limits or SessionLimits.of(listener)
@@ -420,6 +443,7 @@ async def start_submission_listener(listener: ListenerConfig, config: Config, ba
             ident="mailgate submission",
         )
         protocol.limits = limits
+        protocol.plaintext_auth = listener.allow_plaintext_auth
         return protocol
 
     loop = asyncio.get_running_loop()
