@@ -284,12 +284,14 @@ class WebhookDispatcher:
                        "X-Mailgate-Event-Seq": str(d.seq), "User-Agent": "mailgate-webhooks/1"}
             error: str | None = None
             try:
-                async with http.post(hook.url, data=d.body, headers=headers,
+                # Not following redirects: a 301/302 would come back as a body-less GET, and a 2xx to that
+                # marked an event sent that the subscriber never received.
+                async with http.post(hook.url, data=d.body, headers=headers, allow_redirects=False,
                                      timeout=aiohttp.ClientTimeout(total=hook.timeout)) as resp:
                     if 200 <= resp.status < 300:
                         await asyncio.to_thread(self._tx, mark_sent, d.id)
                         return True
-                    error = f"HTTP {resp.status}"
+                    error = _refusal(hook, resp)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             state = await asyncio.to_thread(self._tx, mark_failed, d, hook, error or "failed")
@@ -298,6 +300,18 @@ class WebhookDispatcher:
                             "`mailgate events replay --subscriber %s` sends it again",
                             hook.name, d.seq, d.attempts + 1, error, hook.name)
             return state == "dead"  # a dead head unblocks the next event of its mail
+
+
+def _refusal(hook: WebhookConfig, resp: aiohttp.ClientResponse) -> str:
+    """What a non-2xx answer records; a redirect is logged with its target, since only fixing the configured
+    url helps (every retry meets the same redirect)."""
+    if not 300 <= resp.status < 400:
+        return f"HTTP {resp.status}"
+    location = resp.headers.get("Location", "")
+    log.warning("webhook %s: %s answered HTTP %d redirecting to %r; redirects are not followed (the event "
+                "would arrive as a GET without body): set the subscriber's url to the final address",
+                hook.name, hook.url, resp.status, location)
+    return f"HTTP {resp.status} redirect to {location!r} (not followed)"
 
 
 # ------------------------------------------------------------------------------------------ pull API
