@@ -20,17 +20,27 @@ from gateway.metrics import HELPER_STARTS
 log = logging.getLogger(__name__)
 
 
-def die_with_parent() -> None:
-    """Linux: get SIGTERM when the serve process dies (even by SIGKILL), so no orphan keeps running."""
+#: Signals that reach a child because they went to the whole process group (Ctrl-C in a terminal, a hang-up,
+#: `kill -HUP -PGID`), not because anyone meant the child: `serve` answers them for its children (SIGINT stops
+#: it, and it stops them in order; SIGHUP reloads it, and worker processes follow a reload counter).
+GROUP_SIGNALS = (signal.SIGINT, signal.SIGHUP)
+
+
+def die_with_parent(signum: int = signal.SIGTERM, *, ignore: tuple[int, ...] = GROUP_SIGNALS) -> None:
+    """Linux: get `signum` when the serve process dies (even by SIGKILL), so no orphan keeps running; and
+    ignore `ignore`, which the parent answers for this child. By default SIGHUP killed a worker process it
+    reached and SIGINT interrupted it mid-message."""
+    for sig in ignore:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signum)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() == 1:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
 
 
 # ------------------------------------------------------------------------------------------ pipe children
@@ -193,11 +203,17 @@ class HelperClient:
 
 def commit_helper_store(url_env: str, synchronous: str) -> Any:  # pragma: no cover - runs in children
     """A commit helper child's start (the other end of `PipeChild.commit_helper`): die with the parent, log
-    like it, take the store URL out of the environment, widen stdin, open the store (already migrated)."""
+    like it, take the store URL out of the environment, widen stdin, open the store (already migrated).
+
+    The parent stops a helper by closing its stdin once every request was answered (`PipeChild.close`), so
+    the helper ignores SIGTERM too: systemd's KillMode=control-group sends it to every process of the
+    service at once, and a helper that died of it failed the commits of the sessions serve was draining
+    (451 for mail serve had promised to finish). Only the parent's death still kills it (SIGKILL: nobody is
+    left to answer, and SIGTERM is ignored)."""
     from gateway.logs import setup_logging
     from gateway.store import open_store
 
-    die_with_parent()
+    die_with_parent(signal.SIGKILL, ignore=(signal.SIGTERM, *GROUP_SIGNALS))
     setup_logging()
     url = os.environ.pop(url_env)
     grow_pipe(0)
