@@ -180,11 +180,17 @@ class Worker:
         self.states = ("received", "routed", "retrying") if deliver is not None else ("received", "retrying")
 
     def run_once(self, batch: int = 1) -> int:
+        """Claim and finish up to `batch` messages, one claim each: the keeper renews one lease, so a message
+        claimed ahead sat under a lease nobody renewed, holding off other workers, and expired (another
+        worker took it) while the ones before it were delivered. Returns how many were processed."""
         done = 0
-        claimed_at = time.monotonic()
-        for item in claim(self.engine, self.owner, limit=batch, lease_seconds=self.lease, states=self.states):
-            with self.keeper.holding(item.message.id, claimed_at):
-                self.process(item)
+        while done < batch:
+            claimed_at = time.monotonic()
+            items = claim(self.engine, self.owner, limit=1, lease_seconds=self.lease, states=self.states)
+            if not items:
+                break
+            with self.keeper.holding(items[0].message.id, claimed_at):
+                self.process(items[0])
             done += 1
         return done
 

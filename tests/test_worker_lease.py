@@ -9,10 +9,11 @@ import time
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, update
 
 import gateway.worker as worker_mod
 from gateway.config import parse_config
+from gateway.schema import messages
 from gateway.spool import Envelope, get_message, history, spool_one
 from gateway.worker import LeaseKeeper, Outcome, Worker
 from routing.model import Action, Decision, Target
@@ -175,3 +176,44 @@ def test_a_routing_only_worker_leaves_routed_mail_to_delivery_at_once(engine: En
     delivering = Worker(config, engine, route=create, deliver=Odoo(), owner="deliverer")
     assert delivering.run_once() == 1
     assert get_message(engine, ident).state == "delivered"  # type: ignore[union-attr]
+
+
+def test_a_batch_claims_each_message_when_its_turn_comes(engine: Engine) -> None:
+    """`run_once(batch=2)` claimed both messages at once and the keeper renewed only the one being delivered:
+    the second sat under a lease nobody renewed, holding off other workers, then expired while the first was
+    delivered (slow Odoo); another worker took it, and the first started it again when its turn came."""
+    from gateway.spool import check_lease
+
+    config = parse_config({"worker": {"lease_seconds": 1.0}}, base_dir=".")
+    first_mail = spool_one(engine, mail("<one@x>"), env())
+    second_mail = spool_one(engine, mail("<two@x>"), env())
+    with engine.begin() as conn:  # routed earlier: delivery resumes with the stored decision
+        conn.execute(update(messages).values(state="retrying", decision='{"action": "create", "explanation": []}',
+                                             action="create"))
+    started: list[tuple[str, int]] = []
+    other_claims: list[int] = []
+
+    class SlowOdoo:
+        def deliver(self, msg: Any, raw: bytes, decision: Decision) -> Outcome:
+            started.append(("first", msg.id))
+            check_lease()
+            if msg.id == first_mail:
+                time.sleep(0.3)
+                other_claims.append(second.run_once())  # the next message is free to take
+                time.sleep(1.0)  # past the lease
+                other_claims.append(second.run_once())
+            check_lease()
+            return Outcome("delivered", "ok")
+
+    class QuickOdoo:
+        def deliver(self, msg: Any, raw: bytes, decision: Decision) -> Outcome:
+            started.append(("second", msg.id))
+            return Outcome("delivered", "ok")
+
+    first = Worker(config, engine, route=create, deliver=SlowOdoo(), owner="first")
+    second = Worker(config, engine, route=create, deliver=QuickOdoo(), owner="second")
+    assert first.run_once(batch=2) == 1
+    assert other_claims == [1, 0]
+    assert started == [("first", first_mail), ("second", second_mail)]
+    states = [get_message(engine, i).state for i in (first_mail, second_mail)]  # type: ignore[union-attr]
+    assert states == ["delivered", "delivered"]
