@@ -5,10 +5,11 @@ target URL into its MAC, so a redirect happens only to the URL we signed — nev
 altered tokens record nothing: the pixel still answers a GIF (a broken image helps nobody), the click 404s.
 
 First open and first click per mail and recipient become `opened` / `clicked` events; later ones only
-increment the counters on `outbound_recipients`. An open that looks like a proxy prefetch (known proxy user
-agents and networks, or within `prefetch_seconds` of delivery) is flagged `machine: true`; the first human
-open after a machine one still produces its own event, because "was it opened by a person?" is the
-question follow-up sequences ask.
+increment the counters on `outbound_recipients` (counted in memory, written in batches: `HitRecorder`). The
+mail client gets its image or redirect before anything is written. An open that looks like a proxy prefetch
+(known proxy user agents and networks, or within `prefetch_seconds` of delivery) is flagged `machine: true`;
+the first human open after a machine one still produces its own event, because "was it opened by a person?"
+is the question follow-up sequences ask.
 """
 
 from __future__ import annotations
@@ -17,16 +18,20 @@ import asyncio
 import datetime as dt
 import ipaddress
 import logging
-from collections.abc import Callable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from aiohttp import web
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, bindparam, select, update
+from yarl import URL
 
 from gateway.outbox import EventDraft, record_events
 from gateway.schema import outbound_mails, outbound_recipients
-from gateway.store import as_utc, utcnow
+from gateway.store import as_utc, reading, utcnow
 from routing.tokens import make_token, read_token
 
 log = logging.getLogger(__name__)
@@ -132,69 +137,219 @@ class Hit:
     probe: bool = False     # a HEAD request: link scanners check URLs that way, people's browsers GET them
 
 
-def record_hit(engine: Engine, hit: Hit, prefetch_seconds: float) -> bool:
-    """Count one open/click and record its event when it is the first (of its kind); False if unknown row."""
-    now = utcnow()
-    counter = outbound_recipients.c.opens if hit.kind == "open" else outbound_recipients.c.clicks
+@dataclass(frozen=True)
+class RecipientFacts:
+    """What an event about one recipient row says of its mail (fixed once the copy was delivered)."""
+
+    recipient: str
+    delivered_at: dt.datetime | None
+    message_id: str
+    model: str | None
+    res_id: int | None
+
+
+def recipient_facts(conn: Connection, rcpt_id: int) -> RecipientFacts | None:
+    row = conn.execute(
+        select(outbound_recipients.c.recipient, outbound_recipients.c.delivered_at,
+               outbound_mails.c.message_id, outbound_mails.c.model, outbound_mails.c.res_id)
+        .join(outbound_mails, outbound_mails.c.id == outbound_recipients.c.mail)
+        .where(outbound_recipients.c.id == rcpt_id)
+    ).first()
+    if row is None:
+        return None
+    return RecipientFacts(row.recipient, as_utc(row.delivered_at), row.message_id, row.model, row.res_id)
+
+
+def hit_event(hit: Hit, facts: RecipientFacts, machine: bool, now: dt.datetime) -> EventDraft:
+    """The `opened`/`clicked` event a hit makes when it is the first of its kind and of its human/machine side
+    (the seed says which, so recording it again is a no-op)."""
+    who = "machine" if machine else "human"
+    common = dict(message_id=facts.message_id, model=facts.model, res_id=facts.res_id, recipient=facts.recipient,
+                  occurred_at=now)
+    if hit.kind == "open":
+        return EventDraft(type="opened", seed=f"out:{hit.rcpt_id}:opened:{who}",
+                          data={"machine": machine, "user_agent": hit.user_agent}, **common)
+    return EventDraft(type="clicked", seed=f"out:{hit.rcpt_id}:clicked:{who}",
+                      data={"url": hit.url, "machine": machine, "user_agent": hit.user_agent}, **common)
+
+
+def add_counts(engine: Engine, counts: Mapping[tuple[int, str], int]) -> None:
+    """Add counted opens and clicks to their rows, one executemany per kind."""
     with engine.begin() as conn:
-        row = conn.execute(
-            select(outbound_recipients.c.recipient, outbound_recipients.c.delivered_at,
-                   outbound_mails.c.message_id, outbound_mails.c.model, outbound_mails.c.res_id)
-            .join(outbound_mails, outbound_mails.c.id == outbound_recipients.c.mail)
-            .where(outbound_recipients.c.id == hit.rcpt_id)
-        ).first()
-        if row is None:
-            return False
-        conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == hit.rcpt_id)
-                     .values({counter: counter + 1}))
-        machine = hit.probe or is_machine_open(hit.user_agent, hit.client_ip, as_utc(row.delivered_at), now,
-                                               prefetch_seconds)
-        who = "machine" if machine else "human"
-        if hit.kind == "open":
-            draft = EventDraft(type="opened", seed=f"out:{hit.rcpt_id}:opened:{who}", message_id=row.message_id,
-                               model=row.model, res_id=row.res_id, recipient=row.recipient, occurred_at=now,
-                               data={"machine": machine, "user_agent": hit.user_agent})
-        else:
-            draft = EventDraft(type="clicked", seed=f"out:{hit.rcpt_id}:clicked:{who}", message_id=row.message_id,
-                               model=row.model, res_id=row.res_id, recipient=row.recipient, occurred_at=now,
-                               data={"url": hit.url, "machine": machine, "user_agent": hit.user_agent})
-        record_events(conn, [draft])
-    return True
+        for kind, column in (("open", outbound_recipients.c.opens), ("click", outbound_recipients.c.clicks)):
+            params = [{"rid": rid, "n": n} for (rid, k), n in counts.items() if k == kind]
+            if params:
+                conn.execute(update(outbound_recipients).where(outbound_recipients.c.id == bindparam("rid"))
+                             .values({column: column + bindparam("n")}), params)
+
+
+class _Bounded(OrderedDict):  # type: ignore[type-arg]
+    """A dict that forgets its least recently used entries beyond `size`."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def recall(self, key: Any, default: Any) -> Any:
+        if key not in self:
+            return default
+        self.move_to_end(key)
+        return self[key]
+
+    def remember(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+class HitRecorder:
+    """Records tracking hits off the request path, with bounded store work.
+
+    A pixel URL replayed by a bot (or a mail client that reloads images) cost one write transaction per request
+    on the loop's default executor, which the outbound worker's claims and lease renewals also wait on. Now a
+    repeat hit — its (row, kind, human/machine) event known recorded — is only counted in memory, and the
+    counts are added to the rows at most once per `flush_seconds` and at shutdown (a crash loses at most that
+    much of the counters, never an event). The store is written at once only for a hit whose event may be
+    new, on an executor of this recorder's own, and the dispatcher is woken only when an event was inserted.
+    Both caches are bounded (least recently used go first): a forgotten entry costs one look-up again."""
+
+    def __init__(self, engine: Engine, prefetch_seconds: float, on_event: Callable[[], None] | None = None, *,
+                 flush_seconds: float = 0.1, cache_size: int = 10_000, threads: int = 2):
+        self.engine = engine
+        self.prefetch_seconds = prefetch_seconds
+        self.on_event = on_event
+        self.flush_seconds = flush_seconds
+        self._facts = _Bounded(cache_size)   # rcpt_id -> RecipientFacts | None (no such row)
+        self._known = _Bounded(cache_size)   # (rcpt_id, kind, machine) whose event is stored
+        self._counts: Counter[tuple[int, str]] = Counter()
+        self._pending: set[asyncio.Future[None]] = set()
+        self._counted = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tracking")
+
+    async def record(self, hit: Hit) -> None:
+        """Count one hit and store its event if it may be the first. The work is a task of its own: a client
+        that hangs up (aiohttp may then cancel the handler) does not cut it short, and `close` waits for it."""
+        task = asyncio.ensure_future(self._record_logged(hit))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        await asyncio.shield(task)
+
+    async def _record_logged(self, hit: Hit) -> None:
+        try:
+            await self._record(hit)
+        except Exception as exc:  # a tracking write must never break anything
+            log.error("tracking %s for recipient row %s not recorded: %s", hit.kind, hit.rcpt_id, exc)
+
+    async def _record(self, hit: Hit) -> None:
+        facts = self._facts.recall(hit.rcpt_id, ...)
+        if facts is ...:
+            facts = await self._run(self._read_facts, hit.rcpt_id)
+            if facts is None or facts.delivered_at is not None:  # not delivered yet: its prefetch window is to come
+                self._facts.remember(hit.rcpt_id, facts)
+        if facts is None:
+            return
+        now = utcnow()
+        machine = hit.probe or is_machine_open(hit.user_agent, hit.client_ip, facts.delivered_at, now,
+                                               self.prefetch_seconds)
+        self._counts[(hit.rcpt_id, hit.kind)] += 1
+        self._counted.set()
+        key = (hit.rcpt_id, hit.kind, machine)
+        if self._known.recall(key, False):
+            return
+        inserted = await self._run(self._store_event, hit_event(hit, facts, machine, now))
+        self._known.remember(key, True)
+        if inserted and self.on_event:
+            self.on_event()
+
+    def _read_facts(self, rcpt_id: int) -> RecipientFacts | None:
+        with reading(self.engine) as conn:
+            return recipient_facts(conn, rcpt_id)
+
+    def _store_event(self, draft: EventDraft) -> int:
+        with self.engine.begin() as conn:
+            return record_events(conn, [draft])
+
+    async def flush(self) -> None:
+        """Add the counted hits to their rows; on failure they stay counted for the next flush."""
+        counts, self._counts = self._counts, Counter()
+        if not counts:
+            return
+        try:
+            await self._run(add_counts, self.engine, counts)
+        except Exception as exc:
+            self._counts.update(counts)
+            log.error("tracking counters not written (kept for the next try): %s", exc)
+
+    async def run_flusher(self) -> None:
+        """Flush as soon as something was counted, then at most once per `flush_seconds`, until cancelled: a lone
+        open shows in its row at once, a flood costs one write per interval."""
+        while True:
+            await self._counted.wait()
+            self._counted.clear()
+            await self.flush()
+            await asyncio.sleep(self.flush_seconds)
+
+    async def close(self) -> None:
+        """Finish the hits under way, flush the counts, then the executor goes."""
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        await self.flush()
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
 
 # ------------------------------------------------------------------------------------------ HTTP
+async def answer(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Send the whole response now, so what the handler does next (recording) never delays the mail client."""
+    await response.prepare(request)
+    await response.write_eof()
+    return response
+
+
 def make_tracking_app(engine: Engine, secret: bytes, *, prefetch_seconds: float = 10.0,
                       on_event: Callable[[], None] | None = None,
-                      trusted_proxies: Sequence[str] = ("127.0.0.0/8", "::1/128")) -> web.Application:
-    """The tracking aiohttp app: `GET /t/o/<token>.gif` and `GET /t/c/<token>?u=<url>`."""
+                      trusted_proxies: Sequence[str] = ("127.0.0.0/8", "::1/128"),
+                      flush_seconds: float = 0.1) -> web.Application:
+    """The tracking aiohttp app: `GET /t/o/<token>.gif` and `GET /t/c/<token>?u=<url>`. Hits are counted in
+    memory and written at most once per `flush_seconds` and when the app is cleaned up (`AppRunner.cleanup`)."""
     app = web.Application()
     trusted = [ipaddress.ip_network(n, strict=False) for n in trusted_proxies]
+    recorder = HitRecorder(engine, prefetch_seconds, on_event, flush_seconds=flush_seconds)
+
+    async def lifetime(_app: web.Application) -> AsyncIterator[None]:
+        flusher = asyncio.create_task(recorder.run_flusher(), name="tracking-counters")
+        yield
+        flusher.cancel()
+        await asyncio.gather(flusher, return_exceptions=True)
+        await recorder.close()
+
+    app.cleanup_ctx.append(lifetime)
 
     def opener(request: web.Request) -> str | None:
         return client_address(request.remote, request.headers.get("X-Forwarded-For"), trusted)
 
-    async def _record(hit: Hit) -> None:
-        try:
-            if await asyncio.to_thread(record_hit, engine, hit, prefetch_seconds) and on_event:
-                on_event()
-        except Exception as exc:  # a tracking write must never break the recipient's mail client
-            log.error("tracking %s for recipient row %s not recorded: %s", hit.kind, hit.rcpt_id, exc)
-
-    async def pixel(request: web.Request) -> web.Response:
+    async def pixel(request: web.Request) -> web.StreamResponse:
         rid = read_pixel_token(secret, request.match_info["name"])
-        if rid is not None:
-            await _record(Hit("open", rid, request.headers.get("User-Agent"), opener(request),
-                              probe=request.method == "HEAD"))
-        return web.Response(body=PIXEL_GIF, content_type="image/gif", headers=NO_CACHE)
+        resp = web.Response(body=PIXEL_GIF, content_type="image/gif", headers=NO_CACHE)
+        if rid is None:
+            return resp
+        await answer(request, resp)
+        await recorder.record(Hit("open", rid, request.headers.get("User-Agent"), opener(request),
+                                  probe=request.method == "HEAD"))
+        return resp
 
-    async def click(request: web.Request) -> web.Response:
+    async def click(request: web.Request) -> web.StreamResponse:
         url = request.query.get("u", "")
         rid = read_click_token(secret, request.match_info["token"], url) if url else None
         if rid is None:
             return web.Response(status=404, text="Unknown or altered link.\n", headers=NO_CACHE)
-        await _record(Hit("click", rid, request.headers.get("User-Agent"), opener(request), url,
-                          probe=request.method == "HEAD"))
-        raise web.HTTPFound(location=url, headers=NO_CACHE)
+        resp = await answer(request, web.Response(status=302, text="302: Found",
+                                                  headers={**NO_CACHE, "Location": str(URL(url))}))
+        await recorder.record(Hit("click", rid, request.headers.get("User-Agent"), opener(request), url,
+                                  probe=request.method == "HEAD"))
+        return resp
 
     app.router.add_get(PIXEL_PATH + "{name}", pixel)
     app.router.add_get(CLICK_PATH + "{token}", click)

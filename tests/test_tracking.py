@@ -151,3 +151,55 @@ async def test_a_head_request_is_a_machine_click(engine):
     with engine.connect() as conn:
         machine = [json.loads(e.data)["machine"] for e in conn.execute(select(events).order_by(events.c.seq))]
     assert machine == [True, False]
+
+
+async def test_repeated_hits_are_counted_in_memory_and_wake_the_dispatcher_once(engine):
+    """A bot replaying one pixel URL made a write transaction per request (UPDATE and INSERT … ON CONFLICT) and
+    woke the webhook dispatcher each time. Now only the first hit writes its event; the others are counted and
+    flushed together, and the dispatcher is woken only when an event was inserted."""
+    from sqlalchemy import event
+
+    woken: list[int] = []
+    writes: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if statement.lstrip().upper().startswith(("INSERT", "UPDATE")):
+            writes.append(statement.split()[0])
+
+    app = make_tracking_app(engine, KEY, prefetch_seconds=0, on_event=lambda: woken.append(1))
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        async with TestClient(TestServer(app)) as client:
+            for _ in range(40):
+                resp = await client.get(pixel_url("", KEY, 11), headers={"User-Agent": "Thunderbird/115"})
+                assert resp.status == 200 and await resp.read() == PIXEL_GIF
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    with engine.connect() as conn:
+        assert conn.execute(select(outbound_recipients.c.opens).where(outbound_recipients.c.id == 11)).scalar() == 40
+        assert len(conn.execute(select(events)).all()) == 1
+    assert woken == [1]
+    assert writes.count("UPDATE") < 10  # counter flushes (the event's INSERT goes through the sqlite3 driver)
+
+
+async def test_the_pixel_is_answered_while_the_store_is_busy(engine):
+    """The image goes out before anything is written: a store that holds its write lock (a long commit
+    elsewhere) delayed every mail client's image until busy_timeout. The event is still recorded once the
+    lock is released, before the app finishes shutting down."""
+    import asyncio
+
+    app = make_tracking_app(engine, KEY, prefetch_seconds=0)
+    blocker = engine.connect()
+    held = blocker.begin()  # BEGIN IMMEDIATE: the write lock
+    try:
+        async with TestClient(TestServer(app)) as client:
+            resp = await asyncio.wait_for(client.get(pixel_url("", KEY, 11)), timeout=3)
+            assert resp.status == 200 and await resp.read() == PIXEL_GIF
+            held.rollback()
+    finally:
+        if held.is_active:
+            held.rollback()
+        blocker.close()
+    with engine.connect() as conn:
+        assert [e.type for e in conn.execute(select(events))] == ["opened"]
+        assert conn.execute(select(outbound_recipients.c.opens).where(outbound_recipients.c.id == 11)).scalar() == 1
