@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 
-from routing.parse import decode_bytes, embedded_bytes
+from routing.parse import decode_bytes, decode_header_value, embedded_bytes, header_text
 from routing.threads import normalize_message_id
 
 _ANGLE = re.compile(r"<[^<>]+>")
@@ -233,41 +233,54 @@ def parse_mail(raw: bytes) -> ParsedMail:
     )
 
 
-def _decoded(value: Any) -> str:
-    if value is None:
-        return ""
-    try:
-        return str(email.header.make_header(email.header.decode_header(str(value)))).strip()
-    except (UnicodeError, LookupError, ValueError, email.errors.HeaderParseError):
-        return str(value).strip()
-
-
-def _from_header(value: Any) -> tuple[str, str]:
-    """(display name, address) of a From header: split first, names decoded after. Decoded first,
+def _from_header(value: str) -> tuple[str, str]:
+    """(display name, address) of an unfolded From value: split first, names decoded after. Decoded first,
     `=?utf-8?q?M=C3=BCller=2C_Hans?= <hans@x.de>` reads `Müller, Hans <hans@x.de>`, whose comma makes two
     addresses: the sender became "Müller" with the address "müller"."""
-    if value is None:
+    if not value:
         return "", ""
-    name, addr = email.utils.parseaddr(str(value))
-    if "@" not in addr:  # not a parseable address as written (8-bit, broken): the old way, decoded first
-        return email.utils.parseaddr(_decoded(value))
-    return _decoded(name), addr
+    name, addr = email.utils.parseaddr(value)
+    if "@" not in addr:  # not a parseable address as written (broken): the old way, decoded first
+        return email.utils.parseaddr(decode_header_value(value))
+    return decode_header_value(name), addr
+
+
+def _raw_headers(msg: Message) -> dict[str, list[str]]:
+    """Lower-case name → values as text (8-bit decoded, unfolded). compat32's own `get` hands back raw
+    8-bit as `Header` objects whose text is replacement characters, and keeps the folding's line breaks."""
+    out: dict[str, list[str]] = {}
+    for name, value in msg.raw_items():
+        out.setdefault(name.lower(), []).append(header_text(value))
+    return out
+
+
+def _address_values(headers: dict[str, list[str]], *names: str) -> list[str]:
+    values = [v for name in names for v in headers.get(name.lower(), [])]
+    return [a.lower() for _n, a in email.utils.getaddresses(values) if a and "@" in a]
 
 
 def parse_headers(raw: bytes) -> ParsedMail:
     """Headers only, with the fast compat32 parser (≈10x cheaper than `parse_mail`): no body, no attachments.
 
-    Enough for Message-ID, References/In-Reply-To, From and Subject (passthrough, events)."""
+    Enough for Message-ID, References/In-Reply-To, From and Subject (passthrough, events). Values are
+    unfolded and decoded with routing.parse's helpers, so they read as `parse_mail` reads them."""
     msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw[:256 * 1024])
-    name, addr = _from_header(msg.get("From"))
-    email_from = f'"{name}" <{addr}>' if name and addr else (addr or _decoded(msg.get("From")))
+    headers = _raw_headers(msg)
+
+    def first(name: str) -> str:
+        values = headers.get(name.lower())
+        return values[0] if values else ""
+
+    name, addr = _from_header(first("From"))
+    email_from = f'"{name}" <{addr}>' if name and addr else (addr or decode_header_value(first("From")))
     return ParsedMail(
-        message_id=normalize_message_id(str(msg.get("Message-ID") or "")),
-        subject=_decoded(msg.get("Subject")), email_from=email_from, from_address=(addr or "").lower(),
-        to=", ".join(_addresses(msg, "Delivered-To", "To")), cc=", ".join(_addresses(msg, "Cc")),
-        recipients=tuple(dict.fromkeys(_addresses(msg, "Delivered-To", "To", "Cc", "Resent-To", "Resent-Cc"))),
-        date=_utc_date(str(msg.get("Date") or "")), references=str(msg.get("References") or "").strip(),
-        in_reply_to=str(msg.get("In-Reply-To") or "").strip(), body_html="",
+        message_id=normalize_message_id(first("Message-ID")),
+        subject=decode_header_value(first("Subject")), email_from=email_from, from_address=(addr or "").lower(),
+        to=", ".join(_address_values(headers, "Delivered-To", "To")), cc=", ".join(_address_values(headers, "Cc")),
+        recipients=tuple(dict.fromkeys(_address_values(headers, "Delivered-To", "To", "Cc", "Resent-To",
+                                                       "Resent-Cc"))),
+        date=_utc_date(first("Date")), references=first("References"),
+        in_reply_to=first("In-Reply-To"), body_html="",
     )
 
 

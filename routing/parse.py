@@ -115,6 +115,16 @@ def decode_header_value(value: object) -> str:
 
 
 _WS_FOLD = re.compile(r"\r?\n[ \t]*")
+_LINE_BREAKS = re.compile(r"[\r\n]+")
+
+
+def header_text(value: object) -> str:
+    """A raw header value as text, unfolded: 8-bit bytes decoded (compat32 keeps them as surrogate escapes)
+    and each line break of the folding removed with the whitespace after it kept (RFC 5322 §2.2.3), which is
+    how Odoo's parser reads a folded Subject. Encoded words are left for `decode_header_value`."""
+    if value is None:
+        return ""
+    return _LINE_BREAKS.sub("", _unescape(str(value))).strip()
 
 
 # ----------------------------------------------------------------------------------------- ParsedMail

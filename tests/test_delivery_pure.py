@@ -82,6 +82,23 @@ def test_email_from_keeps_the_display_name_readable(header: str, email_from: str
     assert mail.email_from == email_from and "=?" not in msg_dict(mail)["email_from"]
 
 
+def test_parse_headers_unfolds_and_decodes_like_parse_mail() -> None:
+    # folded (plain and encoded-word) values and raw UTF-8 (RFC 6532) headers: compat32's own get() kept
+    # the line breaks and turned raw 8-bit into replacement characters
+    raw = ("From: Zoë Ünal <zoe@exämple.net>\r\nTo: Jürgen <jürgen@exämple.net>,\r\n ann@example.test\r\n"
+           "Cc: =?utf-8?q?Bj=C3=B6rn?= <bjorn@example.test>\r\n"
+           "Subject: Returned mail: see transcript\r\n\tfor details\r\nX-Note: Grüße\r\n"
+           "References: <a@x>\r\n <b@x>\r\nMessage-ID: <m@x>\r\n\r\nbody\r\n").encode("utf-8")
+    head, full = parse_headers(raw), parse_mail(raw)
+    assert head.subject == full.subject == "Returned mail: see transcript\tfor details"
+    assert head.to == full.to == "jürgen@exämple.net, ann@example.test"
+    assert head.recipients == full.recipients
+    assert head.email_from == full.email_from == '"Zoë Ünal" <zoe@exämple.net>'
+    assert head.references == full.references == "<a@x> <b@x>"
+    encoded = b"From: a@b.c\r\nSubject: =?utf-8?q?Caf=C3=A9?=\r\n =?utf-8?q?_au_lait?=\r\n\r\nx\r\n"
+    assert parse_headers(encoded).subject == parse_mail(encoded).subject == "Café au lait"
+
+
 def test_plain_text_is_escaped_and_wrapped() -> None:
     mail = parse_mail(b"From: a@b\r\nSubject: x\r\n\r\n<script>alert(1)</script> & co\r\n")
     assert mail.body_html.startswith("<pre>") and "&lt;script&gt;" in mail.body_html and "&amp; co" in mail.body_html

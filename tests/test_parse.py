@@ -6,7 +6,8 @@ import datetime as dt
 
 import pytest
 
-from routing.parse import decode_bytes, decode_header_value, extract_content, parse_mail, sanitize_filename
+from routing.parse import (decode_bytes, decode_header_value, extract_content, header_text, parse_mail,
+                           sanitize_filename)
 
 
 def _mail(headers: str, body: str = "body\r\n") -> bytes:
@@ -208,3 +209,9 @@ def test_routing_reads_a_bounded_prefix_of_huge_messages() -> None:
     assert len(parsed.msg.get_payload()) <= 1 << 20
     small = _parse(b"Subject: s\r\n\r\nbody\r\n", max_bytes=1 << 20)
     assert not any(d.startswith("routed on") for d in small.defects)
+
+
+def test_header_text_unfolds_keeping_the_whitespace_and_decodes_8bit():
+    assert header_text("see transcript\r\n\tfor details") == "see transcript\tfor details"
+    assert header_text("Gr\udcc3\udcbc\udcc3\udc9fe") == "Grüße"  # compat32's surrogate-escaped raw UTF-8
+    assert header_text(None) == ""
