@@ -229,43 +229,49 @@ class WebhookDispatcher:
         self.secrets = {h.name: (env_secret(h.secret_env, required=True, what=f"webhook {h.name} secret")
                                  or "").encode() for h in self.hooks}
         self.concurrency = concurrency
-        self.gaps = GapWatch()  # kept across rounds: a missing sequence number settles after GapWatch.settle
-        self._wake = asyncio.Event()
+        self._wakes = {h.name: asyncio.Event() for h in self.hooks}
 
     def wake(self) -> None:
         """Producers in this process call this after committing events (others are found by polling)."""
-        self._wake.set()
+        for wake in self._wakes.values():
+            wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         if not self.hooks:
             return
         async with aiohttp.ClientSession() as http:
-            while not stop.is_set():
-                self._wake.clear()
-                progressed = False
-                try:
-                    for hook in self.hooks:
-                        progressed |= await self._round(http, hook)
-                except Exception as exc:
-                    log.error("webhook dispatch round failed (will retry): %s", exc)
-                if progressed:
-                    continue
-                try:
-                    await asyncio.wait_for(self._wait(stop), self.config.poll_interval)
-                except asyncio.TimeoutError:
-                    pass
+            await asyncio.gather(*(self._serve(http, hook, stop) for hook in self.hooks))
 
-    async def _wait(self, stop: asyncio.Event) -> None:
-        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+    async def _serve(self, http: aiohttp.ClientSession, hook: WebhookConfig, stop: asyncio.Event) -> None:
+        """One subscriber's loop, independent of the others': when subscribers took turns in one loop, one that
+        hung until its timeout held up every other one's events for a timeout per batch of its heads."""
+        wake = self._wakes[hook.name]
+        gaps = GapWatch()  # kept across rounds: a missing sequence number settles after GapWatch.settle
+        while not stop.is_set():
+            wake.clear()
+            try:
+                progressed = await self._round(http, hook, gaps)
+            except Exception as exc:
+                log.error("webhook %s: dispatch round failed (will retry): %s", hook.name, exc)
+                progressed = False
+            if progressed:
+                continue
+            try:
+                await asyncio.wait_for(self._wait(wake, stop), self.config.poll_interval)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _wait(self, wake: asyncio.Event, stop: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waiters:
                 w.cancel()
 
-    async def _round(self, http: aiohttp.ClientSession, hook: WebhookConfig) -> bool:
+    async def _round(self, http: aiohttp.ClientSession, hook: WebhookConfig, gaps: GapWatch) -> bool:
         """Fan out, then send every due head once; True when some event was sent (go again at once)."""
-        await asyncio.to_thread(self._tx, fan_out, hook, self.gaps)
+        await asyncio.to_thread(self._tx, fan_out, hook, gaps)
         heads = await asyncio.to_thread(self._tx, due_heads, hook.name)
         if not heads:
             return False

@@ -99,3 +99,35 @@ async def test_a_redirect_is_a_failure_not_a_delivery(engine, caplog):
     assert state == "pending" and "302" in error and "/landing" in error
     assert landed == []
     assert "/landing" in caplog.text
+
+
+async def test_a_hanging_subscriber_does_not_hold_up_the_others(engine):
+    """Subscribers took turns in one loop and a round waited for all its POSTs: one that hung until its timeout
+    delayed every other subscriber's events by a timeout per batch of its heads."""
+    release = asyncio.Event()
+    fast_got: list[float] = []
+
+    async def hangs(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(status=204)
+
+    async def answers(request: web.Request) -> web.Response:
+        fast_got.append(time.monotonic())
+        return web.Response(status=204)
+
+    runner, base = await serve(lambda app: (app.router.add_post("/slow", hangs),
+                                            app.router.add_post("/fast", answers)))
+    add(engine, *(ev("delivered", f"<m{i}>", f"s{i}") for i in range(8)))
+    dispatcher = WebhookDispatcher(engine, EventsConfig(poll_interval=0.05, webhooks=(
+        hook("slow", f"{base}/slow", timeout=4), hook("fast", f"{base}/fast"))))
+    stop = asyncio.Event()
+    started = time.monotonic()
+    task = asyncio.create_task(dispatcher.run(stop))
+    try:
+        await until(lambda: len(fast_got) == 8, timeout=6)
+    finally:
+        stop.set()
+        release.set()
+        await task
+        await runner.cleanup()
+    assert max(fast_got) - started < 2
