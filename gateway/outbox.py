@@ -68,8 +68,10 @@ def event_to_json(row: Any) -> dict[str, Any]:
     """The wire form of one stored event (docs/events.md)."""
     m = row._mapping
     occurred = m["occurred_at"]
-    if occurred.tzinfo is None:
-        occurred = occurred.replace(tzinfo=dt.timezone.utc)
+    # SQLite hands back naive UTC; PostgreSQL an aware time in the session's TimeZone (the server's zone by
+    # default), which the contract's UTC must not depend on.
+    occurred = occurred.replace(tzinfo=dt.timezone.utc) if occurred.tzinfo is None else \
+        occurred.astimezone(dt.timezone.utc)
     record = {"model": m["model"], "id": m["res_id"]} if m["model"] else None
     return {
         "id": m["id"], "seq": m["seq"], "type": m["type"], "version": SCHEMA_VERSION,

@@ -380,3 +380,20 @@ def test_fan_out_sends_an_event_that_commits_after_its_gap_settled(any_engine):
     with any_engine.begin() as conn:
         assert fan_out(conn, h, gaps) == 1
         assert sorted(d.seq for d in due_heads(conn, "seq")) == [1, 2]
+
+
+def test_occurred_at_goes_out_in_utc_whatever_the_sessions_time_zone(any_engine):
+    """PostgreSQL hands timestamptz back in the session's TimeZone (the server's zone unless set): the wire
+    showed `+01:00` times on a server in Berlin, where the contract says UTC."""
+    from sqlalchemy import create_engine
+
+    if any_engine.dialect.name == "sqlite":
+        pytest.skip("SQLite stores and returns naive UTC")
+    when = dt.datetime(2026, 11, 22, 15, 4, 5, tzinfo=dt.timezone.utc)
+    add(any_engine, ev("delivered", "<m1>", 1, occurred_at=when))
+    berlin = create_engine(any_engine.url, connect_args={"options": "-c timezone=Europe/Berlin"})
+    try:
+        (event,) = read_events(berlin)
+    finally:
+        berlin.dispose()
+    assert event["occurred_at"] == "2026-11-22T15:04:05+00:00"
