@@ -1,7 +1,8 @@
 """Starts the outbound side of the gateway: submission listener(s), delivery worker, tracking HTTP, webhooks.
 
-`mailgate serve` calls `run_outbound_services(config, engine, stop)`; it returns once `stop` is set and
-everything it started has shut down. Each part is skipped when not configured (no submission listener,
+`mailgate serve` awaits `start_outbound_services(config, engine, stop)` before its listeners open (a missing
+secret or password stops it there, with the message), then runs `OutboundServices.run_until_stopped`, which
+returns once `stop` is set and everything it started has shut down. Each part is skipped when not configured (no submission listener,
 tracking disabled, no webhooks), so the same call fits every node of a multi-node deployment.
 """
 
@@ -57,6 +58,14 @@ class OutboundServices:
             if server is not None and server.sockets:
                 return int(server.sockets[0].getsockname()[1])
         return None
+
+    async def run_until_stopped(self) -> None:
+        """What `mailgate serve` awaits once the services started: until `stop` is set, then close."""
+        assert self.stop is not None, "started by start_outbound_services"
+        try:
+            await self.stop.wait()
+        finally:
+            await self.close()
 
     async def close(self) -> None:
         """Stop accepting, let the worker drain (bounded), then stop the rest. Cancelling the worker at once
@@ -157,11 +166,3 @@ async def start_outbound_services(config: Config, engine: Engine, stop: asyncio.
     return services
 
 
-async def run_outbound_services(config: Config, engine: Engine, stop: asyncio.Event,
-                                session_limits: dict[str, SessionLimits] | None = None) -> None:
-    """What `mailgate serve` awaits: run the outbound side until `stop` is set, then shut it down."""
-    services = await start_outbound_services(config, engine, stop, session_limits=session_limits)
-    try:
-        await stop.wait()
-    finally:
-        await services.close()

@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import signal
 import socket
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,6 +87,8 @@ class Gateway:
     worker_threads: list[threading.Thread] = field(default_factory=list)
     worker_processes: list[multiprocessing.process.BaseProcess] = field(default_factory=list)
     background: list[asyncio.Task[Any]] = field(default_factory=list)
+    #: the outbound relay, webhook dispatcher and tracking HTTP, when the config asks for any of them
+    outbound: Any = None
     #: the background tasks that end by themselves once `stop_event` is set (closing their child processes
     #: and connections on the way out); `stop` lets them finish before it cancels the rest
     graceful: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -135,7 +138,7 @@ class Gateway:
     async def stop(self, drain_seconds: float = 30.0) -> None:
         """SIGTERM: stop accepting; sessions inside a mail transaction finish it and get its reply (at most
         `drain_seconds`), every session gets 421 4.3.2; then flush the writer and stop everything else."""
-        for s in self.servers:
+        for s in self.servers + (self.outbound.smtp_servers if self.outbound is not None else []):
             s.close()
         # Not `Server.wait_closed()`: in Python 3.11 it returns at once, without waiting for any connection.
         # Before `stop_event`: a submission session's DATA needs the relay's committer and worker still up.
@@ -238,6 +241,20 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
     await writer.start()
     gw = Gateway(config=config, config_path=config_path, engine=engine, writer=writer, hostname=hostname)
     gw_ref["gw"] = gw
+    if any(lc.kind == "submission" for lc in config.listeners) or config.events.webhooks:
+        # Started here, awaited, before any listener: its ConfigErrors (the VERP/tracking secret or the
+        # smarthost password unset) stop `serve` with the message, instead of ending a background task
+        # nobody looked at while the gateway ran on without its relay.
+        from gateway.relay_service import start_outbound_services
+
+        try:
+            gw.outbound = await start_outbound_services(config, engine, gw.stop_event,
+                                                        session_limits=gw.session_limits)
+        except BaseException:
+            await writer.close()
+            raise
+        gw.background.append(asyncio.create_task(gw.outbound.run_until_stopped(), name="outbound"))
+        gw.graceful.append(gw.background[-1])
     verdict = make_rcpt_verdict(config)
     free_space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
     for lc in config.listeners:
@@ -270,14 +287,6 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
 
         gw.background.append(asyncio.create_task(run_imap_sources(config, engine, writer, gw.stop_event),
                                                  name="imap"))
-    if any(lc.kind == "submission" for lc in config.listeners) or config.events.webhooks:
-        from gateway.relay_service import run_outbound_services
-
-        gw.background.append(asyncio.create_task(run_outbound_services(config, engine, gw.stop_event,
-                                                                       gw.session_limits),
-                                                 name="outbound"))
-        gw.graceful.append(gw.background[-1])
-
     if workers:
         if config.worker.processes and config_path:
             ctx = multiprocessing.get_context("spawn")
@@ -378,12 +387,27 @@ async def serve_forever(config: Config, config_path: str | None) -> int:
     loop.add_signal_handler(signal.SIGTERM, done.set)
     loop.add_signal_handler(signal.SIGINT, done.set)
     loop.add_signal_handler(signal.SIGHUP, gw.reload)
+    failed: list[str] = []
+
+    def watch(task: asyncio.Task[Any]) -> None:
+        """A background part (outbound relay, IMAP, retention, alias sync, worker supervisor) that ends with an
+        error while the gateway runs: stop the whole gateway and exit 1, so the service manager restarts it
+        and the operator sees why. Running on without it would look healthy while, say, no mail went out."""
+        if task.cancelled() or task.exception() is None or gw.stop_event.is_set():
+            return
+        exc = task.exception()
+        log.error("%s failed; stopping the gateway", task.get_name(), exc_info=exc)
+        failed.append(f"{task.get_name()}: {exc}")
+        done.set()
+
+    for task in gw.background:
+        task.add_done_callback(watch)
     log.info("mailgate is running (store %s)", engine_label(gw.engine))
     await done.wait()
     log.info("stopping: no new connections; finishing sessions in flight")
     await gw.stop()
-    log.info("stopped")
-    return 0
+    log.info("stopped%s", f" after a failure ({'; '.join(failed)})" if failed else "")
+    return 1 if failed else 0
 
 
 def engine_label(engine: Engine) -> str:
@@ -419,12 +443,17 @@ def raise_fd_limit(config: Config) -> str | None:
 
 
 def run(config: Config, config_path: str | None) -> int:
+    """Serve until SIGTERM. A ConfigError found while starting (a secret or password variable unset) is
+    printed like `check-config` prints one, and exits 1 — not a traceback."""
     warning = raise_fd_limit(config)
     if warning:
         log.warning("%s", warning)
     try:
-        import uvloop  # optional: ≈2× the SMTP rate on the same CPU (PERF-NOTES.md)
-
+        try:
+            import uvloop  # optional: ≈2× the SMTP rate on the same CPU (PERF-NOTES.md)
+        except ImportError:
+            return asyncio.run(serve_forever(config, config_path))
         return uvloop.run(serve_forever(config, config_path))
-    except ImportError:
-        return asyncio.run(serve_forever(config, config_path))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1

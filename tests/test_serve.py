@@ -15,8 +15,11 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from sqlalchemy import create_engine
 
 from gateway.logs import setup_logging
 from tests.gateway_proc import ROOT, GatewayProcess, base_config, free_port, to_toml
@@ -365,7 +368,7 @@ async def test_sigterm_finishes_the_data_in_flight_and_tells_the_other_sessions_
         assert await _connect_while_draining(smtp_port) == "refused"
         assert await _connect_while_draining(lmtp_port) == "refused"
         # The relay's socket is closed by its own service once the drain is over; until then: 421.
-        assert await _connect_while_draining(submission_port) in ("refused", "421")
+        assert await _connect_while_draining(submission_port) == "refused"
 
         await asyncio.sleep(1.0)  # the clients take their time to finish the messages
         for c, raw in ((smtp, mail), (lmtp, lmtp_mail), (submission, relayed)):
@@ -385,3 +388,54 @@ async def test_sigterm_finishes_the_data_in_flight_and_tells_the_other_sessions_
     with sqlite3.connect(tmp_path / "spool.db") as db:
         assert db.execute("SELECT message_id FROM outbound_mails").fetchall() == [("<inflight-relay@client.test>",)]
     assert "stopped" in gw.log.read_text()
+
+
+def test_serve_stops_with_the_message_when_the_relay_secret_is_unset(tmp_path: Path) -> None:
+    """The outbound side started as a background task nobody awaited: with MAILGATE_SECRET unset its
+    ConfigError ended that task, and `serve` ran on — accepting Odoo's outgoing mail on no port at all and
+    relaying nothing — until someone noticed. Now it stops before any listener opens, exit 1, saying which
+    variable is missing."""
+    cfg = base_config(tmp_path, smtp_port=free_port(), admin_port=free_port(),
+                      outbound={"smarthost": f"127.0.0.1:{free_port()}"},
+                      tracking={"enabled": False, "port": free_port()})
+    cfg["listeners"].append({"name": "submission", "kind": "submission", "host": "127.0.0.1", "port": free_port()})
+    gw = GatewayProcess(tmp_path, cfg)
+    gw.env.pop("MAILGATE_SECRET", None)
+    with pytest.raises(RuntimeError, match="gateway exited 1") as raised:
+        gw.start(timeout=30)
+    assert "MAILGATE_SECRET" in str(raised.value)
+    assert "Traceback" not in str(raised.value)
+    assert not _port_open(gw.smtp_port)
+
+
+async def test_a_background_part_that_fails_stops_serve_with_exit_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A part of the gateway that dies while it runs (here a stand-in for the outbound relay) must not leave
+    the rest running as if healthy: serve stops, logs why and exits 1 for the service manager to restart."""
+    import gateway.serve as serve
+
+    stops: list[bool] = []
+
+    class Stub:
+        stop_event = asyncio.Event()
+        engine = create_engine("sqlite://")
+
+        def __init__(self) -> None:
+            async def dies() -> None:
+                await asyncio.sleep(0.05)
+                raise RuntimeError("relay crashed")
+
+            self.background = [asyncio.create_task(dies(), name="outbound")]
+
+        def reload(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            stops.append(True)
+            self.stop_event.set()
+
+    async def fake_start(config: Any, config_path: str | None = None) -> Stub:
+        return Stub()
+
+    monkeypatch.setattr(serve, "start_gateway", fake_start)
+    code = await asyncio.wait_for(serve.serve_forever(None, None), 10)  # type: ignore[arg-type]
+    assert code == 1 and stops == [True]
