@@ -45,6 +45,7 @@ SIGNATURE_HEADER = "X-Mailgate-Signature"
 FANOUT_LOOKBACK = 1000   # sequence numbers behind the cursor re-examined for commits later than a gap's settling
 FANOUT_BATCH = 1000
 PENDING_SCAN = 2000
+MAX_SEQ = 2**63 - 1      # events.seq is a BIGINT on PostgreSQL and a 64-bit rowid on SQLite
 
 
 # ------------------------------------------------------------------------------------------ signing (pure)
@@ -460,6 +461,8 @@ def add_events_routes(app: web.Application, engine: Engine, token: str | None, *
             limit = max(1, min(1000, int(request.query.get("limit", "100") or 100)))
         except ValueError:
             return web.json_response({"error": "after and limit must be integers"}, status=400)
+        if not 0 <= after <= MAX_SEQ:  # a sequence number is a signed 64-bit integer: larger ones cannot be bound
+            return web.json_response({"error": f"after must be between 0 and {MAX_SEQ}"}, status=400)
         types = [t for t in request.query.get("types", "").split(",") if t]
         unknown = [t for t in types if t not in EVENT_TYPES]
         if unknown:
