@@ -203,3 +203,23 @@ async def test_the_pixel_is_answered_while_the_store_is_busy(engine):
     with engine.connect() as conn:
         assert [e.type for e in conn.execute(select(events))] == ["opened"]
         assert conn.execute(select(outbound_recipients.c.opens).where(outbound_recipients.c.id == 11)).scalar() == 1
+
+
+@pytest.mark.parametrize("url", [
+    "https://shop.example.com/quote/1?x=1&y=2",
+    "https://e.test/%zz?x=%",                       # not valid escapes: yarl re-quoted them as %25zz, %25
+    "https://e.test/\u00e9t\u00e9?q=\u00fc",        # yarl percent-encoded them
+    "https://e.test/?u=https%3A%2F%2Fother.test",   # yarl decoded the escaped URL inside the query
+    "HTTPS://E.TEST/Up",                            # yarl lower-cased scheme and host
+    "https://e.test/a+b?q=a+b&r=%2B%20#frag",
+])
+async def test_the_redirect_goes_to_the_signed_url_byte_for_byte(engine, url):
+    """A server that compares its URLs as given (a signed download link) must get exactly the link the mail
+    had; `HTTPFound` passed it through yarl, which rewrote it."""
+    from yarl import URL
+
+    app = make_tracking_app(engine, KEY, prefetch_seconds=0)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get(URL(click_url("", KEY, 11, url), encoded=True), allow_redirects=False)
+        assert resp.status == 302
+        assert resp.headers["Location"] == url
