@@ -73,6 +73,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         problems.append("odoo: no [odoo] url configured")
     space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
     problems.extend(_host_problems(config, space))
+    problems.extend(_secret_problems(config))
     if args.json:
         print(json.dumps({
             "domains": [d.__dict__ for d in table.domains],
@@ -92,6 +93,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for lc in config.listeners:
             print(f"listener {lc.name or lc.kind}: {lc.kind} on {lc.host}:{lc.port} "
                   f"(max {lc.max_message_size} bytes, {lc.max_recipients} rcpts, {lc.max_connections} sessions)")
+            note = lc.plaintext_auth_note()
+            if note:
+                print(f"listener {lc.name or lc.kind}: {note}")
         for d in table.domains:
             print(f"domain {d.name}: catchall={d.catchall_address} bounce={d.bounce_address} "
                   f"strict={d.strict} default_alias={d.default_alias}")
@@ -121,4 +125,35 @@ def _host_problems(config: Any, space: FreeSpace | None) -> list[str]:
     shortfall = fd_shortfall(config, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     if shortfall:
         problems.append(f"listeners: max_connections: {shortfall}")
+    return problems
+
+
+def _secret_problems(config: Any) -> list[str]:
+    """The secrets `serve` reads from its environment at start, checked in this one: the VERP/tracking key
+    (whenever the outbound side runs: a submission listener or webhooks), the smarthost password (when a login
+    is set), each webhook's signing secret, and the password of each submission login (read at AUTH time:
+one lost in a deploy fails Odoo's every login). Run as `ExecStartPre=` (same environment as serve), this
+    says which variable a deploy lost before the service fails to start."""
+    from gateway.config import ConfigError, secret
+    from gateway.outbound import smarthost_password
+    from gateway.relay_service import site_secret
+
+    relays = any(lc.kind == "submission" for lc in config.listeners)
+    checks: list[Any] = []
+    if relays or config.events.webhooks:
+        checks.append(lambda: site_secret(config))
+    if relays:
+        checks.append(lambda: smarthost_password(config))
+    for lc in config.listeners:
+        for login, env in (lc.auth_users_env.items() if lc.kind == "submission" else ()):
+            checks.append(lambda login=login, env=env, lc=lc: secret(
+                env, required=True, what=f"listener {lc.name or lc.kind}: the password of login {login!r}"))
+    for hook in config.events.webhooks:
+        checks.append(lambda hook=hook: secret(hook.secret_env, required=True, what=f"webhook {hook.name} secret"))
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     return problems

@@ -207,3 +207,30 @@ def test_a_stale_state_check_cannot_touch_delivered_mail(store, monkeypatch, arg
     monkeypatch.undo()
     assert get_message(engine, ident).state == "delivered"  # type: ignore[union-attr]
     assert get_raw(engine, ident) is not None
+
+
+def test_check_config_names_each_secret_variable_serve_would_miss(tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """check-config said OK while `serve` could not start its relay: the VERP/tracking secret, the smarthost
+    password and a webhook's signing secret are read from the environment only at start. Run as
+    ExecStartPre (same environment), it must name each missing variable; and say what a submission listener
+    without a certificate does with AUTH."""
+    for name in ("MG_TEST_SECRET", "MG_TEST_SMARTHOST_PW", "MG_TEST_HOOK", "MG_TEST_ODOO_PW"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = tmp_path / "mailgate.toml"
+    cfg.write_text(
+        f'[storage]\nurl = "sqlite:///{tmp_path}/mg.db"\n\n[[domains]]\nname = "example.test"\n\n'
+        '[outbound]\nsecret_env = "MG_TEST_SECRET"\nsmarthost = "relay.example.net:587"\n'
+        'smarthost_login = "gw"\nsmarthost_password_env = "MG_TEST_SMARTHOST_PW"\n\n'
+        '[[listeners]]\nname = "submission"\nkind = "submission"\nhost = "127.0.0.1"\nport = 2587\n'
+        'auth_users_env = { odoo = "MG_TEST_ODOO_PW" }\n\n'
+        '[[events.webhooks]]\nname = "crm"\nurl = "https://crm.example.net/hook"\nsecret_env = "MG_TEST_HOOK"\n')
+    assert _exit_code(["check-config", "-c", str(cfg)]) == 1
+    out = capsys.readouterr()
+    for variable in ("MG_TEST_SECRET", "MG_TEST_SMARTHOST_PW", "MG_TEST_HOOK", "MG_TEST_ODOO_PW"):
+        assert f"environment variable {variable} is not set" in out.err, out.err
+    assert "listener submission: AUTH is unavailable without a certificate" in out.out
+    monkeypatch.setenv("MG_TEST_SECRET", "a-long-enough-site-secret")
+    monkeypatch.setenv("MG_TEST_SMARTHOST_PW", "pw")
+    monkeypatch.setenv("MG_TEST_HOOK", "hook-secret")
+    monkeypatch.setenv("MG_TEST_ODOO_PW", "odoo-login-password")
+    assert _exit_code(["check-config", "-c", str(cfg)]) == 0, capsys.readouterr().err
