@@ -69,10 +69,14 @@ def read_click_token(secret: bytes, token: str, url: str) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------ machine opens
-#: User-agent fragments of mail providers' image proxies and link scanners (they fetch, people don't).
+#: User-agent fragments of mail providers' image proxies and link scanners (they fetch, people don't). Not
+#: "ms-office", "msoffice" or "microsoft office": Outlook for Windows sends those when a person opens the
+#: mail (`Microsoft Office/16.0 (…; Microsoft Outlook 16.0…)`, `Mozilla/4.0 (compatible; ms-office; MSOffice
+#: 16)`), so every desktop Outlook reader was a machine open; Microsoft's own scanners are caught by their
+#: networks below.
 PROXY_USER_AGENTS = (
-    "googleimageproxy", "ggpht.com", "yahoomailproxy", "outlook-prefetch", "ms-office", "microsoft office",
-    "msoffice", "office365", "microsoft exchange", "mimecast", "barracuda", "proofpoint",
+    "googleimageproxy", "ggpht.com", "yahoomailproxy", "outlook-prefetch", "office365", "microsoft exchange",
+    "mimecast", "barracuda", "proofpoint",
 )
 #: Apple Mail Privacy Protection fetches through Apple's 17.0.0.0/8 with a bare "Mozilla/5.0";
 #: Exchange Online Protection scans from these Microsoft ranges.

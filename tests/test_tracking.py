@@ -61,7 +61,10 @@ def test_tokens_are_bound_to_row_and_url():
     ("YahooMailProxy; https://help.yahoo.com/kb/yahoo-mail-proxy-SLN28749.html", "98.136.1.1", 3600, True),
     ("Mozilla/5.0", "17.58.1.1", 3600, True),                                   # Apple MPP
     ("Mozilla/5.0 (Macintosh) AppleWebKit/605.1.15", "17.58.1.1", 3600, True),  # Apple's range
-    ("Mozilla/4.0 (compatible; ms-office; MSOffice 16)", "203.0.113.9", 3600, True),
+    # Outlook for Windows, a person reading an hour later: these were machine opens.
+    ("Mozilla/4.0 (compatible; ms-office; MSOffice 16)", "203.0.113.9", 3600, False),
+    ("Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17126; Pro)", "203.0.113.9", 3600, False),
+    ("Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17126; Pro)", "40.93.5.5", 3600, True),
     ("Mozilla/5.0 (iPhone) Mobile", "40.93.5.5", 3600, True),                   # Exchange Online range
     ("Mozilla/5.0 (iPhone) Mobile", "203.0.113.9", 2, True),                    # within prefetch window
 ])
