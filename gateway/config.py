@@ -392,7 +392,7 @@ class Config(_Model):
         Raising a ValidationError (not a ValueError) keeps each problem's location: pydantic passes its
         line errors through as they are, so `_format_error` names the entry like any field error."""
         problems = [*self._domain_problems(), *self._alias_problems(), *self._bind_problems(),
-                    *self._imap_problems()]
+                    *self._imap_problems(), *self._webhook_problems()]
         if problems:
             raise ValidationError.from_exception_data(type(self).__name__, [
                 InitErrorDetails(type=PydanticCustomError("cross_check", "{problem}", {"problem": what}),
@@ -412,6 +412,27 @@ class Config(_Model):
         return _listed_twice("imap", [src.name for src in self.imap], "name",
                              lambda first: f"the same name as imap[{first}]; each source needs its own (it keys "
                                            "the source's checkpoint)")
+
+    def _webhook_problems(self) -> list[Problem]:
+        """Webhook types no event has, and webhooks sharing a name. A misspelt type ("bounce") filtered out
+        every event for that subscriber, each recorded as skipped; two hooks of one name shared a cursor and
+        delivery rows, and the first signed with the second's secret."""
+        from gateway.outbox import EVENT_TYPES  # here: gateway.outbox imports the store, which imports us
+
+        problems: list[Problem] = []
+        first: dict[str, int] = {}
+        for i, hook in enumerate(self.events.webhooks):
+            unknown = [t for t in hook.types if t not in EVENT_TYPES]
+            if unknown:
+                problems.append((("events", "webhooks", i, "types"),
+                                 f"unknown event type(s) {', '.join(map(repr, unknown))}; known: "
+                                 f"{', '.join(EVENT_TYPES)}"))
+            if hook.name in first:
+                problems.append((("events", "webhooks", i, "name"),
+                                 f"the same name as events.webhooks[{first[hook.name]}]; each subscriber needs "
+                                 "its own (it keys the subscriber's cursor, deliveries and secret)"))
+            first.setdefault(hook.name, i)
+        return problems
 
     def _alias_problems(self) -> list[Problem]:
         """Aliases outside our domains or listed twice, and default aliases that name no alias."""

@@ -156,3 +156,17 @@ def test_followers_policy_needs_a_record_to_follow() -> None:
     assert problems({**BASE, "aliases": [{**alias, "force_thread_id": 7}]}) == []
     assert problems({**BASE, "aliases": [{**alias, "parent_model": "project.project", "parent_thread_id": 4}]}) == []
     assert any("together" in p for p in problems({**BASE, "aliases": [{**alias, "parent_model": "project.project"}]}))
+
+
+def test_webhook_types_must_be_event_types_and_names_unique() -> None:
+    """A misspelt type ("bounce") filtered out every event for that subscriber, each marked skipped; two
+    hooks of one name shared a cursor and deliveries, and one signed with the other's secret."""
+    hook = {"url": "https://crm.example.net/hook", "secret_env": "HOOK_SECRET"}
+    got = problems({**BASE, "events": {"webhooks": [
+        {**hook, "name": "crm", "types": ["bounced", "bounce"]},
+        {**hook, "name": "crm", "types": ["opened"]},
+        {**hook, "name": "bi"}]}})
+    assert len(got) == 2, got
+    assert got[0].startswith("events.webhooks[0 'crm'].types: unknown event type(s) 'bounce'; known: delivered")
+    assert got[1] == ("events.webhooks[1 'crm'].name: the same name as events.webhooks[0]; each subscriber needs "
+                      "its own (it keys the subscriber's cursor, deliveries and secret)")
