@@ -97,6 +97,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
         with engine.begin() as conn:
             if not fan_out(conn, hooks[args.subscriber]):
                 break
-    n = replay(engine, args.subscriber, args.since)
+    n = replay(engine, hooks[args.subscriber], args.since)
     print(f"{n} event(s) queued again for {args.subscriber}; a running gateway sends them within seconds")
     return 0

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from sqlalchemy import Connection, Engine, Row, String, and_, cast, exists, func, insert, select, update
+from sqlalchemy import Connection, Engine, Row, String, Update, and_, cast, exists, func, insert, select, update
 
 from gateway.config import Config, EventsConfig, WebhookConfig, secret as env_secret
 from gateway.outbox import EVENT_TYPES, event_to_json
@@ -206,17 +206,29 @@ def mark_failed(conn: Connection, delivery: Delivery, hook: WebhookConfig, error
     return state
 
 
-def replay(engine: Engine, subscriber: str, since: int | None = None) -> int:
+def replay(engine: Engine, hook: WebhookConfig, since: int | None = None) -> int:
     """Send a subscriber's sent and dead events again (from sequence `since`), and retry its pending ones at
-    once (a receiver that is back should not wait out their backoff); returns how many."""
+    once (a receiver that is back should not wait out their backoff); returns how many.
+
+    Rows are checked against the subscriber's type filter as it is now: `skipped` ones it wants are sent (a
+    filter fixed after a typo had left them skipped for good), and pending ones it no longer wants are
+    skipped."""
+    wanted = (webhook_deliveries.c.event_seq.in_(select(events.c.seq).where(events.c.type.in_(hook.types)))
+              if hook.types else None)
     with engine.begin() as conn:
-        q = update(webhook_deliveries).where(
-            webhook_deliveries.c.subscriber == subscriber,
-            webhook_deliveries.c.state.in_(("sent", "dead", "pending")))
-        if since is not None:
-            q = q.where(webhook_deliveries.c.event_seq >= since)
+        if wanted is not None:
+            conn.execute(_replayed(hook.name, ("pending",), since).where(~wanted).values(state="skipped"))
+        q = _replayed(hook.name, ("sent", "dead", "pending", "skipped"), since)
+        if wanted is not None:
+            q = q.where(wanted)
         return conn.execute(q.values(state="pending", attempts=0, next_attempt_at=utcnow(),
                                      last_error=None)).rowcount or 0
+
+
+def _replayed(subscriber: str, states: tuple[str, ...], since: int | None) -> Update:
+    q = update(webhook_deliveries).where(webhook_deliveries.c.subscriber == subscriber,
+                                         webhook_deliveries.c.state.in_(states))
+    return q if since is None else q.where(webhook_deliveries.c.event_seq >= since)
 
 
 # ------------------------------------------------------------------------------------------ dispatcher

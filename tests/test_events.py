@@ -131,11 +131,11 @@ def test_dead_letter_after_horizon_then_replay(any_engine):
         # The dead event no longer blocks its mail's next one.
         assert [d.seq for d in due_heads(conn, "seq")] == [2]
         mark_sent(conn, due_heads(conn, "seq")[0].id)
-    assert replay(any_engine, "seq", since=2) == 1
+    assert replay(any_engine, h, since=2) == 1
     with any_engine.connect() as conn:
         states = dict(conn.execute(select(webhook_deliveries.c.event_seq, webhook_deliveries.c.state)).all())
     assert states == {1: "dead", 2: "pending"}
-    assert replay(any_engine, "seq") == 2
+    assert replay(any_engine, h) == 2
 
 
 def test_verify_rejects_a_forged_header_without_crashing():
@@ -397,3 +397,17 @@ def test_occurred_at_goes_out_in_utc_whatever_the_sessions_time_zone(any_engine)
     finally:
         berlin.dispose()
     assert event["occurred_at"] == "2026-11-22T15:04:05+00:00"
+
+
+def test_replay_sends_events_the_fixed_type_filter_wants(engine):
+    """A typo in `types` ("bounce") marked every event skipped; after the operator fixed the filter neither
+    fan-out (it had seen them) nor replay (it left skipped rows alone) ever sent them. Replay now checks every
+    row against the filter as it is, and skips pending ones it no longer wants."""
+    add(engine, ev("bounced", "<m1>", 1), ev("opened", "<m1>", 2), ev("delivered", "<m2>", 3))
+    with engine.begin() as conn:
+        assert fan_out(conn, hook(types=("bounce", "delivered"))) == 3
+    fixed = hook(types=("bounced", "opened"))
+    assert replay(engine, fixed) == 2
+    with engine.connect() as conn:
+        states = dict(conn.execute(select(webhook_deliveries.c.event_seq, webhook_deliveries.c.state)).all())
+    assert states == {1: "pending", 2: "pending", 3: "skipped"}
