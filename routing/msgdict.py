@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import email
-import email.errors
 import email.header
 import email.parser
 import email.policy
@@ -116,19 +115,32 @@ def _filename_or(part: Message, fallback: str) -> str:
         return fallback
 
 
+def _first_address(rendered: str) -> tuple[str, str]:
+    """(display name, address) of the first address in a rendered From value ("", "" without one)."""
+    pairs = email.utils.getaddresses([rendered])
+    return pairs[0] if pairs else ("", "")
+
+
+_ADDRESS_ESCAPES = re.compile(r'[\\"]')
+
+
 def format_address(name: str, addr: str) -> str:
-    """"Name <addr>" as Odoo stores email_from: the display name readable, never RFC 2047-encoded (the stdlib's
-    formataddr encodes a non-ASCII name, and Odoo would show `=?utf-8?b?…?=` as the sender). A name that is
-    not plain ASCII is quoted and escaped like Odoo's tools.formataddr."""
+    """`"Name" <addr>` exactly as Odoo's `tools.formataddr` writes email_from: any display name quoted, with
+    backslash and double quote escaped; the bare address without one. Odoo stores and shows it as written,
+    so the name stays readable text, never an RFC 2047 word (the stdlib's formataddr encodes non-ASCII names,
+    and quotes ASCII ones only when it must: `Barry Warsaw <barry@python.org>` where Odoo writes
+    `"Barry Warsaw" <barry@python.org>`). explicit (`parse_mail`) and passthrough (`parse_headers`) use this
+    one helper so the two modes report one sender."""
     if not name:
         return addr
-    if name.isascii():
-        try:
-            return email.utils.formataddr((name, addr))
-        except (UnicodeError, ValueError):  # an 8-bit address: keep it as written
-            pass
-    escaped = re.sub(r'([\\"])', r"\\\1", " ".join(name.split()))
+    # Odoo falls back to an RFC 2047 word for a name it cannot encode as UTF-8; ours is decoded text, so at
+    # most a lone surrogate could be left: it becomes a replacement character instead
+    name = _SURROGATES.sub("\ufffd", name)
+    escaped = _ADDRESS_ESCAPES.sub(r"\\\g<0>", name)
     return f'"{escaped}" <{addr}>'
+
+
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
 
 
 def _document_order(root: Message) -> list[Message]:
@@ -175,8 +187,7 @@ def parse_mail(raw: bytes) -> ParsedMail:
     a body already becomes an attachment named `attachment`. Building "HTML if any, else text" instead lost
     every text part of a mixed mail that also held HTML."""
     msg = email.message_from_bytes(raw, policy=email.policy.default)
-    from_addrs = email.utils.getaddresses([_header(msg, "From")])
-    name, addr = from_addrs[0] if from_addrs else ("", "")
+    name, addr = _first_address(_header(msg, "From"))
     email_from = format_address(name, addr) if addr else _header(msg, "From")
     body = ""
     alternative = mixed = seen_html = False  # Odoo's flags: once set, they hold for the rest of the walk
@@ -233,16 +244,14 @@ def parse_mail(raw: bytes) -> ParsedMail:
     )
 
 
-def _from_header(value: str) -> tuple[str, str]:
-    """(display name, address) of an unfolded From value: split first, names decoded after. Decoded first,
-    `=?utf-8?q?M=C3=BCller=2C_Hans?= <hans@x.de>` reads `Müller, Hans <hans@x.de>`, whose comma makes two
-    addresses: the sender became "Müller" with the address "müller"."""
-    if not value:
-        return "", ""
-    name, addr = email.utils.parseaddr(value)
-    if "@" not in addr:  # not a parseable address as written (broken): the old way, decoded first
-        return email.utils.parseaddr(decode_header_value(value))
-    return decode_header_value(name), addr
+def _rendered_from(value: str) -> str:
+    """An unfolded From value as `parse_mail`'s policy renders it: the email package's structured parser
+    splits addresses first and decodes names after (an encoded `Müller, Hans` stays one name), and a comment
+    (`bbb@ddd.com (John X. Doe)`) is no display name, as for Odoo."""
+    try:
+        return str(email.policy.default.header_factory("From", value))
+    except Exception:  # noqa: BLE001 - a value the parser cannot render: read it as written
+        return decode_header_value(value)
 
 
 def _raw_headers(msg: Message) -> dict[str, list[str]]:
@@ -271,8 +280,9 @@ def parse_headers(raw: bytes) -> ParsedMail:
         values = headers.get(name.lower())
         return values[0] if values else ""
 
-    name, addr = _from_header(first("From"))
-    email_from = f'"{name}" <{addr}>' if name and addr else (addr or decode_header_value(first("From")))
+    sender = _rendered_from(first("From")) if first("From") else ""
+    name, addr = _first_address(sender)
+    email_from = format_address(name, addr) if addr else sender
     return ParsedMail(
         message_id=normalize_message_id(first("Message-ID")),
         subject=decode_header_value(first("Subject")), email_from=email_from, from_address=(addr or "").lower(),

@@ -71,15 +71,22 @@ def test_parse_headers_agrees_with_parse_mail_on_headers() -> None:
     ("=?utf-8?b?UmVuw6kgTcO8bGxlcg==?= <rene@customer.example>", '"René Müller" <rene@customer.example>'),
     ("=?utf-8?Q?M=C3=BCller=2C_Hans?= <hans@x.example>", '"Müller, Hans" <hans@x.example>'),
     ("=?utf-8?q?Ren=C3=A9_=22Ren=22?= <rene@customer.example>", '"René \\"Ren\\"" <rene@customer.example>'),
-    ("Alice Buyer <alice@customer.example>", "Alice Buyer <alice@customer.example>"),
-    ("=?utf-8?q?Alice?= <alice@customer.example>", "Alice <alice@customer.example>"),
+    # Odoo's tools.formataddr quotes every display name, ASCII too, and escapes \\ and "
+    ("Alice Buyer <alice@customer.example>", '"Alice Buyer" <alice@customer.example>'),
+    ("=?utf-8?q?Alice?= <alice@customer.example>", '"Alice" <alice@customer.example>'),
+    ('"Jo \\"JJ\\" Doe" <jo@customer.example>', '"Jo \\"JJ\\" Doe" <jo@customer.example>'),
+    ('"back\\\\slash" <bs@customer.example>', '"back\\\\slash" <bs@customer.example>'),
+    # a comment is no display name (Odoo: the bare address)
+    ("bbb@customer.example (John X. Doe)", "bbb@customer.example"),
+    ("alice@customer.example", "alice@customer.example"),
 ])
 def test_email_from_keeps_the_display_name_readable(header: str, email_from: str) -> None:
     """Odoo stores and shows email_from as written by people; an RFC 2047 word there is what the salesperson
-    would read as the sender's name."""
+    would read as the sender's name. Explicit (parse_mail) and passthrough (parse_headers) say the same."""
     raw = f"From: {header}\r\nTo: sales@example.test\r\nSubject: hi\r\n\r\nbody\r\n".encode()
     mail = parse_mail(raw)
     assert mail.email_from == email_from and "=?" not in msg_dict(mail)["email_from"]
+    assert parse_headers(raw).email_from == email_from
 
 
 def test_parse_headers_unfolds_and_decodes_like_parse_mail() -> None:
