@@ -8,8 +8,6 @@ import sys
 import time
 from typing import Any
 
-from sqlalchemy import func, select
-
 from gateway.cli import add_config_arg, bounded_int, load_or_exit, open_engine
 
 
@@ -57,23 +55,24 @@ def format_line(event: dict[str, Any]) -> str:
 
 def cmd_tail(args: argparse.Namespace) -> int:
     """The newest -n events of --types (read newest first and reversed, up to the top sequence number), then
-    with --follow everything after that top: nothing between the two is skipped or printed twice."""
-    from gateway.events import GapWatch, newest_events, read_settled
-    from gateway.schema import events
-    from gateway.store import reading
+    with --follow what commits from then on, including a lower number that was still in flight at the start
+    (`follow_start`): nothing is skipped or printed twice."""
+    from gateway.events import GapWatch, follow_start, newest_events, read_settled
 
     config = load_or_exit(args.config)
     engine = open_engine(config)
     types = [t for t in args.types.split(",") if t]
-    with reading(engine) as conn:
-        top = conn.execute(select(func.max(events.c.seq))).scalar() or 0
-    cursor = top
-    _print(newest_events(engine, args.lines, types=types, upto=top), args.json)
+    cursor, top, there = follow_start(engine)
+    newest = newest_events(engine, args.lines, types=types, upto=top)
+    _print(newest, args.json)
+    there.update(e["seq"] for e in newest)  # one that committed in between may be in the listing too
     gaps = GapWatch()
     while args.follow:
         time.sleep(args.interval)
         rows, cursor = read_settled(engine, gaps, after=cursor, types=types, limit=1000)
-        _print(rows, args.json)
+        _print([e for e in rows if e["seq"] not in there], args.json)
+        if cursor >= top:
+            there.clear()  # the cursor is past everything that was there
     return 0
 
 

@@ -426,6 +426,21 @@ def _first_gap(conn: Connection, after: int, last: int) -> int | None:
     return None if gap is None else int(gap)  # None cannot happen in one snapshot; if it does, there is no gap
 
 
+def follow_start(engine: Engine, *, lookback: int = FANOUT_LOOKBACK) -> tuple[int, int, set[int]]:
+    """Where a reader that wants only what comes from now on starts: the cursor, the highest committed sequence
+    number now, and the committed numbers above the cursor (already there: leave them out).
+
+    Following from the highest number lost an event whose lower number was still in flight at that moment
+    (PostgreSQL): it committed below the cursor. The cursor starts before the first missing number among the
+    last `lookback` ones instead (older gaps count as settled), and what commits there later is new."""
+    with one_snapshot(engine) as conn:
+        top = conn.execute(select(func.max(events.c.seq))).scalar() or 0
+        gap = _first_gap(conn, max(0, top - lookback), top) if top else None
+        start = top if gap is None else gap - 1
+        there = set(conn.execute(select(events.c.seq).where(events.c.seq > start, events.c.seq <= top)).scalars())
+    return start, top, there
+
+
 def _settled_rows(conn: Connection, gaps: GapWatch, rows: Sequence[Row], after: int) -> tuple[list[Row], int]:
     """The rows of a page (seq > `after`, in order, read on `conn`, a `one_snapshot`) before the first missing
     sequence number that may still commit, and the cursor to come back with."""

@@ -411,3 +411,83 @@ def test_replay_sends_events_the_fixed_type_filter_wants(engine):
     with engine.connect() as conn:
         states = dict(conn.execute(select(webhook_deliveries.c.event_seq, webhook_deliveries.c.state)).all())
     assert states == {1: "pending", 2: "pending", 3: "skipped"}
+
+
+def test_tail_follow_prints_an_event_whose_lower_seq_was_in_flight_at_the_start(any_engine, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """`tail --follow` followed from the highest committed number: an event with a lower number still in
+    flight at that moment (PostgreSQL) committed behind the cursor and was printed neither by the listing nor
+    by --follow. Now it is printed when it commits, and nothing already listed is printed again."""
+    import types
+
+    import gateway.cli_events
+    from gateway.cli import main
+
+    if any_engine.dialect.name == "sqlite":
+        pytest.skip("one writer on SQLite: no lower seq can commit after a higher one")
+    late = any_engine.connect()
+    open_tx = late.begin()
+    record_events(late, [ev("bounced", "<late>", 1)])
+    add(any_engine, ev("opened", "<next>", 2))
+    cfg = tmp_path / "mailgate.toml"
+    cfg.write_text(f'storage = {{ url = "{any_engine.url.render_as_string(hide_password=False)}" }}\n')
+
+    class Enough(Exception):
+        pass
+
+    naps: list[float] = []
+
+    def nap(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) == 1:  # the late transaction commits once the follower has started
+            open_tx.commit()
+            late.close()
+        if len(naps) > 3:
+            raise Enough
+
+    monkeypatch.setattr(gateway.cli_events, "time", types.SimpleNamespace(sleep=nap))
+    with pytest.raises(Enough):
+        main(["events", "tail", "--config", str(cfg), "--json", "--follow", "-n", "5"])
+    printed = [json.loads(line)["mail"]["message_id"] for line in capsys.readouterr().out.splitlines()]
+    assert printed == ["<next>", "<late>"]
+
+
+def test_tail_follow_without_a_listing_prints_only_new_events(any_engine, tmp_path, capsys, monkeypatch):
+    """`-n 0 --follow`: what was there at the start stays unprinted, even though the follower's cursor may start
+    below it (before a number that could still be in flight)."""
+    import types
+
+    from gateway.events import GapWatch
+
+    import gateway.cli_events
+    from gateway.cli import main
+
+    import gateway.events
+
+    add(any_engine, ev("delivered", "<old>", 1), ev("opened", "<old>", 2))
+    if any_engine.dialect.name != "sqlite":
+        with any_engine.connect() as conn:  # a rolled-back number between them: the cursor starts before it
+            with conn.begin() as tx:
+                record_events(conn, [ev("bounced", "<gone>", 3)])
+                tx.rollback()
+        add(any_engine, ev("clicked", "<old>", 4))
+        monkeypatch.setattr(gateway.events, "GapWatch", lambda: GapWatch(settle=0))  # not 30 s at the gap
+    cfg = tmp_path / "mailgate.toml"
+    cfg.write_text(f'storage = {{ url = "{any_engine.url.render_as_string(hide_password=False)}" }}\n')
+
+    class Enough(Exception):
+        pass
+
+    naps: list[float] = []
+
+    def nap(seconds: float) -> None:
+        naps.append(seconds)
+        if len(naps) == 1:
+            add(any_engine, ev("replied", "<new>", 5))
+        if len(naps) > 3:
+            raise Enough
+
+    monkeypatch.setattr(gateway.cli_events, "time", types.SimpleNamespace(sleep=nap))
+    with pytest.raises(Enough):
+        main(["events", "tail", "--config", str(cfg), "--json", "--follow", "-n", "0"])
+    assert [json.loads(line)["mail"]["message_id"] for line in capsys.readouterr().out.splitlines()] == ["<new>"]
