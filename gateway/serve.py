@@ -89,6 +89,8 @@ class Gateway:
     background: list[asyncio.Task[Any]] = field(default_factory=list)
     #: the outbound relay, webhook dispatcher and tracking HTTP, when the config asks for any of them
     outbound: Any = None
+    #: set when `stop` begins (before the drain): a worker process ending now is not started again
+    stopping: bool = False
     #: the background tasks that end by themselves once `stop_event` is set (closing their child processes
     #: and connections on the way out); `stop` lets them finish before it cancels the rest
     graceful: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -138,6 +140,7 @@ class Gateway:
     async def stop(self, drain_seconds: float = 30.0) -> None:
         """SIGTERM: stop accepting; sessions inside a mail transaction finish it and get its reply (at most
         `drain_seconds`), every session gets 421 4.3.2; then flush the writer and stop everything else."""
+        self.stopping = True
         for s in self.servers + (self.outbound.smtp_servers if self.outbound is not None else []):
             s.close()
         # Not `Server.wait_closed()`: in Python 3.11 it returns at once, without waiting for any connection.
@@ -209,7 +212,9 @@ async def _supervise_workers(gw: Gateway, every: float = 1.0, backoff_max: float
     while not gw.stop_event.is_set():
         now = time.monotonic()
         for i, p in enumerate(gw.worker_processes):
-            if p.exitcode is None or gw.stop_event.is_set() or now < not_before[i]:
+            # `stopping`: systemd's SIGTERM reaches the whole group, and a worker that finished its message and
+            # exited while serve drained its sessions was started again, only to be stopped a moment later.
+            if p.exitcode is None or gw.stopping or gw.stop_event.is_set() or now < not_before[i]:
                 continue
             log.error("worker process %s exited (code %s); starting it again", p.name, p.exitcode)
             p.close()

@@ -439,3 +439,25 @@ async def test_a_background_part_that_fails_stops_serve_with_exit_1(monkeypatch:
     monkeypatch.setattr(serve, "start_gateway", fake_start)
     code = await asyncio.wait_for(serve.serve_forever(None, None), 10)  # type: ignore[arg-type]
     assert code == 1 and stops == [True]
+
+
+async def test_a_group_sigterm_does_not_start_the_worker_again_during_the_drain(tmp_path: Path) -> None:
+    """systemd sends SIGTERM to the whole group: the worker process finished its message and exited at
+    once, and while serve drained a session the supervisor logged "exited (code 0); starting it again" and
+    started a new worker, only for it to be stopped a moment later."""
+    cfg = base_config(tmp_path, smtp_port=free_port(), admin_port=free_port())
+    cfg["worker"]["processes"] = 1
+    gw = GatewayProcess(tmp_path, cfg).start()
+    try:
+        await asyncio.to_thread(wait_until, lambda: 'mailgate_helper_process_starts_total{helper="worker"} 1.0'
+                                in gw.metrics(), 15, "the worker process")
+        session = await _session_in_data(gw.smtp_port, "EHLO", "sales@example.test",
+                                         make_mail(message_id="<drain@client.test>")[:40])
+        os.killpg(gw.proc.pid, signal.SIGTERM)  # type: ignore[union-attr]
+        await asyncio.sleep(3.0)  # the supervisor looks every second; the worker is gone well before this
+        rest = make_mail(message_id="<drain@client.test>")[40:]
+        assert (await _finish_data(session, rest))[0] == 250
+        assert await asyncio.to_thread(gw.proc.wait, 30) == 0  # type: ignore[union-attr]
+        assert "starting it again" not in gw.log.read_text()
+    finally:
+        gw.stop()
