@@ -255,8 +255,9 @@ class HitRecorder:
         now = utcnow()
         machine = hit.probe or is_machine_open(hit.user_agent, hit.client_ip, facts.delivered_at, now,
                                                self.prefetch_seconds)
-        self._counts[(hit.rcpt_id, hit.kind)] += 1
-        self._counted.set()
+        if not hit.probe:  # a HEAD is a scanner checking the URL: its machine event says so, the counts are reads
+            self._counts[(hit.rcpt_id, hit.kind)] += 1
+            self._counted.set()
         key = (hit.rcpt_id, hit.kind, machine)
         if self._known.recall(key, False):
             return

@@ -226,3 +226,21 @@ async def test_the_redirect_goes_to_the_signed_url_byte_for_byte(engine, url):
         resp = await client.get(URL(click_url("", KEY, 11, url), encoded=True), allow_redirects=False)
         assert resp.status == 302
         assert resp.headers["Location"] == url
+
+
+async def test_head_probes_are_not_counted_as_opens_or_clicks(engine):
+    """Link scanners check every URL of a mail with HEAD, several times: each check raised `opens`/`clicks`.
+    A HEAD still records its machine event; only GETs are counted."""
+    app = make_tracking_app(engine, KEY, prefetch_seconds=0)
+    link = click_url("", KEY, 11, "https://shop.example.com/x")
+    async with TestClient(TestServer(app)) as client:
+        for _ in range(3):
+            assert (await client.head(link, allow_redirects=False)).status == 302
+            assert (await client.head(pixel_url("", KEY, 11))).status == 200
+        await client.get(link, allow_redirects=False)
+    with engine.connect() as conn:
+        counts = conn.execute(select(outbound_recipients.c.opens, outbound_recipients.c.clicks)
+                              .where(outbound_recipients.c.id == 11)).one()
+        kinds = [(e.type, json.loads(e.data)["machine"]) for e in conn.execute(select(events).order_by(events.c.seq))]
+    assert tuple(counts) == (0, 1)
+    assert kinds == [("clicked", True), ("opened", True), ("clicked", False)]
