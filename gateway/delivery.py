@@ -525,6 +525,7 @@ class Delivery:
         why_not = no_answer_reason(_HEADER_PARSER.parsebytes(raw))
         if why_not:
             return f"; no refusal mail ({why_not}); refusal recorded only"
+        check_lease()  # a refusal mail is sent once: not by a worker another one took the message over from
         sent = self.refusals.refuse(sender=message.mail_from or mail.from_address, alias=alias,
                                     subject=mail.subject, original_message_id=mid, text=text)
         return "; refusal sent" if sent else ""

@@ -217,3 +217,32 @@ def test_a_batch_claims_each_message_when_its_turn_comes(engine: Engine) -> None
     assert started == [("first", first_mail), ("second", second_mail)]
     states = [get_message(engine, i).state for i in (first_mail, second_mail)]  # type: ignore[union-attr]
     assert states == ["delivered", "delivered"]
+
+
+def test_a_refusal_mail_is_not_sent_by_a_worker_that_lost_its_lease(sqlite_engine: Engine) -> None:
+    """The refusal to a sender the alias does not take is mail out, sent once: like an Odoo write, it passes
+    the lease check first, or the worker that lost the message and the one that took it over both sent it."""
+    from gateway.delivery import Delivery
+    from gateway.spool import LeaseLost, lease_fence
+    from routing import msgdict
+
+    config = parse_config({"domains": [{"name": "example.test"}]}, base_dir=".")
+    delivery = Delivery(config, sqlite_engine, None)
+    sent: list[str] = []
+    delivery.refusals.refuse = lambda **kw: sent.append(kw["sender"]) or True  # type: ignore[method-assign]
+    raw = mail("<refused@x>")
+    msg = get_message(sqlite_engine, spool_one(sqlite_engine, raw, env()))
+    assert msg is not None
+
+    def lost() -> None:
+        raise LeaseLost("lease on message lost")
+
+    token = lease_fence.set(lost)
+    try:
+        with pytest.raises(LeaseLost):
+            delivery._refuse(msg, raw, msgdict.parse_mail(raw), alias="vip@example.test", mid="<refused@x>")
+    finally:
+        lease_fence.reset(token)
+    assert sent == []
+    assert delivery._refuse(msg, raw, msgdict.parse_mail(raw), alias="vip@example.test", mid="<refused@x>") \
+        == "; refusal sent" and sent == ["alice@client.test"]
