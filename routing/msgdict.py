@@ -26,6 +26,7 @@ import html
 import re
 from dataclasses import dataclass, field
 from email.message import Message
+from collections.abc import Callable
 from typing import Any
 
 from routing.parse import decode_bytes, decode_header_value, embedded_bytes, header_text
@@ -53,16 +54,21 @@ class ParsedMail:
 
     message_id: str | None
     subject: str
-    email_from: str               # formatted "Name <addr>", as Odoo keeps it
+    email_from: str               # '"Name" <addr>' as Odoo's formataddr writes it
     from_address: str             # normalised (lower-case) address, for author lookups
-    to: str
-    cc: str
+    to: str                       # Delivered-To + To, bare lower-case addresses joined by ", "
+    cc: str                       # Cc, the same
     recipients: tuple[str, ...]   # Delivered-To + To + Cc + Resent-To + Resent-Cc, lower-case
     date: str                     # UTC "YYYY-MM-DD HH:MM:SS" (what message_post's `date` takes)
     references: str
     in_reply_to: str
     body_html: str
     attachments: tuple[MailAttachment, ...] = field(default=())
+    # What Odoo's message_parse puts in msg_dict: `"Name" <addr>` as its formataddr writes them, joined by ','
+    # (the bare lists above are for the gateway's own look-ups)
+    to_formatted: str = ""          # Delivered-To + To
+    cc_formatted: str = ""
+    recipients_formatted: str = ""  # Delivered-To + To + Cc + Resent-To + Resent-Cc
 
 
 def _header(msg: Message, name: str) -> str:
@@ -73,14 +79,39 @@ def _header(msg: Message, name: str) -> str:
     return str(value or "").strip()
 
 
-def _addresses(msg: Message, *names: str) -> list[str]:
-    values: list[str] = []
-    for name in names:
+def _values(msg: Message, name: str) -> list[str]:
+    try:
+        return [str(v) for v in msg.get_all(name, [])]
+    except Exception:  # noqa: BLE001 - a malformed header must not fail the whole mail
+        return []
+
+
+_TO_HEADERS = ("Delivered-To", "To")
+_RECIPIENT_HEADERS = ("Delivered-To", "To", "Cc", "Resent-To", "Resent-Cc")
+
+
+def _recipient_fields(values_of: Callable[[str], list[str]]) -> dict[str, Any]:
+    """To, Cc and recipients from rendered header values (names decoded, as the email package's policy
+    writes them): bare lower-case addresses for the gateway, and Odoo's msg_dict form (each address through
+    `format_address`, a repeat dropped, joined by ',') for Odoo. Only addresses with an @ count, as in Odoo."""
+
+    def pairs(*names: str) -> list[tuple[str, str]]:
+        values = [v for name in names for v in values_of(name)]
         try:
-            values += [str(v) for v in msg.get_all(name, [])]
-        except Exception:  # noqa: BLE001
-            continue
-    return [a.lower() for _n, a in email.utils.getaddresses(values) if a and "@" in a]
+            found = email.utils.getaddresses(values)
+        except Exception:  # noqa: BLE001 - unparseable address lists: none
+            return []
+        return [(n, a) for n, a in found if a and "@" in a]
+
+    def formatted(found: list[tuple[str, str]]) -> str:
+        return ",".join(dict.fromkeys(format_address(n, a) for n, a in found))
+
+    to, cc, everyone = pairs(*_TO_HEADERS), pairs("Cc"), pairs(*_RECIPIENT_HEADERS)
+    return {
+        "to": ", ".join(a.lower() for _n, a in to), "cc": ", ".join(a.lower() for _n, a in cc),
+        "recipients": tuple(dict.fromkeys(a.lower() for _n, a in everyone)),
+        "to_formatted": formatted(to), "cc_formatted": formatted(cc), "recipients_formatted": formatted(everyone),
+    }
 
 
 def _utc_date(value: str) -> str:
@@ -233,9 +264,7 @@ def parse_mail(raw: bytes) -> ParsedMail:
         subject=_header(msg, "Subject"),
         email_from=email_from,
         from_address=(addr or "").lower(),
-        to=", ".join(_addresses(msg, "Delivered-To", "To")),
-        cc=", ".join(_addresses(msg, "Cc")),
-        recipients=tuple(dict.fromkeys(_addresses(msg, "Delivered-To", "To", "Cc", "Resent-To", "Resent-Cc"))),
+        **_recipient_fields(lambda name: _values(msg, name)),
         date=_utc_date(_header(msg, "Date")),
         references=_header(msg, "References"),
         in_reply_to=_header(msg, "In-Reply-To"),
@@ -244,12 +273,12 @@ def parse_mail(raw: bytes) -> ParsedMail:
     )
 
 
-def _rendered_from(value: str) -> str:
-    """An unfolded From value as `parse_mail`'s policy renders it: the email package's structured parser
-    splits addresses first and decodes names after (an encoded `Müller, Hans` stays one name), and a comment
-    (`bbb@ddd.com (John X. Doe)`) is no display name, as for Odoo."""
+def _rendered(name: str, value: str) -> str:
+    """An unfolded header value as `parse_mail`'s policy renders it. For address headers the email package's
+    structured parser splits addresses first and decodes names after (an encoded `Müller, Hans` stays one
+    name), and a comment (`bbb@ddd.com (John X. Doe)`) is no display name, as for Odoo."""
     try:
-        return str(email.policy.default.header_factory("From", value))
+        return str(email.policy.default.header_factory(name, value))
     except Exception:  # noqa: BLE001 - a value the parser cannot render: read it as written
         return decode_header_value(value)
 
@@ -261,11 +290,6 @@ def _raw_headers(msg: Message) -> dict[str, list[str]]:
     for name, value in msg.raw_items():
         out.setdefault(name.lower(), []).append(header_text(value))
     return out
-
-
-def _address_values(headers: dict[str, list[str]], *names: str) -> list[str]:
-    values = [v for name in names for v in headers.get(name.lower(), [])]
-    return [a.lower() for _n, a in email.utils.getaddresses(values) if a and "@" in a]
 
 
 def parse_headers(raw: bytes) -> ParsedMail:
@@ -280,15 +304,13 @@ def parse_headers(raw: bytes) -> ParsedMail:
         values = headers.get(name.lower())
         return values[0] if values else ""
 
-    sender = _rendered_from(first("From")) if first("From") else ""
+    sender = _rendered("From", first("From")) if first("From") else ""
     name, addr = _first_address(sender)
     email_from = format_address(name, addr) if addr else sender
     return ParsedMail(
         message_id=normalize_message_id(first("Message-ID")),
         subject=decode_header_value(first("Subject")), email_from=email_from, from_address=(addr or "").lower(),
-        to=", ".join(_address_values(headers, "Delivered-To", "To")), cc=", ".join(_address_values(headers, "Cc")),
-        recipients=tuple(dict.fromkeys(_address_values(headers, "Delivered-To", "To", "Cc", "Resent-To",
-                                                       "Resent-Cc"))),
+        **_recipient_fields(lambda name: [_rendered(name, v) for v in headers.get(name.lower(), [])]),
         date=_utc_date(first("Date")), references=first("References"),
         in_reply_to=first("In-Reply-To"), body_html="",
     )
@@ -298,8 +320,9 @@ def msg_dict(mail: ParsedMail, *, author_id: int | None = None,
              partner_ids: tuple[int, ...] = ()) -> dict[str, Any]:
     """The serialisable msg_dict `message_new` accepts over RPC (spec §3.3); no recordsets, no bytes."""
     out: dict[str, Any] = {
-        "subject": mail.subject, "email_from": mail.email_from, "from": mail.email_from, "to": mail.to,
-        "cc": mail.cc, "recipients": ",".join(mail.recipients), "body": mail.body_html, "date": mail.date,
+        "subject": mail.subject, "email_from": mail.email_from, "from": mail.email_from,
+        "to": mail.to_formatted, "cc": mail.cc_formatted, "recipients": mail.recipients_formatted,
+        "body": mail.body_html, "date": mail.date,
         "message_id": mail.message_id or False, "references": mail.references,
         "in_reply_to": mail.in_reply_to, "partner_ids": list(partner_ids),
     }

@@ -106,6 +106,24 @@ def test_parse_headers_unfolds_and_decodes_like_parse_mail() -> None:
     assert parse_headers(encoded).subject == parse_mail(encoded).subject == "Café au lait"
 
 
+def test_msg_dict_carries_to_cc_and_recipients_with_their_names_as_odoo_does() -> None:
+    # Odoo's message_parse: each address as its formataddr writes it, joined by ','; the gateway's own
+    # look-ups (Delivered-To choice, Cc-only aliases) keep reading the bare lower-case lists
+    raw = ("Delivered-To: catchall@example.test\r\nFrom: a@b.c\r\n"
+           'To: "Sales Team" <Sales@Example.test>, "Jo \\"JJ\\" Doe" <jo@x.example>\r\n'
+           "Cc: bob@x.example, =?utf-8?q?Bj=C3=B6rn?= <bjorn@x.example>, bob@x.example\r\n"
+           "Resent-To: Rita <rita@x.example>\r\nSubject: hi\r\n\r\nbody\r\n").encode()
+    for mail in (parse_mail(raw), parse_headers(raw)):
+        d = msg_dict(mail)
+        assert d["to"] == 'catchall@example.test,"Sales Team" <Sales@Example.test>,"Jo \\"JJ\\" Doe" <jo@x.example>'
+        assert d["cc"] == 'bob@x.example,"Björn" <bjorn@x.example>'
+        assert d["recipients"] == (d["to"] + "," + d["cc"] + ',"Rita" <rita@x.example>')
+        assert mail.to == "catchall@example.test, sales@example.test, jo@x.example"
+        assert mail.cc == "bob@x.example, bjorn@x.example, bob@x.example"
+        assert mail.recipients == ("catchall@example.test", "sales@example.test", "jo@x.example", "bob@x.example",
+                                   "bjorn@x.example", "rita@x.example")
+
+
 def test_plain_text_is_escaped_and_wrapped() -> None:
     mail = parse_mail(b"From: a@b\r\nSubject: x\r\n\r\n<script>alert(1)</script> & co\r\n")
     assert mail.body_html.startswith("<pre>") and "&lt;script&gt;" in mail.body_html and "&amp; co" in mail.body_html
