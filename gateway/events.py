@@ -35,6 +35,7 @@ from aiohttp import web
 from sqlalchemy import Connection, Engine, Row, String, Update, and_, cast, exists, func, insert, select, update
 
 from gateway.config import Config, EventsConfig, WebhookConfig, secret as env_secret
+from gateway.metrics import WEBHOOK_DELIVERIES
 from gateway.outbox import EVENT_TYPES, event_to_json
 from gateway.schema import events, kv, webhook_deliveries
 from gateway.store import as_utc, reading, utcnow
@@ -309,11 +310,13 @@ class WebhookDispatcher:
                                      timeout=aiohttp.ClientTimeout(total=hook.timeout)) as resp:
                     if 200 <= resp.status < 300:
                         await asyncio.to_thread(self._tx, mark_sent, d.id)
+                        WEBHOOK_DELIVERIES.labels(hook.name, "sent").inc()
                         return True
                     error = _refusal(hook, resp)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             state = await asyncio.to_thread(self._tx, mark_failed, d, hook, error or "failed")
+            WEBHOOK_DELIVERIES.labels(hook.name, "dead" if state == "dead" else "failed").inc()
             if state == "dead":
                 log.warning("webhook %s: event seq %s dead-lettered after %d attempts (%s); "
                             "`mailgate events replay --subscriber %s` sends it again",

@@ -31,6 +31,13 @@ HELPER_STARTS = Counter(
     ["helper"])
 ROUTE_SECONDS = Histogram("mailgate_route_seconds", "Parse + route time per message",
                           buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1))
+#: One per webhook POST: `sent` (2xx), `failed` (retried later), `dead` (dead-lettered: replay sends it again).
+WEBHOOK_DELIVERIES = Counter("mailgate_webhook_deliveries_total", "Webhook POSTs by subscriber and result",
+                             ["subscriber", "result"])
+#: Valid tracking requests: `who` is human, machine (a proxy or scanner by its looks) or probe (HEAD: not
+#: counted on the recipient row).
+TRACKING_HITS = Counter("mailgate_tracking_hits_total", "Tracking pixel fetches and link clicks with a valid token",
+                        ["kind", "who"])
 
 
 class FreeSpaceCollector(Collector):

@@ -28,6 +28,7 @@ from urllib.parse import quote, urlsplit
 from aiohttp import web
 from sqlalchemy import Connection, Engine, bindparam, select, update
 
+from gateway.metrics import TRACKING_HITS
 from gateway.outbox import EventDraft, record_events
 from gateway.schema import outbound_mails, outbound_recipients
 from gateway.store import as_utc, reading, utcnow
@@ -255,6 +256,7 @@ class HitRecorder:
         now = utcnow()
         machine = hit.probe or is_machine_open(hit.user_agent, hit.client_ip, facts.delivered_at, now,
                                                self.prefetch_seconds)
+        TRACKING_HITS.labels(hit.kind, "probe" if hit.probe else "machine" if machine else "human").inc()
         if not hit.probe:  # a HEAD is a scanner checking the URL: its machine event says so, the counts are reads
             self._counts[(hit.rcpt_id, hit.kind)] += 1
             self._counted.set()

@@ -131,3 +131,32 @@ async def test_a_hanging_subscriber_does_not_hold_up_the_others(engine):
         await task
         await runner.cleanup()
     assert max(fast_got) - started < 2
+
+
+async def test_webhook_results_are_counted_per_subscriber(engine):
+    """`mailgate_webhook_deliveries_total{subscriber,result}`: sent, failed (retried later) and dead."""
+    from prometheus_client import REGISTRY
+
+    def count(subscriber: str, result: str) -> float:
+        return REGISTRY.get_sample_value("mailgate_webhook_deliveries_total",
+                                         {"subscriber": subscriber, "result": result}) or 0.0
+
+    async def picky(request: web.Request) -> web.Response:
+        return web.Response(status=204 if (await request.json())["type"] == "delivered" else 500)
+
+    runner, base = await serve(lambda app: app.router.add_post("/h", picky))
+    add(engine, ev("delivered", "<m1>", "d"), ev("bounced", "<m2>", "b"))
+    before = {key: count(*key) for key in (("counted", "sent"), ("counted", "dead"), ("retrying", "failed"))}
+    dispatcher = WebhookDispatcher(engine, EventsConfig(poll_interval=0.05, webhooks=(
+        hook("counted", f"{base}/h", horizon_hours=0.0001, retry_min_seconds=1),  # first failure is past it
+        hook("retrying", f"{base}/h", types=("bounced",), retry_min_seconds=60))))
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run(stop))
+    try:
+        await until(lambda: all(count(*key) > before[key] for key in before))
+    finally:
+        stop.set()
+        await task
+        await runner.cleanup()
+    assert {key: count(*key) - before[key] for key in before} == {
+        ("counted", "sent"): 1, ("counted", "dead"): 1, ("retrying", "failed"): 1}

@@ -244,3 +244,24 @@ async def test_head_probes_are_not_counted_as_opens_or_clicks(engine):
         kinds = [(e.type, json.loads(e.data)["machine"]) for e in conn.execute(select(events).order_by(events.c.seq))]
     assert tuple(counts) == (0, 1)
     assert kinds == [("clicked", True), ("opened", True), ("clicked", False)]
+
+
+async def test_tracking_hits_are_counted_by_kind_and_who(engine):
+    """`mailgate_tracking_hits_total{kind,who}`: human, machine, and HEAD probes apart."""
+    from prometheus_client import REGISTRY
+
+    def count(kind: str, who: str) -> float:
+        return REGISTRY.get_sample_value("mailgate_tracking_hits_total", {"kind": kind, "who": who}) or 0.0
+
+    keys = [("open", "human"), ("open", "machine"), ("click", "probe")]
+    before = {key: count(*key) for key in keys}
+    app = make_tracking_app(engine, KEY, prefetch_seconds=0)
+    link = click_url("", KEY, 11, "https://shop.example.com/x")
+    async with TestClient(TestServer(app)) as client:
+        await client.get(pixel_url("", KEY, 11), headers={"User-Agent": "Thunderbird/115"})
+        await client.get(pixel_url("", KEY, 11), headers={"User-Agent": "Thunderbird/115"})
+        await client.get(pixel_url("", KEY, 12), headers={"User-Agent": "GoogleImageProxy"})
+        await client.head(link, allow_redirects=False)
+        await client.get("/t/o/notatoken.gif")  # no valid token: not a hit
+    assert {key: count(*key) - before[key] for key in keys} == {
+        ("open", "human"): 2, ("open", "machine"): 1, ("click", "probe"): 1}
