@@ -231,13 +231,14 @@ class HitRecorder:
         self._counted = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tracking")
 
-    async def record(self, hit: Hit) -> None:
-        """Count one hit and store its event if it may be the first. The work is a task of its own: a client
-        that hangs up (aiohttp may then cancel the handler) does not cut it short, and `close` waits for it."""
+    def record(self, hit: Hit) -> asyncio.Future[None]:
+        """Start counting one hit (and storing its event if it may be the first) as a task of its own, before
+        the answer goes out: a client that hangs up as soon as it has its answer (aiohttp may then cancel the
+        handler at its next await) does not lose the hit, and `close` waits for the task."""
         task = asyncio.ensure_future(self._record_logged(hit))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
-        await asyncio.shield(task)
+        return task
 
     async def _record_logged(self, hit: Hit) -> None:
         try:
@@ -353,9 +354,10 @@ def make_tracking_app(engine: Engine, secret: bytes, *, prefetch_seconds: float 
         resp = web.Response(body=PIXEL_GIF, content_type="image/gif", headers=NO_CACHE)
         if rid is None:
             return resp
+        recorded = recorder.record(Hit("open", rid, request.headers.get("User-Agent"), opener(request),
+                                       probe=request.method == "HEAD"))
         await answer(request, resp)
-        await recorder.record(Hit("open", rid, request.headers.get("User-Agent"), opener(request),
-                                  probe=request.method == "HEAD"))
+        await asyncio.shield(recorded)  # the connection's next request waits: one hit at a time per client
         return resp
 
     async def click(request: web.Request) -> web.StreamResponse:
@@ -363,10 +365,11 @@ def make_tracking_app(engine: Engine, secret: bytes, *, prefetch_seconds: float 
         rid = read_click_token(secret, request.match_info["token"], url) if url else None
         if rid is None:
             return web.Response(status=404, text="Unknown or altered link.\n", headers=NO_CACHE)
+        recorded = recorder.record(Hit("click", rid, request.headers.get("User-Agent"), opener(request), url,
+                                       probe=request.method == "HEAD"))
         resp = await answer(request, web.Response(status=302, text="302: Found",
                                                   headers={**NO_CACHE, "Location": location(url)}))
-        await recorder.record(Hit("click", rid, request.headers.get("User-Agent"), opener(request), url,
-                                  probe=request.method == "HEAD"))
+        await asyncio.shield(recorded)
         return resp
 
     app.router.add_get(PIXEL_PATH + "{name}", pixel)

@@ -265,3 +265,27 @@ async def test_tracking_hits_are_counted_by_kind_and_who(engine):
         await client.get("/t/o/notatoken.gif")  # no valid token: not a hit
     assert {key: count(*key) - before[key] for key in keys} == {
         ("open", "human"): 2, ("open", "machine"): 1, ("click", "probe"): 1}
+
+
+async def test_a_hit_counts_when_the_handler_is_cancelled_as_it_answers(engine, monkeypatch):
+    """A client that closes its connection as soon as it has its image gets its handler cancelled by aiohttp
+    (`handler_cancellation`) at the handler's next await: while the answer was still being finished, that lost
+    the hit, which was recorded only after. Here the cancellation arrives right as the answer completes."""
+    import asyncio
+
+    import gateway.tracking
+
+    real_answer = gateway.tracking.answer
+
+    async def answer_then_cancelled(request, response):  # type: ignore[no-untyped-def]
+        await real_answer(request, response)
+        raise asyncio.CancelledError
+
+    monkeypatch.setattr(gateway.tracking, "answer", answer_then_cancelled)
+    app = make_tracking_app(engine, KEY, prefetch_seconds=0)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get(pixel_url("", KEY, 11), headers={"User-Agent": "Thunderbird/115"})
+        assert resp.status == 200 and await resp.read() == PIXEL_GIF
+    with engine.connect() as conn:
+        assert conn.execute(select(outbound_recipients.c.opens).where(outbound_recipients.c.id == 11)).scalar() == 1
+        assert [e.type for e in conn.execute(select(events))] == ["opened"]
