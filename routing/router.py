@@ -4,7 +4,8 @@ This is the file that answers "why did this mail create a lead instead of joinin
 DESIGN.md's precedence, first match wins:
 
 1. duplicate   2. loop (our header, Odoo's loop tag)   — then mail beyond the parse limits is quarantined —
-3. bounce (VERP, bounce address, DSN, detectors; delayed-only → deferred)   4. ARF complaint
+3. bounce (VERP, bounce address, DSN, detectors; delayed-only → deferred; NDR prose whose only other
+   sign is the Subject → quarantine, unless a person forwards it or answers a known thread)   4. ARF complaint
 5. auto-reply (on the thread it answers)   6. reply (References + In-Reply-To; Odoo's forward rule)
 7. alias create (one target per alias; catchall + Cc alias routes to the alias, which Odoo refuses)
 8. domain default alias   9. quarantine with a reason.
@@ -19,6 +20,7 @@ A detector missing from this build (NotImplementedError) is skipped and said so.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -113,6 +115,21 @@ def _thread_target(hit: ThreadHit, dest: Resolved | None) -> Target:
     alias = dest.alias if dest else None
     return Target(model=hit.model, res_id=hit.res_id, alias=alias.address if alias else None,
                   contact=alias.contact if alias else "everyone", parent_message_id=hit.message_id)
+
+
+_FORWARD_SUBJECT = re.compile(r"^\s*(?:fwd?|tr|wg|rv|enc)\s*:", re.IGNORECASE)
+
+
+def _sent_by_a_person(parsed: ParsedMail, thread_hit: Callable[[], ThreadHit | None]) -> str | None:
+    """Why a mail whose only NDR sign is its Subject was written by a person, or None: it forwards something
+    (a customer passing a bounce notice on to support), or it answers a thread we know (a conversation,
+    which NDRs do not join). Such mail is routed as mail even when its text quotes an NDR."""
+    if _FORWARD_SUBJECT.match(parsed.subject):
+        return "its Subject marks a forward"
+    found = thread_hit()
+    if found is not None:
+        return f"it answers a known thread: {_describe_hit(found)}"
+    return None
 
 
 def _describe_hit(hit: ThreadHit) -> str:
@@ -221,6 +238,17 @@ def _route(why: _Why, parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases:
     if not resolved:
         why("no recipient in the envelope or in Delivered-To/To/Cc/Resent-*")
 
+    chain = reference_chain(parsed.references, parsed.in_reply_to)
+    hit: ThreadHit | None = None
+    looked_up = False
+
+    def thread_hit() -> ThreadHit | None:
+        nonlocal hit, looked_up
+        if not looked_up:
+            looked_up = True
+            hit = threads.find(list(chain)) if chain else None
+        return hit
+
     # 3. bounce ------------------------------------------------------------------------------------------
     to_like = [r for r in resolved if r.source in TO_LIKE]
     verp_hit: VerpHit | None = None
@@ -247,9 +275,19 @@ def _route(why: _Why, parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases:
         if envelope.null_sender:
             why("MAIL FROM:<> (null sender): no person sent it")
         else:
-            why(f"{report.explanation[0] if report.explanation else 'the subject looks like an NDR'}, but "
-                "nothing machine-written backs it (null sender, NDR sender, DSN, X-Failed-Recipients, bounce "
-                "address): a person can write that subject; not a bounce")
+            looks = report.explanation[0] if report.explanation else "the subject looks like an NDR"
+            person = _sent_by_a_person(parsed, thread_hit)
+            if report.results and person is None:
+                # the prose has an NDR's shape too: neither a bounce (no machine sign) nor a new record
+                named = ", ".join(b.recipient for b in report.results[:5])
+                why(f"{looks}, and detector {report.via!r} reads a failed recipient in its text ({named}), but "
+                    "nothing machine-written backs it (null sender, NDR sender, DSN, X-Failed-Recipients, bounce "
+                    "address): quarantined as a probable bounce rather than made a record")
+                return decide(Action.QUARANTINE, reason=f"probable bounce: {report.via} read a failed "
+                              "recipient, only the Subject says NDR")
+            why(f"{looks}, but nothing machine-written backs it (null sender, NDR sender, DSN, "
+                "X-Failed-Recipients, bounce address): a person can write that subject; not a bounce"
+                + (f" ({person})" if person else ""))
             report = None
     if report is not None:
         for line in report.explanation:
@@ -273,17 +311,6 @@ def _route(why: _Why, parsed: ParsedMail, envelope: RoutingEnvelope, *, aliases:
             f"{complaint.original_recipient or 'an unknown recipient'}")
         return decide(Action.COMPLAINT, complaint=complaint, reason=f"complaint {complaint.feedback_type}",
                       replied_message_id=complaint.original_message_id)
-
-    chain = reference_chain(parsed.references, parsed.in_reply_to)
-    hit: ThreadHit | None = None
-    looked_up = False
-
-    def thread_hit() -> ThreadHit | None:
-        nonlocal hit, looked_up
-        if not looked_up:
-            looked_up = True
-            hit = threads.find(list(chain)) if chain else None
-        return hit
 
     # 5. auto-reply -------------------------------------------------------------------------------------
     indicator: str | None = _safe(why, "auto-reply", detectors.detect_auto_reply, msg)

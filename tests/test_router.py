@@ -245,16 +245,43 @@ def test_a_customer_writing_about_a_delivery_is_routed_like_any_mail(subject):
         assert any("a person can write that subject" in line for line in d.explanation)
 
 
+NDR_SHAPED = ("The following address failed:\n\n   bob@client.net\n\n550 5.1.1 user unknown\n")
+
+
 def test_the_same_subject_from_a_null_sender_is_a_bounce():
     from routing.router import DEFAULT_DETECTORS
 
-    raw = mail(f"From: mailer@isp.example.net\nTo: {ALIAS}\nSubject: Mail could not be delivered",
-               "The following address failed:\n\n   bob@client.net\n\n550 5.1.1 user unknown\n")
-    assert decide(raw, detectors=DEFAULT_DETECTORS, mail_from="alice@isp.example.net").action == Action.CREATE
+    raw = mail(f"From: mailer@isp.example.net\nTo: {ALIAS}\nSubject: Mail could not be delivered", NDR_SHAPED)
     d = decide(raw, detectors=DEFAULT_DETECTORS, mail_from="")
     assert d.action == Action.BOUNCE and [b.recipient for b in d.bounces] == ["bob@client.net"]
     d = decide(raw.replace(b"From: ", b"Return-Path: <>\r\nFrom: ", 1), detectors=DEFAULT_DETECTORS)
     assert d.action == Action.BOUNCE
+
+
+def test_a_subject_only_ndr_whose_text_names_a_failed_recipient_is_quarantined_not_a_new_record():
+    """Only the Subject says NDR and no machine sign backs it, yet a detector reads a failed recipient in
+    NDR-shaped prose: a probable bounce an operator should look at, not a lead made of a bounce."""
+    from routing.router import DEFAULT_DETECTORS
+
+    raw = mail(f"From: mailer@isp.example.net\nTo: {ALIAS}\nSubject: Mail could not be delivered", NDR_SHAPED)
+    d = decide(raw, detectors=DEFAULT_DETECTORS, mail_from="alice@isp.example.net")
+    assert d.action == Action.QUARANTINE and d.reason.startswith("probable bounce: ")
+    assert d.targets == () and d.bounces == ()
+    assert any("bob@client.net" in line for line in d.explanation)
+
+
+@pytest.mark.parametrize("subject, threads, action", [
+    ("Fwd: Mail could not be delivered", None, Action.CREATE),  # a customer passing the notice on
+    ("Mail could not be delivered", hit("<known@test>", "mail.test.gateway", 3), Action.REPLY),  # a conversation
+])
+def test_a_person_passing_on_or_answering_with_an_ndr_text_is_routed_as_mail(subject, threads, action):
+    from routing.router import DEFAULT_DETECTORS
+
+    raw = mail(f"From: Alice <alice@customer.example>\nTo: {ALIAS}\nSubject: {subject}\n"
+               "In-Reply-To: <known@test>", NDR_SHAPED)
+    d = decide(raw, threads=threads, detectors=DEFAULT_DETECTORS, mail_from="alice@customer.example")
+    assert d.action == action and d.bounces == ()
+    assert any("a person can write that subject" in line for line in d.explanation)
 
 
 def test_a_bounce_naming_no_recipient_is_quarantined_not_dropped():
