@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import email.parser
 import email.policy
+import email.utils
 import json
 import logging
 import re
@@ -614,7 +615,7 @@ class Delivery:
                 step = f"partner:{mail.from_address}"
                 author = ledger.res_id(step)
                 if author is None:
-                    name = mail.email_from.split("<")[0].strip().strip('"') or mail.from_address
+                    name = email.utils.parseaddr(mail.email_from)[0] or mail.from_address  # quotes undone
                     author = client.create("res.partner", {"name": name, "email": mail.from_address})
                     ledger.record(step, "res.partner", author)
             refused = self._contact_refusal(target, author, mail.from_address)

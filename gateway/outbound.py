@@ -113,8 +113,9 @@ def bounce_reason(result: SmtpResult) -> str:
 
 
 def bounce_kind(result: SmtpResult, reason: str) -> str:
-    """Hard only where the inbound classifier says retrying can never help (unknown user or host, moved, no
-    mail accepted); soft for everything else: blocklists, spam filters, DMARC, size limits, a bare 554, and
+    """Hard only where the inbound classifier says the address or account failed for good (unknown user or
+    host, moved, no mail accepted, a disabled account, a failure the server declares permanent without a
+    reason); soft for everything else: blocklists, spam filters, DMARC, size limits, a full mailbox, and
     expired retries. Calling those hard made Odoo blacklist good addresses after one policy refusal."""
     if reason == "expired" or result.outcome != "bounced":
         return "soft"

@@ -1171,3 +1171,15 @@ def test_odoo_aliases_in_unicode_spelling_match_the_tables_punycode(tmp_path: An
                                        "alias_model_id": 1, "alias_contact": "everyone"})
     assert "info@xn--bcher-kva.example" in rig.delivery._odoo_own_alias_set()
     assert rig.delivery._author(Target(model="crm.lead"), "INFO@bücher.example") is None
+
+
+def test_a_created_partner_is_named_without_the_quoting_of_the_from(tmp_path: Any, double: OdooDouble) -> None:
+    """`create_partner`: the new partner's name came from cutting email_from at "<" and stripping quotes,
+    which kept the backslashes of a quoted name (email_from is formatted as Odoo formats it)."""
+    rig = Rig(tmp_path, double, "explicit")
+    mid = "<named-1@customer.example>"
+    target = Target(model="crm.lead", alias=f"sales@{DOMAIN}", create_partner=True)
+    _m, out = rig.deliver(new_mail(mid, sender='"Jo \\"JJ\\" Doe" <jo@customer.example>'), create_decision(mid, target))
+    assert out.state == "delivered", out.note
+    [partner] = double.records("res.partner", [("email", "=", "jo@customer.example")])
+    assert partner["name"] == 'Jo "JJ" Doe'
