@@ -16,7 +16,7 @@ from gateway.events import (
     Delivery, backoff, due_heads, fan_out, mark_failed, mark_sent, read_events, replay, retry_span, sign, verify,
 )
 from gateway.outbox import EventDraft, record_events
-from gateway.schema import events, webhook_deliveries
+from gateway.schema import webhook_deliveries
 from gateway.store import open_store, utcnow
 
 pytestmark = pytest.mark.events

@@ -13,7 +13,7 @@ from aliases.model import Alias, AliasTable, Domain
 from gateway.outbound import bounce_kind, bounce_reason, classify_reply, order_mx, retry_delay
 from gateway.relay import SubmissionFacts, odoo_record, read_submission, tracking_allowed, verp_domain
 from routing.rewrite import (
-    RewriteOptions, is_odoo_tracked, is_trackable_link, list_unsubscribe_targets, rewrite_html, rewrite_message,
+    RewriteOptions, is_trackable_link, list_unsubscribe_targets, rewrite_html, rewrite_message,
 )
 from tests.test_relay_support import odoo_mail
 

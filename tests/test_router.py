@@ -232,7 +232,7 @@ def test_a_customer_writing_about_a_delivery_is_routed_like_any_mail(subject):
     from routing.router import DEFAULT_DETECTORS
 
     thread = hit("<known@test>", "mail.test.gateway", 3)
-    for extra, threads in ((f"\nIn-Reply-To: <known@test>", thread), ("", None)):
+    for extra, threads in (("\nIn-Reply-To: <known@test>", thread), ("", None)):
         def route_with(subj):
             raw = mail(f"From: Alice <alice@customer.example>\nTo: {ALIAS}\nSubject: {subj}{extra}",
                        "Hi,\nmy order to bob@client.net could not be delivered.\n"
