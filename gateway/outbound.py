@@ -65,6 +65,11 @@ LEASE_RENEWAL = DB_LEASE / 3
 #: at its cap wait in memory. The poller also leaves a capped destination's copies in the store while it has some
 #: waiting, so this bound is reached only when many destinations are slow at once.
 WAITING_PER_SLOT = 16
+#: How many copies, per delivery slot, the submission fast path may keep waiting in memory. Past it a copy is
+#: released in the store (its lease cleared) for the poller to claim when slots free up: Odoo submits a mass
+#: mailing far faster than destinations take it, and every copy held meant its bytes in memory (measured
+#: before: 5,000 copies of 100 KB held, +479 MB).
+FASTPATH_PER_SLOT = 4 * WAITING_PER_SLOT
 
 
 # ------------------------------------------------------------------------------------------ pure decisions
@@ -920,6 +925,7 @@ class OutboundWorker:
         # Recipient ids of the copies this worker holds: queued in memory, being sent, or being recorded.
         # The poller never claims these, and their leases are renewed every `lease_renewal`.
         self._held: set[int] = set()
+        self._releases: set[asyncio.Task[None]] = set()  # fast-path overflow being handed back to the store
         self.lease_renewal = LEASE_RENEWAL.total_seconds()
         self.drain_seconds = DRAIN_SECONDS
         self.sent = 0
@@ -927,12 +933,22 @@ class OutboundWorker:
 
     def submit(self, copies: list[QueuedCopy]) -> None:
         """Fast path from the submission listener (copies are already committed and leased); a copy this
-        worker already holds is not queued twice."""
+        worker already holds is not queued twice. Past `FASTPATH_PER_SLOT` waiting copies per slot the rest
+        go back to the store (lease cleared): the poller claims them as slots free up."""
+        overflow: list[QueuedCopy] = []
+        bound = self.ob.concurrency * FASTPATH_PER_SLOT
         for copy in copies:
             if copy.rcpt_id in self._held:
                 continue
+            if self._queue.waiting >= bound:
+                overflow.append(copy)
+                continue
             self._held.add(copy.rcpt_id)
             self._queue.put(copy)
+        if overflow:
+            task = asyncio.get_running_loop().create_task(self._release_unstarted(overflow))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until `stop` is set, then drain: copies being sent finish (up to `drain_seconds`) and

@@ -268,6 +268,33 @@ async def test_a_backlog_outlasting_its_lease_is_sent_once(engine, env):
         await worker.batcher.close()
 
 
+async def test_the_fast_path_holds_a_bounded_backlog_and_hands_the_rest_to_the_store(engine, env, monkeypatch):
+    """Odoo submits a mass mailing faster than destinations take it: every copy went into memory (5,000 copies
+    of 100 KB held 479 MB). Past the bound the copies go back to the store, unleased, and the poller brings
+    them in as slots free up: each recipient still gets exactly one copy."""
+    import gateway.outbound as outbound
+    from gateway.schema import outbound_queue
+
+    monkeypatch.setattr(outbound, "FASTPATH_PER_SLOT", 5)
+    cfg, sends, worker, stop, task = _slow_worker(engine, 0.01)
+    rcpts = [f"m{i}@customer.test" for i in range(20)]
+    try:
+        worker.submit(queue_leased(engine, rcpts, dt.timedelta(minutes=15)))
+        assert worker._queue.waiting <= 5 and len(worker._held) <= 6
+        await asyncio.sleep(0)  # the release task runs
+        await asyncio.gather(*worker._releases)
+        with engine.connect() as conn:
+            unleased = conn.execute(select(outbound_queue.c.recipient)
+                                    .where(outbound_queue.c.lease_until.is_(None))).all()
+        assert len(unleased) >= 14  # handed back at once, not after the 15-minute lease
+        await wait_for_events(engine, 20)
+        assert sends == {r: 1 for r in rcpts}
+    finally:
+        stop.set()
+        await task
+        await worker.batcher.close()
+
+
 async def test_held_copies_keep_their_lease_against_another_node(engine, env):
     """Two nodes share the store: the one holding a backlog renews its leases, so the other never claims
     (and re-sends) those copies however long the backlog takes."""
