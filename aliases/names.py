@@ -3,8 +3,10 @@
 Domain names are compared in their ASCII (IDNA, punycode) form, lower-case, without the root's trailing dot:
 `Bücher.Example.`, `bücher.example` and `xn--bcher-kva.example` are one domain. ASCII is what an MTA without
 SMTPUTF8 puts in the envelope and headers, and the only form a header, a Message-ID or a HELO can carry
-as it is, so it is also the form the router, the relay and Odoo are given. The conversion is Python's
-`idna` codec (IDNA 2003, no extra dependency).
+as it is, so it is also the form the router, the relay and Odoo are given. The conversion is IDNA 2008 with
+UTS #46 mapping, non-transitional (the `idna` package), as browsers and current MTAs do: Python's own codec is
+IDNA 2003, which maps `straße.de` to `strasse.de` — another domain, with another owner — where IDNA 2008 gives
+`xn--strae-oqa.de`. A name IDNA 2008 refuses (emoji and other symbols) falls back to IDNA 2003.
 
 A quoted local part whose content needs no quotes is the same mailbox unquoted (RFC 5321 §4.1.2): `"sales"@`
 and `"s\\ales"@` are `sales@`. One that does need them (`"john doe"@`) is kept as written.
@@ -13,6 +15,8 @@ and `"s\\ales"@` are `sales@`. One that does need them (`"john doe"@`) is kept a
 from __future__ import annotations
 
 import re
+
+import idna
 
 #: RFC 5322 dot-atom (atext, with RFC 6531's non-ASCII for SMTPUTF8): a local part that needs no quotes
 _ATEXT = r"[a-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]"
@@ -28,6 +32,10 @@ def normalize_domain(name: str, *, strict: bool = False) -> str:
     domain = domain[:-1] if domain.endswith(".") else domain
     if domain.isascii():
         return domain
+    try:
+        return idna.encode(domain, uts46=True, transitional=False).decode("ascii")
+    except idna.IDNAError:
+        pass
     try:
         return domain.encode("idna").decode("ascii")
     except UnicodeError as exc:

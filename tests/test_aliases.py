@@ -204,3 +204,16 @@ def test_quoted_rcpt_is_accepted_as_the_alias_and_counted_once() -> None:
     assert rcpt_verdict(TABLE, '"nobody"@strict.example.org')[0] == "unknown_user"
     rs = resolve_recipients(TABLE, rcpt=('"sales"@example.com',), to=("sales@example.com",))
     assert [(r.source, r.address) for r in rs] == [("to", "sales@example.com")]
+
+
+@pytest.mark.parametrize("name,ascii_form", [
+    ("straße.de", "xn--strae-oqa.de"),      # IDNA 2003 made it strasse.de: another domain, another owner
+    ("STRASSE.de", "strasse.de"),
+    ("Faß.DE", "xn--fa-hia.de"),              # UTS #46's own example of non-transitional processing
+    ("bücher.example.", "xn--bcher-kva.example"),
+    ("i❤.example", "xn--i-7iq.example"),      # refused by IDNA 2008: IDNA 2003's form, as before
+])
+def test_international_domains_take_their_idna_2008_form(name: str, ascii_form: str) -> None:
+    from aliases.names import normalize_domain
+
+    assert normalize_domain(name) == ascii_form
