@@ -136,3 +136,18 @@ class GatewayProcess:
     def metrics(self) -> str:
         with urllib.request.urlopen(self.admin_url + "/metrics", timeout=5) as r:
             return r.read().decode()
+
+
+def children_of(serve_pid: int, marker: bytes) -> list[int]:
+    """Live children of `serve` whose command line holds `marker` (b"spawn_main": the worker processes
+    multiprocessing's spawn start method runs)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == serve_pid and fields[0] not in ("Z", "X") and marker in cmdline:
+            pids.append(int(stat.parent.name))
+    return pids

@@ -12,23 +12,9 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tests.gateway_proc import GatewayProcess, base_config, free_port
+from tests.gateway_proc import GatewayProcess, base_config, children_of, free_port
 from tests.smtp_wire import make_mail
 from tests.waiting import wait_until
-
-
-def _children(serve_pid: int, marker: bytes) -> list[int]:
-    """Live children of `serve` whose command line holds `marker`."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == serve_pid and fields[0] not in ("Z", "X") and marker in cmdline:
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def _threads(pid: int) -> int:
@@ -74,8 +60,8 @@ def test_group_signals_leave_the_children_to_serve(tmp_path: Path) -> None:
     gw = GatewayProcess(tmp_path, cfg).start()
     try:
         assert gw.proc is not None
-        [worker] = wait_until(lambda: _children(gw.proc.pid, b"spawn_main"), what="the worker process")  # type: ignore[union-attr]
-        [writer] = _children(gw.proc.pid, b"gateway.spool_process")
+        [worker] = wait_until(lambda: children_of(gw.proc.pid, b"spawn_main"), what="the worker process")  # type: ignore[union-attr]
+        [writer] = children_of(gw.proc.pid, b"gateway.spool_process")
         # Both past their start-up: the writer committed a mail, the worker runs its threads.
         with smtplib.SMTP("127.0.0.1", gw.smtp_port) as s:
             s.sendmail("carol@client.test", ["sales@example.test"], make_mail(message_id="<first@client.test>"))

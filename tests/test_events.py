@@ -418,49 +418,24 @@ def test_tail_follow_prints_an_event_whose_lower_seq_was_in_flight_at_the_start(
     """`tail --follow` followed from the highest committed number: an event with a lower number still in
     flight at that moment (PostgreSQL) committed behind the cursor and was printed neither by the listing nor
     by --follow. Now it is printed when it commits, and nothing already listed is printed again."""
-    import types
-
-    import gateway.cli_events
-    from gateway.cli import main
-
     if any_engine.dialect.name == "sqlite":
         pytest.skip("one writer on SQLite: no lower seq can commit after a higher one")
     late = any_engine.connect()
     open_tx = late.begin()
     record_events(late, [ev("bounced", "<late>", 1)])
     add(any_engine, ev("opened", "<next>", 2))
-    cfg = tmp_path / "mailgate.toml"
-    cfg.write_text(f'storage = {{ url = "{any_engine.url.render_as_string(hide_password=False)}" }}\n')
 
-    class Enough(Exception):
-        pass
+    def commit_the_late_one() -> None:  # once the follower has started
+        open_tx.commit()
+        late.close()
 
-    naps: list[float] = []
-
-    def nap(seconds: float) -> None:
-        naps.append(seconds)
-        if len(naps) == 1:  # the late transaction commits once the follower has started
-            open_tx.commit()
-            late.close()
-        if len(naps) > 3:
-            raise Enough
-
-    monkeypatch.setattr(gateway.cli_events, "time", types.SimpleNamespace(sleep=nap))
-    with pytest.raises(Enough):
-        main(["events", "tail", "--config", str(cfg), "--json", "--follow", "-n", "5"])
-    printed = [json.loads(line)["mail"]["message_id"] for line in capsys.readouterr().out.splitlines()]
-    assert printed == ["<next>", "<late>"]
+    assert _follow(any_engine, tmp_path, monkeypatch, capsys, "5", commit_the_late_one) == ["<next>", "<late>"]
 
 
 def test_tail_follow_without_a_listing_prints_only_new_events(any_engine, tmp_path, capsys, monkeypatch):
     """`-n 0 --follow`: what was there at the start stays unprinted, even though the follower's cursor may start
     below it (before a number that could still be in flight)."""
-    import types
-
     from gateway.events import GapWatch
-
-    import gateway.cli_events
-    from gateway.cli import main
 
     import gateway.events
 
@@ -472,8 +447,20 @@ def test_tail_follow_without_a_listing_prints_only_new_events(any_engine, tmp_pa
                 tx.rollback()
         add(any_engine, ev("clicked", "<old>", 4))
         monkeypatch.setattr(gateway.events, "GapWatch", lambda: GapWatch(settle=0))  # not 30 s at the gap
+    assert _follow(any_engine, tmp_path, monkeypatch, capsys, "0",
+                   lambda: add(any_engine, ev("replied", "<new>", 5))) == ["<new>"]
+
+
+def _follow(engine, tmp_path, monkeypatch, capsys, listed: str, at_first_nap) -> list[str]:  # type: ignore[no-untyped-def]
+    """The Message-IDs `events tail --json --follow -n LISTED` prints over its first four polls;
+    `at_first_nap()` runs when the follower first sleeps (it has started)."""
+    import types
+
+    import gateway.cli_events
+    from gateway.cli import main
+
     cfg = tmp_path / "mailgate.toml"
-    cfg.write_text(f'storage = {{ url = "{any_engine.url.render_as_string(hide_password=False)}" }}\n')
+    cfg.write_text(f'storage = {{ url = "{engine.url.render_as_string(hide_password=False)}" }}\n')
 
     class Enough(Exception):
         pass
@@ -483,11 +470,11 @@ def test_tail_follow_without_a_listing_prints_only_new_events(any_engine, tmp_pa
     def nap(seconds: float) -> None:
         naps.append(seconds)
         if len(naps) == 1:
-            add(any_engine, ev("replied", "<new>", 5))
+            at_first_nap()
         if len(naps) > 3:
             raise Enough
 
     monkeypatch.setattr(gateway.cli_events, "time", types.SimpleNamespace(sleep=nap))
     with pytest.raises(Enough):
-        main(["events", "tail", "--config", str(cfg), "--json", "--follow", "-n", "0"])
-    assert [json.loads(line)["mail"]["message_id"] for line in capsys.readouterr().out.splitlines()] == ["<new>"]
+        main(["events", "tail", "--config", str(cfg), "--json", "--follow", "-n", listed])
+    return [json.loads(line)["mail"]["message_id"] for line in capsys.readouterr().out.splitlines()]

@@ -79,7 +79,6 @@ async def test_bounce_reply_and_autoreply_events_for_a_relayed_mail(tmp_path, mo
     }, base_dir=str(tmp_path))
     gw = await start_gateway(config)
     try:
-        await asyncio.sleep(0.3)  # outbound services start in the background
         await aiosmtplib.send(raw, sender="bounce@example.test", recipients=["alice@customer.test", "bob@other.test"],
                               hostname="127.0.0.1", port=submission_port)
         relayed = await smarthost.wait_for(2)

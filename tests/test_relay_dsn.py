@@ -145,7 +145,6 @@ async def test_a_smarthost_refusal_is_registered_as_a_bounce_in_odoo_with_one_ev
     }, base_dir=str(tmp_path))
     gw = await start_gateway(config)
     try:
-        await asyncio.sleep(0.3)  # outbound services start in the background
         await aiosmtplib.send(raw, sender="bounce@example.test", recipients=["bob@other.test"],
                               hostname="127.0.0.1", port=submission_port)
         for _ in range(200):

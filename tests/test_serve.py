@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import create_engine
 
 from gateway.logs import setup_logging
-from tests.gateway_proc import ROOT, GatewayProcess, base_config, free_port, to_toml
+from tests.gateway_proc import ROOT, GatewayProcess, base_config, children_of, free_port, to_toml
 from tests.smtp_wire import WireClient, make_mail, rcpt_reply
 from tests.waiting import wait_until
 
@@ -201,20 +201,6 @@ def test_serve_raises_the_open_files_limit_and_says_when_the_listeners_still_do_
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def _worker_pids(serve_pid: int) -> list[int]:
-    """The worker processes `serve` spawned (multiprocessing's spawn start method names itself in argv)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == serve_pid and b"spawn_main" in cmdline:
-            pids.append(int(stat.parent.name))
-    return pids
-
-
 def test_sighup_reaches_worker_processes_and_a_dead_worker_is_started_again(tmp_path: Path) -> None:
     """With worker processes (the default), SIGHUP must reach the routing and delivery there too: a new alias
     was accepted at RCPT but routed with the old table. And a worker process that dies (OOM killer) is started
@@ -226,7 +212,7 @@ def test_sighup_reaches_worker_processes_and_a_dead_worker_is_started_again(tmp_
     cfg["worker"]["processes"] = 1
     gw = GatewayProcess(tmp_path, cfg).start()
     try:
-        [worker] = wait_until(lambda: _worker_pids(gw.proc.pid), what="the worker process")  # type: ignore[union-attr]
+        [worker] = wait_until(lambda: children_of(gw.proc.pid, b"spawn_main"), what="the worker process")  # type: ignore[union-attr]
         with smtplib.SMTP("127.0.0.1", gw.smtp_port) as s:  # the worker is up, with the file as it was
             s.sendmail("carol@client.test", ["sales@example.test"], make_mail(message_id="<lead1@client.test>"))
         wait_until(lambda: odoo.records("crm.lead"), timeout=30, what="a lead")
