@@ -444,12 +444,14 @@ def follow_start(engine: Engine, *, lookback: int = FANOUT_LOOKBACK) -> tuple[in
     return start, top, there
 
 
-def _settled_rows(conn: Connection, gaps: GapWatch, rows: Sequence[Row], after: int) -> tuple[list[Row], int]:
+def _settled_rows(conn: Connection, gaps: GapWatch, rows: Sequence[Row], after: int, read_to: int = 0,
+                  ) -> tuple[list[Row], int]:
     """The rows of a page (seq > `after`, in order, read on `conn`, a `one_snapshot`) before the first missing
-    sequence number that may still commit, and the cursor to come back with."""
-    if not rows:
+    sequence number that may still commit, and the cursor to come back with. `read_to`: a committed number the
+    page's query is known to have read up to, beyond its last row (a type-filtered page that was not full)."""
+    last = max(rows[-1].seq if rows else after, read_to)
+    if last <= after:
         return [], after
-    last = rows[-1].seq
     gap = _first_gap(conn, after, last)
     if gap is not None:
         gaps.observe(conn.execute(select(func.max(events.c.seq))).scalar() or 0)
@@ -470,7 +472,12 @@ def read_settled(engine: Engine, gaps: GapWatch, *, after: int = 0, types: Seque
     if types:
         q = q.where(events.c.type.in_(list(types)))
     with one_snapshot(engine) as conn:
-        rows, cursor = _settled_rows(conn, gaps, conn.execute(q).all(), after)
+        page = conn.execute(q).all()
+        # A filtered page that is not full read every event up to the top: the cursor may pass the others.
+        # Kept at its last row, a reader of a rare type got `next` = `after` back and rescanned all of them
+        # at every call, for ever.
+        read_to = (conn.execute(select(func.max(events.c.seq))).scalar() or 0) if types and len(page) < limit else 0
+        rows, cursor = _settled_rows(conn, gaps, page, after, read_to)
     return [event_to_json(r) for r in rows], cursor
 
 

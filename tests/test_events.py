@@ -210,6 +210,42 @@ def test_pulling_with_the_cursor_never_skips_an_event_that_commits_late(any_engi
     assert [e["mail"]["message_id"] for e in rows] == ["<late>", "<next>"] and held == cursor
 
 
+def test_a_reader_of_a_rare_type_moves_past_the_other_events(any_engine):
+    """`types=bounced` with no bounce yet: `next` came back equal to `after`, so the reader rescanned every
+    other event at each call, for ever. A filtered page that is not full read up to the top: the cursor moves
+    there (and still stops before a number that may commit late, on PostgreSQL)."""
+    from gateway.events import GapWatch, read_settled
+
+    gaps = GapWatch(settle=60)
+    add(any_engine, ev("delivered", "<m1>", 1), ev("opened", "<m1>", 2), ev("clicked", "<m1>", 3))
+    rows, cursor = read_settled(any_engine, gaps, types=["bounced"])
+    assert rows == [] and cursor == max_seq(any_engine)
+    add(any_engine, ev("bounced", "<m2>", 4))
+    rows, cursor = read_settled(any_engine, gaps, after=cursor, types=["bounced"])
+    assert [e["type"] for e in rows] == ["bounced"] and cursor == rows[0]["seq"]
+    if any_engine.dialect.name == "sqlite":
+        return
+    late = any_engine.connect()  # a lower number still in flight: the cursor waits before it
+    open_tx = late.begin()
+    record_events(late, [ev("bounced", "<late>", 5)])
+    add(any_engine, ev("opened", "<m3>", 6))
+    held = read_settled(any_engine, gaps, after=cursor, types=["bounced"])
+    open_tx.commit()
+    late.close()
+    assert held == ([], cursor)
+    rows, _ = read_settled(any_engine, gaps, after=cursor, types=["bounced"])
+    assert [e["mail"]["message_id"] for e in rows] == ["<late>"]
+
+
+def max_seq(engine):  # type: ignore[no-untyped-def]
+    from sqlalchemy import func, select
+
+    from gateway.schema import events as events_table
+
+    with engine.connect() as conn:
+        return conn.execute(select(func.max(events_table.c.seq))).scalar()
+
+
 def test_cli_tail_and_replay(engine, tmp_path, capsys):
     from gateway.cli import main
 
