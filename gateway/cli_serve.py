@@ -73,7 +73,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         problems.append("odoo: no [odoo] url configured")
     space = spool_free_space(config.storage_url(), config.storage.min_free_mb)
     problems.extend(_host_problems(config, space))
-    problems.extend(_secret_problems(config))
+    problems.extend(_relay_start_problems(config))
     if args.json:
         print(json.dumps({
             "domains": [d.__dict__ for d in table.domains],
@@ -128,14 +128,15 @@ def _host_problems(config: Any, space: FreeSpace | None) -> list[str]:
     return problems
 
 
-def _secret_problems(config: Any) -> list[str]:
-    """The secrets `serve` reads from its environment at start, checked in this one: the VERP/tracking key
+def _relay_start_problems(config: Any) -> list[str]:
+    """What `serve` checks only when it starts its relay, checked here: the EHLO name for delivery by MX, and
+    the secrets it reads from its environment: the VERP/tracking key
     (whenever the outbound side runs: a submission listener or webhooks), the smarthost password (when a login
     is set), each webhook's signing secret, and the password of each submission login (read at AUTH time:
 one lost in a deploy fails Odoo's every login). Run as `ExecStartPre=` (same environment as serve), this
     says which variable a deploy lost before the service fails to start."""
     from gateway.config import ConfigError, secret
-    from gateway.outbound import smarthost_password
+    from gateway.outbound import helo_problem, smarthost_password
     from gateway.relay_service import site_secret
 
     relays = any(lc.kind == "submission" for lc in config.listeners)
@@ -144,6 +145,7 @@ one lost in a deploy fails Odoo's every login). Run as `ExecStartPre=` (same env
         checks.append(lambda: site_secret(config))
     if relays:
         checks.append(lambda: smarthost_password(config))
+        checks.append(lambda: _raise_if(helo_problem(config)))
     for lc in config.listeners:
         for login, env in (lc.auth_users_env.items() if lc.kind == "submission" else ()):
             checks.append(lambda login=login, env=env, lc=lc: secret(
@@ -157,3 +159,10 @@ one lost in a deploy fails Odoo's every login). Run as `ExecStartPre=` (same env
         except ConfigError as exc:
             problems.extend(exc.problems)
     return problems
+
+
+def _raise_if(problem: str | None) -> None:
+    from gateway.config import ConfigError
+
+    if problem:
+        raise ConfigError(None, [problem])

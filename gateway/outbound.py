@@ -183,6 +183,23 @@ def smarthost_password(config: Config) -> str | None:
                       what=f"outbound.smarthost_password_env (the password of smarthost login {ob.smarthost_login!r})")
 
 
+def helo_problem(config: Config) -> str | None:
+    """Why the EHLO name will not do for delivery by MX, or None (a smarthost takes any name we give it).
+
+    Left unset it is `socket.getfqdn()`, which is "localhost" on many containers and VMs: MX hosts that ask for a
+    fully qualified name (Postfix's reject_non_fqdn_helo_hostname, most large providers) refused every copy,
+    and each refusal ended as a bounce."""
+    ob = config.outbound
+    if ob.smarthost:
+        return None
+    name = (ob.helo_name or socket.getfqdn()).strip().rstrip(".")
+    literal = name.startswith("[") or name.replace(".", "").isdigit() or ":" in name
+    if literal or "." not in name or name.lower().startswith("localhost"):
+        return (f"outbound.helo_name: delivering by MX, the EHLO name must be this host's fully qualified domain "
+                f"name (it would be {name!r}); MX hosts refuse others, and each refusal bounces the copy")
+    return None
+
+
 #: Enhanced codes by which a smarthost refuses the sender for who we are, not for the mail: authentication
 #: required (5.7.0, RFC 4954 §6), relaying denied / not authorised (5.7.1).
 _SETUP_STATUSES = frozenset({"5.7.0", "5.7.1"})

@@ -20,7 +20,7 @@ from gateway.batch_process import ProcessTransactionBatcher
 from gateway.childproc import helper_store_url
 from gateway.config import Config, ConfigError, secret as env_secret
 from gateway.events import WebhookDispatcher, add_events_routes
-from gateway.outbound import OutboundWorker, SmtpTransport
+from gateway.outbound import OutboundWorker, SmtpTransport, helo_problem
 from gateway.relay import start_submission_listener
 from gateway.session_limits import SessionLimits, listener_key
 from gateway.relay_batch import Committer, TransactionBatcher
@@ -128,6 +128,10 @@ async def start_outbound_services(config: Config, engine: Engine, stop: asyncio.
     """Start everything; the worker and dispatcher run as tasks until `stop` is set. `session_limits`: where
     to keep each submission listener's caps (by `listener_key`), for `serve` to change them on reload."""
     secret = site_secret(config)
+    if any(listener.kind == "submission" for listener in config.listeners):
+        problem = helo_problem(config)
+        if problem:
+            raise ConfigError(None, [problem])
     # Before anything starts: a smarthost login whose password variable is unset is a ConfigError here.
     transport = transport or SmtpTransport(config)
     batcher = make_committer(config, engine)

@@ -234,3 +234,30 @@ def test_check_config_names_each_secret_variable_serve_would_miss(tmp_path: Path
     monkeypatch.setenv("MG_TEST_HOOK", "hook-secret")
     monkeypatch.setenv("MG_TEST_ODOO_PW", "odoo-login-password")
     assert _exit_code(["check-config", "-c", str(cfg)]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("helo, fqdn, ok", [
+    (None, "localhost", False),             # left unset on a host whose name is not qualified
+    ("localhost.localdomain", "x", False),
+    ("192.0.2.7", "x", False),
+    (None, "mx1.example.net", True),
+    ("mx1.example.net", "localhost", True),
+])
+def test_check_config_wants_a_qualified_ehlo_name_for_delivery_by_mx(tmp_path: Path, monkeypatch, capsys,  # type: ignore[no-untyped-def]
+                                                                  helo, fqdn, ok) -> None:
+    """Delivering by MX (no smarthost) with the EHLO name left to socket.getfqdn(), "localhost" here: MX hosts
+    that want a fully qualified name refused every copy, and each refusal became a bounce. serve refuses to
+    start the relay, and check-config says so first."""
+    import socket
+
+    monkeypatch.setattr(socket, "getfqdn", lambda *a: fqdn)
+    monkeypatch.setenv("MG_TEST_SECRET", "a-long-enough-site-secret")
+    cfg = tmp_path / "mailgate.toml"
+    helo_line = f'helo_name = "{helo}"\n' if helo else ""
+    cfg.write_text(
+        f'[storage]\nurl = "sqlite:///{tmp_path}/mg.db"\n\n[[domains]]\nname = "example.test"\n\n'
+        f'[outbound]\nsecret_env = "MG_TEST_SECRET"\n{helo_line}\n'
+        '[[listeners]]\nname = "submission"\nkind = "submission"\nhost = "127.0.0.1"\nport = 2587\n')
+    assert _exit_code(["check-config", "-c", str(cfg)]) == (0 if ok else 1)
+    err = capsys.readouterr().err
+    assert ("outbound.helo_name: delivering by MX, the EHLO name must be" in err) is not ok, err
