@@ -26,6 +26,7 @@ import datetime as dt
 import email.utils
 import functools
 import hashlib
+import ipaddress
 import logging
 import random
 import re
@@ -241,6 +242,25 @@ def domain_syntax_error(domain: str) -> str | None:
     return None
 
 
+def address_literal_host(domain: str) -> str:
+    """The IP address of an address literal (`[192.0.2.7]`, `[IPv6:2001:db8::7]`, RFC 5321 §4.1.3): mail to
+    it goes to that host, with no DNS (the listener accepts such recipients; looked up as a name, each got
+    NXDOMAIN and bounced). Only a globally routable address: one on loopback, a private or link-local
+    network would let a recipient address aim the relay at hosts beside it — ourselves included."""
+    text = domain[1:-1] if domain.endswith("]") else domain[1:]
+    if text[:5].lower() == "ipv6:":
+        text = text[5:]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise DestinationError(f"{domain!r} is not an address literal (RFC 5321 §4.1.3)", permanent=True,
+                               status="5.1.3") from None
+    if not ip.is_global:
+        raise DestinationError(f"{domain}: mail to an address literal outside the public internet is not "
+                               "relayed", permanent=True, status="5.1.2")
+    return str(ip)
+
+
 def make_mx_resolver(port: int = 25, timeout: float = 10.0) -> Resolver:
     """Resolve a recipient domain to (host, port) candidates: MX by preference, else A/AAAA."""
     import dns.asyncresolver
@@ -251,6 +271,8 @@ def make_mx_resolver(port: int = 25, timeout: float = 10.0) -> Resolver:
     resolver.lifetime = timeout
 
     async def resolve(domain: str) -> list[tuple[str, int]]:
+        if domain.startswith("["):
+            return [(address_literal_host(domain), port)]
         bad = domain_syntax_error(domain)
         if bad is not None:
             raise DestinationError(f"{domain!r} is not a valid domain name: {bad}", permanent=True, status="5.1.3")

@@ -57,3 +57,25 @@ async def test_no_mx_and_no_address_at_all_is_permanent(monkeypatch) -> None:
     with pytest.raises(DestinationError) as exc:
         await make_mx_resolver()("ex.test")
     assert exc.value.permanent and exc.value.status == "5.1.2"
+
+
+@pytest.mark.parametrize("literal, host", [
+    ("[8.8.8.8]", "8.8.8.8"),
+    ("[ipv6:2606:4700:4700::1111]", "2606:4700:4700::1111"),   # lower-cased as the transport passes it
+])
+async def test_an_address_literal_is_its_own_host_without_dns(monkeypatch, literal, host) -> None:
+    """RFC 5321 §4.1.3: `user@[8.8.8.8]` goes to that address. It was looked up as a name: NXDOMAIN, bounced."""
+    _stub_dns(monkeypatch, {})  # any DNS question would raise KeyError
+    assert await make_mx_resolver(port=2525)(literal) == [(host, 2525)]
+
+
+@pytest.mark.parametrize("literal, status", [
+    ("[127.0.0.1]", "5.1.2"), ("[10.1.2.3]", "5.1.2"), ("[ipv6:::1]", "5.1.2"), ("[169.254.1.1]", "5.1.2"),
+    ("[not.an.ip]", "5.1.3"),
+])
+async def test_an_address_literal_off_the_public_internet_is_refused(monkeypatch, literal, status) -> None:
+    """A recipient address must not aim the relay at the hosts beside it, or at the gateway itself."""
+    _stub_dns(monkeypatch, {})
+    with pytest.raises(DestinationError) as refused:
+        await make_mx_resolver()(literal)
+    assert refused.value.permanent and refused.value.status == status
