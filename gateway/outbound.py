@@ -32,6 +32,7 @@ import random
 import re
 import socket
 import ssl
+import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -155,6 +156,10 @@ def order_mx(records: list[tuple[int, str]]) -> list[str] | None:
 # ------------------------------------------------------------------------------------------ destinations
 #: Seconds to wait for the reply to the final dot, at least (RFC 5321 §4.5.3.2.6).
 DATA_END_TIMEOUT = 600.0
+#: How long a destination none of whose hosts could be reached counts as down: its copies are deferred
+#: without connecting (Postfix's dead-destination memory). Without it each copy waited out its own connect
+#: timeout (60 s) against a dead smarthost or MX, holding a delivery slot each time.
+DEAD_DESTINATION_SECONDS = 60.0
 #: How long an MX whose STARTTLS failed gets plaintext without trying TLS first (its fix may take a while;
 #: trying on every connection would cost a failed handshake each time).
 TLS_FALLBACK_SECONDS = 3600.0
@@ -330,6 +335,8 @@ class SmtpTransport:
         self._plaintext_until: dict[tuple[str, int], float] = {}  # MX hosts whose STARTTLS failed
         self._host_pools: dict[tuple[str, int], list[aiosmtplib.SMTP]] = defaultdict(list)
         self._alarms: dict[str, float] = {}  # setup refusals logged, by text: when
+        #: destinations none of whose hosts could be reached: until when they count as down, and the result
+        self._down: dict[str, tuple[float, SmtpResult]] = {}
 
     async def close(self) -> None:
         for conns in self._host_pools.values():
@@ -404,20 +411,32 @@ class SmtpTransport:
 
     async def send(self, mail_from: str, recipient: str, raw: bytes) -> SmtpResult:
         """One SMTP transaction; never raises for SMTP or network trouble (that is a result)."""
+        dest = destination(recipient, smarthost=self.ob.smarthost)
+        down = self._down.get(dest)
+        if down is not None and time.monotonic() < down[0]:
+            return dataclasses.replace(down[1], text=f"{down[1].text} (destination down: not tried again for "
+                                                        f"{DEAD_DESTINATION_SECONDS:.0f} s)")
         try:
             hosts = await self._hosts(recipient)
         except DestinationError as exc:
             code = 550 if exc.permanent else 451
             return SmtpResult("bounced" if exc.permanent else "deferred", code, exc.status, str(exc))
         last = SmtpResult("deferred", 451, "4.4.1", "no host tried")
+        reached = False
         for host, port in hosts:
             result = await self._send_to(host, port, mail_from, recipient, raw)
+            reached = reached or result is not None
             if result is None:
                 last = SmtpResult("deferred", 451, "4.4.1", f"cannot connect to {host}:{port}", f"{host}")
             elif result.outcome == "deferred" and not result.uncertain:
                 last = result  # a 4xx (busy, greylisting, a local error there): the next MX may take it
             else:
+                self._down.pop(dest, None)
                 return result
+        if reached or not hosts:
+            self._down.pop(dest, None)
+        else:  # no host of it answered at all: spare the copies behind this one their own connect timeouts
+            self._down[dest] = (time.monotonic() + DEAD_DESTINATION_SECONDS, last)
         return last
 
     async def _send_to(self, host: str, port: int, mail_from: str, recipient: str,

@@ -739,3 +739,36 @@ async def test_a_dead_destination_backlog_larger_than_memory_does_not_keep_other
         stop.set()
         await task
         await batcher.close()
+
+
+async def test_a_destination_no_host_of_which_answers_is_not_tried_again_for_a_while(env, monkeypatch):
+    """Every copy for a dead MX (or smarthost) waited out its own connect timeout, holding a delivery slot.
+    Once none of a destination's hosts could be reached, its next copies are deferred at once for
+    DEAD_DESTINATION_SECONDS; another destination is not affected, and a host that answers again clears it."""
+    import gateway.outbound as outbound
+
+    dead_port = free_port()  # nothing listens here
+    good = await RawSmtpServer(ehlo=("250-raw.test", "250 8BITMIME")).start()
+    ports = {"down.test": dead_port, "up.test": good.port}
+    asked: list[str] = []
+
+    async def resolver(domain: str):
+        asked.append(domain)
+        return [("127.0.0.1", ports[domain])]
+
+    transport = SmtpTransport(mx_config(), resolver=resolver)
+    try:
+        first = await transport.send("bounce@example.test", "a@down.test", b"x\r\n")
+        assert first.outcome == "deferred" and "cannot connect" in first.text
+        second = await transport.send("bounce@example.test", "b@down.test", b"x\r\n")
+        assert second.outcome == "deferred" and "destination down" in second.text
+        assert asked == ["down.test"]                       # not looked up, not connected to, again
+        assert (await transport.send("bounce@example.test", "c@up.test", b"x\r\n")).outcome == "delivered"
+        monkeypatch.setattr(outbound, "DEAD_DESTINATION_SECONDS", 0.0)
+        transport._down["down.test"] = (0.0, first)        # its time is up: tried again, and now it answers
+        ports["down.test"] = good.port
+        assert (await transport.send("bounce@example.test", "d@down.test", b"x\r\n")).outcome == "delivered"
+        assert "down.test" not in transport._down
+    finally:
+        await transport.close()
+        await good.stop()
