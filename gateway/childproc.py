@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import select
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -24,6 +25,19 @@ log = logging.getLogger(__name__)
 #: `kill -HUP -PGID`), not because anyone meant the child: `serve` answers them for its children (SIGINT stops
 #: it, and it stops them in order; SIGHUP reloads it, and worker processes follow a reload counter).
 GROUP_SIGNALS = (signal.SIGINT, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_held(signals: tuple[int, ...] = GROUP_SIGNALS) -> Iterator[None]:
+    """Block `signals` in this thread while a child process starts (multiprocessing's spawn, fork + exec):
+    the child inherits the mask, so a SIGHUP or SIGINT sent to the process group in the second before it
+    reaches `die_with_parent` stays pending there instead of killing it, and is then ignored. The child never
+    unblocks them: it ignores them anyway. (uvloop's spawn, used for the commit helpers, resets the mask.)"""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def die_with_parent(signum: int = signal.SIGTERM, *, ignore: tuple[int, ...] = GROUP_SIGNALS) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 
 from gateway.admin import make_admin_app, start_admin
 from gateway.disk_space import spool_free_space
-from gateway.childproc import die_with_parent, helper_store_url
+from gateway.childproc import die_with_parent, helper_store_url, signals_held
 from gateway.config import Config, ConfigError, load_config
 from gateway.listener import ListenerPolicy, SpoolHandler, bound_port, start_listener
 from gateway.metrics import HELPER_STARTS
@@ -300,7 +300,8 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
             def spawn_worker(i: int) -> multiprocessing.process.BaseProcess:
                 p = ctx.Process(target=_worker_process_main, args=(config_path, gw.reload_generation),
                                 name=f"mailgate-worker-{i}")
-                p.start()
+                with signals_held():  # a group SIGHUP while it starts must not kill it (it ignores them)
+                    p.start()
                 HELPER_STARTS.labels("worker").inc()
                 return p
 

@@ -62,6 +62,10 @@ def test_group_signals_leave_the_children_to_serve(tmp_path: Path) -> None:
         assert gw.proc is not None
         [worker] = wait_until(lambda: children_of(gw.proc.pid, b"spawn_main"), what="the worker process")  # type: ignore[union-attr]
         [writer] = children_of(gw.proc.pid, b"gateway.spool_process")
+        # Started with SIGHUP and SIGINT blocked: one sent to the group in its first second stays pending (and
+        # is then ignored) instead of killing it before it installs its handlers. SIGTERM is not blocked.
+        blocked = _signal_set(worker, "SigBlk")
+        assert {signal.SIGHUP, signal.SIGINT} <= blocked and signal.SIGTERM not in blocked
         # Both past their start-up: the writer committed a mail, the worker runs its threads.
         with smtplib.SMTP("127.0.0.1", gw.smtp_port) as s:
             s.sendmail("carol@client.test", ["sales@example.test"], make_mail(message_id="<first@client.test>"))
@@ -94,3 +98,12 @@ def test_group_signals_leave_the_children_to_serve(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "spool.db") as db:
         assert sorted(db.execute("SELECT message_id FROM messages").fetchall()) == [
             ("<drained@client.test>",), ("<first@client.test>",)]
+
+
+def _signal_set(pid: int, field: str) -> set[int]:
+    """The signals in a /proc/PID/status mask line (SigBlk, SigIgn, ...)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+    return set()
