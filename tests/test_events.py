@@ -371,25 +371,36 @@ def test_a_page_and_its_gap_check_read_one_snapshot(any_engine):
     assert [e["mail"]["message_id"] for e in rows] == ["<late>", "<next>"]
 
 
+def _in_flight(engine, event):  # type: ignore[no-untyped-def]
+    """PostgreSQL only: `event` recorded in a transaction left open (its seq taken, not committed); returns the
+    function that commits it. SQLite has one writer: no lower seq can commit after a higher one."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("one writer on SQLite: no lower seq can commit after a higher one")
+    late = engine.connect()
+    open_tx = late.begin()
+    record_events(late, [event])
+
+    def commit() -> None:
+        open_tx.commit()
+        late.close()
+
+    return commit
+
+
 def test_fan_out_keeps_a_late_commit_in_its_mails_order(any_engine):
     """PostgreSQL: the relay's `delivered` (seq 1) is still uncommitted when the prefetch `opened` (seq 2) of
     the same mail commits. Fan-out took every committed event: `opened` was POSTed first, and `delivered`
     after it. Now the cursor waits before the missing number until it commits."""
     from gateway.events import GapWatch
 
-    if any_engine.dialect.name == "sqlite":
-        pytest.skip("one writer on SQLite: no lower seq can commit after a higher one")
+    commit_late = _in_flight(any_engine, ev("delivered", "<M>", 1))
     h = hook()
     gaps = GapWatch(settle=60)
-    late = any_engine.connect()
-    open_tx = late.begin()
-    record_events(late, [ev("delivered", "<M>", 1)])
     add(any_engine, ev("opened", "<M>", 2))
     with any_engine.begin() as conn:
         assert fan_out(conn, h, gaps) == 0
         assert due_heads(conn, "seq") == []
-    open_tx.commit()
-    late.close()
+    commit_late()
     with any_engine.begin() as conn:
         assert fan_out(conn, h, gaps) == 2
         heads = due_heads(conn, "seq")
@@ -401,18 +412,13 @@ def test_fan_out_sends_an_event_that_commits_after_its_gap_settled(any_engine):
     commit after all (a transaction open that long), it still goes out, late, instead of never."""
     from gateway.events import GapWatch
 
-    if any_engine.dialect.name == "sqlite":
-        pytest.skip("one writer on SQLite: no lower seq can commit after a higher one")
+    commit_late = _in_flight(any_engine, ev("bounced", "<L>", 1))
     h = hook()
     gaps = GapWatch(settle=0)
-    late = any_engine.connect()
-    open_tx = late.begin()
-    record_events(late, [ev("bounced", "<L>", 1)])
     add(any_engine, ev("opened", "<M>", 2))
     with any_engine.begin() as conn:
         assert fan_out(conn, h, gaps) == 1  # settle 0: given up at once, passed over
-    open_tx.commit()
-    late.close()
+    commit_late()
     with any_engine.begin() as conn:
         assert fan_out(conn, h, gaps) == 1
         assert sorted(d.seq for d in due_heads(conn, "seq")) == [1, 2]
