@@ -160,6 +160,9 @@ DATA_END_TIMEOUT = 600.0
 #: without connecting (Postfix's dead-destination memory). Without it each copy waited out its own connect
 #: timeout (60 s) against a dead smarthost or MX, holding a delivery slot each time.
 DEAD_DESTINATION_SECONDS = 60.0
+#: How long one address of an MX host gets to connect and greet before the next is tried (Postfix's
+#: smtp_connect_timeout is 30 s per address too).
+MX_CONNECT_SECONDS = 30.0
 #: How long an MX whose STARTTLS failed gets plaintext without trying TLS first (its fix may take a while;
 #: trying on every connection would cost a failed handshake each time).
 TLS_FALLBACK_SECONDS = 3600.0
@@ -245,6 +248,24 @@ def domain_syntax_error(domain: str) -> str | None:
     except (dns.exception.SyntaxError, dns.name.NameTooLong, dns.name.IDNAException) as exc:
         return str(exc) or type(exc).__name__
     return None
+
+
+async def _addresses(host: str, port: int) -> list[str]:
+    """`host`'s addresses in the order to try them: getaddrinfo's (the system's preference first), the two
+    families taking turns (RFC 8305 §4), each address once."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    by_family: dict[int, list[str]] = {}
+    for family, _type, _proto, _name, sockaddr in infos:
+        found = by_family.setdefault(family, [])
+        if sockaddr[0] not in found:
+            found.append(str(sockaddr[0]))
+    queues = list(by_family.values())
+    ordered: list[str] = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                ordered.append(queue.pop(0))
+    return ordered
 
 
 def address_literal_host(domain: str) -> str:
@@ -371,7 +392,7 @@ class SmtpTransport:
             if not smtp.supports_extension("starttls"):
                 return smtp
             try:
-                await smtp.starttls(tls_context=_opportunistic_tls(), validate_certs=False)
+                await smtp.starttls(server_hostname=host, tls_context=_opportunistic_tls(), validate_certs=False)
                 await _greet(smtp)
                 return smtp
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
@@ -386,11 +407,27 @@ class SmtpTransport:
         self._plaintext_until[(host, port)] = now + TLS_FALLBACK_SECONDS
 
     async def _open_mx(self, host: str, port: int) -> aiosmtplib.SMTP:
-        smtp = aiosmtplib.SMTP(hostname=host, port=port, local_hostname=self.helo, timeout=self.ob.timeout,
-                               start_tls=False, validate_certs=False)
-        await smtp.connect()
-        await _greet(smtp)
-        return smtp
+        """A connection to one of `host`'s addresses, each tried for at most MX_CONNECT_SECONDS (connect and
+        greeting), the families taking turns (RFC 8305). Connecting by name gave all addresses one timeout:
+        a black-holed IPv6 address (a host with an IPv6 route that goes nowhere) or a silent first address used
+        it all up, and the IPv4 one that worked was never tried — every dual-stack MX deferred, for good."""
+        last: BaseException = OSError(f"{host} has no address")
+        for address in await _addresses(host, port):
+            smtp = aiosmtplib.SMTP(hostname=address, port=port, local_hostname=self.helo, timeout=self.ob.timeout,
+                                   start_tls=False, validate_certs=False)
+            try:
+                await asyncio.wait_for(smtp.connect(), min(self.ob.timeout, MX_CONNECT_SECONDS))
+            except aiosmtplib.SMTPConnectResponseError:
+                raise  # it answered, with a refusal: that is its answer, not an address to skip
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+                smtp.close()
+                log.info("outbound: %s (%s) port %s: %s; trying its next address", host, address, port,
+                         exc or type(exc).__name__)
+                last = exc
+                continue
+            await _greet(smtp)
+            return smtp
+        raise last
 
     async def _login(self, smtp: aiosmtplib.SMTP, host: str) -> None:
         """AUTH at the smarthost. A refusal says nothing about the mail (an expired password, a locked

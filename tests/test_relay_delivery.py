@@ -772,3 +772,37 @@ async def test_a_destination_no_host_of_which_answers_is_not_tried_again_for_a_w
     finally:
         await transport.close()
         await good.stop()
+
+
+async def test_an_mx_address_that_never_answers_does_not_use_up_the_others_time(env, monkeypatch):
+    """Connected by name, all of an MX host's addresses shared one timeout: a first address that never greets
+    (or a black-holed IPv6 route) used it all up, the working address was never tried, and every retry ended
+    the same way. Each address now gets MX_CONNECT_SECONDS, and the next one is tried."""
+    import socket as socket_mod
+
+    import gateway.outbound as outbound
+
+    good = await RawSmtpServer(ehlo=("250-raw.test", "250 8BITMIME")).start()
+    silent = await asyncio.start_server(lambda r, w: asyncio.sleep(30), "127.0.0.2", good.port)  # no greeting
+    real_getaddrinfo = asyncio.get_running_loop().getaddrinfo
+
+    async def getaddrinfo(host, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if host == "mx.dual.test":
+            return [(socket_mod.AF_INET, socket_mod.SOCK_STREAM, 6, "", (ip, port)) for ip in ("127.0.0.2", "127.0.0.1")]
+        return await real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(outbound, "MX_CONNECT_SECONDS", 0.5)
+
+    async def resolver(domain: str):
+        return [("mx.dual.test", good.port)]
+
+    transport = SmtpTransport(mx_config(timeout=3), resolver=resolver)
+    try:
+        result = await transport.send("bounce@example.test", "ana@dual.test", b"Subject: t\r\n\r\nhi\r\n")
+        assert result.outcome == "delivered", result
+        assert good.accepted == 1
+    finally:
+        await transport.close()
+        silent.close()
+        await good.stop()
