@@ -6,7 +6,7 @@ Other parts may add routes (e.g. the events pull API) through `extra_routes`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
@@ -14,15 +14,15 @@ from sqlalchemy import Engine, text
 
 from gateway import metrics_dir
 from gateway.disk_space import FreeSpace
-from gateway.metrics import SERVE_ONLY, FreeSpaceCollector, SpoolDepthCollector
+from gateway.metrics import SERVE_ONLY, FreeSpaceCollector, SpoolDepthCollector, WebhookBacklogCollector
 from gateway.store import reading
 
 
-def exposition(engine: Engine, free_space: FreeSpace | None) -> Callable[[], bytes]:
+def exposition(engine: Engine, free_space: FreeSpace | None, subscribers: Sequence[str] = ()) -> Callable[[], bytes]:
     """The `/metrics` text: the counters and histograms of every process of this gateway — summed from the
     multiprocess directory when `mailgate serve` set one up (worker processes count there), else this
     process's registry — then the serve process's own (`SERVE_ONLY`), then what is read at scrape time
-    (spool depth, free disk)."""
+    (spool depth, free disk, the webhook `subscribers`' backlog)."""
     if metrics_dir.active():
         from prometheus_client import multiprocess
 
@@ -34,14 +34,16 @@ def exposition(engine: Engine, free_space: FreeSpace | None) -> Callable[[], byt
     scraped.register(SpoolDepthCollector(engine))
     if free_space is not None:
         scraped.register(FreeSpaceCollector(free_space.free))
+    if subscribers:
+        scraped.register(WebhookBacklogCollector(engine, subscribers))
     return lambda: generate_latest(counted) + generate_latest(SERVE_ONLY) + generate_latest(scraped)
 
 
-def make_admin_app(engine: Engine, *, free_space: FreeSpace | None = None,
+def make_admin_app(engine: Engine, *, free_space: FreeSpace | None = None, subscribers: Sequence[str] = (),
                    extra_routes: Callable[[web.Application], None] | None = None) -> web.Application:
     """`free_space`: a store that answers reads but has no room to write is refusing mail (452 4.3.1 at MAIL
     FROM), so it is unhealthy too."""
-    render = exposition(engine, free_space)
+    render = exposition(engine, free_space, subscribers)
 
     async def healthz(_request: web.Request) -> web.Response:
         def probe() -> None:

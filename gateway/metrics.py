@@ -73,3 +73,34 @@ class SpoolDepthCollector(Collector):
         except Exception:  # a scrape must not fail because the store is briefly unavailable
             pass
         yield family
+
+
+class WebhookBacklogCollector(Collector):
+    """`mailgate_webhook_backlog{subscriber, state}`: each configured subscriber's events still to send
+    (`pending`) and given up (`dead`, waiting for `mailgate events replay`), read at scrape time. A subscriber
+    that has been failing for hours showed only as log lines and a counter of failures; the size of what it
+    has not got is the figure to alert on. One indexed count per subscriber and state."""
+
+    def __init__(self, engine: Any, subscribers: Any):
+        self.engine = engine
+        self.subscribers = tuple(subscribers)
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from sqlalchemy import func, select
+
+        from gateway.schema import webhook_deliveries as wd
+        from gateway.store import reading
+
+        family = GaugeMetricFamily("mailgate_webhook_backlog", "Webhook deliveries not sent: pending (to be "
+                                   "tried) and dead (given up, see `mailgate events replay`)",
+                                   labels=["subscriber", "state"])
+        try:
+            with reading(self.engine) as conn:
+                for name in self.subscribers:
+                    for state in ("pending", "dead"):
+                        n = conn.execute(select(func.count()).select_from(wd).where(
+                            wd.c.subscriber == name, wd.c.state == state)).scalar() or 0
+                        family.add_metric([name, state], n)
+        except Exception:  # a scrape must not fail because the store is briefly unavailable
+            return
+        yield family

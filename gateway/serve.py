@@ -277,7 +277,7 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
     if config.admin.enabled:
         from gateway.events import add_event_routes
 
-        app = make_admin_app(engine, free_space=free_space,
+        app = make_admin_app(engine, free_space=free_space, subscribers=[h.name for h in config.events.webhooks],
                              extra_routes=lambda a: add_event_routes(a, config, engine))
         gw.admin_runner = await start_admin(app, config.admin.host, config.admin.port)
         sites = list(gw.admin_runner.sites)

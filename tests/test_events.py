@@ -520,3 +520,28 @@ def _follow(engine, tmp_path, monkeypatch, capsys, listed: str, at_first_nap) ->
     with pytest.raises(Enough):
         main(["events", "tail", "--config", str(cfg), "--json", "--follow", "-n", listed])
     return [json.loads(line)["mail"]["message_id"] for line in capsys.readouterr().out.splitlines()]
+
+
+def test_metrics_show_each_subscribers_backlog(any_engine):
+    """A subscriber failing for hours showed as log lines and a failure counter; what it has not received yet
+    (pending) and what was given up (dead) are the figures to alert on, per subscriber."""
+    from sqlalchemy import update
+
+    from gateway.admin import exposition
+    from gateway.events import GapWatch
+
+    add(any_engine, ev("delivered", "<b1>", 1), ev("opened", "<b1>", 2), ev("clicked", "<b1>", 3))
+    with any_engine.begin() as conn:
+        assert fan_out(conn, hook(name="crm"), GapWatch(settle=0)) == 3
+        conn.execute(update(webhook_deliveries).where(webhook_deliveries.c.event_seq == min_seq(conn))
+                     .values(state="dead"))
+    text = exposition(any_engine, None, ("crm", "bi"))().decode()
+    assert 'mailgate_webhook_backlog{state="pending",subscriber="crm"} 2.0' in text
+    assert 'mailgate_webhook_backlog{state="dead",subscriber="crm"} 1.0' in text
+    assert 'mailgate_webhook_backlog{state="pending",subscriber="bi"} 0.0' in text
+
+
+def min_seq(conn):  # type: ignore[no-untyped-def]
+    from sqlalchemy import func, select
+
+    return conn.execute(select(func.min(webhook_deliveries.c.event_seq))).scalar()
