@@ -130,7 +130,7 @@ async def test_a_hanging_subscriber_does_not_hold_up_the_others(engine):
         release.set()
         await task
         await runner.cleanup()
-    assert max(fast_got) - started < 2
+    assert max(fast_got) - started < 3.5  # one shared loop: not before the slow one's 4 s timeout
 
 
 async def test_webhook_results_are_counted_per_subscriber(engine):
