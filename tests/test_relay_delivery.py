@@ -792,12 +792,12 @@ async def test_an_mx_address_that_never_answers_does_not_use_up_the_others_time(
         return await real_getaddrinfo(host, port, *args, **kwargs)
 
     monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(outbound, "MX_CONNECT_SECONDS", 0.5)
+    monkeypatch.setattr(outbound, "MX_CONNECT_SECONDS", 1.5)
 
     async def resolver(domain: str):
         return [("mx.dual.test", good.port)]
 
-    transport = SmtpTransport(mx_config(timeout=3), resolver=resolver)
+    transport = SmtpTransport(mx_config(timeout=5), resolver=resolver)
     try:
         result = await transport.send("bounce@example.test", "ana@dual.test", b"Subject: t\r\n\r\nhi\r\n")
         assert result.outcome == "delivered", result
