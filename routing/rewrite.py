@@ -47,10 +47,18 @@ def attribute_value(raw: str) -> str:
     return _CHAR_REF.sub(lambda m: html.unescape(m.group(0)), raw) if "&" in raw else raw
 _BODY_CLOSE = re.compile(r"</body\s*>", re.IGNORECASE)
 _ODOO_TRACKED_PATHS = (
-    re.compile(r"^/r/[A-Za-z0-9_-]+(/|$)"),             # mass mailing /r/<code>/m/<id>, automation_oca /r/<code>/...
+    re.compile(r"^/r/[A-Za-z0-9_-]+/(m|au)/\d"),       # mass mailing /r/<code>/m/<id>, automation_oca /r/<code>/au/<id>
     re.compile(r"^/automation_oca/track/"),             # automation_oca open pixel
-    re.compile(r"^/mail/track/\d+/[^/]*blank\.gif$"),   # mass mailing open pixel
+    re.compile(r"^/mail/track/\d+/[^/]*blank\.gif$"),   # mass mailing open pixel (≤ 14)
+    re.compile(r"^/mail/track/\d+/[^/]+/blank\.gif$"),   # mass mailing open pixel (≥ 15: /<id>/<token>/blank.gif)
 )
+#: link_tracker's other links, /r/<code> and /r/<code>/s/<sms>: Odoo counts their clicks, but the same shapes
+#: are common elsewhere (reddit.com/r/<subreddit>/s/<share>), so they count as Odoo's only on the host of the
+#: mail's Odoo links.
+_ODOO_SHORT_LINK = re.compile(r"^/r/[A-Za-z0-9_-]+(/|$)")
+#: Paths only an Odoo server serves: the hosts of such links in a mail are its Odoo's (`odoo_hosts`).
+_ODOO_PATHS = re.compile(r"^/(mail/(view|track|unfollow|mailing|unsubscribe)|web([/#?]|$)|odoo(/|$)|mailing/|"
+                         r"unsubscribe_from_list|r/[A-Za-z0-9_-]+/(m|au)/\d|automation_oca/)")
 _ANGLE = re.compile(r"<([^>]*)>")
 #: Entities whose bytes a signature covers or that are ciphertext (RFC 1847, RFC 3156, RFC 8551): a tracked
 #: link or a pixel inside made the recipient's client report the signature as broken.
@@ -82,7 +90,7 @@ def list_unsubscribe_targets(header_value: str | None) -> frozenset[str]:
 
 
 def is_trackable_link(url: str, *, never_track: frozenset[str] = frozenset(),
-                      own_prefix: str | None = None) -> bool:
+                      own_prefix: str | None = None, odoo_hosts: frozenset[str] | None = None) -> bool:
     """True when a link may be wrapped in a click-tracking redirect (see the module docstring)."""
     url = url.strip()
     if not url or url in never_track:
@@ -97,27 +105,51 @@ def is_trackable_link(url: str, *, never_track: frozenset[str] = frozenset(),
         return False
     if own_prefix and url.startswith(own_prefix.rstrip("/") + "/"):
         return False
-    return not is_odoo_tracked(url)
+    return not is_odoo_tracked(url, odoo_hosts)
 
 
-def is_odoo_tracked(url: str) -> bool:
-    """Links and pixels Odoo (mass_mailing, automation_oca) already tracks: they must pass untouched."""
+def is_odoo_tracked(url: str, odoo_hosts: frozenset[str] | None = None) -> bool:
+    """Links and pixels Odoo (mass_mailing, automation_oca, link_tracker) already tracks: they must pass
+    untouched. Another `/r/<code>…` is link_tracker's only on one of `odoo_hosts` (the mail's Odoo links' hosts,
+    `odoo_hosts_of`); when the mail names no Odoo host (None or empty) it is left alone, as before."""
     try:
-        path = urlsplit(url.strip()).path
+        parts = urlsplit(url.strip())
     except ValueError:
         return False
-    return any(p.search(path) for p in _ODOO_TRACKED_PATHS)
+    if any(p.search(parts.path) for p in _ODOO_TRACKED_PATHS):
+        return True
+    if _ODOO_SHORT_LINK.search(parts.path):
+        return not odoo_hosts or (parts.hostname or "") in odoo_hosts
+    return False
+
+
+def odoo_hosts_of(text: str) -> frozenset[str]:
+    """The hosts of the links in an HTML document whose paths only Odoo serves (/mail/view, /web, /odoo/,
+    mass mailing's /r/<code>/m/…, /mailing/…): the mail's Odoo. reddit.com/r/Odoo/ in an Odoo notification
+    was taken for a link_tracker link and never tracked."""
+    hosts = set()
+    for m in _HREF.finditer(text):
+        raw = m.group(2) if m.group(2) is not None else m.group(3) if m.group(3) is not None else m.group(4)
+        try:
+            parts = urlsplit(attribute_value(raw).strip())
+        except ValueError:
+            continue
+        if parts.hostname and _ODOO_PATHS.search(parts.path or "/"):
+            hosts.add(parts.hostname)
+    return frozenset(hosts)
 
 
 def rewrite_html(text: str, opts: RewriteOptions) -> str:
     """Wrap trackable links and append the open pixel in one HTML document (str in, str out)."""
     if opts.click_url is not None:
         click_url = opts.click_url
+        odoo_hosts = odoo_hosts_of(text)
 
         def _sub(m: re.Match[str]) -> str:
             raw = m.group(2) if m.group(2) is not None else m.group(3) if m.group(3) is not None else m.group(4)
             url = attribute_value(raw).strip()
-            if not is_trackable_link(url, never_track=opts.never_track, own_prefix=opts.own_prefix):
+            if not is_trackable_link(url, never_track=opts.never_track, own_prefix=opts.own_prefix,
+                                     odoo_hosts=odoo_hosts):
                 return m.group(0)
             return f'{m.group(1)}"{html.escape(click_url(url), quote=True)}"'
 

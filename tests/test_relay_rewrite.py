@@ -49,6 +49,25 @@ def test_which_links_are_tracked(url, trackable):
     assert is_trackable_link(url, own_prefix=BASE) is trackable
 
 
+def test_a_short_link_is_odoos_only_on_the_mails_odoo_host():
+    """`/r/<code>` is link_tracker's shape, and reddit's (/r/Odoo/, /r/Odoo/s/<share>): any host's was left
+    untracked. It is Odoo's on the host of the mail's Odoo links; mass mailing's /r/<code>/m/<id> anywhere."""
+    from routing.rewrite import RewriteOptions, rewrite_html
+
+    mail = ('<p><a href="https://erp.example.test/mail/view?model=crm.lead&amp;res_id=7">View Lead</a> '
+            '<a href="https://erp.example.test/r/Xy1">short</a> <a href="https://www.reddit.com/r/Odoo/">r</a> '
+            '<a href="https://www.reddit.com/r/Odoo/s/AbC">share</a> '
+            '<a href="https://other.example/r/Q9/m/12">mailing</a></p>')
+    out = rewrite_html(mail, RewriteOptions(click_url=lambda u: f"{BASE}/t/c/T?u={u}", own_prefix=BASE))
+    assert 'href="https://erp.example.test/r/Xy1"' in out                 # link_tracker on the mail's Odoo
+    assert 'href="https://other.example/r/Q9/m/12"' in out                # mass mailing's shape: Odoo's anywhere
+    assert out.count(f"{BASE}/t/c/T?u=https://www.reddit.com/r/Odoo/") == 2  # both reddit links tracked now
+    # A mail naming no Odoo host: a bare /r/ link is left alone, as before (it may be link_tracker's).
+    alone = rewrite_html('<a href="https://erp.example.test/r/Xy1">x</a>',
+                         RewriteOptions(click_url=lambda u: f"{BASE}/t/c/T?u={u}", own_prefix=BASE))
+    assert 'href="https://erp.example.test/r/Xy1"' in alone
+
+
 def test_list_unsubscribe_targets_are_never_wrapped():
     targets = list_unsubscribe_targets("<https://odoo.example.test/mail/optout/9?t=x>, <mailto:u@example.test>")
     assert targets == {"https://odoo.example.test/mail/optout/9?t=x", "mailto:u@example.test"}
