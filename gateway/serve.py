@@ -295,7 +295,8 @@ async def start_gateway(config: Config, *, config_path: str | None = None, worke
     if workers:
         if config.worker.processes and config_path:
             ctx = multiprocessing.get_context("spawn")
-            gw.reload_generation = ctx.Value("i", 0)
+            with signals_held():  # its lock starts multiprocessing's resource tracker: spare it a group SIGHUP too
+                gw.reload_generation = ctx.Value("i", 0)
 
             def spawn_worker(i: int) -> multiprocessing.process.BaseProcess:
                 p = ctx.Process(target=_worker_process_main, args=(config_path, gw.reload_generation),

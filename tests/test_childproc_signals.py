@@ -66,6 +66,8 @@ def test_group_signals_leave_the_children_to_serve(tmp_path: Path) -> None:
         # is then ignored) instead of killing it before it installs its handlers. SIGTERM is not blocked.
         blocked = _signal_set(worker, "SigBlk")
         assert {signal.SIGHUP, signal.SIGINT} <= blocked and signal.SIGTERM not in blocked
+        [tracker] = children_of(gw.proc.pid, b"resource_tracker")  # multiprocessing's, for the shared counter
+        assert signal.SIGHUP in _signal_set(tracker, "SigBlk") | _signal_set(tracker, "SigIgn")
         # Both past their start-up: the writer committed a mail, the worker runs its threads.
         with smtplib.SMTP("127.0.0.1", gw.smtp_port) as s:
             s.sendmail("carol@client.test", ["sales@example.test"], make_mail(message_id="<first@client.test>"))
@@ -76,7 +78,7 @@ def test_group_signals_leave_the_children_to_serve(tmp_path: Path) -> None:
         for pid in (worker, writer):
             os.kill(pid, signal.SIGINT)
         time.sleep(1.0)
-        assert (_alive(worker), _alive(writer)) == (True, True)
+        assert (_alive(worker), _alive(writer), _alive(tracker)) == (True, True, True)
 
         session = _Session(gw.smtp_port)
         assert session.cmd("EHLO client.test")[0] == 250
