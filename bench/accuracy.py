@@ -36,7 +36,7 @@ def _labels(folder: Path) -> list[dict]:
 
 
 def flufl(folder: Path) -> tuple[list[str], dict]:
-    rows, misses, policy = [], [], []
+    misses, policy = [], []
     n = addr_ok = kind_ok = strict_ok = 0
     for label in _labels(folder):
         if label.get("recipients") is None and not label.get("detectors") and "all_failures" not in label:
