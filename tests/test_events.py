@@ -225,13 +225,10 @@ def test_a_reader_of_a_rare_type_moves_past_the_other_events(any_engine):
     assert [e["type"] for e in rows] == ["bounced"] and cursor == rows[0]["seq"]
     if any_engine.dialect.name == "sqlite":
         return
-    late = any_engine.connect()  # a lower number still in flight: the cursor waits before it
-    open_tx = late.begin()
-    record_events(late, [ev("bounced", "<late>", 5)])
+    commit_late = _in_flight(any_engine, ev("bounced", "<late>", 5))  # the cursor waits before it
     add(any_engine, ev("opened", "<m3>", 6))
     held = read_settled(any_engine, gaps, after=cursor, types=["bounced"])
-    open_tx.commit()
-    late.close()
+    commit_late()
     assert held == ([], cursor)
     rows, _ = read_settled(any_engine, gaps, after=cursor, types=["bounced"])
     assert [e["mail"]["message_id"] for e in rows] == ["<late>"]
@@ -460,18 +457,10 @@ def test_tail_follow_prints_an_event_whose_lower_seq_was_in_flight_at_the_start(
     """`tail --follow` followed from the highest committed number: an event with a lower number still in
     flight at that moment (PostgreSQL) committed behind the cursor and was printed neither by the listing nor
     by --follow. Now it is printed when it commits, and nothing already listed is printed again."""
-    if any_engine.dialect.name == "sqlite":
-        pytest.skip("one writer on SQLite: no lower seq can commit after a higher one")
-    late = any_engine.connect()
-    open_tx = late.begin()
-    record_events(late, [ev("bounced", "<late>", 1)])
+    commit_late = _in_flight(any_engine, ev("bounced", "<late>", 1))
     add(any_engine, ev("opened", "<next>", 2))
-
-    def commit_the_late_one() -> None:  # once the follower has started
-        open_tx.commit()
-        late.close()
-
-    assert _follow(any_engine, tmp_path, monkeypatch, capsys, "5", commit_the_late_one) == ["<next>", "<late>"]
+    # the late one commits once the follower has started
+    assert _follow(any_engine, tmp_path, monkeypatch, capsys, "5", commit_late) == ["<next>", "<late>"]
 
 
 def test_tail_follow_without_a_listing_prints_only_new_events(any_engine, tmp_path, capsys, monkeypatch):
