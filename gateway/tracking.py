@@ -228,6 +228,7 @@ class HitRecorder:
         self._known = _Bounded(cache_size)   # (rcpt_id, kind, machine) whose event is stored
         self._counts: Counter[tuple[int, str]] = Counter()
         self._pending: set[asyncio.Future[None]] = set()
+        self._writes: set[asyncio.Future[None]] = set()  # counter writes under way (`flush`)
         self._counted = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tracking")
 
@@ -278,10 +279,20 @@ class HitRecorder:
             return record_events(conn, [draft])
 
     async def flush(self) -> None:
-        """Add the counted hits to their rows; on failure they stay counted for the next flush."""
+        """Add the counted hits to their rows; on failure they stay counted for the next flush.
+
+        The write is a task of its own that the caller's cancellation does not reach: `close` cancels the
+        flusher, and a cancelled `run_in_executor` call whose job had not started yet was dropped from the
+        executor's queue — with the counts already taken out of memory, so the last hits were lost."""
         counts, self._counts = self._counts, Counter()
         if not counts:
             return
+        write = asyncio.ensure_future(self._write(counts))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+        await asyncio.shield(write)
+
+    async def _write(self, counts: Counter[tuple[int, str]]) -> None:
         try:
             await self._run(add_counts, self.engine, counts)
         except Exception as exc:
@@ -300,6 +311,7 @@ class HitRecorder:
     async def close(self) -> None:
         """Finish the hits under way, flush the counts, then the executor goes."""
         await asyncio.gather(*self._pending, return_exceptions=True)
+        await asyncio.gather(*self._writes, return_exceptions=True)  # one a cancelled flusher left running
         await self.flush()
         self._executor.shutdown(wait=True)
 
