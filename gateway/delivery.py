@@ -44,7 +44,7 @@ from aliases.resolve import resolve_address
 from gateway.config import Config
 from gateway.errors import PermanentError, TransientError
 from gateway.odoo.client import OdooClient, m2o_id
-from gateway.outbox import EventDraft
+from gateway.outbox import EventDraft, spool_event_seed
 from gateway.refusal import RefusalSender
 from gateway.schema import messages, odoo_writes
 from gateway.spool import SpooledMessage, check_lease, lease_fence
@@ -846,7 +846,7 @@ class Delivery:
             etype = "deferred" if (kind == "deferred" or b.action == "delayed") else "bounced"
             model, res_id = record_of(self.engine, b.original_message_id)
             out.append(EventDraft(
-                type=etype, seed=f"spool:{message.id}:{etype}:{b.recipient.lower()}",
+                type=etype, seed=spool_event_seed(message.id, etype, b.recipient),
                 message_id=b.original_message_id, model=model, res_id=res_id, recipient=b.recipient,
                 data=_bounce_data(b)))
         return tuple(out)

@@ -45,7 +45,7 @@ from aliases.model import AliasTable
 from aliases.names import normalize_domain
 from gateway.config import Config, secret as env_secret
 from gateway.fastsql import execute_many
-from gateway.outbox import EventDraft, record_events
+from gateway.outbox import EventDraft, record_events, spool_event_seed
 from gateway.relay import QueuedCopy, reverse_path, verp_domain
 from gateway.relay_batch import Committer
 from gateway.schema import outbound_mails, outbound_queue, outbound_recipients
@@ -843,11 +843,11 @@ def _spool_dsns(conn: Connection, batch: list[Attempt]) -> dict[int, int]:
 
 def _bounced_seed(copy: QueuedCopy, dsn_id: int | None) -> str:
     """The fact a relay `bounced` event names. With a DSN spooled it is the fact the inbound route records
-    when it reads that DSN (gateway.delivery `_bounce_events`: `spool:<id>:bounced:<recipient>`), so the two
-    are one event id and the outbox keeps the first, the relay's (docs/design.md §16)."""
+    when it reads that DSN (`spool_event_seed`, as gateway.delivery `_bounce_events` does), so the two are one
+    event id and the outbox keeps the first, the relay's (docs/design.md §16)."""
     if dsn_id is None:
         return f"out:{copy.rcpt_id}:bounced"
-    return f"spool:{dsn_id}:bounced:{copy.recipient.lower()}"
+    return spool_event_seed(dsn_id, "bounced", copy.recipient)
 
 
 def record_result(conn: Connection, copy: QueuedCopy, result: SmtpResult, *, attempts: int,

@@ -26,6 +26,12 @@ EVENT_TYPES = ("delivered", "deferred", "bounced", "opened", "clicked", "replied
 SCHEMA_VERSION = 1
 
 
+def spool_event_seed(spool_id: int, etype: str, recipient: str) -> str:
+    """The fact behind a per-recipient event read from a spooled mail (a DSN's bounced or deferred). The
+    relay names the DSN it spools for a failed copy with the same fact, so both give one event id."""
+    return f"spool:{spool_id}:{etype}:{recipient.lower()}"
+
+
 @dataclass(frozen=True)
 class EventDraft:
     """An event about one sent mail (and recipient), before it has a sequence number."""
