@@ -123,15 +123,20 @@ def is_odoo_tracked(url: str, odoo_hosts: frozenset[str] | None = None) -> bool:
     return False
 
 
+def _href_value(m: re.Match[str]) -> str:
+    """The URL an `_HREF` match holds (double-quoted, single-quoted or bare), entities undone."""
+    raw = m.group(2) if m.group(2) is not None else m.group(3) if m.group(3) is not None else m.group(4)
+    return attribute_value(raw).strip()
+
+
 def odoo_hosts_of(text: str) -> frozenset[str]:
     """The hosts of the links in an HTML document whose paths only Odoo serves (/mail/view, /web, /odoo/,
     mass mailing's /r/<code>/m/…, /mailing/…): the mail's Odoo. reddit.com/r/Odoo/ in an Odoo notification
     was taken for a link_tracker link and never tracked."""
     hosts = set()
     for m in _HREF.finditer(text):
-        raw = m.group(2) if m.group(2) is not None else m.group(3) if m.group(3) is not None else m.group(4)
         try:
-            parts = urlsplit(attribute_value(raw).strip())
+            parts = urlsplit(_href_value(m))
         except ValueError:
             continue
         if parts.hostname and _ODOO_PATHS.search(parts.path or "/"):
@@ -146,8 +151,7 @@ def rewrite_html(text: str, opts: RewriteOptions) -> str:
         odoo_hosts = odoo_hosts_of(text)
 
         def _sub(m: re.Match[str]) -> str:
-            raw = m.group(2) if m.group(2) is not None else m.group(3) if m.group(3) is not None else m.group(4)
-            url = attribute_value(raw).strip()
+            url = _href_value(m)
             if not is_trackable_link(url, never_track=opts.never_track, own_prefix=opts.own_prefix,
                                      odoo_hosts=odoo_hosts):
                 return m.group(0)
